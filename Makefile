@@ -1,0 +1,46 @@
+# drover — the targets an operator or a developer needs. `make` lists them.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN := bin
+STATICCHECK ?= $(shell command -v staticcheck || echo $(HOME)/go/bin/staticcheck)
+export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build test unit e2e lint bench demo fuzz clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## install what the tests and the lab need (Debian packages, zfs-fuse, staticcheck)
+	./.ci/install-deps.sh
+
+build: ## build droverd and droverctl into bin/
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/droverd ./cmd/droverctl
+
+test: deps lint unit e2e ## everything CI runs: lint, unit and in-process tests, end-to-end on the lab
+
+unit: ## unit, in-process cluster and built-binary tests, with -race
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+e2e: build ## end-to-end tests on a lab of network-namespace hosts (needs root)
+	DROVER_E2E=1 DROVER_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m -run 'TestLab' -v ./e2e/
+
+lint: ## go vet and staticcheck
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+
+fuzz: ## run each fuzz target for a while (FUZZTIME, default 60s)
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-60s} ./fsm/
+
+bench: build ## benchmarks; results go to bench/results/
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+demo: deps build ## bring up a 3-host lab and show drover's job on it
+	./lab/demo.sh
+
+clean: ## remove built binaries
+	rm -rf $(BIN)

@@ -1,0 +1,243 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+)
+
+// errNotInCluster is what every cluster-wide request gets before init/join.
+var errNotInCluster = &ctlapi.APIError{
+	Status: http.StatusConflict,
+	Code:   "not_in_cluster",
+	Err:    errors.New("this machine is in no cluster yet: run `droverctl cluster init` or `droverctl cluster join TOKEN`"),
+}
+
+func (a *Agent) requireNode() (*cluster.Node, error) {
+	if n := a.currentNode(); n != nil {
+		return n, nil
+	}
+	return nil, errNotInCluster
+}
+
+// nameOf gives a machine's name from its id, or the id when unknown.
+func (a *Agent) nameOf(id string) string {
+	n := a.currentNode()
+	if n == nil || id == "" {
+		return id
+	}
+	if m, ok := n.Member(id); ok {
+		return m.Name
+	}
+	name := id
+	n.Read(func(s *fsm.State) {
+		if m, ok := s.Machine(id); ok {
+			name = m.Name
+		}
+	})
+	return name
+}
+
+// Version reports the daemon's version.
+func (a *Agent) Version(context.Context) ctlapi.VersionInfo {
+	return ctlapi.VersionInfo{Version: a.cfg.Version, APIVersion: ctlapi.APIVersion}
+}
+
+// Status reports this machine's view of the cluster.
+func (a *Agent) Status(context.Context) (ctlapi.ClusterStatus, error) {
+	out := ctlapi.ClusterStatus{MachineID: a.machineID, MachineName: a.cfg.Name, Role: cluster.RoleNone}
+	n := a.currentNode()
+	if n == nil {
+		return out, nil
+	}
+	out.Initialized = true
+	st, err := n.Status()
+	if err != nil {
+		return out, err
+	}
+	out.Role = st.Role
+	out.LeaderID, out.LeaderName, out.LeaderAddr = st.LeaderID, a.nameOf(st.LeaderID), st.LeaderAddr
+	out.Term, out.CommitIndex, out.AppliedIndex, out.LastIndex = st.Term, st.CommitIndex, st.AppliedIndex, st.LastIndex
+	for _, s := range st.Servers {
+		rs := ctlapi.RaftServer{ID: s.ID, Name: a.nameOf(s.ID), Address: s.Address, Leader: s.Leader, Suffrage: "nonvoter"}
+		if s.Voter {
+			rs.Suffrage = "voter"
+			out.Voters = append(out.Voters, rs)
+		} else {
+			out.NonVoters = append(out.NonVoters, rs)
+		}
+	}
+	return out, nil
+}
+
+// Machines lists every machine: registered in the facts or seen in gossip.
+func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return nil, err
+	}
+	st, err := n.Status()
+	if err != nil && !errors.Is(err, cluster.ErrRaftNotStarted) {
+		return nil, err
+	}
+	roles := map[string]string{}
+	for _, s := range st.Servers {
+		switch {
+		case s.Leader:
+			roles[s.ID] = "leader"
+		case s.Voter:
+			roles[s.ID] = "voter"
+		default:
+			roles[s.ID] = "nonvoter"
+		}
+	}
+	byID := map[string]*ctlapi.Machine{}
+	var order []string
+	n.Read(func(s *fsm.State) {
+		for _, m := range s.Machines() {
+			out := &ctlapi.Machine{
+				ID: m.ID, Name: m.Name, GossipAddr: m.GossipAddr, State: string(m.State),
+				WGPublicKey: m.WGPublicKey, Liveness: string(cluster.LivenessUnknown),
+			}
+			if m.OverlayIP.IsValid() {
+				out.OverlayIP = m.OverlayIP.String()
+			}
+			byID[m.ID] = out
+			order = append(order, m.ID)
+		}
+	})
+	for _, g := range n.Members() {
+		m, ok := byID[g.MachineID]
+		if !ok {
+			// Seen in gossip, not registered yet: the leader will.
+			m = &ctlapi.Machine{ID: g.MachineID, Name: g.Name, GossipAddr: g.GossipAddr.String(), State: "joining"}
+			byID[g.MachineID] = m
+			order = append(order, g.MachineID)
+		}
+		m.Liveness = string(g.Liveness)
+		if !g.LastContact.IsZero() {
+			lc := g.LastContact
+			m.LastContact = &lc
+		}
+	}
+	out := make([]ctlapi.Machine, 0, len(order))
+	for _, id := range order {
+		m := byID[id]
+		m.RaftRole = roles[id]
+		if m.RaftRole == "" {
+			m.RaftRole = "none"
+		}
+		out = append(out, *m)
+	}
+	return out, nil
+}
+
+// Init makes this machine the first of a new cluster.
+func (a *Agent) Init(ctx context.Context) (ctlapi.ClusterStatus, error) {
+	if _, err := a.initCluster(); err != nil {
+		return ctlapi.ClusterStatus{}, err
+	}
+	if err := a.waitFor(ctx, func(st cluster.Status) bool { return st.Role == cluster.RoleLeader }); err != nil {
+		return ctlapi.ClusterStatus{}, fmt.Errorf("waiting to lead the new cluster: %w", err)
+	}
+	return a.Status(ctx)
+}
+
+func (a *Agent) initCluster() (bool, error) {
+	if a.currentNode() != nil {
+		return false, &ctlapi.APIError{Status: http.StatusConflict, Code: "already_in_cluster", Err: errors.New("this machine is already in a cluster")}
+	}
+	key, err := newClusterKey()
+	if err != nil {
+		return false, err
+	}
+	if err := saveKey(a.cfg.DataDir, key); err != nil {
+		return false, err
+	}
+	if err := a.startCluster(key, true, nil); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// JoinToken gives a token with which another machine joins this cluster.
+func (a *Agent) JoinToken(context.Context) (ctlapi.JoinToken, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.JoinToken{}, err
+	}
+	key, err := a.configuredKey()
+	if err != nil {
+		return ctlapi.JoinToken{}, err
+	}
+	addrs := []string{}
+	self, _ := n.Member(a.machineID)
+	if self.GossipAddr.IsValid() {
+		addrs = append(addrs, self.GossipAddr.String())
+	}
+	for _, m := range n.Members() {
+		if m.MachineID != a.machineID && m.Liveness == cluster.LivenessAlive {
+			addrs = append(addrs, m.GossipAddr.String())
+		}
+	}
+	tok, err := makeToken(key, addrs)
+	if err != nil {
+		return ctlapi.JoinToken{}, err
+	}
+	return ctlapi.JoinToken{Token: tok}, nil
+}
+
+// Join makes this machine join the cluster named by a token. It fails,
+// and keeps nothing, when no machine of the cluster accepts it.
+func (a *Agent) Join(ctx context.Context, req ctlapi.JoinRequest) (ctlapi.ClusterStatus, error) {
+	if a.currentNode() != nil {
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "already_in_cluster", Err: errors.New("this machine is already in a cluster")}
+	}
+	key, addrs, err := parseToken(req.Token)
+	if err != nil {
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: "bad_token", Err: err}
+	}
+	if err := saveKey(a.cfg.DataDir, key); err != nil {
+		return ctlapi.ClusterStatus{}, err
+	}
+	if err := a.startCluster(key, false, nil); err != nil {
+		os.Remove(filepath.Join(a.cfg.DataDir, clusterKeyFile))
+		return ctlapi.ClusterStatus{}, err
+	}
+	if _, err := a.currentNode().Join(addrs); err != nil {
+		// Nobody took us in: forget the key so a later join starts clean.
+		a.stopCluster()
+		os.Remove(filepath.Join(a.cfg.DataDir, clusterKeyFile))
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadGateway, Code: "join_failed", Err: err}
+	}
+	if err := a.waitFor(ctx, func(st cluster.Status) bool { return st.Role != cluster.RoleNone }); err != nil {
+		return ctlapi.ClusterStatus{}, fmt.Errorf("joined gossip but Raft did not take this machine in: %w", err)
+	}
+	return a.Status(ctx)
+}
+
+// waitFor polls the Raft status until cond holds, within ctx and 30s.
+func (a *Agent) waitFor(ctx context.Context, cond func(cluster.Status) bool) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		if n := a.currentNode(); n != nil {
+			if st, err := n.Status(); err == nil && cond(st) {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

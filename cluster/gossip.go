@@ -1,0 +1,249 @@
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Liveness is the gossip view of a machine: whether it answers probes.
+type Liveness string
+
+// Liveness values, as shown to operators.
+const (
+	LivenessAlive   Liveness = "alive"
+	LivenessSuspect Liveness = "suspect"
+	LivenessFailed  Liveness = "failed"
+	LivenessLeft    Liveness = "left"
+	LivenessUnknown Liveness = "unknown"
+)
+
+// Member is one machine as gossip sees it.
+type Member struct {
+	Meta
+	GossipAddr  netip.AddrPort
+	Liveness    Liveness
+	Since       time.Time // when Liveness last changed
+	LastContact time.Time // last successful probe of it by this machine; zero if none
+}
+
+// ErrKeyRefused says the cluster did not accept this machine's gossip:
+// almost always because its cluster key differs.
+var ErrKeyRefused = errors.New("the cluster refused this machine's gossip (is the cluster key right?)")
+
+// gossip owns the memberlist instance and a table of every machine it has
+// heard of, including failed and departed ones.
+type gossip struct {
+	ml     *memberlist.Memberlist
+	logger *slog.Logger
+	now    func() time.Time
+
+	mu      sync.Mutex
+	local   Meta
+	members map[string]*Member // by machine id (the memberlist node name)
+	changed chan struct{}      // nudged on any membership change; capacity 1
+}
+
+func startGossip(cfg Config, local Meta, logger *slog.Logger) (*gossip, error) {
+	g := &gossip{
+		logger:  logger.With("component", "gossip"),
+		now:     cfg.Now,
+		local:   local,
+		members: map[string]*Member{},
+		changed: make(chan struct{}, 1),
+	}
+	mc := memberlist.DefaultLANConfig()
+	if cfg.Timing.GossipProbeInterval > 0 {
+		mc = memberlist.DefaultLocalConfig()
+		mc.ProbeInterval = cfg.Timing.GossipProbeInterval
+		mc.ProbeTimeout = cfg.Timing.GossipProbeInterval / 2
+		mc.GossipInterval = cfg.Timing.GossipProbeInterval / 5
+		mc.PushPullInterval = 10 * cfg.Timing.GossipProbeInterval
+		mc.SuspicionMult = 2
+	}
+	mc.Name = cfg.MachineID
+	mc.BindAddr = cfg.BindAddr.String()
+	mc.BindPort = cfg.GossipPort
+	mc.AdvertiseAddr = cfg.BindAddr.String()
+	mc.AdvertisePort = cfg.GossipPort
+	mc.SecretKey = cfg.Key
+	mc.GossipVerifyIncoming = true
+	mc.GossipVerifyOutgoing = true
+	mc.Delegate = g
+	mc.Events = g
+	mc.Ping = g
+	mc.Logger = log.New(&keyHintWriter{newLevelWriter(logger, "memberlist")}, "", 0)
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("starting gossip on %s: %w", net.JoinHostPort(mc.BindAddr, strconv.Itoa(mc.BindPort)), err)
+	}
+	g.ml = ml
+	return g, nil
+}
+
+// join contacts the given gossip addresses; it succeeds if any answers.
+func (g *gossip) join(addrs []string) (int, error) {
+	if len(addrs) == 0 {
+		return 0, nil
+	}
+	n, err := g.ml.Join(addrs)
+	if n > 0 {
+		return n, nil
+	}
+	if err != nil && isKeyError(err) {
+		return 0, fmt.Errorf("joining through %v: %w: %v", addrs, ErrKeyRefused, err)
+	}
+	return 0, fmt.Errorf("joining through %v: %w", addrs, err)
+}
+
+// setMeta changes what this machine gossips about itself.
+func (g *gossip) setMeta(update func(*Meta)) error {
+	g.mu.Lock()
+	update(&g.local)
+	g.mu.Unlock()
+	if err := g.ml.UpdateNode(5 * time.Second); err != nil {
+		return fmt.Errorf("gossiping new metadata: %w", err)
+	}
+	return nil
+}
+
+func (g *gossip) localMeta() Meta {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.local
+}
+
+// snapshot returns every machine gossip knows, sorted by name.
+func (g *gossip) snapshot() []Member {
+	live := map[string]memberlist.NodeStateType{}
+	for _, n := range g.ml.Members() {
+		live[n.Name] = n.State
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make([]Member, 0, len(g.members))
+	for id, m := range g.members {
+		c := *m
+		if st, ok := live[id]; ok && st == memberlist.StateSuspect {
+			c.Liveness = LivenessSuspect
+		}
+		if id == g.local.MachineID {
+			c.LastContact = g.now()
+		}
+		out = append(out, c)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (g *gossip) member(id string) (Member, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m, ok := g.members[id]
+	if !ok {
+		return Member{}, false
+	}
+	return *m, true
+}
+
+func (g *gossip) leave(timeout time.Duration) error {
+	return g.ml.Leave(timeout)
+}
+
+func (g *gossip) shutdown() error {
+	return g.ml.Shutdown()
+}
+
+func (g *gossip) nudge() {
+	select {
+	case g.changed <- struct{}{}:
+	default:
+	}
+}
+
+func (g *gossip) record(n *memberlist.Node, liveness Liveness) {
+	meta, err := decodeMeta(n.Meta)
+	if err != nil {
+		g.logger.Warn("ignoring a machine with unreadable metadata", "node", n.Name, "addr", n.Address(), "err", err)
+		return
+	}
+	addr, _ := netip.AddrFromSlice(n.Addr)
+	g.mu.Lock()
+	m, ok := g.members[n.Name]
+	if !ok {
+		m = &Member{}
+		g.members[n.Name] = m
+	}
+	if m.Liveness != liveness {
+		m.Since = g.now()
+		if ok {
+			g.logger.Info("machine "+string(liveness), "machine", meta.Name, "id", n.Name)
+		}
+	}
+	m.Meta = meta
+	m.GossipAddr = netip.AddrPortFrom(addr.Unmap(), n.Port)
+	m.Liveness = liveness
+	if liveness == LivenessAlive && m.LastContact.IsZero() {
+		m.LastContact = g.now()
+	}
+	g.mu.Unlock()
+	g.nudge()
+}
+
+// NotifyJoin is memberlist's event for a machine that appeared.
+func (g *gossip) NotifyJoin(n *memberlist.Node) { g.record(n, LivenessAlive) }
+
+// NotifyUpdate is memberlist's event for changed metadata.
+func (g *gossip) NotifyUpdate(n *memberlist.Node) { g.record(n, LivenessAlive) }
+
+// NotifyLeave is memberlist's event for a machine that failed or left.
+func (g *gossip) NotifyLeave(n *memberlist.Node) {
+	if n.State == memberlist.StateLeft {
+		g.record(n, LivenessLeft)
+		return
+	}
+	g.record(n, LivenessFailed)
+}
+
+// NotifyPingComplete records a successful probe as the last contact.
+func (g *gossip) NotifyPingComplete(n *memberlist.Node, _ time.Duration, _ []byte) {
+	g.mu.Lock()
+	if m, ok := g.members[n.Name]; ok {
+		m.LastContact = g.now()
+	}
+	g.mu.Unlock()
+}
+
+// AckPayload adds nothing to probe acks.
+func (g *gossip) AckPayload() []byte { return nil }
+
+// NodeMeta is the metadata this machine gossips.
+func (g *gossip) NodeMeta(limit int) []byte {
+	b, err := encodeMeta(g.localMeta())
+	if err != nil || len(b) > limit {
+		g.logger.Error("local gossip metadata does not fit", "err", err, "limit", limit)
+		return nil
+	}
+	return b
+}
+
+// NotifyMsg receives user messages; drover sends none yet.
+func (g *gossip) NotifyMsg([]byte) {}
+
+// GetBroadcasts has nothing to broadcast.
+func (g *gossip) GetBroadcasts(int, int) [][]byte { return nil }
+
+// LocalState has no extra state for push/pull yet.
+func (g *gossip) LocalState(bool) []byte { return nil }
+
+// MergeRemoteState has nothing to merge yet.
+func (g *gossip) MergeRemoteState([]byte, bool) {}

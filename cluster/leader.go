@@ -1,0 +1,165 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	autopilot "github.com/hashicorp/raft-autopilot"
+)
+
+// runLeaderLoop starts the leader's duties when this machine gains
+// leadership and stops them when it loses it.
+func (n *Node) runLeaderLoop(leaderCh <-chan bool) {
+	defer n.wg.Done()
+	var stop context.CancelFunc
+	var done chan struct{}
+	stepDown := func() {
+		if stop != nil {
+			stop()
+			<-done
+			stop, done = nil, nil
+		}
+	}
+	defer stepDown()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case leading := <-leaderCh:
+			if leading && stop == nil {
+				var ctx context.Context
+				ctx, stop = context.WithCancel(n.ctx)
+				done = make(chan struct{})
+				go func() {
+					defer close(done)
+					n.lead(ctx)
+				}()
+			} else if !leading {
+				stepDown()
+			}
+		}
+	}
+}
+
+// lead runs autopilot and the reconcile loop while this machine leads.
+func (n *Node) lead(ctx context.Context) {
+	p, err := n.parts()
+	if err != nil {
+		return
+	}
+	n.logger.Info("this machine leads the cluster")
+	hlog := hclog.New(&hclog.LoggerOptions{Name: "autopilot", Output: newLevelWriter(n.logger, "autopilot"), Level: hclog.Info})
+	ap := autopilot.New(p.raft, &autopilotDelegate{n: n},
+		autopilot.WithLogger(hlog),
+		autopilot.WithPromoter(&voterPolicy{deadAfter: n.cfg.Timing.DeadServerAfter, now: n.cfg.Now}),
+		autopilot.WithReconcileInterval(n.cfg.Timing.ReconcileInterval),
+		autopilot.WithUpdateInterval(n.cfg.Timing.ReconcileInterval),
+	)
+	ap.Start(ctx)
+	defer func() { <-ap.Stop() }()
+
+	tick := time.NewTicker(n.cfg.Timing.ReconcileInterval)
+	defer tick.Stop()
+	for {
+		n.reconcile(ctx, p)
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		case <-n.nudge:
+		}
+	}
+}
+
+// reconcile brings Raft membership and the machine facts in line with
+// gossip, and expires namespace locks whose lease ran out.
+func (n *Node) reconcile(ctx context.Context, p *raftParts) {
+	f := p.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return
+	}
+	inRaft := map[raft.ServerID]raft.Server{}
+	for _, s := range f.Configuration().Servers {
+		inRaft[s.ID] = s
+	}
+	facts := map[string]fsm.Machine{}
+	var expired bool
+	now := n.cfg.Now()
+	n.facts.read(func(s *fsm.State) {
+		for _, m := range s.Machines() {
+			facts[m.ID] = m
+		}
+		for _, l := range s.Locks() {
+			if !l.ExpiresAt.After(now) {
+				expired = true
+			}
+		}
+	})
+
+	for _, m := range n.gossip.snapshot() {
+		if m.Liveness != LivenessAlive || m.RaftAddr == "" {
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		id := raft.ServerID(m.MachineID)
+		addr := raft.ServerAddress(m.RaftAddr)
+		if s, ok := inRaft[id]; !ok {
+			n.logger.Info("adding machine to raft as non-voter", "machine", m.Name, "addr", addr)
+			if err := p.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
+				n.logger.Warn("could not add machine to raft", "machine", m.Name, "err", err)
+			}
+		} else if s.Address != addr {
+			n.logger.Info("machine's raft address changed", "machine", m.Name, "from", s.Address, "to", addr)
+			add := p.raft.AddNonvoter
+			if s.Suffrage == raft.Voter {
+				add = p.raft.AddVoter
+			}
+			if err := add(id, addr, 0, 10*time.Second).Error(); err != nil {
+				n.logger.Warn("could not update raft address", "machine", m.Name, "err", err)
+			}
+		}
+		if want := machineFromMember(m); !sameRegistration(facts[m.MachineID], want) {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := n.Apply(cctx, fsm.RegisterMachine{Machine: want, At: n.cfg.Now()})
+			cancel()
+			if err != nil {
+				n.logger.Warn("could not register machine", "machine", m.Name, "err", err)
+			}
+		}
+	}
+	if expired {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := n.Apply(cctx, fsm.ExpireLocks{At: now})
+		cancel()
+		if err != nil && !errors.Is(err, context.Canceled) {
+			n.logger.Warn("could not expire locks", "err", err)
+		}
+	}
+}
+
+func machineFromMember(m Member) fsm.Machine {
+	return fsm.Machine{
+		ID:          m.MachineID,
+		Name:        m.Name,
+		GossipAddr:  m.GossipAddr.String(),
+		RaftAddr:    m.RaftAddr,
+		RPCAddr:     m.RPCAddr,
+		WGPublicKey: m.WGPublicKey,
+		WGEndpoint:  m.WGEndpoint,
+		Capacity:    fsm.Capacity{MemoryBytes: m.MemoryBytes, DiskBytes: m.DiskBytes},
+	}
+}
+
+// sameRegistration compares the fields a machine reports about itself.
+func sameRegistration(have, want fsm.Machine) bool {
+	return have.ID == want.ID && have.Name == want.Name && have.GossipAddr == want.GossipAddr &&
+		have.RaftAddr == want.RaftAddr && have.RPCAddr == want.RPCAddr &&
+		have.WGPublicKey == want.WGPublicKey && have.WGEndpoint == want.WGEndpoint &&
+		have.Capacity == want.Capacity
+}

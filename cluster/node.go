@@ -1,0 +1,519 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/atomicfile"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"go.etcd.io/bbolt"
+)
+
+// Errors a caller of Node may match with errors.Is.
+var (
+	// ErrNoLeader: no leader could be reached before the context ended.
+	ErrNoLeader = errors.New("no Raft leader reachable")
+	// ErrNotLeader: this machine is not the leader (internal to forwarding).
+	ErrNotLeader = errors.New("this machine is not the Raft leader")
+	// ErrRaftNotStarted: the node has gossip but has not joined Raft yet.
+	ErrRaftNotStarted = errors.New("Raft is not running on this machine yet")
+	// ErrUncertain: the command reached the leader but the outcome is
+	// unknown (leadership was lost or the connection broke mid-way); it
+	// may or may not have been applied.
+	ErrUncertain = errors.New("outcome of the command is unknown")
+)
+
+// Node is one machine's membership in the cluster: gossip from Start,
+// then Raft and RPC from StartRaft. It owns every goroutine it starts;
+// Close stops them.
+type Node struct {
+	cfg    Config
+	logger *slog.Logger
+	gossip *gossip
+	facts  *factStore
+	rpc    *rpcClient
+
+	rs     atomic.Pointer[raftParts]
+	nudge  chan struct{} // gossip changed; consumed by the leader's loop
+	halted chan struct{}
+	halt   sync.Once
+	haltMu sync.Mutex
+	hErr   error
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closed sync.Once
+}
+
+// raftParts is everything StartRaft creates, published at once.
+type raftParts struct {
+	raft      *raft.Raft
+	transport *raft.NetworkTransport
+	store     *raftboltdb.BoltStore
+	snaps     raft.SnapshotStore
+	http      *http.Server
+	raftAddr  netip.AddrPort
+	rpcAddr   netip.AddrPort
+}
+
+// Start begins gossip on the underlay. The node can join other machines
+// right away; it takes part in Raft only after StartRaft.
+func Start(cfg Config) (*Node, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating data dir: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n := &Node{
+		cfg:    cfg,
+		logger: cfg.Logger,
+		rpc:    newRPCClient(cfg.Key),
+		nudge:  make(chan struct{}, 1),
+		halted: make(chan struct{}),
+		ctx:    ctx,
+		cancel: cancel,
+	}
+	n.facts = newFactStore(n.haltOn)
+	g, err := startGossip(cfg, Meta{MachineID: cfg.MachineID, Name: cfg.Name}, cfg.Logger)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	n.gossip = g
+	n.wg.Add(1)
+	go n.watchGossip()
+	return n, nil
+}
+
+// Join contacts any of the given gossip addresses (host:port).
+func (n *Node) Join(addrs []string) (int, error) { return n.gossip.join(addrs) }
+
+// RejoinKnown contacts the machines this node last knew, kept in the data
+// dir, so a restarted daemon finds its cluster without flags.
+func (n *Node) RejoinKnown() (int, error) {
+	addrs, err := n.knownPeers()
+	if err != nil || len(addrs) == 0 {
+		return 0, err
+	}
+	return n.gossip.join(addrs)
+}
+
+// SetMeta changes what this machine gossips about itself.
+func (n *Node) SetMeta(update func(*Meta)) error { return n.gossip.setMeta(update) }
+
+// LocalMeta is what this machine gossips about itself.
+func (n *Node) LocalMeta() Meta { return n.gossip.localMeta() }
+
+// Members lists every machine gossip knows, including failed ones.
+func (n *Node) Members() []Member { return n.gossip.snapshot() }
+
+// Member looks one machine up in gossip.
+func (n *Node) Member(id string) (Member, bool) { return n.gossip.member(id) }
+
+// Halted is closed when the fact store met a log entry it cannot decode;
+// the daemon must stop (state must never diverge).
+func (n *Node) Halted() <-chan struct{} { return n.halted }
+
+// HaltErr says why the node halted.
+func (n *Node) HaltErr() error {
+	n.haltMu.Lock()
+	defer n.haltMu.Unlock()
+	return n.hErr
+}
+
+func (n *Node) haltOn(err error) {
+	n.halt.Do(func() {
+		n.haltMu.Lock()
+		n.hErr = err
+		n.haltMu.Unlock()
+		n.logger.Error("fact store halted: this machine stops to keep its state from diverging", "err", err)
+		close(n.halted)
+	})
+}
+
+// StartRaft starts Raft and the RPC server on addr (the overlay address
+// once the mesh is up) and gossips where they listen.
+func (n *Node) StartRaft(addr netip.Addr) error {
+	if n.rs.Load() != nil {
+		return errors.New("raft already started")
+	}
+	dir := filepath.Join(n.cfg.DataDir, "raft")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating raft dir: %w", err)
+	}
+	hlog := hclog.New(&hclog.LoggerOptions{
+		Name:   "raft",
+		Output: newLevelWriter(n.logger, "raft"),
+		Level:  hclog.Info,
+	})
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path:        filepath.Join(dir, "raft.db"),
+		BoltOptions: &bbolt.Options{Timeout: 2 * time.Second},
+	})
+	if err != nil {
+		return fmt.Errorf("opening raft log %s (is another droverd using this data dir?): %w", filepath.Join(dir, "raft.db"), err)
+	}
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 3, hlog)
+	if err != nil {
+		store.Close()
+		return fmt.Errorf("opening raft snapshots: %w", err)
+	}
+	raftAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RaftPort))
+	transport, err := raft.NewTCPTransportWithLogger(raftAddr.String(), net.TCPAddrFromAddrPort(raftAddr), 3, 10*time.Second, hlog)
+	if err != nil {
+		store.Close()
+		return fmt.Errorf("raft transport on %s: %w", raftAddr, err)
+	}
+	rpcAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RPCPort))
+	rpcLn, err := net.Listen("tcp", rpcAddr.String())
+	if err != nil {
+		transport.Close()
+		store.Close()
+		return fmt.Errorf("rpc listener on %s: %w", rpcAddr, err)
+	}
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(n.cfg.MachineID)
+	rc.Logger = hlog
+	if hb := n.cfg.Timing.RaftHeartbeat; hb > 0 {
+		rc.HeartbeatTimeout = hb
+		rc.ElectionTimeout = hb
+		rc.LeaderLeaseTimeout = hb / 2
+		rc.CommitTimeout = hb / 20
+	}
+	leaderCh := make(chan bool, 8)
+	rc.NotifyCh = leaderCh
+	r, err := raft.NewRaft(rc, n.facts, store, store, snaps, transport)
+	if err != nil {
+		rpcLn.Close()
+		transport.Close()
+		store.Close()
+		return fmt.Errorf("starting raft: %w", err)
+	}
+	parts := &raftParts{
+		raft: r, transport: transport, store: store, snaps: snaps,
+		http:     &http.Server{Handler: n.rpcHandler(), ReadHeaderTimeout: 5 * time.Second},
+		raftAddr: raftAddr, rpcAddr: rpcAddr,
+	}
+	n.rs.Store(parts)
+	n.wg.Add(2)
+	go func() {
+		defer n.wg.Done()
+		if err := parts.http.Serve(rpcLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.logger.Error("rpc server stopped", "err", err)
+		}
+	}()
+	go n.runLeaderLoop(leaderCh)
+	return n.gossip.setMeta(func(m *Meta) {
+		m.RaftAddr = raftAddr.String()
+		m.RPCAddr = rpcAddr.String()
+	})
+}
+
+func (n *Node) parts() (*raftParts, error) {
+	p := n.rs.Load()
+	if p == nil {
+		return nil, ErrRaftNotStarted
+	}
+	return p, nil
+}
+
+// Bootstrap makes this machine the first voter of a new cluster. It does
+// nothing, and says so, when Raft state already exists.
+func (n *Node) Bootstrap() (bool, error) {
+	p, err := n.parts()
+	if err != nil {
+		return false, err
+	}
+	has, err := raft.HasExistingState(p.store, p.store, p.snaps)
+	if err != nil {
+		return false, fmt.Errorf("reading raft state: %w", err)
+	}
+	if has {
+		return false, nil
+	}
+	f := p.raft.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{
+		Suffrage: raft.Voter,
+		ID:       raft.ServerID(n.cfg.MachineID),
+		Address:  raft.ServerAddress(p.raftAddr.String()),
+	}}})
+	if err := f.Error(); err != nil {
+		return false, fmt.Errorf("bootstrapping raft: %w", err)
+	}
+	return true, nil
+}
+
+// HasRaftState tells whether this machine has ever been part of a Raft
+// cluster (bootstrapped or replicated to).
+func (n *Node) HasRaftState() (bool, error) {
+	p, err := n.parts()
+	if err != nil {
+		return false, err
+	}
+	return raft.HasExistingState(p.store, p.store, p.snaps)
+}
+
+// Read gives fn the current facts; fn must not keep the state or block.
+func (n *Node) Read(fn func(*fsm.State)) { n.facts.read(fn) }
+
+// Apply proposes cmd to the cluster, forwarding it to the leader when this
+// machine is not the leader, and returns the command's result as JSON. A
+// command that breaks a rule of the store returns a *fsm.RuleError. When
+// Apply returns, this machine's own facts include the command.
+func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error) {
+	data, err := fsm.Encode(cmd)
+	if err != nil {
+		return nil, fmt.Errorf("encoding %s: %w", cmd.Type(), err)
+	}
+	p, err := n.parts()
+	if err != nil {
+		return nil, err
+	}
+	backoff := 20 * time.Millisecond
+	for {
+		res, err := n.applyOnce(ctx, p, data)
+		if err == nil {
+			n.waitApplied(ctx, res.Index)
+			return res.Value, res.err()
+		}
+		if !errors.Is(err, ErrNotLeader) && !errors.Is(err, errRemoteNotLeader) && !errors.Is(err, errNoLeaderYet) {
+			return nil, fmt.Errorf("applying %s: %w", cmd.Type(), err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("applying %s: %w (%v)", cmd.Type(), ErrNoLeader, ctx.Err())
+		case <-n.ctx.Done():
+			return nil, fmt.Errorf("applying %s: node is shutting down: %w", cmd.Type(), ErrNoLeader)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
+}
+
+var errNoLeaderYet = errors.New("leader not known yet")
+
+func (n *Node) applyOnce(ctx context.Context, p *raftParts, data []byte) (applyResult, error) {
+	if p.raft.State() == raft.Leader {
+		return n.applyLocal(ctx, data)
+	}
+	_, leaderID := p.raft.LeaderWithID()
+	if leaderID == "" {
+		return applyResult{}, errNoLeaderYet
+	}
+	addr := n.rpcAddrOf(string(leaderID))
+	if addr == "" {
+		return applyResult{}, errNoLeaderYet
+	}
+	res, err := n.rpc.apply(ctx, addr, data)
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "dial" {
+		// Nothing was sent: safe to try again once the leader is known.
+		return res, fmt.Errorf("%w: %v", errNoLeaderYet, err)
+	}
+	if err != nil && !errors.Is(err, errRemoteNotLeader) {
+		return res, fmt.Errorf("%w: %v", ErrUncertain, err)
+	}
+	return res, err
+}
+
+// applyLocal applies data through this machine's Raft, which must lead.
+func (n *Node) applyLocal(ctx context.Context, data []byte) (applyResult, error) {
+	p, err := n.parts()
+	if err != nil {
+		return applyResult{}, err
+	}
+	timeout := 10 * time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	f := p.raft.Apply(data, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) {
+			return applyResult{}, ErrNotLeader
+		}
+		if errors.Is(err, raft.ErrLeadershipLost) {
+			return applyResult{}, fmt.Errorf("%w: %v", ErrUncertain, err)
+		}
+		return applyResult{}, fmt.Errorf("raft apply: %w", err)
+	}
+	res, _ := f.Response().(applyResult)
+	res.Index = f.Index()
+	return res, nil
+}
+
+// waitApplied waits, within ctx and a few seconds, until this machine's
+// facts include log index idx.
+func (n *Node) waitApplied(ctx context.Context, idx uint64) {
+	deadline := time.Now().Add(5 * time.Second)
+	for n.facts.applied.Load() < idx && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// rpcAddrOf finds a machine's RPC address: gossip first, then the facts.
+func (n *Node) rpcAddrOf(id string) string {
+	if m, ok := n.gossip.member(id); ok && m.RPCAddr != "" {
+		return m.RPCAddr
+	}
+	var addr string
+	n.facts.read(func(s *fsm.State) {
+		if m, ok := s.Machine(id); ok {
+			addr = m.RPCAddr
+		}
+	})
+	return addr
+}
+
+func (n *Node) localStats() serverStats {
+	p, err := n.parts()
+	if err != nil {
+		return serverStats{LastContact: -1}
+	}
+	st := p.raft.Stats()
+	out := serverStats{}
+	out.LastTerm, _ = strconv.ParseUint(st["last_log_term"], 10, 64)
+	out.LastIndex, _ = strconv.ParseUint(st["last_log_index"], 10, 64)
+	switch lc := st["last_contact"]; lc {
+	case "never":
+		out.LastContact = -1
+	case "0", "":
+		out.LastContact = 0
+	default:
+		d, err := time.ParseDuration(lc)
+		if err != nil {
+			d = -1
+		}
+		out.LastContact = d
+	}
+	if p.raft.State() == raft.Leader {
+		out.LastContact = 0
+	}
+	return out
+}
+
+// Leave departs gracefully: hand leadership to another voter if this
+// machine leads, then tell gossip we are leaving (so others see "left",
+// not "failed"). Raft membership is kept: a machine is removed from the
+// cluster only by an operator. Call Close afterwards.
+func (n *Node) Leave(timeout time.Duration) error {
+	var errs []error
+	if p, err := n.parts(); err == nil && p.raft.State() == raft.Leader {
+		if err := p.raft.LeadershipTransfer().Error(); err != nil && !errors.Is(err, raft.ErrNotLeader) {
+			n.logger.Warn("could not hand over leadership before leaving", "err", err)
+		} else {
+			n.logger.Info("handed over leadership before leaving")
+		}
+	}
+	if err := n.gossip.leave(timeout); err != nil {
+		errs = append(errs, fmt.Errorf("leaving gossip: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops Raft, RPC and gossip and every goroutine of the node.
+func (n *Node) Close() error {
+	var errs []error
+	n.closed.Do(func() {
+		n.cancel()
+		if p := n.rs.Load(); p != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			if err := p.http.Shutdown(ctx); err != nil {
+				p.http.Close()
+			}
+			cancel()
+			if err := p.raft.Shutdown().Error(); err != nil {
+				errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
+			}
+			if err := p.transport.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("raft transport: %w", err))
+			}
+			if err := p.store.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("raft store: %w", err))
+			}
+		}
+		if err := n.gossip.shutdown(); err != nil {
+			errs = append(errs, fmt.Errorf("gossip shutdown: %w", err))
+		}
+		n.wg.Wait()
+		n.rpc.close()
+	})
+	return errors.Join(errs...)
+}
+
+// watchGossip keeps the known-peers file current and nudges the leader's
+// reconcile loop on every membership change.
+func (n *Node) watchGossip() {
+	defer n.wg.Done()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.gossip.changed:
+		}
+		select {
+		case n.nudge <- struct{}{}:
+		default:
+		}
+		if err := n.saveKnownPeers(); err != nil {
+			n.logger.Warn("could not save known peers", "err", err)
+		}
+	}
+}
+
+func (n *Node) peersPath() string { return filepath.Join(n.cfg.DataDir, "peers.json") }
+
+func (n *Node) saveKnownPeers() error {
+	var addrs []string
+	for _, m := range n.gossip.snapshot() {
+		if m.MachineID != n.cfg.MachineID && m.Liveness != LivenessLeft && m.GossipAddr.IsValid() {
+			addrs = append(addrs, m.GossipAddr.String())
+		}
+	}
+	if len(addrs) == 0 {
+		return nil
+	}
+	slices.Sort(addrs)
+	b, err := json.Marshal(addrs)
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(n.peersPath(), b, 0o600)
+}
+
+func (n *Node) knownPeers() ([]string, error) {
+	b, err := os.ReadFile(n.peersPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading known peers: %w", err)
+	}
+	var addrs []string
+	if err := json.Unmarshal(b, &addrs); err != nil {
+		return nil, fmt.Errorf("reading known peers %s: %w", n.peersPath(), err)
+	}
+	return addrs, nil
+}

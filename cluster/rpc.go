@@ -1,0 +1,139 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+)
+
+// The daemon-to-daemon RPC: HTTP on the RPC port of the overlay address.
+// Every request carries a token derived from the cluster key, so a
+// process that can reach the port but does not hold the key is refused
+// even before the mesh authenticates peers.
+const (
+	rpcApplyPath = "/rpc/v1/apply"
+	rpcStatsPath = "/rpc/v1/stats"
+	rpcAuthHdr   = "Drover-Cluster-Auth"
+	maxRPCBody   = 1 << 20
+)
+
+// errRemoteNotLeader is the answer of a machine that lost leadership
+// between our lookup and its apply; the command was not applied.
+var errRemoteNotLeader = errors.New("remote machine is not the leader")
+
+func rpcToken(key []byte) string {
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte("drover rpc v1"))
+	return hex.EncodeToString(mac.Sum(nil))
+}
+
+// serverStats is what autopilot needs from every server.
+type serverStats struct {
+	LastContact time.Duration `json:"last_contact_ns"`
+	LastTerm    uint64        `json:"last_term"`
+	LastIndex   uint64        `json:"last_index"`
+}
+
+func (n *Node) rpcHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+rpcApplyPath, n.handleApply)
+	mux.HandleFunc("GET "+rpcStatsPath, n.handleStats)
+	token := rpcToken(n.cfg.Key)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !hmac.Equal([]byte(r.Header.Get(rpcAuthHdr)), []byte(token)) {
+			http.Error(w, "cluster key required", http.StatusUnauthorized)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
+	data, err := io.ReadAll(io.LimitReader(r.Body, maxRPCBody))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	res, err := n.applyLocal(r.Context(), data)
+	if errors.Is(err, ErrNotLeader) {
+		http.Error(w, err.Error(), http.StatusMisdirectedRequest)
+		return
+	}
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(res)
+}
+
+func (n *Node) handleStats(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(n.localStats())
+}
+
+type rpcClient struct {
+	token string
+	http  *http.Client
+}
+
+func newRPCClient(key []byte) *rpcClient {
+	return &rpcClient{
+		token: rpcToken(key),
+		http: &http.Client{Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 3 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 4,
+			IdleConnTimeout:     30 * time.Second,
+		}},
+	}
+}
+
+func (c *rpcClient) do(ctx context.Context, method, addr, path string, body []byte, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+path, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set(rpcAuthHdr, c.token)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("rpc %s %s: %w", method, addr, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxRPCBody))
+	if err != nil {
+		return fmt.Errorf("rpc %s %s: reading answer: %w", method, addr, err)
+	}
+	switch {
+	case resp.StatusCode == http.StatusMisdirectedRequest:
+		return fmt.Errorf("rpc %s: %w", addr, errRemoteNotLeader)
+	case resp.StatusCode != http.StatusOK:
+		return fmt.Errorf("rpc %s %s: %s: %s", method, addr, resp.Status, bytes.TrimSpace(raw))
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		return fmt.Errorf("rpc %s %s: decoding answer: %w", method, addr, err)
+	}
+	return nil
+}
+
+func (c *rpcClient) apply(ctx context.Context, addr string, data []byte) (applyResult, error) {
+	var res applyResult
+	err := c.do(ctx, http.MethodPost, addr, rpcApplyPath, data, &res)
+	return res, err
+}
+
+func (c *rpcClient) stats(ctx context.Context, addr string) (serverStats, error) {
+	var st serverStats
+	err := c.do(ctx, http.MethodGet, addr, rpcStatsPath, nil, &st)
+	return st, err
+}
+
+func (c *rpcClient) close() { c.http.CloseIdleConnections() }

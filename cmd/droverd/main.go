@@ -1,0 +1,111 @@
+// Command droverd is drover's daemon: one per machine.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/drover-sh/drover/agent"
+	"github.com/drover-sh/drover/cluster"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintf(os.Stderr, "droverd: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("droverd", flag.ContinueOnError)
+	var (
+		cfg       agent.Config
+		bind      = fs.String("bind", "", "underlay address for gossip (default: the first non-loopback IPv4 address)")
+		join      = fs.String("join", "", "comma-separated gossip addresses (host[:port]) of machines to join")
+		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
+		fastTimer = fs.Bool("lab-timing", false, "fast failure detection and promotion, for labs and tests only")
+		showVer   = fs.Bool("version", false, "print the version and exit")
+	)
+	fs.StringVar(&cfg.Name, "name", "", "this machine's name, a DNS label (default: the hostname)")
+	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/drover", "directory for state: identity, keys, Raft log")
+	fs.StringVar(&cfg.Socket, "socket", "/run/drover/drover.sock", "path of the local control socket")
+	fs.StringVar(&cfg.SocketGroup, "socket-group", "drover", "group given access to the control socket, when it exists")
+	fs.IntVar(&cfg.GossipPort, "gossip-port", cluster.DefaultGossipPort, "gossip port (TCP and UDP) on the underlay")
+	fs.IntVar(&cfg.RaftPort, "raft-port", cluster.DefaultRaftPort, "Raft port")
+	fs.IntVar(&cfg.RPCPort, "rpc-port", cluster.DefaultRPCPort, "daemon-to-daemon RPC port")
+	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
+	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key (default: the one in the data dir)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if *showVer {
+		fmt.Println(version)
+		return nil
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	cfg.Version = version
+	var err error
+	if cfg.BindAddr, err = bindAddr(*bind); err != nil {
+		return err
+	}
+	for _, a := range strings.Split(*join, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				a = net.JoinHostPort(a, fmt.Sprint(cfg.GossipPort))
+			}
+			cfg.Join = append(cfg.Join, a)
+		}
+	}
+	if *fastTimer {
+		cfg.Timing = cluster.Timing{
+			GossipProbeInterval: 300 * time.Millisecond,
+			RaftHeartbeat:       500 * time.Millisecond,
+			StabilizationTime:   time.Second,
+			DeadServerAfter:     10 * time.Second,
+			ReconcileInterval:   500 * time.Millisecond,
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return agent.Run(ctx, cfg)
+}
+
+func bindAddr(flagValue string) (netip.Addr, error) {
+	if flagValue != "" {
+		a, err := netip.ParseAddr(flagValue)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("--bind: %w", err)
+		}
+		return a, nil
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("listing addresses for --bind: %w", err)
+	}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() && !p.Addr().IsLoopback() {
+			return p.Addr(), nil
+		}
+	}
+	return netip.Addr{}, errors.New("no non-loopback IPv4 address found: give --bind")
+}

@@ -1,0 +1,181 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestBinariesFormCluster starts three real droverd processes on loopback
+// addresses, each with its own data dir and socket, and drives them with
+// the real droverctl: the first inits, the others join with its token.
+func TestBinariesFormCluster(t *testing.T) {
+	bin := binaries(t)
+	var daemons []*daemonProc
+	for i := 1; i <= 3; i++ {
+		d := startDaemon(t, bin, fmt.Sprintf("b%d", i), netip.AddrFrom4([4]byte{127, 0, 2, byte(i)}))
+		daemons = append(daemons, d)
+	}
+	// Before init or join the CLI says the machine is in no cluster.
+	out, err := daemons[0].ctl(t, "machine", "ls")
+	if err == nil || !strings.Contains(out, "no cluster") {
+		t.Fatalf("machine ls before init: err %v, output %q", err, out)
+	}
+	if out, err := daemons[0].ctl(t, "cluster", "init"); err != nil {
+		t.Fatalf("cluster init: %v\n%s", err, out)
+	}
+	tokenJSON, err := daemons[0].ctl(t, "cluster", "join-token", "--json")
+	if err != nil {
+		t.Fatalf("join-token: %v\n%s", err, tokenJSON)
+	}
+	var tok struct {
+		Token string `json:"token"`
+	}
+	if err := json.Unmarshal([]byte(tokenJSON), &tok); err != nil || tok.Token == "" {
+		t.Fatalf("join-token --json gave %q: %v", tokenJSON, err)
+	}
+	for _, d := range daemons[1:] {
+		if out, err := d.ctl(t, "cluster", "join", tok.Token); err != nil {
+			t.Fatalf("%s: cluster join: %v\n%s", d.name, err, out)
+		}
+	}
+
+	type machine struct {
+		Name     string `json:"name"`
+		State    string `json:"state"`
+		Liveness string `json:"liveness"`
+		RaftRole string `json:"raft_role"`
+	}
+	waitFor(t, 60*time.Second, "3 machines, one leader, all alive, on every daemon", func() error {
+		for _, d := range daemons {
+			out, err := d.ctl(t, "machine", "ls", "--json")
+			if err != nil {
+				return fmt.Errorf("%s: %v: %s", d.name, err, out)
+			}
+			var ms []machine
+			if err := json.Unmarshal([]byte(out), &ms); err != nil {
+				return fmt.Errorf("%s: machine ls --json: %v: %s", d.name, err, out)
+			}
+			leaders, alive := 0, 0
+			for _, m := range ms {
+				if m.RaftRole == "leader" {
+					leaders++
+				}
+				if m.Liveness == "alive" && m.State == "active" {
+					alive++
+				}
+			}
+			if len(ms) != 3 || leaders != 1 || alive != 3 {
+				return fmt.Errorf("%s sees %d machines, %d leaders, %d alive and active: %s", d.name, len(ms), leaders, alive, out)
+			}
+		}
+		return nil
+	})
+	out, err = daemons[2].ctl(t, "cluster", "status")
+	if err != nil || !strings.Contains(out, "b1") {
+		t.Fatalf("cluster status: %v\n%s", err, out)
+	}
+
+	// SIGTERM: the daemon leaves cleanly, exits 0, and the others see it
+	// as left, not failed.
+	if err := daemons[2].stop(); err != nil {
+		t.Fatalf("SIGTERM stop of b3: %v", err)
+	}
+	waitFor(t, 30*time.Second, "b3 shown as left", func() error {
+		out, err := daemons[0].ctl(t, "machine", "ls", "--json")
+		if err != nil {
+			return err
+		}
+		var ms []machine
+		json.Unmarshal([]byte(out), &ms)
+		for _, m := range ms {
+			if m.Name == "b3" && m.Liveness == "left" {
+				return nil
+			}
+		}
+		return fmt.Errorf("machine ls: %s", out)
+	})
+
+	// With no daemon the CLI says so in one line and fails.
+	cmd := exec.Command(filepath.Join(bin, "droverctl"), "--socket", filepath.Join(t.TempDir(), "none.sock"), "machine", "ls")
+	raw, err := cmd.CombinedOutput()
+	if err == nil || strings.Count(strings.TrimSpace(string(raw)), "\n") != 0 || !strings.Contains(string(raw), "not running") {
+		t.Fatalf("CLI without daemon: err %v, output %q", err, raw)
+	}
+}
+
+type daemonProc struct {
+	name   string
+	socket string
+	bin    string
+	cmd    *exec.Cmd
+	done   chan error
+	log    string
+}
+
+func startDaemon(t *testing.T, bin, name string, addr netip.Addr) *daemonProc {
+	t.Helper()
+	dir := t.TempDir()
+	d := &daemonProc{name: name, socket: filepath.Join(dir, "drover.sock"), bin: bin, log: filepath.Join(dir, "droverd.log"), done: make(chan error, 1)}
+	logf, err := os.Create(d.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.cmd = exec.Command(filepath.Join(bin, "droverd"),
+		"--name", name, "--data-dir", filepath.Join(dir, "data"), "--socket", d.socket,
+		"--bind", addr.String(), "--lab-timing", "--log-level", "debug")
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.done <- d.cmd.Wait(); logf.Close() }()
+	t.Cleanup(func() {
+		d.cmd.Process.Kill()
+		<-d.done
+		if t.Failed() {
+			b, _ := os.ReadFile(d.log)
+			t.Logf("--- %s log ---\n%s", name, b)
+		}
+	})
+	waitFor(t, 20*time.Second, name+" socket", func() error {
+		_, err := os.Stat(d.socket)
+		return err
+	})
+	return d
+}
+
+func (d *daemonProc) ctl(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(d.bin, "droverctl"), append([]string{"--socket", d.socket}, args...)...)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil {
+		return stdout.String() + stderr.String(), err
+	}
+	return stdout.String(), nil
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (d *daemonProc) stop() error {
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	select {
+	case err := <-d.done:
+		d.done <- err
+		return err
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("%s did not exit within 30s of SIGTERM", d.name)
+	}
+}
