@@ -6,17 +6,18 @@ import (
 	"strings"
 )
 
-// keyErrorText is what memberlist says when a message was encrypted with
+// keyErrorTexts are what memberlist says when a message was encrypted with
 // another key (or not at all).
+// Compared in lower case.
 var keyErrorTexts = []string{
-	"No installed keys could decrypt",
-	"Encryption is configured but remote state is not encrypted",
+	"no installed keys could decrypt",
+	"encryption is configured but remote state is not encrypted",
 	"failed to decrypt",
 }
 
 func isKeyError(err error) bool {
 	for _, t := range keyErrorTexts {
-		if strings.Contains(err.Error(), t) {
+		if strings.Contains(strings.ToLower(err.Error()), t) {
 			return true
 		}
 	}
@@ -31,7 +32,7 @@ type keyHintWriter struct{ next io.Writer }
 
 func (w *keyHintWriter) Write(p []byte) (int, error) {
 	for _, t := range keyErrorTexts {
-		if bytes.Contains(p, []byte(t)) {
+		if bytes.Contains(bytes.ToLower(p), []byte(t)) {
 			line := bytes.TrimRight(p, "\n")
 			hinted := append(append([]byte{}, line...), []byte(" (a machine whose cluster key differs from ours was refused)\n")...)
 			if _, err := w.next.Write(hinted); err != nil {

@@ -15,33 +15,43 @@ import (
 // leadership and stops them when it loses it.
 func (n *Node) runLeaderLoop(leaderCh <-chan bool) {
 	defer n.wg.Done()
-	var stop context.CancelFunc
-	var done chan struct{}
-	stepDown := func() {
-		if stop != nil {
-			stop()
-			<-done
-			stop, done = nil, nil
-		}
-	}
-	defer stepDown()
+	var duty *leaderDuty
+	defer func() { duty.stop() }()
 	for {
 		select {
 		case <-n.ctx.Done():
 			return
 		case leading := <-leaderCh:
-			if leading && stop == nil {
-				var ctx context.Context
-				ctx, stop = context.WithCancel(n.ctx)
-				done = make(chan struct{})
-				go func() {
-					defer close(done)
-					n.lead(ctx)
-				}()
+			if leading && duty == nil {
+				duty = n.startLeading()
 			} else if !leading {
-				stepDown()
+				duty.stop()
+				duty = nil
 			}
 		}
+	}
+}
+
+// leaderDuty is the running lead goroutine and the way to stop it.
+type leaderDuty struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func (n *Node) startLeading() *leaderDuty {
+	ctx, cancel := context.WithCancel(n.ctx)
+	d := &leaderDuty{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		n.lead(ctx)
+	}()
+	return d
+}
+
+func (d *leaderDuty) stop() {
+	if d != nil {
+		d.cancel()
+		<-d.done
 	}
 }
 

@@ -32,7 +32,7 @@ var (
 	// ErrNotLeader: this machine is not the leader (internal to forwarding).
 	ErrNotLeader = errors.New("this machine is not the Raft leader")
 	// ErrRaftNotStarted: the node has gossip but has not joined Raft yet.
-	ErrRaftNotStarted = errors.New("Raft is not running on this machine yet")
+	ErrRaftNotStarted = errors.New("raft is not running on this machine yet")
 	// ErrUncertain: the command reached the leader but the outcome is
 	// unknown (leadership was lost or the connection broke mid-way); it
 	// may or may not have been applied.

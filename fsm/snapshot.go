@@ -1,0 +1,128 @@
+package fsm
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Snapshot format: the magic bytes, a big-endian uint16 format version,
+// then records (kind byte, big-endian uint32 length, JSON body), then an
+// end record (kind 0, no length). Records are written in a fixed order,
+// sorted, so equal states give equal bytes.
+const (
+	snapshotMagic = "DROVERFS"
+	// SnapshotVersion is the snapshot format this package writes.
+	SnapshotVersion uint16 = 1
+	maxRecordSize          = 16 << 20
+)
+
+// recordKind is the first byte of a snapshot record. Append only.
+type recordKind byte
+
+const (
+	recordEnd     recordKind = 0
+	recordMachine recordKind = 1
+	recordLock    recordKind = 2
+)
+
+// ErrBadSnapshot marks a snapshot that cannot be restored.
+var ErrBadSnapshot = errors.New("bad fact snapshot")
+
+// WriteSnapshot writes the state in the snapshot format.
+func (s *State) WriteSnapshot(w io.Writer) error {
+	bw := bufio.NewWriter(w)
+	bw.WriteString(snapshotMagic)
+	binary.Write(bw, binary.BigEndian, SnapshotVersion)
+	for _, m := range s.Machines() {
+		if err := writeRecord(bw, recordMachine, m); err != nil {
+			return err
+		}
+	}
+	for _, l := range s.Locks() {
+		if err := writeRecord(bw, recordLock, l); err != nil {
+			return err
+		}
+	}
+	bw.WriteByte(byte(recordEnd))
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("writing snapshot: %w", err)
+	}
+	return nil
+}
+
+func writeRecord(w *bufio.Writer, kind recordKind, v any) error {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("snapshot record %d: %w", kind, err)
+	}
+	w.WriteByte(byte(kind))
+	binary.Write(w, binary.BigEndian, uint32(len(body)))
+	_, err = w.Write(body)
+	return err
+}
+
+// ReadSnapshot builds a fresh state from a snapshot.
+func ReadSnapshot(r io.Reader) (*State, error) {
+	br := bufio.NewReader(r)
+	head := make([]byte, len(snapshotMagic)+2)
+	if _, err := io.ReadFull(br, head); err != nil {
+		return nil, fmt.Errorf("%w: header: %v", ErrBadSnapshot, err)
+	}
+	if string(head[:len(snapshotMagic)]) != snapshotMagic {
+		return nil, fmt.Errorf("%w: not a drover fact snapshot (magic %q)", ErrBadSnapshot, head[:len(snapshotMagic)])
+	}
+	if v := binary.BigEndian.Uint16(head[len(snapshotMagic):]); v != SnapshotVersion {
+		return nil, fmt.Errorf("%w: format version %d, this build reads %d", ErrBadSnapshot, v, SnapshotVersion)
+	}
+	s := NewState()
+	for n := 0; ; n++ {
+		kind, err := br.ReadByte()
+		if err != nil {
+			return nil, fmt.Errorf("%w: record %d: truncated before the end record", ErrBadSnapshot, n)
+		}
+		if recordKind(kind) == recordEnd {
+			return s, nil
+		}
+		var size uint32
+		if err := binary.Read(br, binary.BigEndian, &size); err != nil {
+			return nil, fmt.Errorf("%w: record %d: truncated length", ErrBadSnapshot, n)
+		}
+		if size > maxRecordSize {
+			return nil, fmt.Errorf("%w: record %d: %d bytes is too large", ErrBadSnapshot, n, size)
+		}
+		body := make([]byte, size)
+		if _, err := io.ReadFull(br, body); err != nil {
+			return nil, fmt.Errorf("%w: record %d: truncated body", ErrBadSnapshot, n)
+		}
+		if err := s.restoreRecord(recordKind(kind), body); err != nil {
+			return nil, fmt.Errorf("%w: record %d: %v", ErrBadSnapshot, n, err)
+		}
+	}
+}
+
+func (s *State) restoreRecord(kind recordKind, body []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	switch kind {
+	case recordMachine:
+		var m Machine
+		if err := dec.Decode(&m); err != nil {
+			return fmt.Errorf("machine: %v", err)
+		}
+		s.machines[m.ID] = m
+	case recordLock:
+		var l Lock
+		if err := dec.Decode(&l); err != nil {
+			return fmt.Errorf("lock: %v", err)
+		}
+		s.locks[l.Namespace] = l
+	default:
+		return fmt.Errorf("unknown record kind %d", kind)
+	}
+	return nil
+}

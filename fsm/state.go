@@ -1,0 +1,56 @@
+package fsm
+
+import (
+	"maps"
+	"slices"
+	"strings"
+)
+
+// State is the whole set of facts. It is not safe for concurrent use; the
+// Raft shell serialises access.
+type State struct {
+	machines map[string]Machine // by id
+	locks    map[string]Lock    // by namespace
+}
+
+// NewState returns an empty state.
+func NewState() *State {
+	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}}
+}
+
+// Apply decodes and applies one log entry. Time comes only from the
+// command. A decode failure wraps ErrUndecodable or ErrUnknownCommand (the
+// caller must stop); a broken rule returns a *RuleError and changes
+// nothing; success returns the command's result.
+func (s *State) Apply(data []byte) (any, error) {
+	c, err := Decode(data)
+	if err != nil {
+		return nil, err
+	}
+	return s.ApplyCommand(c)
+}
+
+// ApplyCommand applies an already decoded command.
+func (s *State) ApplyCommand(c Command) (any, error) {
+	h, ok := handlers[c.Type()]
+	if !ok {
+		return nil, ErrUnknownCommand
+	}
+	res, rule := h.apply(s, c)
+	if rule != nil {
+		return nil, rule
+	}
+	return res, nil
+}
+
+// Clone returns a deep copy.
+func (s *State) Clone() *State {
+	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks)}
+}
+
+// sortedValues returns a map's values sorted by key(v).
+func sortedValues[V any](m map[string]V, key func(V) string) []V {
+	out := slices.Collect(maps.Values(m))
+	slices.SortFunc(out, func(a, b V) int { return strings.Compare(key(a), key(b)) })
+	return out
+}
