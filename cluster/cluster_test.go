@@ -222,3 +222,33 @@ func TestGoneVoterIsReplacedByNonvoter(t *testing.T) {
 		return nil
 	})
 }
+
+func TestLeaderLeavesCleanly(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.startN(3)
+	tc.waitVoters(3, 0)
+	old := tc.leader()
+	oldID := tc.cfgs[old].MachineID
+	if err := tc.nodes[old].Leave(5 * time.Second); err != nil {
+		t.Fatalf("leave: %v", err)
+	}
+	// Leadership was handed over before leaving, not lost to a timeout.
+	var next *Node
+	for i, n := range tc.nodes {
+		if i != old {
+			next = n
+		}
+	}
+	st, _ := next.Status()
+	if st.LeaderID == "" || st.LeaderID == oldID {
+		t.Fatalf("after leave the leader is %q", st.LeaderID)
+	}
+	tc.stop(old)
+	eventually(t, 10*time.Second, "the others record it as left", func() error {
+		m, ok := next.Member(oldID)
+		if !ok || m.Liveness != LivenessLeft {
+			return fmt.Errorf("member %+v", m)
+		}
+		return nil
+	})
+}

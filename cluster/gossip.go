@@ -156,6 +156,9 @@ func (g *gossip) member(id string) (Member, bool) {
 }
 
 func (g *gossip) leave(timeout time.Duration) error {
+	if err := g.setMeta(func(m *Meta) { m.Leaving = true }); err != nil {
+		g.logger.Warn("could not announce leaving", "err", err)
+	}
 	return g.ml.Leave(timeout)
 }
 
@@ -207,7 +210,7 @@ func (g *gossip) NotifyUpdate(n *memberlist.Node) { g.record(n, LivenessAlive) }
 
 // NotifyLeave is memberlist's event for a machine that failed or left.
 func (g *gossip) NotifyLeave(n *memberlist.Node) {
-	if n.State == memberlist.StateLeft {
+	if meta, err := decodeMeta(n.Meta); err == nil && meta.Leaving {
 		g.record(n, LivenessLeft)
 		return
 	}

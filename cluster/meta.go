@@ -26,6 +26,10 @@ type Meta struct {
 	OverlayIP   string `json:"overlay,omitempty"`
 	MemoryBytes uint64 `json:"mem,omitempty"`
 	DiskBytes   uint64 `json:"disk,omitempty"`
+	// Leaving is gossiped just before a clean departure, so the others
+	// record "left" rather than "failed" (memberlist's leave event does
+	// not say which).
+	Leaving bool `json:"leaving,omitempty"`
 }
 
 // ErrBadMeta marks gossip metadata that cannot be read.

@@ -1,0 +1,139 @@
+package ctlapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"syscall"
+)
+
+// Client talks to the local droverd. The CLI and the tests use it alike.
+type Client struct {
+	// SocketPath is the control socket; DefaultSocketPath() when empty.
+	SocketPath string
+	// Dial, when set, replaces dialing the unix socket.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	once sync.Once
+	http *http.Client
+}
+
+// DefaultSocketPath is $DROVER_SOCKET, else DefaultSocket.
+func DefaultSocketPath() string {
+	if p := os.Getenv("DROVER_SOCKET"); p != "" {
+		return p
+	}
+	return DefaultSocket
+}
+
+func (c *Client) socket() string {
+	if c.SocketPath != "" {
+		return c.SocketPath
+	}
+	return DefaultSocketPath()
+}
+
+func (c *Client) client() *http.Client {
+	c.once.Do(func() {
+		dial := c.Dial
+		if dial == nil {
+			dial = func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", c.socket())
+			}
+		}
+		c.http = &http.Client{Transport: &http.Transport{DialContext: dial}}
+	})
+	return c.http
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://droverd"+path, body)
+	if err != nil {
+		return err
+	}
+	req.Header.Set(VersionHeader, APIVersion)
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.client().Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
+			return fmt.Errorf("%w (nothing listens on %s)", ErrDaemonNotRunning, c.socket())
+		}
+		return fmt.Errorf("talking to droverd on %s: %w", c.socket(), err)
+	}
+	defer resp.Body.Close()
+	if v := resp.Header.Get(VersionHeader); v != "" && v != APIVersion {
+		return versionMismatch(APIVersion, v)
+	}
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("reading droverd's answer: %w", err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var eb ErrorBody
+		if json.Unmarshal(raw, &eb) != nil || eb.Error == "" {
+			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(raw))
+		}
+		return &APIError{Status: resp.StatusCode, Code: eb.Code, Err: errors.New(eb.Error)}
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		return fmt.Errorf("decoding droverd's answer to %s: %w", path, err)
+	}
+	return nil
+}
+
+// Version asks the daemon for its version.
+func (c *Client) Version(ctx context.Context) (VersionInfo, error) {
+	var v VersionInfo
+	return v, c.do(ctx, http.MethodGet, "/v1/version", nil, &v)
+}
+
+// Status asks for the cluster status.
+func (c *Client) Status(ctx context.Context) (ClusterStatus, error) {
+	var v ClusterStatus
+	return v, c.do(ctx, http.MethodGet, "/v1/status", nil, &v)
+}
+
+// Machines lists the machines.
+func (c *Client) Machines(ctx context.Context) ([]Machine, error) {
+	var v []Machine
+	return v, c.do(ctx, http.MethodGet, "/v1/machines", nil, &v)
+}
+
+// Init starts a new cluster on this machine.
+func (c *Client) Init(ctx context.Context) (ClusterStatus, error) {
+	var v ClusterStatus
+	return v, c.do(ctx, http.MethodPost, "/v1/cluster/init", nil, &v)
+}
+
+// JoinToken gets a token for another machine to join with.
+func (c *Client) JoinToken(ctx context.Context) (JoinToken, error) {
+	var v JoinToken
+	return v, c.do(ctx, http.MethodGet, "/v1/cluster/join-token", nil, &v)
+}
+
+// Join joins the cluster named by a token.
+func (c *Client) Join(ctx context.Context, req JoinRequest) (ClusterStatus, error) {
+	var v ClusterStatus
+	return v, c.do(ctx, http.MethodPost, "/v1/cluster/join", req, &v)
+}

@@ -1,0 +1,155 @@
+package ctlapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"time"
+)
+
+// Backend is what the daemon provides to the control API.
+type Backend interface {
+	Version(context.Context) VersionInfo
+	Status(context.Context) (ClusterStatus, error)
+	Machines(context.Context) ([]Machine, error)
+	Init(context.Context) (ClusterStatus, error)
+	JoinToken(context.Context) (JoinToken, error)
+	Join(context.Context, JoinRequest) (ClusterStatus, error)
+}
+
+const maxRequestBody = 1 << 20
+
+// NewHandler serves the /v1/ routes on b.
+func NewHandler(b Backend, logger *slog.Logger) http.Handler {
+	mux := http.NewServeMux()
+	get := func(path string, fn func(*http.Request) (any, error)) { route(mux, logger, "GET", path, fn) }
+	post := func(path string, fn func(*http.Request) (any, error)) { route(mux, logger, "POST", path, fn) }
+
+	get("/v1/version", func(r *http.Request) (any, error) { return b.Version(r.Context()), nil })
+	get("/v1/status", func(r *http.Request) (any, error) { return b.Status(r.Context()) })
+	get("/v1/machines", func(r *http.Request) (any, error) { return b.Machines(r.Context()) })
+	post("/v1/cluster/init", func(r *http.Request) (any, error) { return b.Init(r.Context()) })
+	get("/v1/cluster/join-token", func(r *http.Request) (any, error) { return b.JoinToken(r.Context()) })
+	post("/v1/cluster/join", func(r *http.Request) (any, error) {
+		var req JoinRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.Join(r.Context(), req)
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, logger, &APIError{Status: http.StatusNotFound, Code: "not_found", Err: fmt.Errorf("no route %s %s", r.Method, r.URL.Path)})
+	})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(VersionHeader, APIVersion)
+		if v := r.Header.Get(VersionHeader); v != "" && v != APIVersion {
+			writeError(w, logger, &APIError{Status: http.StatusBadRequest, Code: "version_mismatch", Err: versionMismatch(APIVersion, v)})
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// route registers one method+path; the same path with another method gets 405.
+func route(mux *http.ServeMux, logger *slog.Logger, method, path string, fn func(*http.Request) (any, error)) {
+	mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != method {
+			w.Header().Set("Allow", method)
+			writeError(w, logger, &APIError{Status: http.StatusMethodNotAllowed, Code: "method_not_allowed", Err: fmt.Errorf("%s wants %s, not %s", path, method, r.Method)})
+			return
+		}
+		v, err := fn(r)
+		if err != nil {
+			writeError(w, logger, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		if err := json.NewEncoder(w).Encode(v); err != nil {
+			logger.Warn("writing control API answer", "path", path, "err", err)
+		}
+	})
+}
+
+func decodeBody(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return &APIError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf("request body: %w", err)}
+	}
+	return nil
+}
+
+func writeError(w http.ResponseWriter, logger *slog.Logger, err error) {
+	apiErr := &APIError{Status: http.StatusInternalServerError, Code: "internal", Err: err}
+	errors.As(err, &apiErr)
+	if apiErr.Status >= 500 {
+		logger.Error("control API request failed", "err", err)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(apiErr.Status)
+	json.NewEncoder(w).Encode(ErrorBody{Error: err.Error(), Code: apiErr.Code})
+}
+
+// ErrSocketInUse: another live daemon answers on the socket path.
+var ErrSocketInUse = errors.New("another droverd is listening on the control socket")
+
+// Listen binds the control socket at path. A live socket (another daemon
+// answers) is an error; a stale file is removed. The socket is 0660 and
+// owned by group when that group exists, else 0600: never world-writable.
+// Closing the listener does not remove the socket file; the daemon does.
+func Listen(path, group string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w", path, ErrSocketInUse)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+		}
+	}
+	// Bind in a private directory, set owner and mode, then move into
+	// place: the socket is never reachable with looser permissions.
+	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".drover-sock-")
+	if err != nil {
+		return nil, fmt.Errorf("binding %s: %w", path, err)
+	}
+	defer os.RemoveAll(tmpDir)
+	tmp := filepath.Join(tmpDir, "s")
+	ln, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, fmt.Errorf("binding %s: %w", path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	fail := func(err error) (net.Listener, error) {
+		ln.Close()
+		return nil, err
+	}
+	mode := os.FileMode(0o600)
+	if g, err := user.LookupGroup(group); err == nil && group != "" {
+		gid, _ := strconv.Atoi(g.Gid)
+		if err := os.Chown(tmp, -1, gid); err != nil {
+			return fail(fmt.Errorf("giving %s to group %s: %w", path, group, err))
+		}
+		mode = 0o660
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
+		return fail(fmt.Errorf("chmod %s: %w", path, err))
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fail(fmt.Errorf("moving socket to %s: %w", path, err))
+	}
+	return ln, nil
+}

@@ -1,0 +1,103 @@
+// Package ctlapi is the local control API of droverd: HTTP over a unix
+// socket under /v1/. It holds the wire types, the server plumbing the
+// daemon mounts, and the client that droverctl and the tests use.
+package ctlapi
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// APIVersion is sent by both sides in the VersionHeader; a mismatch is
+// refused with both versions named.
+const (
+	APIVersion    = "1"
+	VersionHeader = "Drover-Api-Version"
+)
+
+// DefaultSocket is where droverd listens unless told otherwise.
+const DefaultSocket = "/run/drover/drover.sock"
+
+// Machine is one row of `machine ls`.
+type Machine struct {
+	ID          string     `json:"id"`
+	Name        string     `json:"name"`
+	GossipAddr  string     `json:"gossip_addr"`
+	OverlayIP   string     `json:"overlay_ip,omitempty"`
+	State       string     `json:"state"`     // active, draining, drained, gone; joining before registration
+	Liveness    string     `json:"liveness"`  // alive, suspect, failed, left, unknown
+	RaftRole    string     `json:"raft_role"` // leader, voter, nonvoter, none
+	LastContact *time.Time `json:"last_contact,omitempty"`
+	WGPublicKey string     `json:"wg_public_key,omitempty"`
+}
+
+// RaftServer is one member of the Raft configuration.
+type RaftServer struct {
+	ID       string `json:"id"`
+	Name     string `json:"name"`
+	Address  string `json:"address"`
+	Suffrage string `json:"suffrage"` // voter or nonvoter
+	Leader   bool   `json:"leader"`
+}
+
+// ClusterStatus is `cluster status`.
+type ClusterStatus struct {
+	Initialized  bool         `json:"initialized"`
+	MachineID    string       `json:"machine_id"`
+	MachineName  string       `json:"machine_name"`
+	Role         string       `json:"role"` // leader, follower, candidate, nonvoter, none
+	LeaderID     string       `json:"leader_id,omitempty"`
+	LeaderName   string       `json:"leader_name,omitempty"`
+	LeaderAddr   string       `json:"leader_addr,omitempty"`
+	Term         uint64       `json:"term"`
+	CommitIndex  uint64       `json:"commit_index"`
+	AppliedIndex uint64       `json:"applied_index"`
+	LastIndex    uint64       `json:"last_index"`
+	Voters       []RaftServer `json:"voters"`
+	NonVoters    []RaftServer `json:"nonvoters"`
+}
+
+// JoinToken lets another machine join; it carries the cluster key.
+type JoinToken struct {
+	Token string `json:"token"`
+}
+
+// JoinRequest asks the daemon to join the cluster a token names.
+type JoinRequest struct {
+	Token string `json:"token"`
+}
+
+// VersionInfo is the daemon's version.
+type VersionInfo struct {
+	Version    string `json:"version"`
+	APIVersion string `json:"api_version"`
+}
+
+// ErrorBody is the body of every non-2xx answer.
+type ErrorBody struct {
+	Error string `json:"error"`
+	Code  string `json:"code,omitempty"`
+}
+
+// APIError is an error with an HTTP status and a stable code. Backends
+// return it for the operator's mistakes; the client returns it for every
+// non-2xx answer.
+type APIError struct {
+	Status int
+	Code   string
+	Err    error
+}
+
+func (e *APIError) Error() string { return e.Err.Error() }
+func (e *APIError) Unwrap() error { return e.Err }
+
+// ErrDaemonNotRunning: nothing answers on the socket.
+var ErrDaemonNotRunning = errors.New("droverd is not running")
+
+// ErrVersionMismatch: the CLI and the daemon speak different API versions.
+var ErrVersionMismatch = errors.New("API version mismatch")
+
+func versionMismatch(ours, theirs string) error {
+	return fmt.Errorf("%w: this side speaks %q, the other %q; use a droverctl that matches droverd", ErrVersionMismatch, ours, theirs)
+}

@@ -1,0 +1,47 @@
+package main
+
+import (
+	"encoding/json"
+	"io"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/spf13/cobra"
+)
+
+// cli holds what every command shares: the client and the output streams.
+type cli struct {
+	socket string
+	json   bool
+	out    io.Writer
+	client *ctlapi.Client
+}
+
+func newRoot(stdout, stderr io.Writer) *cobra.Command {
+	c := &cli{out: stdout}
+	root := &cobra.Command{
+		Use:           "droverctl",
+		Short:         "Operate drover: machines, the cluster, services and their moves",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRun: func(*cobra.Command, []string) {
+			c.client = &ctlapi.Client{SocketPath: c.socket}
+		},
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.PersistentFlags().StringVar(&c.socket, "socket", ctlapi.DefaultSocketPath(), "droverd's control socket ($DROVER_SOCKET)")
+	root.AddCommand(c.versionCmd(), c.machineCmd(), c.clusterCmd())
+	return root
+}
+
+// addJSON gives a read command its --json flag.
+func (c *cli) addJSON(cmd *cobra.Command) *cobra.Command {
+	cmd.Flags().BoolVar(&c.json, "json", false, "print the result as JSON (a stable format)")
+	return cmd
+}
+
+func (c *cli) printJSON(v any) error {
+	enc := json.NewEncoder(c.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
