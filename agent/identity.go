@@ -18,7 +18,7 @@ import (
 
 // Files the daemon keeps in its data dir.
 const (
-	machineIDFile = "machine-id"
+	machineIDFile  = "machine-id"
 	clusterKeyFile = "cluster.key"
 )
 

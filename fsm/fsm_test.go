@@ -70,7 +70,7 @@ func TestRegisterMachine(t *testing.T) {
 	mustApply(t, s, AllocateOverlayIP{MachineID: "a1", Prefix: netip.MustParsePrefix("10.210.0.0/16"), At: t0})
 	upd := machine("a1", "alpha")
 	upd.GossipAddr = "10.0.0.9:7946"
-	upd.State = MachineGone                          // ignored
+	upd.State = MachineGone                         // ignored
 	upd.OverlayIP = netip.MustParseAddr("10.9.9.9") // ignored
 	m = mustApply(t, s, RegisterMachine{Machine: upd, At: t0.Add(time.Minute)}).(Machine)
 	if m.State != MachineDraining || m.OverlayIP != netip.MustParseAddr("10.210.0.1") || m.GossipAddr != "10.0.0.9:7946" ||

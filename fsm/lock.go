@@ -136,7 +136,9 @@ func (s *State) expireLocks(c ExpireLocks) (any, *RuleError) {
 }
 
 // Locks lists the held locks, sorted by namespace.
-func (s *State) Locks() []Lock { return sortedValues(s.locks, func(l Lock) string { return l.Namespace }) }
+func (s *State) Locks() []Lock {
+	return sortedValues(s.locks, func(l Lock) string { return l.Namespace })
+}
 
 // Lock looks a namespace's lock up.
 func (s *State) Lock(namespace string) (Lock, bool) {

@@ -192,7 +192,9 @@ func lastAddr(p netip.Prefix) netip.Addr {
 }
 
 // Machines lists the machines, sorted by name.
-func (s *State) Machines() []Machine { return sortedValues(s.machines, func(m Machine) string { return m.Name }) }
+func (s *State) Machines() []Machine {
+	return sortedValues(s.machines, func(m Machine) string { return m.Name })
+}
 
 // Machine looks a machine up by id.
 func (s *State) Machine(id string) (Machine, bool) {

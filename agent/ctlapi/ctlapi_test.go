@@ -1,0 +1,138 @@
+package ctlapi
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeBackend stands in for the daemon: this tests the plumbing only.
+type fakeBackend struct{ joined string }
+
+func (f *fakeBackend) Version(context.Context) VersionInfo {
+	return VersionInfo{Version: "v-test", APIVersion: APIVersion}
+}
+func (f *fakeBackend) Status(context.Context) (ClusterStatus, error) {
+	return ClusterStatus{Initialized: true, MachineName: "a", Role: "leader"}, nil
+}
+func (f *fakeBackend) Machines(context.Context) ([]Machine, error) {
+	return []Machine{{ID: "1", Name: "a", State: "active"}}, nil
+}
+func (f *fakeBackend) Init(context.Context) (ClusterStatus, error) {
+	return ClusterStatus{}, &APIError{Status: http.StatusConflict, Code: "already_in_cluster", Err: errors.New("already in a cluster")}
+}
+func (f *fakeBackend) JoinToken(context.Context) (JoinToken, error) {
+	return JoinToken{}, errors.New("disk on fire")
+}
+func (f *fakeBackend) Join(_ context.Context, r JoinRequest) (ClusterStatus, error) {
+	f.joined = r.Token
+	return ClusterStatus{Initialized: true}, nil
+}
+
+func serve(t *testing.T) (*Client, string, *fakeBackend) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "d.sock")
+	ln, err := Listen(path, "no-such-group-here")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fb := &fakeBackend{}
+	srv := &http.Server{Handler: NewHandler(fb, slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return &Client{SocketPath: path}, path, fb
+}
+
+func TestRoutesAndErrors(t *testing.T) {
+	c, path, fb := serve(t)
+	ctx := context.Background()
+	if v, err := c.Version(ctx); err != nil || v.Version != "v-test" {
+		t.Fatalf("version %+v %v", v, err)
+	}
+	if ms, err := c.Machines(ctx); err != nil || len(ms) != 1 || ms[0].Name != "a" {
+		t.Fatalf("machines %+v %v", ms, err)
+	}
+	if st, err := c.Status(ctx); err != nil || st.Role != "leader" {
+		t.Fatalf("status %+v %v", st, err)
+	}
+	if _, err := c.Join(ctx, JoinRequest{Token: "tok"}); err != nil || fb.joined != "tok" {
+		t.Fatalf("join: %v, backend got %q", err, fb.joined)
+	}
+	var apiErr *APIError
+	if _, err := c.Init(ctx); !errors.As(err, &apiErr) || apiErr.Status != http.StatusConflict || apiErr.Code != "already_in_cluster" {
+		t.Fatalf("init: %v", err)
+	}
+	if _, err := c.JoinToken(ctx); !errors.As(err, &apiErr) || apiErr.Status != 500 || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatalf("join-token: %v", err)
+	}
+	raw := func(method, p, version, body string) (int, string) {
+		hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return net.Dial("unix", path)
+		}}}
+		req, _ := http.NewRequest(method, "http://d"+p, strings.NewReader(body))
+		if version != "" {
+			req.Header.Set(VersionHeader, version)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := raw("GET", "/v1/nope", "", ""); code != 404 || !strings.Contains(body, `"error"`) {
+		t.Errorf("unknown route: %d %s", code, body)
+	}
+	if code, body := raw("POST", "/v1/machines", "", ""); code != 405 || !strings.Contains(body, "method_not_allowed") {
+		t.Errorf("wrong method: %d %s", code, body)
+	}
+	if code, body := raw("GET", "/v1/status", "99", ""); code != 400 || !strings.Contains(body, `\"99\"`) {
+		t.Errorf("version mismatch: %d %s", code, body)
+	}
+	if code, body := raw("POST", "/v1/cluster/join", "", `{"token":"x","extra":1}`); code != 400 || !strings.Contains(body, "extra") {
+		t.Errorf("unknown field: %d %s", code, body)
+	}
+}
+
+func TestSocketModeAndStaleAndLive(t *testing.T) {
+	_, path, _ := serve(t)
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, want 0600 without the group", fi.Mode().Perm())
+	}
+	if _, err := Listen(path, ""); !errors.Is(err, ErrSocketInUse) {
+		t.Fatalf("second listener on a live socket: %v", err)
+	}
+	// A stale socket file (nobody listening) is replaced.
+	stale := filepath.Join(t.TempDir(), "stale.sock")
+	l, _ := net.Listen("unix", stale)
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	ln, err := Listen(stale, "")
+	if err != nil {
+		t.Fatalf("over a stale socket: %v", err)
+	}
+	ln.Close()
+}
+
+func TestDaemonNotRunning(t *testing.T) {
+	c := &Client{SocketPath: filepath.Join(t.TempDir(), "none.sock")}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := c.Status(ctx)
+	if !errors.Is(err, ErrDaemonNotRunning) || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("got %q, want a one-line ErrDaemonNotRunning", err)
+	}
+}
