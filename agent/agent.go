@@ -32,6 +32,10 @@ type Config struct {
 	RaftPort   int
 	RPCPort    int
 
+	WGInterface   string       // WireGuard interface name (unique per machine)
+	WGPort        int          // WireGuard UDP port on the underlay
+	OverlayPrefix netip.Prefix // the mesh's address range
+
 	Init           bool     // bootstrap a new cluster if this machine has none
 	Join           []string // gossip addresses of members to join
 	ClusterKeyFile string   // key file to use instead of the one in DataDir
@@ -47,8 +51,11 @@ type Agent struct {
 	logger    *slog.Logger
 	machineID string
 
-	mu   sync.Mutex
-	node *cluster.Node // nil until this machine is in a cluster
+	mu      sync.Mutex
+	node    *cluster.Node      // nil until this machine is in a cluster
+	mesh    *meshState         // nil until this machine is in a cluster
+	overlay netip.Addr         // zero until known
+	endNode context.CancelFunc // stops the goroutines serving the node
 
 	ctx context.Context // the daemon's lifetime
 	wg  sync.WaitGroup
@@ -172,44 +179,48 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 		return errors.New("this machine is already in a cluster")
 	}
 	n, err := cluster.Start(cluster.Config{
-		MachineID:  a.machineID,
-		Name:       a.cfg.Name,
-		DataDir:    a.cfg.DataDir,
-		BindAddr:   a.cfg.BindAddr,
-		GossipPort: a.cfg.GossipPort,
-		RaftPort:   a.cfg.RaftPort,
-		RPCPort:    a.cfg.RPCPort,
-		Key:        key,
-		Timing:     a.cfg.Timing,
-		Logger:     a.logger,
+		MachineID:     a.machineID,
+		Name:          a.cfg.Name,
+		DataDir:       a.cfg.DataDir,
+		BindAddr:      a.cfg.BindAddr,
+		GossipPort:    a.cfg.GossipPort,
+		RaftPort:      a.cfg.RaftPort,
+		RPCPort:       a.cfg.RPCPort,
+		Key:           key,
+		OverlayPrefix: a.cfg.OverlayPrefix,
+		Timing:        a.cfg.Timing,
+		Logger:        a.logger,
 	})
 	if err != nil {
 		return err
 	}
-	// Until the mesh lands, Raft and RPC listen on the underlay address.
-	if err := n.StartRaft(a.cfg.BindAddr); err != nil {
+	m, err := a.openMesh()
+	if err != nil {
 		n.Close()
 		return err
 	}
-	if bootstrap {
-		made, err := n.Bootstrap()
-		if err != nil {
-			n.Close()
-			return err
-		}
-		if made {
-			a.logger.Info("bootstrapped a new cluster")
-		}
+	endpoint := netip.AddrPortFrom(a.cfg.BindAddr, uint16(a.cfg.WGPort))
+	if err := n.SetMeta(func(meta *cluster.Meta) {
+		meta.WGPublicKey = m.key.PublicKey().String()
+		meta.WGEndpoint = endpoint.String()
+	}); err != nil {
+		m.dev.Close()
+		n.Close()
+		return err
 	}
-	a.node = n
-	a.wg.Add(1)
-	go a.keepJoining(n, join)
+	ctx, cancel := context.WithCancel(a.ctx)
+	a.node, a.mesh, a.endNode = n, m, cancel
+	// Raft and RPC start on the overlay address once it is known (bringUp).
+	a.wg.Add(3)
+	go a.keepJoining(ctx, n, join)
+	go a.bringUp(ctx, n, m, bootstrap, join)
+	go a.runMesh(ctx, n, m)
 	return nil
 }
 
 // keepJoining joins known peers and the given addresses, retrying with
 // backoff until one answers or the daemon stops.
-func (a *Agent) keepJoining(n *cluster.Node, addrs []string) {
+func (a *Agent) keepJoining(ctx context.Context, n *cluster.Node, addrs []string) {
 	defer a.wg.Done()
 	backoff := time.Second
 	for {
@@ -225,7 +236,7 @@ func (a *Agent) keepJoining(n *cluster.Node, addrs []string) {
 		}
 		a.logger.Warn("could not join the cluster yet; retrying", "err", err, "retry_in", backoff)
 		select {
-		case <-a.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-time.After(backoff):
 		}
@@ -236,11 +247,17 @@ func (a *Agent) keepJoining(n *cluster.Node, addrs []string) {
 // stopCluster closes the node without leaving; used when a join failed.
 func (a *Agent) stopCluster() {
 	a.mu.Lock()
-	n := a.node
-	a.node = nil
+	n, m, end := a.node, a.mesh, a.endNode
+	a.node, a.mesh, a.endNode = nil, nil, nil
 	a.mu.Unlock()
+	if end != nil {
+		end()
+	}
 	if n != nil {
 		n.Close()
+	}
+	if m != nil {
+		m.dev.Close()
 	}
 }
 
@@ -255,6 +272,15 @@ func (a *Agent) leave() {
 	}
 	if err := n.Close(); err != nil {
 		a.logger.Warn("closing the cluster node", "err", err)
+	}
+	a.mu.Lock()
+	m, end := a.mesh, a.endNode
+	a.mu.Unlock()
+	if end != nil {
+		end()
+	}
+	if m != nil {
+		m.dev.Close()
 	}
 }
 

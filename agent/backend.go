@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -128,6 +129,12 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 			m.LastContact = &lc
 		}
 	}
+	handshakes := map[string]time.Time{}
+	if ms, err := a.meshStatus(context.Background()); err == nil {
+		for _, p := range ms.Peers {
+			handshakes[p.PublicKey] = p.LastHandshake
+		}
+	}
 	out := make([]ctlapi.Machine, 0, len(order))
 	for _, id := range order {
 		m := byID[id]
@@ -135,7 +142,41 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 		if m.RaftRole == "" {
 			m.RaftRole = "none"
 		}
+		if hs, ok := handshakes[m.WGPublicKey]; ok && !hs.IsZero() {
+			m.LastHandshake = &hs
+		}
 		out = append(out, *m)
+	}
+	return out, nil
+}
+
+// Mesh reports this machine's WireGuard device and its peers.
+func (a *Agent) Mesh(ctx context.Context) (ctlapi.MeshStatus, error) {
+	st, err := a.meshStatus(ctx)
+	if errors.Is(err, errNoMesh) {
+		return ctlapi.MeshStatus{}, errNotInCluster
+	}
+	if err != nil {
+		return ctlapi.MeshStatus{}, err
+	}
+	names := map[string]string{}
+	if n := a.currentNode(); n != nil {
+		for _, m := range n.Members() {
+			names[m.WGPublicKey] = m.Name
+		}
+	}
+	out := ctlapi.MeshStatus{Interface: st.Name, Kind: st.Kind, PublicKey: st.PublicKey, ListenPort: st.ListenPort}
+	if o := a.currentOverlay(); o.IsValid() {
+		out.Address = netip.PrefixFrom(o, a.cfg.OverlayPrefix.Bits()).String()
+	}
+	for _, p := range st.Peers {
+		mp := ctlapi.MeshPeer{Machine: names[p.PublicKey], PublicKey: p.PublicKey, Endpoint: p.Endpoint,
+			AllowedIPs: p.AllowedIPs, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
+		if !p.LastHandshake.IsZero() {
+			hs := p.LastHandshake
+			mp.LastHandshake = &hs
+		}
+		out.Peers = append(out.Peers, mp)
 	}
 	return out, nil
 }

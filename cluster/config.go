@@ -32,6 +32,10 @@ type Config struct {
 
 	Key []byte // cluster key, KeySize bytes
 
+	// OverlayPrefix, when set, is the mesh range the leader allocates
+	// machines' overlay addresses from.
+	OverlayPrefix netip.Prefix
+
 	Timing Timing
 	Logger *slog.Logger
 	Now    func() time.Time // injected clock; time.Now when nil

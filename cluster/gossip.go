@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log"
@@ -51,6 +52,12 @@ type gossip struct {
 	local   Meta
 	members map[string]*Member // by machine id (the memberlist node name)
 	changed chan struct{}      // nudged on any membership change; capacity 1
+
+	// overlays gives the overlay addresses this machine's facts hold, for
+	// push/pull; learned is this machine's own, as another machine's
+	// facts told it before this one has Raft.
+	overlays func() map[string]string
+	learned  netip.Addr
 }
 
 func startGossip(cfg Config, local Meta, logger *slog.Logger) (*gossip, error) {
@@ -245,8 +252,55 @@ func (g *gossip) NotifyMsg([]byte) {}
 // GetBroadcasts has nothing to broadcast.
 func (g *gossip) GetBroadcasts(int, int) [][]byte { return nil }
 
-// LocalState has no extra state for push/pull yet.
-func (g *gossip) LocalState(bool) []byte { return nil }
+// pushPullVersion is the first byte of drover's push/pull state.
+const pushPullVersion byte = 1
 
-// MergeRemoteState has nothing to merge yet.
-func (g *gossip) MergeRemoteState([]byte, bool) {}
+// pushPull is what machines exchange on every full state sync: the
+// overlay addresses their facts hold, so that a machine not yet in Raft
+// learns its own.
+type pushPull struct {
+	Overlays map[string]string `json:"overlays"`
+}
+
+// LocalState is sent on push/pull syncs.
+func (g *gossip) LocalState(bool) []byte {
+	if g.overlays == nil {
+		return nil
+	}
+	b, err := json.Marshal(pushPull{Overlays: g.overlays()})
+	if err != nil {
+		return nil
+	}
+	return append([]byte{pushPullVersion}, b...)
+}
+
+// MergeRemoteState reads another machine's push/pull state.
+func (g *gossip) MergeRemoteState(buf []byte, _ bool) {
+	if len(buf) == 0 || buf[0] != pushPullVersion {
+		return
+	}
+	var pp pushPull
+	if err := json.Unmarshal(buf[1:], &pp); err != nil {
+		g.logger.Warn("unreadable push/pull state", "err", err)
+		return
+	}
+	g.mu.Lock()
+	id := g.local.MachineID
+	g.mu.Unlock()
+	if a, err := netip.ParseAddr(pp.Overlays[id]); err == nil {
+		g.mu.Lock()
+		changed := g.learned != a
+		g.learned = a
+		g.mu.Unlock()
+		if changed {
+			g.logger.Info("learned this machine's overlay address over gossip", "overlay", a)
+			g.nudge()
+		}
+	}
+}
+
+func (g *gossip) learnedOverlay() netip.Addr {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.learned
+}

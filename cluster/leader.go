@@ -1,8 +1,10 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/drover-sh/drover/fsm"
@@ -110,8 +112,17 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 		}
 	})
 
-	for _, m := range n.gossip.snapshot() {
-		if m.Liveness != LivenessAlive || m.RaftAddr == "" {
+	members := n.gossip.snapshot()
+	// This machine first: when it bootstraps it takes the first address.
+	slices.SortStableFunc(members, func(a, b Member) int {
+		return cmp.Compare(boolRank(a.MachineID != n.cfg.MachineID), boolRank(b.MachineID != n.cfg.MachineID))
+	})
+	for _, m := range members {
+		if m.Liveness != LivenessAlive {
+			continue
+		}
+		n.registerAndAllocate(ctx, m, facts[m.MachineID])
+		if m.RaftAddr == "" {
 			continue
 		}
 		if ctx.Err() != nil {
@@ -134,14 +145,6 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 				n.logger.Warn("could not update raft address", "machine", m.Name, "err", err)
 			}
 		}
-		if want := machineFromMember(m); !sameRegistration(facts[m.MachineID], want) {
-			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			_, err := n.Apply(cctx, fsm.RegisterMachine{Machine: want, At: n.cfg.Now()})
-			cancel()
-			if err != nil {
-				n.logger.Warn("could not register machine", "machine", m.Name, "err", err)
-			}
-		}
 	}
 	if expired {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -151,6 +154,35 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 			n.logger.Warn("could not expire locks", "err", err)
 		}
 	}
+}
+
+// registerAndAllocate registers (or updates) a machine's fact from its
+// gossip metadata and gives it an overlay address if it has none.
+func (n *Node) registerAndAllocate(ctx context.Context, m Member, have fsm.Machine) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if want := machineFromMember(m); !sameRegistration(have, want) {
+		if _, err := n.Apply(cctx, fsm.RegisterMachine{Machine: want, At: n.cfg.Now()}); err != nil {
+			n.logger.Warn("could not register machine", "machine", m.Name, "err", err)
+			return
+		}
+	}
+	if !n.cfg.OverlayPrefix.IsValid() || (have.OverlayIP.IsValid() && n.cfg.OverlayPrefix.Contains(have.OverlayIP)) {
+		return
+	}
+	raw, err := n.Apply(cctx, fsm.AllocateOverlayIP{MachineID: m.MachineID, Prefix: n.cfg.OverlayPrefix, At: n.cfg.Now()})
+	if err != nil {
+		n.logger.Warn("could not allocate an overlay address", "machine", m.Name, "err", err)
+		return
+	}
+	n.logger.Info("allocated overlay address", "machine", m.Name, "overlay", string(raw))
+}
+
+func boolRank(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func machineFromMember(m Member) fsm.Machine {

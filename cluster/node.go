@@ -98,6 +98,7 @@ func Start(cfg Config) (*Node, error) {
 		cancel()
 		return nil, err
 	}
+	g.overlays = n.overlayMap
 	n.gossip = g
 	n.wg.Add(1)
 	go n.watchGossip()
@@ -115,6 +116,33 @@ func (n *Node) RejoinKnown() (int, error) {
 		return 0, err
 	}
 	return n.gossip.join(addrs)
+}
+
+// OverlayIP is this machine's overlay address: from its own facts, else
+// as another machine's facts told it over gossip; zero until allocated.
+func (n *Node) OverlayIP() netip.Addr {
+	var a netip.Addr
+	n.facts.read(func(s *fsm.State) {
+		if m, ok := s.Machine(n.cfg.MachineID); ok {
+			a = m.OverlayIP
+		}
+	})
+	if a.IsValid() {
+		return a
+	}
+	return n.gossip.learnedOverlay()
+}
+
+func (n *Node) overlayMap() map[string]string {
+	out := map[string]string{}
+	n.facts.read(func(s *fsm.State) {
+		for _, m := range s.Machines() {
+			if m.OverlayIP.IsValid() {
+				out[m.ID] = m.OverlayIP.String()
+			}
+		}
+	})
+	return out
 }
 
 // SetMeta changes what this machine gossips about itself.

@@ -18,10 +18,14 @@ import (
 // addresses, each with its own data dir and socket, and drives them with
 // the real droverctl: the first inits, the others join with its token.
 func TestBinariesFormCluster(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("droverd opens a WireGuard device: needs root")
+	}
 	bin := binaries(t)
 	var daemons []*daemonProc
 	for i := 1; i <= 3; i++ {
-		d := startDaemon(t, bin, fmt.Sprintf("b%d", i), netip.AddrFrom4([4]byte{127, 0, 2, byte(i)}))
+		d := startDaemon(t, bin, fmt.Sprintf("b%d", i), netip.AddrFrom4([4]byte{127, 0, 2, byte(i)}),
+			"--wg-interface", fmt.Sprintf("drvb%d", i), "--wg-port", fmt.Sprint(51840+i))
 		daemons = append(daemons, d)
 	}
 	// Before init or join the CLI says the machine is in no cluster.
@@ -121,7 +125,7 @@ type daemonProc struct {
 	log    string
 }
 
-func startDaemon(t *testing.T, bin, name string, addr netip.Addr) *daemonProc {
+func startDaemon(t *testing.T, bin, name string, addr netip.Addr, extra ...string) *daemonProc {
 	t.Helper()
 	dir := t.TempDir()
 	d := &daemonProc{name: name, socket: filepath.Join(dir, "drover.sock"), bin: bin, log: filepath.Join(dir, "droverd.log"), done: make(chan error, 1)}
@@ -129,9 +133,9 @@ func startDaemon(t *testing.T, bin, name string, addr netip.Addr) *daemonProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.cmd = exec.Command(filepath.Join(bin, "droverd"),
-		"--name", name, "--data-dir", filepath.Join(dir, "data"), "--socket", d.socket,
-		"--bind", addr.String(), "--lab-timing", "--log-level", "debug")
+	args := append([]string{"--name", name, "--data-dir", filepath.Join(dir, "data"), "--socket", d.socket,
+		"--bind", addr.String(), "--lab-timing", "--log-level", "debug"}, extra...)
+	d.cmd = exec.Command(filepath.Join(bin, "droverd"), args...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -137,3 +137,9 @@ func (c *Client) Join(ctx context.Context, req JoinRequest) (ClusterStatus, erro
 	var v ClusterStatus
 	return v, c.do(ctx, http.MethodPost, "/v1/cluster/join", req, &v)
 }
+
+// Mesh reads this machine's WireGuard device.
+func (c *Client) Mesh(ctx context.Context) (MeshStatus, error) {
+	var v MeshStatus
+	return v, c.do(ctx, http.MethodGet, "/v1/mesh", nil, &v)
+}

@@ -37,6 +37,10 @@ func (f *fakeBackend) Join(_ context.Context, r JoinRequest) (ClusterStatus, err
 	return ClusterStatus{Initialized: true}, nil
 }
 
+func (f *fakeBackend) Mesh(context.Context) (MeshStatus, error) {
+	return MeshStatus{Interface: "drover0"}, nil
+}
+
 func serve(t *testing.T) (*Client, string, *fakeBackend) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "d.sock")

@@ -30,6 +30,29 @@ type Machine struct {
 	RaftRole    string     `json:"raft_role"` // leader, voter, nonvoter, none
 	LastContact *time.Time `json:"last_contact,omitempty"`
 	WGPublicKey string     `json:"wg_public_key,omitempty"`
+	// LastHandshake is this machine's last WireGuard handshake with it.
+	LastHandshake *time.Time `json:"last_handshake,omitempty"`
+}
+
+// MeshPeer is one peer of this machine's WireGuard device.
+type MeshPeer struct {
+	Machine       string     `json:"machine,omitempty"`
+	PublicKey     string     `json:"public_key"`
+	Endpoint      string     `json:"endpoint"`
+	AllowedIPs    []string   `json:"allowed_ips"`
+	LastHandshake *time.Time `json:"last_handshake,omitempty"`
+	RxBytes       int64      `json:"rx_bytes"`
+	TxBytes       int64      `json:"tx_bytes"`
+}
+
+// MeshStatus is `mesh status`: this machine's WireGuard device.
+type MeshStatus struct {
+	Interface  string     `json:"interface"`
+	Kind       string     `json:"kind"` // kernel or userspace
+	PublicKey  string     `json:"public_key"`
+	ListenPort int        `json:"listen_port"`
+	Address    string     `json:"address"`
+	Peers      []MeshPeer `json:"peers"`
 }
 
 // RaftServer is one member of the Raft configuration.

@@ -24,10 +24,10 @@ func (c *cli) machineCmd() *cobra.Command {
 				return c.printJSON(ms)
 			}
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tID\tADDRESS\tOVERLAY\tSTATE\tLIVENESS\tRAFT\tLAST-CONTACT")
+			fmt.Fprintln(tw, "NAME\tID\tADDRESS\tOVERLAY\tSTATE\tLIVENESS\tRAFT\tLAST-CONTACT\tHANDSHAKE")
 			for _, m := range ms {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, short(m.ID), m.GossipAddr,
-					dash(m.OverlayIP), m.State, m.Liveness, m.RaftRole, ago(m.LastContact))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, short(m.ID), m.GossipAddr,
+					dash(m.OverlayIP), m.State, m.Liveness, m.RaftRole, ago(m.LastContact), ago(m.LastHandshake))
 			}
 			return tw.Flush()
 		},

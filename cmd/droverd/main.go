@@ -38,6 +38,7 @@ func run(args []string) error {
 		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
 		fastTimer = fs.Bool("lab-timing", false, "fast failure detection and promotion, for labs and tests only")
 		showVer   = fs.Bool("version", false, "print the version and exit")
+		overlay   = fs.String("overlay-prefix", "10.210.0.0/16", "the mesh's overlay address range")
 	)
 	fs.StringVar(&cfg.Name, "name", "", "this machine's name, a DNS label (default: the hostname)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/drover", "directory for state: identity, keys, Raft log")
@@ -46,6 +47,8 @@ func run(args []string) error {
 	fs.IntVar(&cfg.GossipPort, "gossip-port", cluster.DefaultGossipPort, "gossip port (TCP and UDP) on the underlay")
 	fs.IntVar(&cfg.RaftPort, "raft-port", cluster.DefaultRaftPort, "Raft port")
 	fs.IntVar(&cfg.RPCPort, "rpc-port", cluster.DefaultRPCPort, "daemon-to-daemon RPC port")
+	fs.StringVar(&cfg.WGInterface, "wg-interface", "drover0", "WireGuard interface name")
+	fs.IntVar(&cfg.WGPort, "wg-port", 51820, "WireGuard UDP port on the underlay")
 	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
 	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key (default: the one in the data dir)")
 	if err := fs.Parse(args); err != nil {
@@ -65,6 +68,9 @@ func run(args []string) error {
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Version = version
 	var err error
+	if cfg.OverlayPrefix, err = netip.ParsePrefix(*overlay); err != nil || cfg.OverlayPrefix != cfg.OverlayPrefix.Masked() {
+		return fmt.Errorf("--overlay-prefix %q: want a network like 10.210.0.0/16", *overlay)
+	}
 	if cfg.BindAddr, err = bindAddr(*bind); err != nil {
 		return err
 	}
