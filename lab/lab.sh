@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# lab.sh — several drover hosts on one machine, for tests and the demo.
+#
+#   lab.sh up N [PREFIX]     make hosts PREFIX1..PREFIXN (cleaning leftovers first)
+#   lab.sh down [PREFIX]     remove everything a lab of that prefix made
+#   lab.sh status [PREFIX]
+#
+# A host is a network namespace joined by a veth pair to a bridge, with its
+# own underlay address, its own file-backed ZFS pool (served by the one
+# zfs-fuse daemon) and, unless LAB_DOCKER=0, its own Docker engine started
+# inside the namespace with nsenter. Nothing leaves the machine: the bridge
+# has no uplink and no NAT.
+set -euo pipefail
+
+PREFIX=${LAB_PREFIX:-dl}
+SUBNET=${LAB_SUBNET:-10.77.0}          # underlay: $SUBNET.i/24, bridge $SUBNET.254
+POOL_SIZE=${LAB_POOL_SIZE:-2G}
+LAB_DOCKER=${LAB_DOCKER:-1}
+LAB_ZFS=${LAB_ZFS:-1}
+STATE=/var/lib/drover-lab/$PREFIX
+RUN=/run/drover-lab/$PREFIX
+BRIDGE=${PREFIX}br0
+
+log() { echo "lab: $*" >&2; }
+
+host_names() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${PREFIX}[0-9]+$" || true; }
+
+down() {
+  # Every process inside a host's namespace (droverd, dockerd, containers).
+  for ns in $(host_names); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null || true; done
+  done
+  for _ in $(seq 1 30); do
+    left=0
+    for ns in $(host_names); do [ -n "$(ip netns pids "$ns" 2>/dev/null)" ] && left=1; done
+    [ $left = 0 ] && break
+    sleep 0.2
+  done
+  for ns in $(host_names); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  done
+  # Docker's mounts under the lab's state dir.
+  if [ -d "$STATE" ]; then
+    for m in $( (grep -F -e " $STATE/" -e " $RUN/" /proc/mounts || true) | awk '{print $2}' | sort -r); do
+      umount -l "$m" 2>/dev/null || true
+    done
+  fi
+  if command -v zpool >/dev/null; then
+    for pool in $(zpool list -H -o name 2>/dev/null | grep -E "^${PREFIX}[0-9]+pool$" || true); do
+      zpool destroy -f "$pool" 2>/dev/null || log "could not destroy pool $pool"
+    done
+  fi
+  for ns in $(host_names); do
+    ip link del "v${ns}" 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  rm -rf "$STATE" "$RUN"
+  # wireguard-go UAPI sockets of the lab's devices
+  rm -f /var/run/wireguard/${PREFIX}wg*.sock
+}
+
+up() {
+  local n=$1
+  down
+  log "making $n hosts with prefix $PREFIX"
+  mkdir -p "$STATE" "$RUN"
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$SUBNET.254/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for i in $(seq 1 "$n"); do
+    local ns=$PREFIX$i dir=$STATE/$PREFIX$i
+    mkdir -p "$dir" "$RUN/$ns"
+    ip netns add "$ns"
+    ip link add "v$ns" type veth peer name eth0 netns "$ns"
+    ip link set "v$ns" master "$BRIDGE" up
+    ip -n "$ns" addr add "$SUBNET.$i/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" route add default via "$SUBNET.254"
+    if [ "$LAB_ZFS" = 1 ]; then
+      truncate -s "$POOL_SIZE" "$dir/pool.img"
+      zpool create -f -m "$STATE/mnt/$ns" "${ns}pool" "$dir/pool.img"
+    fi
+    if [ "$LAB_DOCKER" = 1 ]; then
+      mkdir -p "$dir/docker" "$RUN/$ns/exec"
+      nsenter --net=/var/run/netns/"$ns" dockerd \
+        --data-root "$dir/docker" --exec-root "$RUN/$ns/exec" \
+        --pidfile "$RUN/$ns/docker.pid" -H "unix://$RUN/$ns/docker.sock" \
+        --bridge=none --iptables=false --ip-masq=false --ip-forward=false \
+        --storage-driver="${LAB_STORAGE_DRIVER:-vfs}" \
+        >"$dir/dockerd.log" 2>&1 &
+    fi
+  done
+  if [ "$LAB_DOCKER" = 1 ]; then
+    for i in $(seq 1 "$n"); do
+      local sock=$RUN/$PREFIX$i/docker.sock ok=0
+      for _ in $(seq 1 150); do
+        if docker -H "unix://$sock" version >/dev/null 2>&1; then ok=1; break; fi
+        sleep 0.2
+      done
+      [ $ok = 1 ] || { log "docker engine of $PREFIX$i does not answer; see $STATE/$PREFIX$i/dockerd.log"; tail -5 "$STATE/$PREFIX$i/dockerd.log" >&2; exit 1; }
+    done
+  fi
+  log "up: $(host_names | tr '\n' ' ')"
+}
+
+status() {
+  for ns in $(host_names); do
+    echo "$ns $(ip -n "$ns" -4 -o addr show eth0 | awk '{print $4}')"
+  done
+}
+
+[ "$(id -u)" = 0 ] || { log "needs root"; exit 1; }
+cmd=${1:-}
+case "$cmd" in up) arg=${3:-} ;; *) arg=${2:-} ;; esac
+if [ -n "$arg" ]; then PREFIX=$arg; STATE=/var/lib/drover-lab/$PREFIX; RUN=/run/drover-lab/$PREFIX; BRIDGE=${PREFIX}br0; fi
+case "$cmd" in
+  up) up "${2:?usage: lab.sh up N [PREFIX]}" ;;
+  down) down; log "down" ;;
+  status) status ;;
+  *) echo "usage: lab.sh up N [PREFIX] | down [PREFIX] | status [PREFIX]" >&2; exit 2 ;;
+esac
