@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -179,6 +180,44 @@ func (a *Agent) Mesh(ctx context.Context) (ctlapi.MeshStatus, error) {
 		out.Peers = append(out.Peers, mp)
 	}
 	return out, nil
+}
+
+// machineByName finds a machine's fact by name; "self" is this machine.
+func (a *Agent) machineByName(n *cluster.Node, name string) (fsm.Machine, error) {
+	var m fsm.Machine
+	var ok bool
+	n.Read(func(s *fsm.State) {
+		if name == "self" {
+			m, ok = s.Machine(a.machineID)
+		} else {
+			m, ok = s.MachineByName(name)
+		}
+	})
+	if !ok {
+		return m, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_machine", Err: fmt.Errorf("no machine named %q in the cluster", name)}
+	}
+	return m, nil
+}
+
+// Activate marks a machine active: it takes placements again.
+func (a *Agent) Activate(ctx context.Context, name string) (ctlapi.Machine, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.Machine{}, err
+	}
+	m, err := a.machineByName(n, name)
+	if err != nil {
+		return ctlapi.Machine{}, err
+	}
+	raw, err := n.Apply(ctx, fsm.SetMachineState{ID: m.ID, State: fsm.MachineActive, At: time.Now()})
+	if err != nil {
+		return ctlapi.Machine{}, fmt.Errorf("activating %s: %w", name, err)
+	}
+	var got fsm.Machine
+	if err := json.Unmarshal(raw, &got); err != nil {
+		return ctlapi.Machine{}, fmt.Errorf("activating %s: reading the result: %w", name, err)
+	}
+	return ctlapi.Machine{ID: got.ID, Name: got.Name, GossipAddr: got.GossipAddr, State: string(got.State)}, nil
 }
 
 // Init makes this machine the first of a new cluster.

@@ -234,3 +234,6 @@ func (l *Lab) SetLinkUp(h *Host, up bool) error {
 	}
 	return nil
 }
+
+// PID is the process id (nsenter execs the command, so it is the command's).
+func (p *Proc) PID() int { return p.cmd.Process.Pid }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"sync"
 	"syscall"
@@ -142,4 +143,10 @@ func (c *Client) Join(ctx context.Context, req JoinRequest) (ClusterStatus, erro
 func (c *Client) Mesh(ctx context.Context) (MeshStatus, error) {
 	var v MeshStatus
 	return v, c.do(ctx, http.MethodGet, "/v1/mesh", nil, &v)
+}
+
+// Activate marks a machine active ("self" is this machine).
+func (c *Client) Activate(ctx context.Context, machine string) (Machine, error) {
+	var v Machine
+	return v, c.do(ctx, http.MethodPost, "/v1/machines/"+url.PathEscape(machine)+"/activate", nil, &v)
 }

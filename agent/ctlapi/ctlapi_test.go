@@ -41,6 +41,10 @@ func (f *fakeBackend) Mesh(context.Context) (MeshStatus, error) {
 	return MeshStatus{Interface: "drover0"}, nil
 }
 
+func (f *fakeBackend) Activate(_ context.Context, name string) (Machine, error) {
+	return Machine{Name: name, State: "active"}, nil
+}
+
 func serve(t *testing.T) (*Client, string, *fakeBackend) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "d.sock")
@@ -69,6 +73,9 @@ func TestRoutesAndErrors(t *testing.T) {
 	}
 	if _, err := c.Join(ctx, JoinRequest{Token: "tok"}); err != nil || fb.joined != "tok" {
 		t.Fatalf("join: %v, backend got %q", err, fb.joined)
+	}
+	if m, err := c.Activate(ctx, "b/../x"); err != nil || m.Name != "b/../x" {
+		t.Fatalf("activate with an odd name: %+v %v", m, err)
 	}
 	var apiErr *APIError
 	if _, err := c.Init(ctx); !errors.As(err, &apiErr) || apiErr.Status != http.StatusConflict || apiErr.Code != "already_in_cluster" {

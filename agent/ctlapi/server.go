@@ -25,6 +25,7 @@ type Backend interface {
 	JoinToken(context.Context) (JoinToken, error)
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
+	Activate(ctx context.Context, machine string) (Machine, error)
 }
 
 const maxRequestBody = 1 << 20
@@ -39,6 +40,7 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	get("/v1/status", func(r *http.Request) (any, error) { return b.Status(r.Context()) })
 	get("/v1/machines", func(r *http.Request) (any, error) { return b.Machines(r.Context()) })
 	post("/v1/cluster/init", func(r *http.Request) (any, error) { return b.Init(r.Context()) })
+	post("/v1/machines/{name}/activate", func(r *http.Request) (any, error) { return b.Activate(r.Context(), r.PathValue("name")) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })
 	get("/v1/cluster/join-token", func(r *http.Request) (any, error) { return b.JoinToken(r.Context()) })
 	post("/v1/cluster/join", func(r *http.Request) (any, error) {

@@ -32,6 +32,19 @@ func (c *cli) machineCmd() *cobra.Command {
 			return tw.Flush()
 		},
 	}))
+	cmd.AddCommand(&cobra.Command{
+		Use:   "activate MACHINE",
+		Short: "Mark a machine active: it takes placements again (\"self\" is this machine)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			m, err := c.client.Activate(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "%s is %s\n", m.Name, m.State)
+			return nil
+		},
+	})
 	return cmd
 }
 

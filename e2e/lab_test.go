@@ -1,0 +1,364 @@
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/lab"
+)
+
+// labDaemon is droverd running on a lab host.
+type labDaemon struct {
+	host *lab.Host
+	bin  string
+	proc *lab.Proc
+	args []string
+}
+
+func (d *labDaemon) socket() string { return filepath.Join(d.host.RunDir, "drover.sock") }
+
+func startLabDaemon(t *testing.T, bin string, h *lab.Host, extra ...string) *labDaemon {
+	t.Helper()
+	d := &labDaemon{host: h, bin: bin}
+	d.args = append([]string{filepath.Join(bin, "droverd"),
+		"--name", h.Name, "--bind", h.UnderlayIP,
+		"--data-dir", filepath.Join(h.Dir, "drover"), "--socket", d.socket(),
+		"--wg-interface", h.Name + "wg", "--lab-timing", "--log-level", "debug"}, extra...)
+	d.start(t)
+	return d
+}
+
+func (d *labDaemon) start(t *testing.T) {
+	t.Helper()
+	p, err := d.host.Start("droverd", d.args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.proc = p
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(p.LogPath())
+			lines := strings.Split(string(b), "\n")
+			if len(lines) > 60 {
+				lines = lines[len(lines)-60:]
+			}
+			t.Logf("--- %s droverd log (tail) ---\n%s", d.host.Name, strings.Join(lines, "\n"))
+		}
+	})
+	waitFor(t, 20*time.Second, d.host.Name+" control socket", func() error {
+		if p.Exited() {
+			return fmt.Errorf("droverd exited: %v", p.Wait())
+		}
+		_, err := os.Stat(d.socket())
+		return err
+	})
+}
+
+func (d *labDaemon) ctl(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(d.bin, "droverctl"), append([]string{"--socket", d.socket()}, args...)...)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.String() + stderr.String(), fmt.Errorf("droverctl %s on %s: %w: %s", strings.Join(args, " "), d.host.Name, err, stderr.String())
+	}
+	return stdout.String(), nil
+}
+
+func (d *labDaemon) machines() ([]ctlapi.Machine, error) {
+	out, err := d.ctl("machine", "ls", "--json")
+	if err != nil {
+		return nil, err
+	}
+	var ms []ctlapi.Machine
+	return ms, json.Unmarshal([]byte(out), &ms)
+}
+
+func (d *labDaemon) status() (ctlapi.ClusterStatus, error) {
+	out, err := d.ctl("cluster", "status", "--json")
+	if err != nil {
+		return ctlapi.ClusterStatus{}, err
+	}
+	var st ctlapi.ClusterStatus
+	return st, json.Unmarshal([]byte(out), &st)
+}
+
+func byName(ms []ctlapi.Machine) map[string]ctlapi.Machine {
+	out := map[string]ctlapi.Machine{}
+	for _, m := range ms {
+		out[m.Name] = m
+	}
+	return out
+}
+
+// rssKiB reads a process's resident memory.
+func rssKiB(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	return 0
+}
+
+func requireLab(t *testing.T) {
+	if os.Getenv("DROVER_E2E") == "" {
+		t.Skip("lab tests run with DROVER_E2E=1 (make e2e)")
+	}
+}
+
+// TestLabMesh: three hosts with real WireGuard, gossip and Raft form one
+// cluster from one join address; Raft listens on the overlay only; a host
+// cut off is seen failed and comes back by itself; a restarted daemon
+// keeps its key and overlay address; a host with another key never joins.
+func TestLabMesh(t *testing.T) {
+	requireLab(t)
+	bin := binaries(t)
+	began := time.Now()
+	l := lab.New(t, lab.Options{Hosts: 4, Prefix: "dm", Docker: true, ZFS: true})
+	labUp := time.Since(began)
+	h := l.Hosts
+
+	d1 := startLabDaemon(t, bin, h[0], "--init")
+	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
+	waitFor(t, 20*time.Second, "cluster key on the first host", func() error { _, err := os.Stat(keyFile); return err })
+	daemons := []*labDaemon{d1}
+	for _, host := range h[1:3] {
+		daemons = append(daemons, startLabDaemon(t, bin, host, "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile))
+	}
+
+	// One cluster, every machine with an overlay address, every pair
+	// handshaken, one leader.
+	waitFor(t, 90*time.Second, "3 machines with overlay addresses and handshakes everywhere", func() error {
+		for _, d := range daemons {
+			ms, err := d.machines()
+			if err != nil {
+				return err
+			}
+			leaders := 0
+			for _, m := range ms {
+				if m.RaftRole == "leader" {
+					leaders++
+				}
+				if m.OverlayIP == "" || m.Liveness != "alive" || m.RaftRole == "none" {
+					return fmt.Errorf("%s sees %s: %+v", d.host.Name, m.Name, m)
+				}
+				if m.Name != d.host.Name && m.LastHandshake == nil {
+					return fmt.Errorf("%s has no handshake with %s", d.host.Name, m.Name)
+				}
+			}
+			if len(ms) != 3 || leaders != 1 {
+				return fmt.Errorf("%s sees %d machines and %d leaders", d.host.Name, len(ms), leaders)
+			}
+		}
+		return nil
+	})
+	formed := time.Since(began)
+	for _, d := range daemons {
+		t.Logf("%s: droverd RSS %d KiB", d.host.Name, rssKiB(d.proc.PID()))
+	}
+	t.Logf("lab of 4 hosts (Docker, ZFS) up in %v; 3-machine cluster formed %v after start", labUp.Round(time.Millisecond), formed.Round(time.Millisecond))
+
+	// mesh status lists both peers with a handshake, traffic and allowed IPs.
+	waitFor(t, 30*time.Second, "mesh status complete on every host", func() error {
+		for _, d := range daemons {
+			out, err := d.ctl("mesh", "status", "--json")
+			if err != nil {
+				return err
+			}
+			var ms ctlapi.MeshStatus
+			if err := json.Unmarshal([]byte(out), &ms); err != nil {
+				return err
+			}
+			if len(ms.Peers) != 2 || ms.Address == "" {
+				return fmt.Errorf("%s mesh status: %s", d.host.Name, out)
+			}
+			for _, p := range ms.Peers {
+				if p.LastHandshake == nil || p.RxBytes == 0 || len(p.AllowedIPs) != 1 || p.Endpoint == "" {
+					return fmt.Errorf("%s peer %+v", d.host.Name, p)
+				}
+			}
+		}
+		return nil
+	})
+
+	// Raft and RPC listen on the overlay address only.
+	overlays := map[string]string{}
+	ms, _ := d1.machines()
+	for _, m := range ms {
+		overlays[m.Name] = m.OverlayIP
+	}
+	for _, d := range daemons {
+		out, err := d.host.Run(context.Background(), "ss", "-Hltn")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, port := range []string{":7947", ":7948"} {
+			found := false
+			for _, line := range strings.Split(out, "\n") {
+				f := strings.Fields(line)
+				if len(f) < 4 || !strings.HasSuffix(f[3], port) {
+					continue
+				}
+				if f[3] != overlays[d.host.Name]+port {
+					t.Fatalf("%s listens on %s, not on its overlay address %s", d.host.Name, f[3], overlays[d.host.Name])
+				}
+				found = true
+			}
+			if !found {
+				t.Fatalf("%s: nothing listens on %s:\n%s", d.host.Name, port, out)
+			}
+		}
+	}
+
+	// A host with another cluster key never appears, and its log says why.
+	wrongKey := make([]byte, 32)
+	rand.Read(wrongKey)
+	wrongKeyFile := filepath.Join(h[3].Dir, "wrong.key")
+	os.WriteFile(wrongKeyFile, []byte(base64.StdEncoding.EncodeToString(wrongKey)), 0o600)
+	intruder := startLabDaemon(t, bin, h[3], "--join", h[0].UnderlayIP, "--cluster-key-file", wrongKeyFile)
+	waitFor(t, 30*time.Second, "the intruder's log to name the key", func() error {
+		b, _ := os.ReadFile(intruder.proc.LogPath())
+		if !strings.Contains(string(b), "cluster key") {
+			return fmt.Errorf("log so far:\n%s", b)
+		}
+		return nil
+	})
+	time.Sleep(3 * time.Second)
+	for _, d := range daemons {
+		ms, err := d.machines()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := byName(ms)[h[3].Name]; ok || len(ms) != 3 {
+			t.Fatalf("%s lists the host with the wrong key: %+v", d.host.Name, ms)
+		}
+	}
+	intruder.proc.Stop(10 * time.Second)
+
+	// Cut the leader off: the others see it failed and elect a leader that
+	// serves commands; linked back, it rejoins by itself.
+	st, err := d1.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cut *labDaemon
+	var rest []*labDaemon
+	for _, d := range daemons {
+		if d.host.Name == st.LeaderName {
+			cut = d
+		} else {
+			rest = append(rest, d)
+		}
+	}
+	if cut == nil {
+		t.Fatalf("leader %q is not a lab host", st.LeaderName)
+	}
+	if err := l.SetLinkUp(cut.host, false); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 60*time.Second, "cut-off leader seen failed and a new leader", func() error {
+		for _, d := range rest {
+			ms, err := d.machines()
+			if err != nil {
+				return err
+			}
+			if m := byName(ms)[cut.host.Name]; m.Liveness != "failed" && m.Liveness != "suspect" {
+				return fmt.Errorf("%s sees %s as %s", d.host.Name, cut.host.Name, m.Liveness)
+			}
+			st, err := d.status()
+			if err != nil {
+				return err
+			}
+			if st.LeaderName == "" || st.LeaderName == cut.host.Name {
+				return fmt.Errorf("%s sees leader %q", d.host.Name, st.LeaderName)
+			}
+		}
+		return nil
+	})
+	waitFor(t, 30*time.Second, "the cut-off host shown failed", func() error {
+		ms, err := rest[0].machines()
+		if err != nil {
+			return err
+		}
+		if m := byName(ms)[cut.host.Name]; m.Liveness != "failed" {
+			return fmt.Errorf("liveness %s", m.Liveness)
+		}
+		return nil
+	})
+	if out, err := rest[0].ctl("machine", "activate", rest[1].host.Name); err != nil || !strings.Contains(out, "active") {
+		t.Fatalf("a command after failover: %v %s", err, out)
+	}
+	if err := l.SetLinkUp(cut.host, true); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 90*time.Second, "the cut-off host back, alive, following the new leader", func() error {
+		for _, d := range daemons {
+			ms, err := d.machines()
+			if err != nil {
+				return err
+			}
+			for _, m := range ms {
+				if m.Liveness != "alive" {
+					return fmt.Errorf("%s sees %s as %s", d.host.Name, m.Name, m.Liveness)
+				}
+			}
+		}
+		st, err := cut.status()
+		if err != nil {
+			return err
+		}
+		if st.LeaderName == "" || st.LeaderName == cut.host.Name && st.Role != "leader" {
+			return fmt.Errorf("returned host sees leader %q", st.LeaderName)
+		}
+		return nil
+	})
+
+	// A restarted daemon keeps its WireGuard key and overlay address.
+	victim := daemons[1]
+	before := byName(mustMachines(t, d1))[victim.host.Name]
+	if err := victim.proc.Stop(20 * time.Second); err != nil {
+		t.Fatalf("SIGTERM: %v", err)
+	}
+	victim.start(t)
+	waitFor(t, 60*time.Second, "restarted host back with the same identity", func() error {
+		ms, err := victim.machines()
+		if err != nil {
+			return err
+		}
+		after := byName(ms)[victim.host.Name]
+		if after.Liveness != "alive" || after.RaftRole == "none" {
+			return fmt.Errorf("after restart: %+v", after)
+		}
+		if after.WGPublicKey != before.WGPublicKey || after.OverlayIP != before.OverlayIP {
+			return fmt.Errorf("identity changed: key %s -> %s, overlay %s -> %s", before.WGPublicKey, after.WGPublicKey, before.OverlayIP, after.OverlayIP)
+		}
+		if m := byName(mustMachines(t, d1))[victim.host.Name]; m.LastHandshake == nil || time.Since(*m.LastHandshake) > time.Minute {
+			return fmt.Errorf("no fresh handshake with the restarted host: %+v", m.LastHandshake)
+		}
+		return nil
+	})
+}
+
+func mustMachines(t *testing.T, d *labDaemon) []ctlapi.Machine {
+	t.Helper()
+	ms, err := d.machines()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ms
+}
