@@ -59,6 +59,9 @@ type Timing struct {
 	// ReconcileInterval is how often the leader compares gossip with
 	// Raft membership and the fact store (default 2s).
 	ReconcileInterval time.Duration
+	// ReconnectInterval is how often a machine tries to reach members it
+	// sees as failed, so a healed partition heals gossip too (default 10s).
+	ReconnectInterval time.Duration
 }
 
 func (t Timing) withDefaults() Timing {
@@ -70,6 +73,9 @@ func (t Timing) withDefaults() Timing {
 	}
 	if t.ReconcileInterval == 0 {
 		t.ReconcileInterval = 2 * time.Second
+	}
+	if t.ReconnectInterval == 0 {
+		t.ReconnectInterval = 10 * time.Second
 	}
 	return t
 }

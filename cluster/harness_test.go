@@ -22,6 +22,7 @@ var testTiming = Timing{
 	StabilizationTime:   500 * time.Millisecond,
 	DeadServerAfter:     2 * time.Second,
 	ReconcileInterval:   200 * time.Millisecond,
+	ReconnectInterval:   500 * time.Millisecond,
 }
 
 // syncBuffer is a log sink tests can read while nodes write to it.

@@ -100,8 +100,9 @@ func Start(cfg Config) (*Node, error) {
 	}
 	g.overlays = n.overlayMap
 	n.gossip = g
-	n.wg.Add(1)
+	n.wg.Add(2)
 	go n.watchGossip()
+	go n.reconnectFailed()
 	return n, nil
 }
 
@@ -507,6 +508,31 @@ func (n *Node) watchGossip() {
 		}
 		if err := n.saveKnownPeers(); err != nil {
 			n.logger.Warn("could not save known peers", "err", err)
+		}
+	}
+}
+
+// reconnectFailed tries, now and then, to reach the members gossip sees
+// as failed. memberlist never probes a member it declared dead, so without
+// this two sides of a healed partition would go on seeing each other dead.
+// Members that left are not called back.
+func (n *Node) reconnectFailed() {
+	defer n.wg.Done()
+	tick := time.NewTicker(n.cfg.Timing.ReconnectInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		for _, m := range n.gossip.snapshot() {
+			if m.Liveness != LivenessFailed || !m.GossipAddr.IsValid() || n.ctx.Err() != nil {
+				continue
+			}
+			if _, err := n.gossip.ml.Join([]string{m.GossipAddr.String()}); err == nil {
+				n.logger.Info("reached a machine seen as failed", "machine", m.Name)
+			}
 		}
 	}
 }

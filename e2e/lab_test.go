@@ -252,10 +252,14 @@ func TestLabMesh(t *testing.T) {
 
 	// Cut the leader off: the others see it failed and elect a leader that
 	// serves commands; linked back, it rejoins by itself.
-	st, err := d1.status()
-	if err != nil {
-		t.Fatal(err)
-	}
+	var st ctlapi.ClusterStatus
+	waitFor(t, 30*time.Second, "three voters", func() error {
+		var err error
+		if st, err = d1.status(); err == nil && len(st.Voters) != 3 {
+			err = fmt.Errorf("voters %+v", st.Voters)
+		}
+		return err
+	})
 	var cut *labDaemon
 	var rest []*labDaemon
 	for _, d := range daemons {

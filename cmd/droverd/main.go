@@ -89,6 +89,7 @@ func run(args []string) error {
 			StabilizationTime:   time.Second,
 			DeadServerAfter:     10 * time.Second,
 			ReconcileInterval:   500 * time.Millisecond,
+			ReconnectInterval:   2 * time.Second,
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# demo.sh — drover on a local 3-host lab: the hosts find each other by
+# gossip, build a WireGuard mesh, and keep one Raft fact store over it.
+# KEEP=1 leaves the lab up and prints how to use droverctl inside it.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$(cd "$here/.." && pwd)/bin
+prefix=${LAB_PREFIX:-demo}
+lab=/var/lib/drover-lab/$prefix
+run=/run/drover-lab/$prefix
+export LAB_PREFIX=$prefix
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+ctl() { local h=$1; shift; "$bin/droverctl" --socket "$run/$h/drover.sock" "$@"; }
+
+pids=()
+teardown() {
+  [ "${KEEP:-0}" = 1 ] && return
+  # droverd leaves the cluster cleanly on SIGTERM; then the lab goes.
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+  "$here/lab.sh" down "$prefix"
+}
+trap teardown EXIT
+
+say "bringing up 3 hosts (network namespaces, each with a ZFS pool and a Docker engine)"
+"$here/lab.sh" up 3 "$prefix"
+
+start() {
+  local i=$1; shift
+  local h=$prefix$i
+  nsenter --net=/var/run/netns/$h "$bin/droverd" --name "$h" --bind "10.77.0.$i" \
+    --data-dir "$lab/$h/drover" --socket "$run/$h/drover.sock" --wg-interface "${h}wg" \
+    --lab-timing "$@" >"$lab/$h/droverd.log" 2>&1 &
+  pids+=($!)
+  disown
+  for _ in $(seq 1 100); do [ -S "$run/$h/drover.sock" ] && return; sleep 0.1; done
+  echo "droverd on $h did not start; see $lab/$h/droverd.log" >&2; exit 1
+}
+
+say "starting droverd on ${prefix}1 and creating the cluster"
+start 1
+ctl ${prefix}1 cluster init
+token=$(ctl ${prefix}1 cluster join-token 2>/dev/null)
+
+say "joining ${prefix}2 and ${prefix}3 with the join token"
+for i in 2 3; do start $i; ctl $prefix$i cluster join "$token"; done
+
+say "waiting for the mesh (overlay addresses, WireGuard handshakes) and three Raft voters"
+for _ in $(seq 1 120); do
+  n=$(ctl ${prefix}1 machine ls --json | grep -c '"last_handshake"' || true)
+  v=$(ctl ${prefix}1 cluster status --json | grep -c '"suffrage": "voter"' || true)
+  [ "$n" -ge 2 ] && [ "$v" -ge 3 ] && break
+  sleep 0.5
+done
+ctl ${prefix}1 machine ls
+say "mesh status on ${prefix}2"
+ctl ${prefix}2 mesh status
+say "Raft, seen from ${prefix}3"
+ctl ${prefix}3 cluster status
+
+say "cutting ${prefix}1 off the network"
+ip link set v${prefix}1 down
+sleep 6
+ctl ${prefix}2 machine ls
+ctl ${prefix}2 cluster status
+say "bringing ${prefix}1 back: it rejoins by itself"
+ip link set v${prefix}1 up
+sleep 6
+ctl ${prefix}1 machine ls
+
+if [ "${KEEP:-0}" = 1 ]; then
+  say "the lab stays up"
+  echo "  $bin/droverctl --socket $run/${prefix}1/drover.sock machine ls"
+  echo "  logs: $lab/<host>/droverd.log; tear down: $here/lab.sh down $prefix"
+fi
