@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,12 +24,18 @@ func TestBinariesFormCluster(t *testing.T) {
 		t.Skip("droverd opens a WireGuard device: needs root")
 	}
 	bin := binaries(t)
+	notify := listenNotify(t)
 	var daemons []*daemonProc
 	for i := 1; i <= 3; i++ {
+		if i == 1 {
+			os.Setenv("NOTIFY_SOCKET", notify.path)
+		}
 		d := startDaemon(t, bin, fmt.Sprintf("b%d", i), netip.AddrFrom4([4]byte{127, 0, 2, byte(i)}),
 			"--wg-interface", fmt.Sprintf("drvb%d", i), "--wg-port", fmt.Sprint(51840+i))
+		os.Unsetenv("NOTIFY_SOCKET")
 		daemons = append(daemons, d)
 	}
+	waitFor(t, 10*time.Second, "READY=1 from b1", func() error { return notify.saw("READY=1") })
 	// Before init or join the CLI says the machine is in no cluster.
 	out, err := daemons[0].ctl(t, "machine", "ls")
 	if err == nil || !strings.Contains(out, "no cluster") {
@@ -83,6 +91,7 @@ func TestBinariesFormCluster(t *testing.T) {
 		}
 		return nil
 	})
+	waitFor(t, 10*time.Second, "b1 reporting its Raft role to systemd", func() error { return notify.saw("STATUS=raft leader") })
 	out, err = daemons[2].ctl(t, "cluster", "status")
 	if err != nil || !strings.Contains(out, "b1") {
 		t.Fatalf("cluster status: %v\n%s", err, out)
@@ -182,4 +191,46 @@ func (d *daemonProc) stop() error {
 	case <-time.After(30 * time.Second):
 		return fmt.Errorf("%s did not exit within 30s of SIGTERM", d.name)
 	}
+}
+
+// notifyListener plays systemd's side of sd_notify.
+type notifyListener struct {
+	path string
+	mu   sync.Mutex
+	msgs []string
+}
+
+func listenNotify(t *testing.T) *notifyListener {
+	n := &notifyListener{path: filepath.Join(t.TempDir(), "notify.sock")}
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: n.path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for {
+			k, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			n.mu.Lock()
+			n.msgs = append(n.msgs, string(buf[:k]))
+			n.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { conn.Close(); <-done })
+	return n
+}
+
+func (n *notifyListener) saw(prefix string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, m := range n.msgs {
+		if strings.HasPrefix(m, prefix) {
+			return nil
+		}
+	}
+	return fmt.Errorf("no %q among %q", prefix, n.msgs)
 }
