@@ -37,7 +37,8 @@ fuzz: ## run each fuzz target for a while (FUZZTIME, default 60s)
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-60s} ./fsm/
 
 bench: build ## benchmarks; results go to bench/results/
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+	@mkdir -p bench/results
+	$(GO) test -run '^$$' -bench . -benchtime $${BENCHTIME:-500x} ./... | tee bench/results/go-bench.txt
 
 demo: deps build ## bring up a 3-host lab and show drover's job on it
 	./lab/demo.sh
