@@ -25,6 +25,8 @@ const (
 	CmdReleaseLock       CommandType = 6
 	CmdExpireLocks       CommandType = 7
 	CmdAllocateOverlayIP CommandType = 8
+	CmdPutService        CommandType = 9
+	CmdRemoveService     CommandType = 10
 )
 
 // Command is one typed change of the facts.
@@ -74,6 +76,8 @@ func init() {
 	register(CmdReleaseLock, "ReleaseLock", (*State).releaseLock)
 	register(CmdExpireLocks, "ExpireLocks", (*State).expireLocks)
 	register(CmdAllocateOverlayIP, "AllocateOverlayIP", (*State).allocateOverlayIP)
+	register(CmdPutService, "PutService", (*State).putService)
+	register(CmdRemoveService, "RemoveService", (*State).removeService)
 }
 
 // String names the command type.

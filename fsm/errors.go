@@ -27,6 +27,8 @@ var (
 	ErrLockHeld         = &RuleError{Code: "lock_held"}
 	ErrLockNotHeld      = &RuleError{Code: "lock_not_held"}
 	ErrOverlayExhausted = &RuleError{Code: "overlay_exhausted"}
+	ErrUnknownService   = &RuleError{Code: "unknown_service"}
+	ErrVolumeElsewhere  = &RuleError{Code: "volume_elsewhere"}
 )
 
 func (e *RuleError) Error() string {

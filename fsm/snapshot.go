@@ -28,6 +28,8 @@ const (
 	recordEnd     recordKind = 0
 	recordMachine recordKind = 1
 	recordLock    recordKind = 2
+	recordService recordKind = 3
+	recordVolume  recordKind = 4
 )
 
 // ErrBadSnapshot marks a snapshot that cannot be restored.
@@ -45,6 +47,16 @@ func (s *State) WriteSnapshot(w io.Writer) error {
 	}
 	for _, l := range s.Locks() {
 		if err := writeRecord(bw, recordLock, l); err != nil {
+			return err
+		}
+	}
+	for _, sv := range s.Services() {
+		if err := writeRecord(bw, recordService, sv); err != nil {
+			return err
+		}
+	}
+	for _, v := range s.Volumes() {
+		if err := writeRecord(bw, recordVolume, v); err != nil {
 			return err
 		}
 	}
@@ -121,6 +133,18 @@ func (s *State) restoreRecord(kind recordKind, body []byte) error {
 			return fmt.Errorf("lock: %v", err)
 		}
 		s.locks[l.Namespace] = l
+	case recordService:
+		var sv Service
+		if err := dec.Decode(&sv); err != nil {
+			return fmt.Errorf("service: %v", err)
+		}
+		s.services[sv.Key()] = sv
+	case recordVolume:
+		var v Volume
+		if err := dec.Decode(&v); err != nil {
+			return fmt.Errorf("volume: %v", err)
+		}
+		s.volumes[v.Key()] = v
 	default:
 		return fmt.Errorf("unknown record kind %d", kind)
 	}

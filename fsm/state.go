@@ -11,11 +11,13 @@ import (
 type State struct {
 	machines map[string]Machine // by id
 	locks    map[string]Lock    // by namespace
+	services map[string]Service // by namespace/name
+	volumes  map[string]Volume  // by namespace/name
 }
 
 // NewState returns an empty state.
 func NewState() *State {
-	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}}
+	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}}
 }
 
 // Apply decodes and applies one log entry. Time comes only from the
@@ -45,7 +47,10 @@ func (s *State) ApplyCommand(c Command) (any, error) {
 
 // Clone returns a deep copy.
 func (s *State) Clone() *State {
-	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks)}
+	// Values are copied; a spec's slices and map are shared, which is
+	// safe because nothing mutates a stored spec in place.
+	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks),
+		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes)}
 }
 
 // sortedValues returns a map's values sorted by key(v).

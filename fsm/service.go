@@ -1,0 +1,260 @@
+package fsm
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// PortMapping publishes a container port on the service IP.
+type PortMapping struct {
+	Port     int    `json:"port"`     // on the service IP
+	Target   int    `json:"target"`   // in the container
+	Protocol string `json:"protocol"` // tcp or udp
+}
+
+// VolumeMount mounts a volume of the service's namespace into the container.
+type VolumeMount struct {
+	Name       string `json:"name"`       // DNS label, unique in the namespace
+	MountPath  string `json:"mount_path"` // absolute path in the container
+	QuotaBytes uint64 `json:"quota_bytes"`
+}
+
+// Readiness is how drover knows a service is ready.
+type Readiness struct {
+	Kind        string        `json:"kind"` // http, tcp or exec
+	Path        string        `json:"path,omitempty"`
+	Port        int           `json:"port,omitempty"`
+	Command     []string      `json:"command,omitempty"`
+	Interval    time.Duration `json:"interval"`
+	Timeout     time.Duration `json:"timeout"`
+	Retries     int           `json:"retries"`
+	StartPeriod time.Duration `json:"start_period"`
+}
+
+// ServiceSpec is what an operator asks for one service.
+type ServiceSpec struct {
+	Name        string            `json:"name"`
+	Image       string            `json:"image"`
+	Command     []string          `json:"command,omitempty"`
+	Env         map[string]string `json:"env,omitempty"`
+	Ports       []PortMapping     `json:"ports,omitempty"`
+	Volumes     []VolumeMount     `json:"volumes,omitempty"`
+	Readiness   *Readiness        `json:"readiness,omitempty"`
+	MemoryBytes uint64            `json:"memory_bytes,omitempty"` // reserved for placement
+	Machine     string            `json:"machine,omitempty"`      // placement asked for; empty: drover chooses
+}
+
+// Service is a service as the store holds it.
+type Service struct {
+	Namespace  string      `json:"namespace"`
+	Spec       ServiceSpec `json:"spec"`
+	Generation uint64      `json:"generation"` // bumped on every spec change
+	MachineID  string      `json:"machine_id"` // where it runs
+	ServiceIP  netip.Addr  `json:"service_ip"` // never changes
+	CreatedAt  time.Time   `json:"created_at"`
+	UpdatedAt  time.Time   `json:"updated_at"`
+}
+
+// Key is namespace/name.
+func (s Service) Key() string { return s.Namespace + "/" + s.Spec.Name }
+
+// Volume is a ZFS dataset owned by exactly one machine.
+type Volume struct {
+	Namespace  string    `json:"namespace"`
+	Name       string    `json:"name"`
+	OwnerID    string    `json:"owner_id"`
+	QuotaBytes uint64    `json:"quota_bytes"`
+	CreatedAt  time.Time `json:"created_at"`
+}
+
+// Key is namespace/name.
+func (v Volume) Key() string { return v.Namespace + "/" + v.Name }
+
+// PutService creates or changes a service. Its volumes are created, owned
+// by the service's machine, when they do not exist. A new service gets a
+// service IP from ServicePrefix. Holder must hold the namespace's lock.
+// Result: Service.
+type PutService struct {
+	Namespace     string       `json:"namespace"`
+	Holder        string       `json:"holder"`
+	Spec          ServiceSpec  `json:"spec"`
+	MachineID     string       `json:"machine_id"`
+	ServicePrefix netip.Prefix `json:"service_prefix"`
+	At            time.Time    `json:"at"`
+}
+
+// RemoveService removes a service (its volumes stay). Holder must hold the
+// namespace's lock. Result: nil.
+type RemoveService struct {
+	Namespace string    `json:"namespace"`
+	Name      string    `json:"name"`
+	Holder    string    `json:"holder"`
+	At        time.Time `json:"at"`
+}
+
+// Type implements Command.
+func (PutService) Type() CommandType { return CmdPutService }
+
+// Type implements Command.
+func (RemoveService) Type() CommandType { return CmdRemoveService }
+
+func (s *State) requireLock(ns, holder string, at time.Time) *RuleError {
+	l, ok := s.locks[ns]
+	if !ok || l.Holder != holder || !at.Before(l.ExpiresAt) {
+		e := ruleErr(ErrLockNotHeld, "namespace %q must be locked by %q for this change", ns, holder)
+		if ok {
+			e.Holder, e.Since = l.Holder, l.AcquiredAt
+		}
+		return e
+	}
+	return nil
+}
+
+// ValidateSpec checks a service spec on its own (names, paths, ports).
+func ValidateSpec(sp ServiceSpec) error {
+	if !ValidName(sp.Name) {
+		return fmt.Errorf("service name %q is not a DNS label", sp.Name)
+	}
+	if sp.Image == "" {
+		return fmt.Errorf("service %s: no image", sp.Name)
+	}
+	seen := map[string]bool{}
+	for _, v := range sp.Volumes {
+		if !ValidName(v.Name) {
+			return fmt.Errorf("service %s: volume name %q is not a DNS label", sp.Name, v.Name)
+		}
+		if seen[v.Name] {
+			return fmt.Errorf("service %s: volume %q listed twice", sp.Name, v.Name)
+		}
+		seen[v.Name] = true
+		if !strings.HasPrefix(v.MountPath, "/") || strings.Contains(v.MountPath, "..") {
+			return fmt.Errorf("service %s: volume %s: mount path %q must be absolute, without ..", sp.Name, v.Name, v.MountPath)
+		}
+	}
+	ports := map[string]bool{}
+	for _, p := range sp.Ports {
+		if p.Port < 1 || p.Port > 65535 || p.Target < 1 || p.Target > 65535 || (p.Protocol != "tcp" && p.Protocol != "udp") {
+			return fmt.Errorf("service %s: bad port %d->%d/%s", sp.Name, p.Port, p.Target, p.Protocol)
+		}
+		k := fmt.Sprintf("%d/%s", p.Port, p.Protocol)
+		if ports[k] {
+			return fmt.Errorf("service %s: port %s listed twice", sp.Name, k)
+		}
+		ports[k] = true
+	}
+	return nil
+}
+
+func (s *State) putService(c PutService) (any, *RuleError) {
+	if err := s.requireLock(c.Namespace, c.Holder, c.At); err != nil {
+		return nil, err
+	}
+	if err := ValidateSpec(c.Spec); err != nil {
+		return nil, ruleErr(ErrInvalid, "%v", err)
+	}
+	m, ok := s.machines[c.MachineID]
+	if !ok {
+		return nil, ruleErr(ErrUnknownMachine, "no machine with id %q", c.MachineID)
+	}
+	key := c.Namespace + "/" + c.Spec.Name
+	old, exists := s.services[key]
+	for _, v := range c.Spec.Volumes {
+		if vol, ok := s.volumes[c.Namespace+"/"+v.Name]; ok && vol.OwnerID != c.MachineID {
+			return nil, ruleErr(ErrVolumeElsewhere, "volume %s/%s is owned by machine %s, not %s: move it with a migration", c.Namespace, v.Name, vol.OwnerID, m.Name)
+		}
+		for _, other := range s.services {
+			if other.Namespace == c.Namespace && other.Spec.Name != c.Spec.Name {
+				for _, ov := range other.Spec.Volumes {
+					if ov.Name == v.Name {
+						return nil, ruleErr(ErrInvalid, "volume %s/%s is already used by service %s", c.Namespace, v.Name, other.Spec.Name)
+					}
+				}
+			}
+		}
+	}
+	if exists && old.MachineID != c.MachineID {
+		return nil, ruleErr(ErrInvalid, "service %s runs on machine %s: moving it is a migration", key, old.MachineID)
+	}
+	svc := old
+	if !exists {
+		ip, err := s.freeServiceIP(c.ServicePrefix)
+		if err != nil {
+			return nil, err
+		}
+		svc = Service{Namespace: c.Namespace, ServiceIP: ip, MachineID: c.MachineID, CreatedAt: c.At}
+	}
+	if !exists || !specEqual(old.Spec, c.Spec) {
+		svc.Generation++
+		svc.UpdatedAt = c.At
+	}
+	svc.Spec = c.Spec
+	s.services[key] = svc
+	for _, v := range c.Spec.Volumes {
+		vk := c.Namespace + "/" + v.Name
+		vol, ok := s.volumes[vk]
+		if !ok {
+			vol = Volume{Namespace: c.Namespace, Name: v.Name, OwnerID: c.MachineID, CreatedAt: c.At}
+		}
+		vol.QuotaBytes = v.QuotaBytes
+		s.volumes[vk] = vol
+	}
+	return svc, nil
+}
+
+func (s *State) freeServiceIP(p netip.Prefix) (netip.Addr, *RuleError) {
+	if !p.IsValid() || p != p.Masked() || p.Bits() > p.Addr().BitLen()-2 {
+		return netip.Addr{}, ruleErr(ErrInvalid, "service prefix %q is not a network with room for hosts", p)
+	}
+	held := map[netip.Addr]bool{}
+	for _, sv := range s.services {
+		held[sv.ServiceIP] = true
+	}
+	last := lastAddr(p)
+	for a := p.Addr().Next(); a.IsValid() && p.Contains(a) && a != last; a = a.Next() {
+		if !held[a] {
+			return a, nil
+		}
+	}
+	return netip.Addr{}, ruleErr(ErrOverlayExhausted, "no free service IP left in %s", p)
+}
+
+func (s *State) removeService(c RemoveService) (any, *RuleError) {
+	if err := s.requireLock(c.Namespace, c.Holder, c.At); err != nil {
+		return nil, err
+	}
+	key := c.Namespace + "/" + c.Name
+	if _, ok := s.services[key]; !ok {
+		return nil, ruleErr(ErrUnknownService, "no service %s", key)
+	}
+	delete(s.services, key)
+	return nil, nil
+}
+
+// Services lists the services, sorted by namespace/name.
+func (s *State) Services() []Service { return sortedValues(s.services, Service.Key) }
+
+// Service looks a service up.
+func (s *State) Service(namespace, name string) (Service, bool) {
+	sv, ok := s.services[namespace+"/"+name]
+	return sv, ok
+}
+
+// Volumes lists the volumes, sorted by namespace/name.
+func (s *State) Volumes() []Volume { return sortedValues(s.volumes, Volume.Key) }
+
+// Volume looks a volume up.
+func (s *State) Volume(namespace, name string) (Volume, bool) {
+	v, ok := s.volumes[namespace+"/"+name]
+	return v, ok
+}
+
+// specEqual compares specs by their wire form (maps encode sorted).
+func specEqual(a, b ServiceSpec) bool {
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
+	return bytes.Equal(ja, jb)
+}

@@ -1,0 +1,233 @@
+// Package volume holds drover's volume driver: one ZFS dataset per volume,
+// under a parent dataset, as <parent>/<namespace>/<volume>.
+package volume
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os/exec"
+	"strconv"
+	"strings"
+
+	zfs "github.com/mistifyio/go-zfs/v3"
+)
+
+// ErrNotFound: the volume has no dataset on this machine.
+var ErrNotFound = errors.New("volume not found")
+
+// Snapshot is one snapshot of a volume.
+type Snapshot struct {
+	Name string `json:"name"` // the part after '@'
+	GUID uint64 `json:"guid"`
+}
+
+// Info describes a volume's dataset.
+type Info struct {
+	Namespace       string     `json:"namespace"`
+	Name            string     `json:"name"`
+	Dataset         string     `json:"dataset"`
+	Mountpoint      string     `json:"mountpoint"`
+	QuotaBytes      uint64     `json:"quota_bytes"`
+	UsedBytes       uint64     `json:"used_bytes"`
+	ReferencedBytes uint64     `json:"referenced_bytes"`
+	Snapshots       []Snapshot `json:"snapshots"` // oldest first
+}
+
+// ZFS is the driver on go-zfs.
+type ZFS struct {
+	parent string
+}
+
+// NewZFS makes the driver, creating the parent dataset if needed.
+func NewZFS(parent string) (*ZFS, error) {
+	if parent == "" || strings.ContainsAny(parent, "@# ") {
+		return nil, fmt.Errorf("bad parent dataset %q", parent)
+	}
+	if err := ensureFS(parent, nil); err != nil {
+		return nil, err
+	}
+	return &ZFS{parent: parent}, nil
+}
+
+func ensureFS(name string, props map[string]string) error {
+	if _, err := zfs.GetDataset(name); err == nil {
+		return nil
+	}
+	if i := strings.LastIndex(name, "/"); i > 0 {
+		if err := ensureFS(name[:i], nil); err != nil {
+			return err
+		}
+	}
+	if _, err := zfs.CreateFilesystem(name, props); err != nil {
+		return fmt.Errorf("creating dataset %s: %w", name, err)
+	}
+	return nil
+}
+
+// Dataset is the dataset name of a volume.
+func (z *ZFS) Dataset(namespace, name string) string {
+	return z.parent + "/" + namespace + "/" + name
+}
+
+// Ensure creates the volume's dataset if it is missing and sets its quota.
+func (z *ZFS) Ensure(namespace, name string, quota uint64) (Info, error) {
+	ds := z.Dataset(namespace, name)
+	if err := ensureFS(ds, nil); err != nil {
+		return Info{}, err
+	}
+	d, err := zfs.GetDataset(ds)
+	if err != nil {
+		return Info{}, fmt.Errorf("reading %s: %w", ds, err)
+	}
+	if quota > 0 && d.Quota != quota {
+		if err := d.SetProperty("quota", strconv.FormatUint(quota, 10)); err != nil {
+			return Info{}, fmt.Errorf("setting quota of %s: %w", ds, err)
+		}
+	}
+	return z.Get(namespace, name)
+}
+
+// Get describes one volume; ErrNotFound when it has no dataset here.
+func (z *ZFS) Get(namespace, name string) (Info, error) {
+	ds := z.Dataset(namespace, name)
+	d, err := zfs.GetDataset(ds)
+	if err != nil {
+		if strings.Contains(err.Error(), "does not exist") {
+			return Info{}, fmt.Errorf("%s: %w", ds, ErrNotFound)
+		}
+		return Info{}, fmt.Errorf("reading %s: %w", ds, err)
+	}
+	info := Info{Namespace: namespace, Name: name, Dataset: ds, Mountpoint: d.Mountpoint,
+		QuotaBytes: d.Quota, UsedBytes: d.Used, ReferencedBytes: d.Referenced}
+	snaps, err := d.Snapshots()
+	if err != nil {
+		return Info{}, fmt.Errorf("listing snapshots of %s: %w", ds, err)
+	}
+	for _, s := range snaps {
+		guid, err := guidOf(s.Name)
+		if err != nil {
+			return Info{}, err
+		}
+		info.Snapshots = append(info.Snapshots, Snapshot{Name: s.Name[strings.Index(s.Name, "@")+1:], GUID: guid})
+	}
+	return info, nil
+}
+
+// guidOf reads a dataset's guid exactly (go-zfs reads properties without
+// -p, which some zfs builds abbreviate).
+func guidOf(name string) (uint64, error) {
+	out, err := exec.Command("zfs", "get", "-Hp", "-o", "value", "guid", name).Output()
+	if err != nil {
+		return 0, fmt.Errorf("reading guid of %s: %w", name, err)
+	}
+	g, err := strconv.ParseUint(strings.TrimSpace(string(out)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("guid of %s: %w", name, err)
+	}
+	return g, nil
+}
+
+// List describes every volume under the parent.
+func (z *ZFS) List() ([]Info, error) {
+	root, err := zfs.GetDataset(z.parent)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", z.parent, err)
+	}
+	children, err := root.Children(2)
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", z.parent, err)
+	}
+	var out []Info
+	for _, c := range children {
+		rel := strings.TrimPrefix(c.Name, z.parent+"/")
+		ns, name, ok := strings.Cut(rel, "/")
+		if !ok || c.Type != zfs.DatasetFilesystem || strings.Contains(name, "/") {
+			continue
+		}
+		info, err := z.Get(ns, name)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, info)
+	}
+	return out, nil
+}
+
+// Snapshot takes a snapshot of the volume.
+func (z *ZFS) Snapshot(namespace, name, snap string) (Snapshot, error) {
+	ds := z.Dataset(namespace, name)
+	d, err := zfs.GetDataset(ds)
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("reading %s: %w", ds, err)
+	}
+	s, err := d.Snapshot(snap, false)
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("snapshot %s@%s: %w", ds, snap, err)
+	}
+	guid, err := guidOf(s.Name)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return Snapshot{Name: snap, GUID: guid}, nil
+}
+
+// Send writes a replication stream of snapshot snap: full when base is
+// empty, else incremental from snapshot base.
+func (z *ZFS) Send(namespace, name, snap, base string, w io.Writer) error {
+	ds := z.Dataset(namespace, name)
+	s, err := zfs.GetDataset(ds + "@" + snap)
+	if err != nil {
+		return fmt.Errorf("reading %s@%s: %w", ds, snap, err)
+	}
+	if base == "" {
+		if err := s.SendSnapshot(w); err != nil {
+			return fmt.Errorf("sending %s@%s: %w", ds, snap, err)
+		}
+		return nil
+	}
+	b, err := zfs.GetDataset(ds + "@" + base)
+	if err != nil {
+		return fmt.Errorf("reading %s@%s: %w", ds, base, err)
+	}
+	if err := s.IncrementalSend(b, w); err != nil {
+		return fmt.Errorf("sending %s@%s from %s: %w", ds, snap, base, err)
+	}
+	return nil
+}
+
+// Receive reads a stream into dataset (a full stream creates it, an
+// incremental one applies to it).
+func (z *ZFS) Receive(dataset string, r io.Reader) error {
+	if i := strings.LastIndex(dataset, "/"); i > 0 {
+		if err := ensureFS(dataset[:i], nil); err != nil {
+			return err
+		}
+	}
+	if _, err := zfs.ReceiveSnapshot(r, dataset); err != nil {
+		return fmt.Errorf("receiving into %s: %w", dataset, err)
+	}
+	return nil
+}
+
+// Destroy removes the volume's dataset and its snapshots.
+func (z *ZFS) Destroy(namespace, name string) error {
+	ds := z.Dataset(namespace, name)
+	d, err := zfs.GetDataset(ds)
+	if err != nil {
+		return fmt.Errorf("%s: %w", ds, ErrNotFound)
+	}
+	if err := d.Destroy(zfs.DestroyRecursive); err != nil {
+		return fmt.Errorf("destroying %s: %w", ds, err)
+	}
+	return nil
+}
+
+// FreeBytes is the space left for volumes under the parent.
+func (z *ZFS) FreeBytes() (uint64, error) {
+	d, err := zfs.GetDataset(z.parent)
+	if err != nil {
+		return 0, fmt.Errorf("reading %s: %w", z.parent, err)
+	}
+	return d.Avail, nil
+}
