@@ -87,7 +87,6 @@ up() {
       nsenter --net=/var/run/netns/"$ns" dockerd \
         --data-root "$dir/docker" --exec-root "$RUN/$ns/exec" \
         --pidfile "$RUN/$ns/docker.pid" -H "unix://$RUN/$ns/docker.sock" \
-        --bridge=none --iptables=false --ip-masq=false --ip-forward=false \
         --storage-driver="${LAB_STORAGE_DRIVER:-vfs}" \
         >"$dir/dockerd.log" 2>&1 &
     fi

@@ -27,8 +27,8 @@ func TestHostsRunWorkloads(t *testing.T) {
 		t.Fatalf("zfs create: %v\n%s", err, out)
 	}
 	mount := filepath.Join(h1.PoolMount, "vol")
-	if out, err := exec.Command("docker", "-H", "unix://"+h1.DockerSock, "run", "-d", "--name", "workload", "--network", "host",
-		"-v", mount+":/data", "drover-test:latest").CombinedOutput(); err != nil {
+	if out, err := exec.Command("docker", "-H", "unix://"+h1.DockerSock, "run", "-d", "--name", "workload",
+		"-p", h1.UnderlayIP+":8080:8080", "-v", mount+":/data", "drover-test:latest").CombinedOutput(); err != nil {
 		t.Fatalf("docker run: %v\n%s", err, out)
 	}
 	url := "http://" + h1.UnderlayIP + ":8080"
