@@ -1,0 +1,308 @@
+// Package runtime runs drover's services as Docker containers: labelled
+// with what they are, their volumes mounted, their ports published on the
+// service IP, their readiness checked as the manifest says.
+package runtime
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/filters"
+	"github.com/docker/docker/api/types/mount"
+	"github.com/docker/docker/client"
+	"github.com/docker/go-connections/nat"
+	"github.com/drover-sh/drover/fsm"
+)
+
+// Labels put on every container drover runs.
+const (
+	LabelNamespace  = "sh.drover.namespace"
+	LabelService    = "sh.drover.service"
+	LabelGeneration = "sh.drover.generation"
+	LabelMachine    = "sh.drover.machine"
+	LabelSpecHash   = "sh.drover.spec-hash"
+)
+
+// Docker talks to one Docker engine, negotiating the API version.
+type Docker struct {
+	cli       *client.Client
+	machineID string
+}
+
+// NewDocker connects to the engine at host (e.g. unix:///var/run/docker.sock).
+func NewDocker(host, machineID string) (*Docker, error) {
+	cli, err := client.NewClientWithOpts(client.WithHost(host), client.WithAPIVersionNegotiation())
+	if err != nil {
+		return nil, fmt.Errorf("docker client for %s: %w", host, err)
+	}
+	return &Docker{cli: cli, machineID: machineID}, nil
+}
+
+// Close releases the client.
+func (d *Docker) Close() error { return d.cli.Close() }
+
+// Container is a container drover runs.
+type Container struct {
+	ID         string
+	Name       string
+	Namespace  string
+	Service    string
+	Generation uint64
+	SpecHash   string
+	Running    bool
+	StartedAt  time.Time
+}
+
+// Key is namespace/service.
+func (c Container) Key() string { return c.Namespace + "/" + c.Service }
+
+// RunSpec is everything needed to run one service here.
+type RunSpec struct {
+	Namespace  string
+	Spec       fsm.ServiceSpec
+	Generation uint64
+	ServiceIP  netip.Addr
+	Mounts     map[string]string // volume name -> host path of its dataset
+}
+
+// Hash identifies what the container is made from: the spec, the service
+// IP and the mounts. A container whose hash differs must be re-created.
+func (r RunSpec) Hash() string {
+	b, _ := json.Marshal(struct {
+		Spec   fsm.ServiceSpec
+		IP     netip.Addr
+		Mounts map[string]string
+	}{r.Spec, r.ServiceIP, r.Mounts})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// ContainerName is the name drover gives a service's container.
+func ContainerName(namespace, service string) string { return "drover-" + namespace + "-" + service }
+
+// List returns the containers drover runs on this machine.
+func (d *Docker) List(ctx context.Context) ([]Container, error) {
+	list, err := d.cli.ContainerList(ctx, container.ListOptions{All: true,
+		Filters: filters.NewArgs(filters.Arg("label", LabelMachine+"="+d.machineID))})
+	if err != nil {
+		return nil, fmt.Errorf("listing containers: %w", err)
+	}
+	var out []Container
+	for _, c := range list {
+		gen, _ := strconv.ParseUint(c.Labels[LabelGeneration], 10, 64)
+		ct := Container{ID: c.ID, Namespace: c.Labels[LabelNamespace], Service: c.Labels[LabelService],
+			Generation: gen, SpecHash: c.Labels[LabelSpecHash], Running: c.State == "running"}
+		if len(c.Names) > 0 {
+			ct.Name = c.Names[0][1:]
+		}
+		if ct.Running {
+			insp, err := d.cli.ContainerInspect(ctx, c.ID)
+			if err == nil {
+				ct.StartedAt, _ = time.Parse(time.RFC3339Nano, insp.State.StartedAt)
+			}
+		}
+		out = append(out, ct)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key() < out[j].Key() })
+	return out, nil
+}
+
+// HasImage tells whether the engine has the image.
+func (d *Docker) HasImage(ctx context.Context, image string) (bool, error) {
+	_, _, err := d.cli.ImageInspectWithRaw(ctx, image)
+	if client.IsErrNotFound(err) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Start creates and starts the service's container.
+func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
+	name := ContainerName(r.Namespace, r.Spec.Name)
+	env := make([]string, 0, len(r.Spec.Env))
+	for k, v := range r.Spec.Env {
+		env = append(env, k+"="+v)
+	}
+	sort.Strings(env)
+	exposed := nat.PortSet{}
+	bindings := nat.PortMap{}
+	for _, p := range r.Spec.Ports {
+		cp := nat.Port(fmt.Sprintf("%d/%s", p.Target, p.Protocol))
+		exposed[cp] = struct{}{}
+		bindings[cp] = append(bindings[cp], nat.PortBinding{HostIP: r.ServiceIP.String(), HostPort: strconv.Itoa(p.Port)})
+	}
+	var mounts []mount.Mount
+	for _, v := range r.Spec.Volumes {
+		src, ok := r.Mounts[v.Name]
+		if !ok {
+			return Container{}, fmt.Errorf("service %s/%s: volume %s has no dataset on this machine", r.Namespace, r.Spec.Name, v.Name)
+		}
+		mounts = append(mounts, mount.Mount{Type: mount.TypeBind, Source: src, Target: v.MountPath})
+	}
+	labels := map[string]string{
+		LabelNamespace: r.Namespace, LabelService: r.Spec.Name, LabelMachine: d.machineID,
+		LabelGeneration: strconv.FormatUint(r.Generation, 10), LabelSpecHash: r.Hash(),
+	}
+	hc := &container.HostConfig{PortBindings: bindings, Mounts: mounts,
+		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyUnlessStopped}}
+	if r.Spec.MemoryBytes > 0 {
+		hc.Resources.Memory = int64(r.Spec.MemoryBytes)
+	}
+	created, err := d.cli.ContainerCreate(ctx, &container.Config{
+		Image: r.Spec.Image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
+	}, hc, nil, nil, name)
+	if err != nil {
+		return Container{}, fmt.Errorf("creating container %s: %w", name, err)
+	}
+	if err := d.cli.ContainerStart(ctx, created.ID, container.StartOptions{}); err != nil {
+		d.cli.ContainerRemove(context.WithoutCancel(ctx), created.ID, container.RemoveOptions{Force: true})
+		return Container{}, fmt.Errorf("starting container %s: %w", name, err)
+	}
+	return Container{ID: created.ID, Name: name, Namespace: r.Namespace, Service: r.Spec.Name,
+		Generation: r.Generation, SpecHash: r.Hash(), Running: true}, nil
+}
+
+// Remove stops (SIGTERM, then SIGKILL after grace) and removes a container.
+func (d *Docker) Remove(ctx context.Context, id string, grace time.Duration) error {
+	secs := int(grace.Seconds())
+	if err := d.cli.ContainerStop(ctx, id, container.StopOptions{Timeout: &secs}); err != nil && !client.IsErrNotFound(err) {
+		return fmt.Errorf("stopping container %s: %w", id, err)
+	}
+	if err := d.cli.ContainerRemove(ctx, id, container.RemoveOptions{}); err != nil && !client.IsErrNotFound(err) {
+		return fmt.Errorf("removing container %s: %w", id, err)
+	}
+	return nil
+}
+
+// ErrNotReady: the readiness check did not pass.
+var ErrNotReady = errors.New("not ready")
+
+// CheckOnce runs the service's readiness check once. Without a check, a
+// running container is ready.
+func (d *Docker) CheckOnce(ctx context.Context, c Container, r RunSpec) error {
+	rd := r.Spec.Readiness
+	if rd == nil {
+		insp, err := d.cli.ContainerInspect(ctx, c.ID)
+		if err != nil {
+			return err
+		}
+		if !insp.State.Running {
+			return fmt.Errorf("%w: container is %s", ErrNotReady, insp.State.Status)
+		}
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, rd.Timeout)
+	defer cancel()
+	addr, err := d.checkAddr(ctx, c, rd.Port)
+	switch rd.Kind {
+	case "http":
+		if err != nil {
+			return err
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+rd.Path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrNotReady, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode/100 != 2 {
+			return fmt.Errorf("%w: GET %s: %s", ErrNotReady, rd.Path, resp.Status)
+		}
+		return nil
+	case "tcp":
+		if err != nil {
+			return err
+		}
+		conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrNotReady, err)
+		}
+		return conn.Close()
+	case "exec":
+		return d.execCheck(ctx, c, rd.Command)
+	}
+	return fmt.Errorf("unknown readiness kind %q", rd.Kind)
+}
+
+// checkAddr is the container's own address and port on its bridge, so a
+// check tests the process, not the publishing.
+func (d *Docker) checkAddr(ctx context.Context, c Container, port int) (string, error) {
+	insp, err := d.cli.ContainerInspect(ctx, c.ID)
+	if err != nil {
+		return "", err
+	}
+	if !insp.State.Running {
+		return "", fmt.Errorf("%w: container is %s", ErrNotReady, insp.State.Status)
+	}
+	for _, n := range insp.NetworkSettings.Networks {
+		if n.IPAddress != "" {
+			return net.JoinHostPort(n.IPAddress, strconv.Itoa(port)), nil
+		}
+	}
+	return "", fmt.Errorf("%w: container has no address", ErrNotReady)
+}
+
+func (d *Docker) execCheck(ctx context.Context, c Container, cmd []string) error {
+	ex, err := d.cli.ContainerExecCreate(ctx, c.ID, container.ExecOptions{Cmd: cmd})
+	if err != nil {
+		return fmt.Errorf("readiness exec: %w", err)
+	}
+	if err := d.cli.ContainerExecStart(ctx, ex.ID, container.ExecStartOptions{Detach: true}); err != nil {
+		return fmt.Errorf("readiness exec: %w", err)
+	}
+	for {
+		insp, err := d.cli.ContainerExecInspect(ctx, ex.ID)
+		if err != nil {
+			return fmt.Errorf("readiness exec: %w", err)
+		}
+		if !insp.Running {
+			if insp.ExitCode != 0 {
+				return fmt.Errorf("%w: %v exited %d", ErrNotReady, cmd, insp.ExitCode)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %v: %v", ErrNotReady, cmd, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// WaitReady checks readiness as the spec says (start period, interval,
+// retries) and returns the last failure when it never passes.
+func (d *Docker) WaitReady(ctx context.Context, c Container, r RunSpec) error {
+	rd := r.Spec.Readiness
+	interval, retries, start := time.Second, 30, time.Duration(0)
+	if rd != nil {
+		interval, retries, start = rd.Interval, rd.Retries, rd.StartPeriod
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(start):
+	}
+	var err error
+	for i := 0; i <= retries; i++ {
+		if err = d.CheckOnce(ctx, c, r); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last check: %v)", ctx.Err(), err)
+		case <-time.After(interval):
+		}
+	}
+	return fmt.Errorf("service %s/%s not ready after %d checks: %w", r.Namespace, r.Spec.Name, retries+1, err)
+}

@@ -1,0 +1,96 @@
+package runtime
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/lab"
+)
+
+// TestDockerRunsServiceOnServiceIP runs the test image on a real engine in
+// a lab host: labelled, its volume mounted, its port published on the
+// service IP, readiness checked over HTTP; then re-listed and removed.
+//
+// The body runs inside the host's network namespace (the test binary
+// re-executed there), where droverd runs and container addresses exist.
+func TestDockerRunsServiceOnServiceIP(t *testing.T) {
+	sock := os.Getenv("DROVER_RT_DOCKER")
+	if sock == "" {
+		l := lab.New(t, lab.Options{Hosts: 1, Prefix: "rt", Docker: true})
+		h := l.Hosts[0]
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		if out, err := exec.CommandContext(ctx, filepath.Join(filepath.Dir(lab.Script()), "build-image.sh"), h.DockerSock).CombinedOutput(); err != nil {
+			t.Fatalf("test image: %v\n%s", err, out)
+		}
+		cmd := h.Command(ctx, os.Args[0], "-test.run=^TestDockerRunsServiceOnServiceIP$", "-test.v")
+		cmd.Env = append(os.Environ(), "DROVER_RT_DOCKER="+h.DockerSock)
+		out, err := cmd.CombinedOutput()
+		t.Logf("in %s:\n%s", h.Name, out)
+		if err != nil {
+			t.Fatalf("the test inside %s failed: %v", h.Name, err)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	ip := netip.MustParseAddr("10.211.0.9")
+	if out, err := exec.Command("ip", "addr", "add", ip.String()+"/32", "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	dataDir := t.TempDir()
+	d, err := NewDocker("unix://"+sock, "machine-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	rs := RunSpec{
+		Namespace: "shop", Generation: 3, ServiceIP: ip,
+		Mounts: map[string]string{"data": dataDir},
+		Spec: fsm.ServiceSpec{
+			Name: "web", Image: "drover-test:latest", Env: map[string]string{"PORT": "8080"},
+			Ports:     []fsm.PortMapping{{Port: 80, Target: 8080, Protocol: "tcp"}},
+			Volumes:   []fsm.VolumeMount{{Name: "data", MountPath: "/data", QuotaBytes: 1 << 20}},
+			Readiness: &fsm.Readiness{Kind: "http", Path: "/healthz", Port: 8080, Interval: 200 * time.Millisecond, Timeout: time.Second, Retries: 50},
+		},
+	}
+	c, err := d.Start(ctx, rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WaitReady(ctx, c, rs); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := exec.CommandContext(ctx, "curl", "-sf", "-XPOST", "--data", "v", "http://"+ip.String()+":80/write?key=k").Output()
+	out := string(raw)
+	if err != nil || !strings.Contains(out, `"seq":1`) {
+		t.Fatalf("write through the service IP: %q %v", out, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dataDir, "k")); err != nil || string(b) != "v" {
+		t.Fatalf("data on the mounted volume: %q %v", b, err)
+	}
+	list, err := d.List(ctx)
+	if err != nil || len(list) != 1 || list[0].Generation != 3 || list[0].Key() != "shop/web" || !list[0].Running ||
+		list[0].SpecHash != rs.Hash() || list[0].StartedAt.IsZero() {
+		t.Fatalf("list %+v %v", list, err)
+	}
+	// A failing check says so.
+	bad := rs
+	bad.Spec.Readiness = &fsm.Readiness{Kind: "http", Path: "/nope", Port: 8080, Interval: 50 * time.Millisecond, Timeout: time.Second, Retries: 2}
+	if err := d.WaitReady(ctx, c, bad); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Fatalf("failing readiness: %v", err)
+	}
+	if err := d.Remove(ctx, c.ID, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if list, _ := d.List(ctx); len(list) != 0 {
+		t.Fatalf("after remove: %+v", list)
+	}
+}
