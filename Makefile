@@ -35,6 +35,7 @@ lint: ## go vet and staticcheck
 
 fuzz: ## run each fuzz target for a while (FUZZTIME, default 60s)
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-60s} ./fsm/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-60s} ./agent/manifest/
 
 bench: build ## benchmarks; results go to bench/results/
 	@mkdir -p bench/results

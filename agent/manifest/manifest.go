@@ -1,0 +1,375 @@
+// Package manifest reads deploy manifests: TOML files naming a namespace
+// and its services. Every problem is reported with the file, the line and
+// the key at fault, and all problems are reported at once.
+package manifest
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/drover-sh/drover/fsm"
+)
+
+// Manifest is a namespace and its services, sorted by name.
+type Manifest struct {
+	Namespace string
+	Services  []fsm.ServiceSpec
+}
+
+// Error is one problem in a manifest.
+type Error struct {
+	File string
+	Line int // 0 when unknown
+	Key  string
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	loc := e.File
+	if e.Line > 0 {
+		loc += ":" + strconv.Itoa(e.Line)
+	}
+	if e.Key != "" {
+		return loc + ": " + e.Key + ": " + e.Msg
+	}
+	return loc + ": " + e.Msg
+}
+
+// Errors is every problem found, in file order.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	lines := make([]string, len(es))
+	for i, e := range es {
+		lines[i] = e.Error()
+	}
+	return strings.Join(lines, "\n")
+}
+
+type rawManifest struct {
+	Namespace string                `toml:"namespace"`
+	Services  map[string]rawService `toml:"services"`
+}
+
+type rawService struct {
+	Image     string            `toml:"image"`
+	Command   []string          `toml:"command"`
+	Env       map[string]string `toml:"env"`
+	Memory    any               `toml:"memory"`
+	Machine   string            `toml:"machine"`
+	Ports     []rawPort         `toml:"ports"`
+	Volumes   []rawVolume       `toml:"volumes"`
+	Readiness *rawReadiness     `toml:"readiness"`
+}
+
+type rawPort struct {
+	Port     int    `toml:"port"`
+	Target   int    `toml:"target"`
+	Protocol string `toml:"protocol"`
+}
+
+type rawVolume struct {
+	Name  string `toml:"name"`
+	Path  string `toml:"path"`
+	Quota any    `toml:"quota"`
+}
+
+type rawReadiness struct {
+	HTTP        *string  `toml:"http"`
+	TCP         *bool    `toml:"tcp"`
+	Exec        []string `toml:"exec"`
+	Port        int      `toml:"port"`
+	Interval    string   `toml:"interval"`
+	Timeout     string   `toml:"timeout"`
+	Retries     *int     `toml:"retries"`
+	StartPeriod string   `toml:"start_period"`
+}
+
+// bindMountKeys are keys people write when they want a host directory in
+// the container; drover refuses bind mounts since they cannot move.
+var bindMountKeys = map[string]bool{"source": true, "host_path": true, "bind": true, "type": true, "hostpath": true}
+
+var envKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// ParseFile reads and parses a manifest file.
+func ParseFile(file string) (*Manifest, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest: %w", err)
+	}
+	return Parse(file, data)
+}
+
+// Parse parses a manifest; file names it in errors.
+func Parse(file string, data []byte) (*Manifest, error) {
+	var raw rawManifest
+	md, err := toml.Decode(string(data), &raw)
+	if err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, Errors{{File: file, Line: pe.Position.Line, Key: pe.LastKey, Msg: pe.Message}}
+		}
+		return nil, Errors{{File: file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}}
+	}
+	p := &parser{file: file, lines: keyLines(string(data))}
+	for _, k := range md.Undecoded() {
+		last := k[len(k)-1]
+		msg := "unknown key"
+		if bindMountKeys[last] {
+			msg = "unknown key: bind mounts are not allowed (a host directory does not move with its service); use a volume"
+		}
+		p.add(k.String(), "%s", msg)
+	}
+	m := p.build(raw)
+	if len(p.errs) > 0 {
+		sort.SliceStable(p.errs, func(i, j int) bool { return p.errs[i].Line < p.errs[j].Line })
+		return nil, p.errs
+	}
+	return m, nil
+}
+
+type parser struct {
+	file  string
+	lines map[string]int
+	errs  Errors
+}
+
+func (p *parser) add(key, format string, args ...any) {
+	p.errs = append(p.errs, &Error{File: p.file, Line: p.line(key), Key: key, Msg: fmt.Sprintf(format, args...)})
+}
+
+// line finds a key's line: the key itself, else its nearest parent.
+func (p *parser) line(key string) int {
+	for k := key; k != ""; {
+		if l, ok := p.lines[k]; ok {
+			return l
+		}
+		i := strings.LastIndexAny(k, ".[")
+		if i < 0 {
+			break
+		}
+		k = k[:i]
+	}
+	return 0
+}
+
+func (p *parser) build(raw rawManifest) *Manifest {
+	m := &Manifest{Namespace: raw.Namespace}
+	switch {
+	case raw.Namespace == "":
+		p.add("namespace", "missing: every manifest names its namespace")
+	case !fsm.ValidName(raw.Namespace):
+		p.add("namespace", "%q is not a DNS label (a-z, 0-9, -; at most 63)", raw.Namespace)
+	}
+	if len(raw.Services) == 0 {
+		p.add("services", "no services")
+	}
+	names := make([]string, 0, len(raw.Services))
+	for n := range raw.Services {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	volumeUser := map[string]string{}
+	for _, name := range names {
+		if sp, ok := p.service(name, raw.Services[name], volumeUser); ok {
+			m.Services = append(m.Services, sp)
+		}
+	}
+	return m
+}
+
+func (p *parser) service(name string, rs rawService, volumeUser map[string]string) (fsm.ServiceSpec, bool) {
+	key := "services." + name
+	before := len(p.errs)
+	sp := fsm.ServiceSpec{Name: name, Image: rs.Image, Command: rs.Command, Machine: rs.Machine}
+	if !fsm.ValidName(name) {
+		p.add(key, "service name %q is not a DNS label", name)
+	}
+	if rs.Image == "" {
+		p.add(key+".image", "missing: a service needs an image")
+	}
+	if rs.Machine != "" && !fsm.ValidName(rs.Machine) {
+		p.add(key+".machine", "%q is not a machine name (a DNS label)", rs.Machine)
+	}
+	if rs.Memory != nil {
+		sp.MemoryBytes = p.size(key+".memory", rs.Memory)
+	}
+	if len(rs.Env) > 0 {
+		sp.Env = map[string]string{}
+		for k, v := range rs.Env {
+			if !envKey.MatchString(k) {
+				p.add(key+".env."+k, "%q is not an environment variable name", k)
+			}
+			sp.Env[k] = v
+		}
+	}
+	seenPort := map[string]bool{}
+	for i, rp := range rs.Ports {
+		pk := fmt.Sprintf("%s.ports[%d]", key, i)
+		pm := fsm.PortMapping{Port: rp.Port, Target: rp.Target, Protocol: rp.Protocol}
+		if pm.Target == 0 {
+			pm.Target = pm.Port
+		}
+		if pm.Protocol == "" {
+			pm.Protocol = "tcp"
+		}
+		if pm.Port < 1 || pm.Port > 65535 {
+			p.add(pk+".port", "%d is not a port (1-65535)", rp.Port)
+		}
+		if pm.Target < 1 || pm.Target > 65535 {
+			p.add(pk+".target", "%d is not a port (1-65535)", rp.Target)
+		}
+		if pm.Protocol != "tcp" && pm.Protocol != "udp" {
+			p.add(pk+".protocol", "%q: want tcp or udp", rp.Protocol)
+		}
+		if id := fmt.Sprintf("%d/%s", pm.Port, pm.Protocol); seenPort[id] {
+			p.add(pk+".port", "port %s is listed twice", id)
+		} else {
+			seenPort[id] = true
+		}
+		sp.Ports = append(sp.Ports, pm)
+	}
+	seenVol := map[string]bool{}
+	for i, rv := range rs.Volumes {
+		vk := fmt.Sprintf("%s.volumes[%d]", key, i)
+		vm := fsm.VolumeMount{Name: rv.Name, MountPath: rv.Path}
+		switch {
+		case rv.Name == "":
+			p.add(vk+".name", "missing: a volume needs a name")
+		case !fsm.ValidName(rv.Name):
+			p.add(vk+".name", "volume name %q is not a DNS label", rv.Name)
+		case seenVol[rv.Name]:
+			p.add(vk+".name", "volume %q is listed twice in service %s", rv.Name, name)
+		case volumeUser[rv.Name] != "":
+			p.add(vk+".name", "volume %q is already used by service %s: a volume belongs to one service", rv.Name, volumeUser[rv.Name])
+		}
+		seenVol[rv.Name] = true
+		if volumeUser[rv.Name] == "" {
+			volumeUser[rv.Name] = name
+		}
+		if !strings.HasPrefix(rv.Path, "/") || path.Clean(rv.Path) != rv.Path || strings.Contains(rv.Path, "..") {
+			p.add(vk+".path", "%q: want an absolute, clean path in the container", rv.Path)
+		}
+		if rv.Quota == nil {
+			p.add(vk+".quota", "missing: a volume needs a quota")
+		} else {
+			vm.QuotaBytes = p.size(vk+".quota", rv.Quota)
+		}
+		sp.Volumes = append(sp.Volumes, vm)
+	}
+	if rs.Readiness != nil {
+		sp.Readiness = p.readiness(key+".readiness", rs.Readiness, sp.Ports)
+	}
+	if len(p.errs) > before {
+		return sp, false
+	}
+	if err := fsm.ValidateSpec(sp); err != nil {
+		p.add(key, "%v", err)
+		return sp, false
+	}
+	return sp, true
+}
+
+func (p *parser) readiness(key string, rr *rawReadiness, ports []fsm.PortMapping) *fsm.Readiness {
+	rd := &fsm.Readiness{Port: rr.Port, Interval: 2 * time.Second, Timeout: time.Second, Retries: 30}
+	kinds := 0
+	if rr.HTTP != nil {
+		kinds++
+		rd.Kind, rd.Path = "http", *rr.HTTP
+		if !strings.HasPrefix(rd.Path, "/") {
+			p.add(key+".http", "%q: want a path starting with /", rd.Path)
+		}
+	}
+	if rr.TCP != nil {
+		kinds++
+		rd.Kind = "tcp"
+		if !*rr.TCP {
+			p.add(key+".tcp", "false: leave the check out instead")
+		}
+	}
+	if rr.Exec != nil {
+		kinds++
+		rd.Kind, rd.Command = "exec", rr.Exec
+		if len(rr.Exec) == 0 {
+			p.add(key+".exec", "empty command")
+		}
+	}
+	if kinds != 1 {
+		p.add(key, "want exactly one of http, tcp or exec, found %d", kinds)
+	}
+	if rd.Kind != "exec" && rd.Port == 0 {
+		if len(ports) == 0 {
+			p.add(key+".port", "missing: no port to check (the service publishes none)")
+		} else {
+			rd.Port = ports[0].Target
+		}
+	}
+	if rd.Port < 0 || rd.Port > 65535 {
+		p.add(key+".port", "%d is not a port", rd.Port)
+	}
+	for _, d := range []struct {
+		name string
+		text string
+		dst  *time.Duration
+	}{{"interval", rr.Interval, &rd.Interval}, {"timeout", rr.Timeout, &rd.Timeout}, {"start_period", rr.StartPeriod, &rd.StartPeriod}} {
+		if d.text == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.text)
+		if err != nil || v < 0 || (v == 0 && d.name != "start_period") {
+			p.add(key+"."+d.name, "%q is not a positive duration like 2s", d.text)
+			continue
+		}
+		*d.dst = v
+	}
+	if rr.Retries != nil {
+		if *rr.Retries < 0 {
+			p.add(key+".retries", "%d: want 0 or more", *rr.Retries)
+		}
+		rd.Retries = *rr.Retries
+	}
+	return rd
+}
+
+var sizeRE = regexp.MustCompile(`^([0-9]+)\s*([KMGT]i?B?|B)?$`)
+
+var sizeUnits = map[string]uint64{"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+// size reads a positive size: an integer of bytes or "512MiB", "2G", ...
+func (p *parser) size(key string, v any) uint64 {
+	switch x := v.(type) {
+	case int64:
+		if x <= 0 {
+			p.add(key, "%d: a size must be positive", x)
+			return 0
+		}
+		return uint64(x)
+	case string:
+		m := sizeRE.FindStringSubmatch(strings.TrimSpace(x))
+		if m == nil {
+			p.add(key, "%q is not a size like 512MiB or 2G", x)
+			return 0
+		}
+		n, err := strconv.ParseUint(m[1], 10, 64)
+		unit := sizeUnits[strings.TrimSuffix(strings.TrimSuffix(m[2], "B"), "i")]
+		if m[2] == "B" {
+			unit = 1
+		}
+		if err != nil || n == 0 || n > math.MaxUint64/unit {
+			p.add(key, "%q is not a positive size that fits in 64 bits", x)
+			return 0
+		}
+		return n * unit
+	}
+	p.add(key, "want a size like \"512MiB\" or a number of bytes")
+	return 0
+}

@@ -1,0 +1,139 @@
+package manifest
+
+import (
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
+)
+
+const good = `# a shop
+namespace = "shop"
+
+[services.web]
+image = "drover-test:latest"
+command = ["/testimage"]
+env = { PORT = "8080", MODE = "prod" }
+memory = "256MiB"
+machine = "dl2"
+
+[[services.web.ports]]
+port = 80
+target = 8080
+
+[[services.web.volumes]]
+name = "data"
+path = "/data"
+quota = "1GiB"
+
+[services.web.readiness]
+http = "/healthz"
+interval = "500ms"
+retries = 10
+
+[services.cache]
+image = "drover-test:latest"
+[[services.cache.ports]]
+port = 6379
+protocol = "udp"
+`
+
+func TestParseGood(t *testing.T) {
+	m, err := Parse("shop.toml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &Manifest{Namespace: "shop", Services: []fsm.ServiceSpec{
+		{Name: "cache", Image: "drover-test:latest", Ports: []fsm.PortMapping{{Port: 6379, Target: 6379, Protocol: "udp"}}},
+		{Name: "web", Image: "drover-test:latest", Command: []string{"/testimage"}, Machine: "dl2",
+			Env: map[string]string{"PORT": "8080", "MODE": "prod"}, MemoryBytes: 256 << 20,
+			Ports:     []fsm.PortMapping{{Port: 80, Target: 8080, Protocol: "tcp"}},
+			Volumes:   []fsm.VolumeMount{{Name: "data", MountPath: "/data", QuotaBytes: 1 << 30}},
+			Readiness: &fsm.Readiness{Kind: "http", Path: "/healthz", Port: 8080, Interval: 500 * time.Millisecond, Timeout: time.Second, Retries: 10}},
+	}}
+	if !reflect.DeepEqual(m, want) {
+		t.Fatalf("got  %+v\nwant %+v", m, want)
+	}
+}
+
+// replace swaps one line of the good manifest for another text.
+func replace(old, new string) string {
+	if !strings.Contains(good, old) {
+		panic("test: no " + old)
+	}
+	return strings.Replace(good, old, new, 1)
+}
+
+func TestParseBad(t *testing.T) {
+	cases := []struct {
+		name, src, want string
+	}{
+		{"unknown key", replace(`machine = "dl2"`, `machine = "dl2"
+colour = "blue"`), `shop.toml:10: services.web.colour: unknown key`},
+		{"bad quota", replace(`quota = "1GiB"`, `quota = "10XB"`), `shop.toml:18: services.web.volumes[0].quota: "10XB" is not a size`},
+		{"negative size", replace(`memory = "256MiB"`, `memory = -5`), `shop.toml:8: services.web.memory: -5: a size must be positive`},
+		{"path name", replace(`name = "data"`, `name = "../etc"`), `shop.toml:16: services.web.volumes[0].name: volume name "../etc" is not a DNS label`},
+		{"uppercase namespace", replace(`namespace = "shop"`, `namespace = "Shop"`), `shop.toml:2: namespace: "Shop" is not a DNS label`},
+		{"bind mount", replace(`path = "/data"`, `path = "/data"
+source = "/srv/data"`), `shop.toml:18: services.web.volumes.source: unknown key: bind mounts are not allowed`},
+		{"duplicate volume in a service", replace(`quota = "1GiB"`, `quota = "1GiB"
+[[services.web.volumes]]
+name = "data"
+path = "/other"
+quota = "1G"`), `shop.toml:20: services.web.volumes[1].name: volume "data" is listed twice`},
+		{"volume shared by services", replace(`protocol = "udp"`, `protocol = "udp"
+[[services.cache.volumes]]
+name = "data"
+path = "/c"
+quota = "1G"`), `shop.toml:16: services.web.volumes[0].name: volume "data" is already used by service cache`},
+		{"bad machine name", replace(`machine = "dl2"`, `machine = "DL_2"`), `shop.toml:9: services.web.machine: "DL_2" is not a machine name`},
+		{"port out of range", replace(`port = 80`, `port = 70000`), `shop.toml:12: services.web.ports[0].port: 70000 is not a port`},
+		{"two readiness kinds", replace(`http = "/healthz"`, `http = "/healthz"
+tcp = true`), `shop.toml:20: services.web.readiness: want exactly one of http, tcp or exec, found 2`},
+		{"missing image", replace(`image = "drover-test:latest"
+command`, `command`), `shop.toml:4: services.web.image: missing`},
+		{"syntax", replace(`port = 80`, `port = = 80`), `shop.toml:12:`},
+		{"bad duration", replace(`interval = "500ms"`, `interval = "soon"`), `shop.toml:22: services.web.readiness.interval: "soon"`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse("shop.toml", []byte(c.src))
+			var es Errors
+			if !errors.As(err, &es) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got:\n%v\nwant it to contain:\n%s", err, c.want)
+			}
+		})
+	}
+}
+
+func TestAllProblemsReported(t *testing.T) {
+	src := replace(`quota = "1GiB"`, `quota = "huge"`)
+	src = strings.Replace(src, `port = 80`, `port = 0`, 1)
+	_, err := Parse("shop.toml", []byte(src))
+	var es Errors
+	if !errors.As(err, &es) || len(es) != 2 || es[0].Line > es[1].Line {
+		t.Fatalf("want two errors in file order, got %v", err)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(good))
+	f.Add([]byte("namespace = \"x\"\n[services.a]\nimage = \"i\"\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, err := Parse("fuzz.toml", data)
+		if err != nil {
+			return
+		}
+		if !fsm.ValidName(m.Namespace) {
+			t.Fatalf("accepted namespace %q", m.Namespace)
+		}
+		for _, sp := range m.Services {
+			if err := fsm.ValidateSpec(sp); err != nil {
+				t.Fatalf("accepted an invalid spec: %v", err)
+			}
+		}
+	})
+}
