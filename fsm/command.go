@@ -27,6 +27,7 @@ const (
 	CmdAllocateOverlayIP CommandType = 8
 	CmdPutService        CommandType = 9
 	CmdRemoveService     CommandType = 10
+	CmdSetServiceStatus  CommandType = 11
 )
 
 // Command is one typed change of the facts.
@@ -78,6 +79,7 @@ func init() {
 	register(CmdAllocateOverlayIP, "AllocateOverlayIP", (*State).allocateOverlayIP)
 	register(CmdPutService, "PutService", (*State).putService)
 	register(CmdRemoveService, "RemoveService", (*State).removeService)
+	register(CmdSetServiceStatus, "SetServiceStatus", (*State).setServiceStatus)
 }
 
 // String names the command type.

@@ -282,3 +282,5 @@ func TestRuleErrorSurvivesJSON(t *testing.T) {
 		t.Fatalf("after JSON: %+v", b)
 	}
 }
+
+func ReadSnapshotBytes(b []byte) (*State, error) { return ReadSnapshot(bytes.NewReader(b)) }

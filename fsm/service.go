@@ -50,13 +50,55 @@ type ServiceSpec struct {
 
 // Service is a service as the store holds it.
 type Service struct {
-	Namespace  string      `json:"namespace"`
-	Spec       ServiceSpec `json:"spec"`
-	Generation uint64      `json:"generation"` // bumped on every spec change
-	MachineID  string      `json:"machine_id"` // where it runs
-	ServiceIP  netip.Addr  `json:"service_ip"` // never changes
-	CreatedAt  time.Time   `json:"created_at"`
-	UpdatedAt  time.Time   `json:"updated_at"`
+	Namespace  string        `json:"namespace"`
+	Spec       ServiceSpec   `json:"spec"`
+	Generation uint64        `json:"generation"` // bumped on every spec change
+	MachineID  string        `json:"machine_id"` // where it runs
+	ServiceIP  netip.Addr    `json:"service_ip"` // never changes
+	CreatedAt  time.Time     `json:"created_at"`
+	UpdatedAt  time.Time     `json:"updated_at"`
+	Status     ServiceStatus `json:"status"` // as its machine last reported
+}
+
+// ServiceStatus is what the owning machine reports of a service.
+type ServiceStatus struct {
+	Generation uint64    `json:"generation"` // the generation this status is about
+	Ready      bool      `json:"ready"`
+	Error      string    `json:"error,omitempty"`
+	At         time.Time `json:"at"`
+}
+
+// SetServiceStatus is the owning machine's report on a service. A report
+// from another machine, or about an older generation, is refused.
+// Result: Service.
+type SetServiceStatus struct {
+	Namespace  string    `json:"namespace"`
+	Name       string    `json:"name"`
+	MachineID  string    `json:"machine_id"`
+	Generation uint64    `json:"generation"`
+	Ready      bool      `json:"ready"`
+	Error      string    `json:"error,omitempty"`
+	At         time.Time `json:"at"`
+}
+
+// Type implements Command.
+func (SetServiceStatus) Type() CommandType { return CmdSetServiceStatus }
+
+func (s *State) setServiceStatus(c SetServiceStatus) (any, *RuleError) {
+	key := c.Namespace + "/" + c.Name
+	sv, ok := s.services[key]
+	if !ok {
+		return nil, ruleErr(ErrUnknownService, "no service %s", key)
+	}
+	if sv.MachineID != c.MachineID {
+		return nil, ruleErr(ErrInvalid, "service %s runs on machine %s, not %s", key, sv.MachineID, c.MachineID)
+	}
+	if c.Generation != sv.Generation {
+		return nil, ruleErr(ErrInvalid, "status of %s is about generation %d, the service is at %d", key, c.Generation, sv.Generation)
+	}
+	sv.Status = ServiceStatus{Generation: c.Generation, Ready: c.Ready, Error: c.Error, At: c.At}
+	s.services[key] = sv
+	return sv, nil
 }
 
 // Key is namespace/name.
@@ -162,6 +204,9 @@ func (s *State) putService(c PutService) (any, *RuleError) {
 	}
 	key := c.Namespace + "/" + c.Spec.Name
 	old, exists := s.services[key]
+	if exists && old.MachineID != c.MachineID {
+		return nil, ruleErr(ErrInvalid, "service %s runs on machine %s: moving it is a migration", key, old.MachineID)
+	}
 	for _, v := range c.Spec.Volumes {
 		if vol, ok := s.volumes[c.Namespace+"/"+v.Name]; ok && vol.OwnerID != c.MachineID {
 			return nil, ruleErr(ErrVolumeElsewhere, "volume %s/%s is owned by machine %s, not %s: move it with a migration", c.Namespace, v.Name, vol.OwnerID, m.Name)
@@ -175,9 +220,6 @@ func (s *State) putService(c PutService) (any, *RuleError) {
 				}
 			}
 		}
-	}
-	if exists && old.MachineID != c.MachineID {
-		return nil, ruleErr(ErrInvalid, "service %s runs on machine %s: moving it is a migration", key, old.MachineID)
 	}
 	svc := old
 	if !exists {
