@@ -36,6 +36,10 @@ type Config struct {
 	WGPort        int          // WireGuard UDP port on the underlay
 	OverlayPrefix netip.Prefix // the mesh's address range
 
+	DockerHost    string       // the local Docker engine, e.g. unix:///var/run/docker.sock
+	ZFSParent     string       // parent dataset of volumes; empty: this machine holds none
+	ServicePrefix netip.Prefix // range of service IPs
+
 	Init           bool     // bootstrap a new cluster if this machine has none
 	Join           []string // gossip addresses of members to join
 	ClusterKeyFile string   // key file to use instead of the one in DataDir
@@ -56,6 +60,7 @@ type Agent struct {
 	mesh    *meshState         // nil until this machine is in a cluster
 	overlay netip.Addr         // zero until known
 	endNode context.CancelFunc // stops the goroutines serving the node
+	work    *workloads
 
 	ctx context.Context // the daemon's lifetime
 	wg  sync.WaitGroup
@@ -208,13 +213,20 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 		n.Close()
 		return err
 	}
+	w, err := a.openWorkloads()
+	if err != nil {
+		m.dev.Close()
+		n.Close()
+		return err
+	}
 	ctx, cancel := context.WithCancel(a.ctx)
-	a.node, a.mesh, a.endNode = n, m, cancel
+	a.node, a.mesh, a.endNode, a.work = n, m, cancel, w
 	// Raft and RPC start on the overlay address once it is known (bringUp).
-	a.wg.Add(3)
+	a.wg.Add(4)
 	go a.keepJoining(ctx, n, join)
 	go a.bringUp(ctx, n, m, bootstrap, join)
 	go a.runMesh(ctx, n, m)
+	go a.runWorkloads(ctx, n, w)
 	return nil
 }
 
@@ -247,11 +259,14 @@ func (a *Agent) keepJoining(ctx context.Context, n *cluster.Node, addrs []string
 // stopCluster closes the node without leaving; used when a join failed.
 func (a *Agent) stopCluster() {
 	a.mu.Lock()
-	n, m, end := a.node, a.mesh, a.endNode
-	a.node, a.mesh, a.endNode = nil, nil, nil
+	n, m, end, w := a.node, a.mesh, a.endNode, a.work
+	a.node, a.mesh, a.endNode, a.work = nil, nil, nil, nil
 	a.mu.Unlock()
 	if end != nil {
 		end()
+	}
+	if w != nil {
+		w.rt.Close()
 	}
 	if n != nil {
 		n.Close()
@@ -274,10 +289,13 @@ func (a *Agent) leave() {
 		a.logger.Warn("closing the cluster node", "err", err)
 	}
 	a.mu.Lock()
-	m, end := a.mesh, a.endNode
+	m, end, w := a.mesh, a.endNode, a.work
 	a.mu.Unlock()
 	if end != nil {
 		end()
+	}
+	if w != nil {
+		w.rt.Close()
 	}
 	if m != nil {
 		m.dev.Close()

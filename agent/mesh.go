@@ -144,11 +144,16 @@ func (a *Agent) runMesh(ctx context.Context, n *cluster.Node, m *meshState) {
 
 // meshConfig computes the device's config: a peer for every machine known
 // from the facts or gossip, except this one, departed ones and removed
-// ones; gossip, being fresher, wins over the facts.
+// ones; gossip, being fresher, wins over the facts. A peer's allowed IPs
+// are its overlay address and the service IPs of the services it owns.
 func (a *Agent) meshConfig(n *cluster.Node, m *meshState) netmesh.Config {
 	type peerInfo struct{ key, endpoint, overlay string }
 	infos := map[string]peerInfo{}
+	serviceIPs := map[string][]netip.Prefix{}
 	n.Read(func(s *fsm.State) {
+		for _, sv := range s.Services() {
+			serviceIPs[sv.MachineID] = append(serviceIPs[sv.MachineID], netip.PrefixFrom(sv.ServiceIP, sv.ServiceIP.BitLen()))
+		}
 		for _, f := range s.Machines() {
 			if f.State == fsm.MachineGone {
 				continue
@@ -196,6 +201,8 @@ func (a *Agent) meshConfig(n *cluster.Node, m *meshState) netmesh.Config {
 		if o, err := netip.ParseAddr(pi.overlay); err == nil {
 			p.AllowedIPs = []netip.Prefix{netip.PrefixFrom(o, o.BitLen())}
 		}
+		// Routing follows the fact: a service IP goes to its owner.
+		p.AllowedIPs = append(p.AllowedIPs, serviceIPs[id]...)
 		cfg.Peers = append(cfg.Peers, p)
 	}
 	return cfg

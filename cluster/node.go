@@ -402,6 +402,42 @@ func (n *Node) waitApplied(ctx context.Context, idx uint64) {
 	}
 }
 
+// CaughtUp returns once this machine's facts include everything the
+// leader had logged when asked: what a machine must wait for before it
+// acts on facts after a start (acting on an empty or stale store could
+// stop workloads it still owns).
+func (n *Node) CaughtUp(ctx context.Context) error {
+	p, err := n.parts()
+	if err != nil {
+		return err
+	}
+	var target uint64
+	if p.raft.State() == raft.Leader {
+		if err := p.raft.Barrier(10 * time.Second).Error(); err != nil {
+			return fmt.Errorf("raft barrier: %w", err)
+		}
+		return nil
+	}
+	_, leaderID := p.raft.LeaderWithID()
+	addr := n.rpcAddrOf(string(leaderID))
+	if leaderID == "" || addr == "" {
+		return ErrNoLeader
+	}
+	st, err := n.rpc.stats(ctx, addr)
+	if err != nil {
+		return fmt.Errorf("asking the leader how far its log goes: %w", err)
+	}
+	target = st.LastIndex
+	for n.facts.applied.Load() < target {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("catching up to log index %d (at %d): %w", target, n.facts.applied.Load(), ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
 // rpcAddrOf finds a machine's RPC address: gossip first, then the facts.
 func (n *Node) rpcAddrOf(id string) string {
 	if m, ok := n.gossip.member(id); ok && m.RPCAddr != "" {

@@ -150,3 +150,27 @@ func (c *Client) Activate(ctx context.Context, machine string) (Machine, error) 
 	var v Machine
 	return v, c.do(ctx, http.MethodPost, "/v1/machines/"+url.PathEscape(machine)+"/activate", nil, &v)
 }
+
+// DeployPreview asks what a manifest would change.
+func (c *Client) DeployPreview(ctx context.Context, req DeployRequest) (DeployPlan, error) {
+	var v DeployPlan
+	return v, c.do(ctx, http.MethodPost, "/v1/deploy/preview", req, &v)
+}
+
+// Deploy applies a manifest and waits until its services are ready.
+func (c *Client) Deploy(ctx context.Context, req DeployRequest) (DeployResult, error) {
+	var v DeployResult
+	return v, c.do(ctx, http.MethodPost, "/v1/deploy", req, &v)
+}
+
+// Services lists the services.
+func (c *Client) Services(ctx context.Context) ([]Service, error) {
+	var v []Service
+	return v, c.do(ctx, http.MethodGet, "/v1/services", nil, &v)
+}
+
+// Volumes lists the volumes.
+func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
+	var v []Volume
+	return v, c.do(ctx, http.MethodGet, "/v1/volumes", nil, &v)
+}

@@ -45,6 +45,15 @@ func (f *fakeBackend) Activate(_ context.Context, name string) (Machine, error) 
 	return Machine{Name: name, State: "active"}, nil
 }
 
+func (f *fakeBackend) DeployPreview(context.Context, DeployRequest) (DeployPlan, error) {
+	return DeployPlan{}, nil
+}
+func (f *fakeBackend) Deploy(context.Context, DeployRequest) (DeployResult, error) {
+	return DeployResult{}, nil
+}
+func (f *fakeBackend) Services(context.Context) ([]Service, error) { return nil, nil }
+func (f *fakeBackend) Volumes(context.Context) ([]Volume, error)   { return nil, nil }
+
 func serve(t *testing.T) (*Client, string, *fakeBackend) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "d.sock")

@@ -26,6 +26,10 @@ type Backend interface {
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
+	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
+	Deploy(context.Context, DeployRequest) (DeployResult, error)
+	Services(context.Context) ([]Service, error)
+	Volumes(context.Context) ([]Volume, error)
 }
 
 const maxRequestBody = 1 << 20
@@ -41,6 +45,22 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	get("/v1/machines", func(r *http.Request) (any, error) { return b.Machines(r.Context()) })
 	post("/v1/cluster/init", func(r *http.Request) (any, error) { return b.Init(r.Context()) })
 	post("/v1/machines/{name}/activate", func(r *http.Request) (any, error) { return b.Activate(r.Context(), r.PathValue("name")) })
+	post("/v1/deploy/preview", func(r *http.Request) (any, error) {
+		var req DeployRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.DeployPreview(r.Context(), req)
+	})
+	post("/v1/deploy", func(r *http.Request) (any, error) {
+		var req DeployRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.Deploy(r.Context(), req)
+	})
+	get("/v1/services", func(r *http.Request) (any, error) { return b.Services(r.Context()) })
+	get("/v1/volumes", func(r *http.Request) (any, error) { return b.Volumes(r.Context()) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })
 	get("/v1/cluster/join-token", func(r *http.Request) (any, error) { return b.JoinToken(r.Context()) })
 	post("/v1/cluster/join", func(r *http.Request) (any, error) {

@@ -124,3 +124,57 @@ var ErrVersionMismatch = errors.New("API version mismatch")
 func versionMismatch(ours, theirs string) error {
 	return fmt.Errorf("%w: this side speaks %q, the other %q; use a droverctl that matches droverd", ErrVersionMismatch, ours, theirs)
 }
+
+// DeployRequest carries a manifest as written; the daemon parses it.
+type DeployRequest struct {
+	File     string `json:"file"`
+	Manifest string `json:"manifest"`
+}
+
+// PlannedService is what a deploy does to one service.
+type PlannedService struct {
+	Name          string   `json:"name"`
+	Action        string   `json:"action"` // create, change, unchanged, remove
+	Machine       string   `json:"machine"`
+	ServiceIP     string   `json:"service_ip,omitempty"` // empty until allocated
+	Generation    uint64   `json:"generation"`           // after the deploy
+	CreateVolumes []string `json:"create_volumes,omitempty"`
+	Changes       []string `json:"changes,omitempty"`
+	PlacementNote string   `json:"placement,omitempty"`
+}
+
+// DeployPlan is `deploy preview`.
+type DeployPlan struct {
+	Namespace string           `json:"namespace"`
+	Services  []PlannedService `json:"services"`
+	Warnings  []string         `json:"warnings,omitempty"`
+}
+
+// Service is one row of `service ls`.
+type Service struct {
+	Namespace  string `json:"namespace"`
+	Name       string `json:"name"`
+	Machine    string `json:"machine"`
+	ServiceIP  string `json:"service_ip"`
+	Generation uint64 `json:"generation"`
+	State      string `json:"state"` // ready, starting, failed
+	Ready      bool   `json:"ready"`
+	Error      string `json:"error,omitempty"`
+}
+
+// DeployResult is what `deploy` did.
+type DeployResult struct {
+	Plan     DeployPlan `json:"plan"`
+	Services []Service  `json:"services"`
+}
+
+// Volume is one row of `volume ls`.
+type Volume struct {
+	Namespace      string `json:"namespace"`
+	Name           string `json:"name"`
+	Owner          string `json:"owner"`
+	QuotaBytes     uint64 `json:"quota_bytes"`
+	UsedBytes      uint64 `json:"used_bytes,omitempty"` // known on the owner
+	Dataset        string `json:"dataset,omitempty"`
+	NewestSnapshot string `json:"newest_snapshot,omitempty"`
+}

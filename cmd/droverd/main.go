@@ -39,6 +39,7 @@ func run(args []string) error {
 		fastTimer = fs.Bool("lab-timing", false, "fast failure detection and promotion, for labs and tests only")
 		showVer   = fs.Bool("version", false, "print the version and exit")
 		overlay   = fs.String("overlay-prefix", "10.210.0.0/16", "the mesh's overlay address range")
+		services  = fs.String("service-prefix", "10.211.0.0/16", "the range service IPs are allocated from")
 	)
 	fs.StringVar(&cfg.Name, "name", "", "this machine's name, a DNS label (default: the hostname)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/drover", "directory for state: identity, keys, Raft log")
@@ -49,6 +50,8 @@ func run(args []string) error {
 	fs.IntVar(&cfg.RPCPort, "rpc-port", cluster.DefaultRPCPort, "daemon-to-daemon RPC port")
 	fs.StringVar(&cfg.WGInterface, "wg-interface", "drover0", "WireGuard interface name")
 	fs.IntVar(&cfg.WGPort, "wg-port", 51820, "WireGuard UDP port on the underlay")
+	fs.StringVar(&cfg.DockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine")
+	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")
 	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
 	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key (default: the one in the data dir)")
 	if err := fs.Parse(args); err != nil {
@@ -70,6 +73,9 @@ func run(args []string) error {
 	var err error
 	if cfg.OverlayPrefix, err = netip.ParsePrefix(*overlay); err != nil || cfg.OverlayPrefix != cfg.OverlayPrefix.Masked() {
 		return fmt.Errorf("--overlay-prefix %q: want a network like 10.210.0.0/16", *overlay)
+	}
+	if cfg.ServicePrefix, err = netip.ParsePrefix(*services); err != nil || cfg.ServicePrefix != cfg.ServicePrefix.Masked() || cfg.ServicePrefix.Overlaps(cfg.OverlayPrefix) {
+		return fmt.Errorf("--service-prefix %q: want a network like 10.211.0.0/16, apart from the overlay", *services)
 	}
 	if cfg.BindAddr, err = bindAddr(*bind); err != nil {
 		return err

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/spf13/cobra"
+)
+
+func (c *cli) deployCmd() *cobra.Command {
+	var file string
+	read := func() (ctlapi.DeployRequest, error) {
+		if file == "" {
+			return ctlapi.DeployRequest{}, fmt.Errorf("give the manifest with -f FILE")
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return ctlapi.DeployRequest{}, fmt.Errorf("reading manifest: %w", err)
+		}
+		return ctlapi.DeployRequest{File: file, Manifest: string(b)}, nil
+	}
+	cmd := c.addJSON(&cobra.Command{
+		Use:   "deploy -f FILE",
+		Short: "Apply a manifest under its namespace's lock; wait until its services are ready",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			req, err := read()
+			if err != nil {
+				return err
+			}
+			res, err := c.client.Deploy(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(res)
+			}
+			c.printPlan(res.Plan)
+			fmt.Fprintln(c.out)
+			return c.printServices(res.Services)
+		},
+	})
+	cmd.Flags().StringVarP(&file, "file", "f", "", "the manifest (TOML)")
+	preview := c.addJSON(&cobra.Command{
+		Use:   "preview -f FILE",
+		Short: "Show what a manifest would change; change nothing",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			req, err := read()
+			if err != nil {
+				return err
+			}
+			plan, err := c.client.DeployPreview(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(plan)
+			}
+			c.printPlan(plan)
+			return nil
+		},
+	})
+	preview.Flags().StringVarP(&file, "file", "f", "", "the manifest (TOML)")
+	cmd.AddCommand(preview)
+	return cmd
+}
+
+func (c *cli) printPlan(p ctlapi.DeployPlan) {
+	fmt.Fprintf(c.out, "namespace %s\n", p.Namespace)
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tACTION\tMACHINE\tSERVICE-IP\tGENERATION\tNEW-VOLUMES\tCHANGES")
+	for _, s := range p.Services {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", s.Name, s.Action, s.Machine, dash(s.ServiceIP), s.Generation,
+			dash(strings.Join(s.CreateVolumes, ", ")), dash(strings.Join(s.Changes, ",")))
+	}
+	tw.Flush()
+	for _, w := range p.Warnings {
+		fmt.Fprintf(c.out, "warning: %s\n", w)
+	}
+}
+
+func (c *cli) printServices(ss []ctlapi.Service) error {
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tMACHINE\tSTATE\tSERVICE-IP\tREADY\tGENERATION")
+	for _, s := range ss {
+		state := s.State
+		if s.Error != "" {
+			state += ": " + s.Error
+		}
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%v\t%d\n", s.Namespace, s.Name, s.Machine, state, s.ServiceIP, s.Ready, s.Generation)
+	}
+	return tw.Flush()
+}
+
+func (c *cli) serviceCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "service", Short: "Services"}
+	cmd.AddCommand(c.addJSON(&cobra.Command{
+		Use: "ls", Aliases: []string{"list"}, Short: "List services: machine, state, service IP, ready", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ss, err := c.client.Services(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(ss)
+			}
+			return c.printServices(ss)
+		},
+	}))
+	return cmd
+}
+
+func (c *cli) volumeCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "volume", Short: "Volumes"}
+	cmd.AddCommand(c.addJSON(&cobra.Command{
+		Use: "ls", Aliases: []string{"list"}, Short: "List volumes: owner, size, newest snapshot", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			vs, err := c.client.Volumes(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(vs)
+			}
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "VOLUME\tOWNER\tQUOTA\tUSED\tNEWEST-SNAPSHOT")
+			for _, v := range vs {
+				used := "-"
+				if v.Dataset != "" {
+					used = mib(v.UsedBytes)
+				}
+				fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\n", v.Namespace, v.Name, v.Owner, mib(v.QuotaBytes), used, dash(v.NewestSnapshot))
+			}
+			return tw.Flush()
+		},
+	}))
+	return cmd
+}
+
+func mib(b uint64) string { return fmt.Sprintf("%.1fMiB", float64(b)/(1<<20)) }
