@@ -174,7 +174,7 @@ func ValidateSpec(sp ServiceSpec) error {
 		}
 		seen[v.Name] = true
 		if !strings.HasPrefix(v.MountPath, "/") || strings.Contains(v.MountPath, "..") {
-			return fmt.Errorf("service %s: volume %s: mount path %q must be absolute, without ..", sp.Name, v.Name, v.MountPath)
+			return fmt.Errorf("service %s: volume %s: mount path %q must be absolute and must not contain \"..\"", sp.Name, v.Name, v.MountPath)
 		}
 	}
 	ports := map[string]bool{}

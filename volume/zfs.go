@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"time"
 
 	zfs "github.com/mistifyio/go-zfs/v3"
 )
@@ -217,10 +218,19 @@ func (z *ZFS) Destroy(namespace, name string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", ds, ErrNotFound)
 	}
-	if err := d.Destroy(zfs.DestroyRecursive); err != nil {
-		return fmt.Errorf("destroying %s: %w", ds, err)
+	// A dataset whose last writer just closed can be "busy" for a moment
+	// (zfs-fuse more than OpenZFS); a few short retries ride that out. go-zfs
+	// reports only the command's text, hence the match on it.
+	for try := 0; ; try++ {
+		err = d.Destroy(zfs.DestroyRecursive)
+		if err == nil {
+			return nil
+		}
+		if try == 20 || !strings.Contains(err.Error(), "busy") {
+			return fmt.Errorf("destroying %s: %w", ds, err)
+		}
+		time.Sleep(250 * time.Millisecond)
 	}
-	return nil
 }
 
 // FreeBytes is the space left for volumes under the parent.
