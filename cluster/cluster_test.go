@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/testpoll"
 )
 
 func TestThreeMachinesFormClusterAndForwardCommands(t *testing.T) {
@@ -57,7 +58,7 @@ func TestLeaderKilledNewLeaderServes(t *testing.T) {
 	tc.stop(old)
 
 	var survivor int
-	eventually(t, 20*time.Second, "a new leader", func() error {
+	testpoll.Until(t, 20*time.Second, "a new leader", func() error {
 		for i, n := range tc.nodes {
 			if n == nil {
 				continue
@@ -108,7 +109,7 @@ func TestRestartedMachineKeepsStateFromDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	n := tc.start(victim) // same id, data dir and address; rejoins via its known peers
-	eventually(t, 20*time.Second, "restarted machine catches up", func() error {
+	testpoll.Until(t, 20*time.Second, "restarted machine catches up", func() error {
 		var err error
 		n.Read(func(s *fsm.State) {
 			_, a := s.Lock("kept")
@@ -202,7 +203,7 @@ func TestGoneVoterIsReplacedByNonvoter(t *testing.T) {
 		}
 	}
 	tc.stop(victim)
-	eventually(t, 30*time.Second, "non-voter promoted in place of the gone voter", func() error {
+	testpoll.Until(t, 30*time.Second, "non-voter promoted in place of the gone voter", func() error {
 		st, err := tc.nodes[tc.leader()].Status()
 		if err != nil {
 			return err
@@ -244,7 +245,7 @@ func TestLeaderLeavesCleanly(t *testing.T) {
 		t.Fatalf("after leave the leader is %q", st.LeaderID)
 	}
 	tc.stop(old)
-	eventually(t, 10*time.Second, "the others record it as left", func() error {
+	testpoll.Until(t, 10*time.Second, "the others record it as left", func() error {
 		m, ok := next.Member(oldID)
 		if !ok || m.Liveness != LivenessLeft {
 			return fmt.Errorf("member %+v", m)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/testpoll"
 )
 
 // testTiming makes failure detection and promotion quick on loopback.
@@ -140,25 +141,11 @@ func (tc *testCluster) startN(n int) {
 	}
 }
 
-// eventually polls cond until it holds or the timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("timed out after %v waiting for %s: %v", timeout, what, err)
-}
-
 // waitVoters waits until every running node sees the wanted numbers of
 // voters and non-voters and agrees on one leader.
 func (tc *testCluster) waitVoters(voters, nonvoters int) {
 	tc.t.Helper()
-	eventually(tc.t, 30*time.Second, fmt.Sprintf("%d voters and %d non-voters", voters, nonvoters), func() error {
+	testpoll.Until(tc.t, 30*time.Second, fmt.Sprintf("%d voters and %d non-voters", voters, nonvoters), func() error {
 		leaders := map[string]bool{}
 		for i, n := range tc.nodes {
 			if n == nil {
@@ -208,7 +195,7 @@ func (tc *testCluster) leader() int {
 // waitFacts waits until every running node's facts satisfy check.
 func (tc *testCluster) waitFacts(what string, check func(*fsm.State) error) {
 	tc.t.Helper()
-	eventually(tc.t, 20*time.Second, what, func() error {
+	testpoll.Until(tc.t, 20*time.Second, what, func() error {
 		for i, n := range tc.nodes {
 			if n == nil {
 				continue

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/drover-sh/drover/internal/testpoll"
 	"net"
 	"net/netip"
 	"os"
@@ -35,7 +36,7 @@ func TestBinariesFormCluster(t *testing.T) {
 		os.Unsetenv("NOTIFY_SOCKET")
 		daemons = append(daemons, d)
 	}
-	waitFor(t, 10*time.Second, "READY=1 from b1", func() error { return notify.saw("READY=1") })
+	testpoll.Until(t, 10*time.Second, "READY=1 from b1", func() error { return notify.saw("READY=1") })
 	// Before init or join the CLI says the machine is in no cluster.
 	out, err := daemons[0].ctl(t, "machine", "ls")
 	if err == nil || !strings.Contains(out, "no cluster") {
@@ -66,7 +67,7 @@ func TestBinariesFormCluster(t *testing.T) {
 		Liveness string `json:"liveness"`
 		RaftRole string `json:"raft_role"`
 	}
-	waitFor(t, 60*time.Second, "3 machines, one leader, all alive, on every daemon", func() error {
+	testpoll.Until(t, 60*time.Second, "3 machines, one leader, all alive, on every daemon", func() error {
 		for _, d := range daemons {
 			out, err := d.ctl(t, "machine", "ls", "--json")
 			if err != nil {
@@ -91,7 +92,7 @@ func TestBinariesFormCluster(t *testing.T) {
 		}
 		return nil
 	})
-	waitFor(t, 10*time.Second, "b1 reporting its Raft role to systemd", func() error { return notify.saw("STATUS=raft leader") })
+	testpoll.Until(t, 10*time.Second, "b1 reporting its Raft role to systemd", func() error { return notify.saw("STATUS=raft leader") })
 	out, err = daemons[2].ctl(t, "cluster", "status")
 	if err != nil || !strings.Contains(out, "b1") {
 		t.Fatalf("cluster status: %v\n%s", err, out)
@@ -102,7 +103,7 @@ func TestBinariesFormCluster(t *testing.T) {
 	if err := daemons[2].stop(); err != nil {
 		t.Fatalf("SIGTERM stop of b3: %v", err)
 	}
-	waitFor(t, 30*time.Second, "b3 shown as left", func() error {
+	testpoll.Until(t, 30*time.Second, "b3 shown as left", func() error {
 		out, err := daemons[0].ctl(t, "machine", "ls", "--json")
 		if err != nil {
 			return err
@@ -158,7 +159,7 @@ func startDaemon(t *testing.T, bin, name string, addr netip.Addr, extra ...strin
 			t.Logf("--- %s log ---\n%s", name, b)
 		}
 	})
-	waitFor(t, 20*time.Second, name+" socket", func() error {
+	testpoll.Until(t, 20*time.Second, name+" socket", func() error {
 		_, err := os.Stat(d.socket)
 		return err
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/drover-sh/drover/internal/testpoll"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,12 +71,12 @@ func TestLabDeploy(t *testing.T) {
 	}
 	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
 	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
-	waitFor(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
+	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
 	daemons := []*labDaemon{d1}
 	for _, host := range h[1:] {
 		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
 	}
-	waitFor(t, 90*time.Second, "3 machines with overlay addresses", func() error {
+	testpoll.Until(t, 90*time.Second, "3 machines with overlay addresses", func() error {
 		for _, d := range daemons {
 			ms, err := d.machines()
 			if err != nil {
@@ -119,7 +120,7 @@ func TestLabDeploy(t *testing.T) {
 	}
 	// From host 3, over the mesh, at the service IP.
 	var wrote string
-	waitFor(t, 30*time.Second, "the service answering host 3 at its service IP", func() error {
+	testpoll.Until(t, 30*time.Second, "the service answering host 3 at its service IP", func() error {
 		var err error
 		wrote, err = curl(h[2], "-XPOST", "--data", "hello", "http://"+ip+":80/write?key=k1")
 		return err
@@ -142,7 +143,7 @@ func TestLabDeploy(t *testing.T) {
 		t.Fatal(err)
 	}
 	daemons[1].start(t)
-	waitFor(t, 60*time.Second, "host 2 back in the cluster", func() error {
+	testpoll.Until(t, 60*time.Second, "host 2 back in the cluster", func() error {
 		ms, err := daemons[1].machines()
 		if err != nil {
 			return err

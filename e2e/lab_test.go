@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"github.com/drover-sh/drover/internal/testpoll"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,7 +57,7 @@ func (d *labDaemon) start(t *testing.T) {
 			t.Logf("--- %s droverd log (tail) ---\n%s", d.host.Name, strings.Join(lines, "\n"))
 		}
 	})
-	waitFor(t, 20*time.Second, d.host.Name+" control socket", func() error {
+	testpoll.Until(t, 20*time.Second, d.host.Name+" control socket", func() error {
 		if p.Exited() {
 			return fmt.Errorf("droverd exited: %v", p.Wait())
 		}
@@ -135,7 +136,7 @@ func TestLabMesh(t *testing.T) {
 
 	d1 := startLabDaemon(t, bin, h[0], "--init")
 	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
-	waitFor(t, 20*time.Second, "cluster key on the first host", func() error { _, err := os.Stat(keyFile); return err })
+	testpoll.Until(t, 20*time.Second, "cluster key on the first host", func() error { _, err := os.Stat(keyFile); return err })
 	daemons := []*labDaemon{d1}
 	for _, host := range h[1:3] {
 		daemons = append(daemons, startLabDaemon(t, bin, host, "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile))
@@ -143,7 +144,7 @@ func TestLabMesh(t *testing.T) {
 
 	// One cluster, every machine with an overlay address, every pair
 	// handshaken, one leader.
-	waitFor(t, 90*time.Second, "3 machines with overlay addresses and handshakes everywhere", func() error {
+	testpoll.Until(t, 90*time.Second, "3 machines with overlay addresses and handshakes everywhere", func() error {
 		for _, d := range daemons {
 			ms, err := d.machines()
 			if err != nil {
@@ -174,7 +175,7 @@ func TestLabMesh(t *testing.T) {
 	t.Logf("lab of 4 hosts (Docker, ZFS) up in %v; 3-machine cluster formed %v after start", labUp.Round(time.Millisecond), formed.Round(time.Millisecond))
 
 	// mesh status lists both peers with a handshake, traffic and allowed IPs.
-	waitFor(t, 30*time.Second, "mesh status complete on every host", func() error {
+	testpoll.Until(t, 30*time.Second, "mesh status complete on every host", func() error {
 		for _, d := range daemons {
 			out, err := d.ctl("mesh", "status", "--json")
 			if err != nil {
@@ -231,7 +232,7 @@ func TestLabMesh(t *testing.T) {
 	wrongKeyFile := filepath.Join(h[3].Dir, "wrong.key")
 	os.WriteFile(wrongKeyFile, []byte(base64.StdEncoding.EncodeToString(wrongKey)), 0o600)
 	intruder := startLabDaemon(t, bin, h[3], "--join", h[0].UnderlayIP, "--cluster-key-file", wrongKeyFile)
-	waitFor(t, 30*time.Second, "the intruder's log to name the key", func() error {
+	testpoll.Until(t, 30*time.Second, "the intruder's log to name the key", func() error {
 		b, _ := os.ReadFile(intruder.proc.LogPath())
 		if !strings.Contains(string(b), "cluster key") {
 			return fmt.Errorf("log so far:\n%s", b)
@@ -253,7 +254,7 @@ func TestLabMesh(t *testing.T) {
 	// Cut the leader off: the others see it failed and elect a leader that
 	// serves commands; linked back, it rejoins by itself.
 	var st ctlapi.ClusterStatus
-	waitFor(t, 30*time.Second, "three voters", func() error {
+	testpoll.Until(t, 30*time.Second, "three voters", func() error {
 		var err error
 		if st, err = d1.status(); err == nil && len(st.Voters) != 3 {
 			err = fmt.Errorf("voters %+v", st.Voters)
@@ -275,7 +276,7 @@ func TestLabMesh(t *testing.T) {
 	if err := l.SetLinkUp(cut.host, false); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 60*time.Second, "cut-off leader seen failed and a new leader", func() error {
+	testpoll.Until(t, 60*time.Second, "cut-off leader seen failed and a new leader", func() error {
 		for _, d := range rest {
 			ms, err := d.machines()
 			if err != nil {
@@ -294,7 +295,7 @@ func TestLabMesh(t *testing.T) {
 		}
 		return nil
 	})
-	waitFor(t, 30*time.Second, "the cut-off host shown failed", func() error {
+	testpoll.Until(t, 30*time.Second, "the cut-off host shown failed", func() error {
 		ms, err := rest[0].machines()
 		if err != nil {
 			return err
@@ -310,7 +311,7 @@ func TestLabMesh(t *testing.T) {
 	if err := l.SetLinkUp(cut.host, true); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 90*time.Second, "the cut-off host back, alive, following the new leader", func() error {
+	testpoll.Until(t, 90*time.Second, "the cut-off host back, alive, following the new leader", func() error {
 		for _, d := range daemons {
 			ms, err := d.machines()
 			if err != nil {
@@ -339,7 +340,7 @@ func TestLabMesh(t *testing.T) {
 		t.Fatalf("SIGTERM: %v", err)
 	}
 	victim.start(t)
-	waitFor(t, 60*time.Second, "restarted host back with the same identity", func() error {
+	testpoll.Until(t, 60*time.Second, "restarted host back with the same identity", func() error {
 		ms, err := victim.machines()
 		if err != nil {
 			return err

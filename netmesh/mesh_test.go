@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/drover-sh/drover/internal/testpoll"
 	"go.uber.org/goleak"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
@@ -157,7 +158,7 @@ func (n *meshNodeProc) reload(t *testing.T) {
 	n.write(t)
 	sent := time.Now()
 	n.cmd.Process.Signal(syscall.SIGHUP)
-	waitUntil(t, 5*time.Second, "status after reload", func() error {
+	testpoll.Until(t, 5*time.Second, "status after reload", func() error {
 		after, err := os.Stat(n.cfgPath + ".status")
 		if err != nil || !after.ModTime().After(sent.Add(150*time.Millisecond)) {
 			return errors.New("no fresh status")
@@ -176,19 +177,6 @@ func (n *meshNodeProc) status(t *testing.T) Status {
 		t.Fatalf("status of %s: %v", n.ns, err)
 	}
 	return st
-}
-
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s: %v", what, err)
 }
 
 func TestMeshBetweenNamespaces(t *testing.T) {
@@ -250,7 +238,7 @@ func TestMeshBetweenNamespaces(t *testing.T) {
 		nodes[i] = n
 	}
 	// Traffic over the overlay, and a handshake seen by wgctrl.
-	waitUntil(t, 20*time.Second, "ping over the overlay", func() error {
+	testpoll.Until(t, 20*time.Second, "ping over the overlay", func() error {
 		out, err := exec.Command("ip", "netns", "exec", nsPrefix+"1", "ping", "-c1", "-W1", "10.210.0.2").CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, out)
@@ -258,7 +246,7 @@ func TestMeshBetweenNamespaces(t *testing.T) {
 		return nil
 	})
 	var st Status
-	waitUntil(t, 5*time.Second, "handshake and bytes in the status", func() error {
+	testpoll.Until(t, 5*time.Second, "handshake and bytes in the status", func() error {
 		if _, err := os.Stat(nodes[0].cfgPath + ".status"); err != nil {
 			return err
 		}
@@ -324,7 +312,7 @@ func TestCloseLeavesNoInterfaceNorGoroutine(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
 	}
-	waitUntil(t, 5*time.Second, "interface removed", func() error {
+	testpoll.Until(t, 5*time.Second, "interface removed", func() error {
 		if out, _ := exec.Command("ip", "link", "show", "dmtleak0").CombinedOutput(); !strings.Contains(string(out), "does not exist") {
 			return errors.New(string(out))
 		}
