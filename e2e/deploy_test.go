@@ -220,6 +220,17 @@ func TestLabDeploy(t *testing.T) {
 	if after := services(t, d1); fmt.Sprint(after) != fmt.Sprint(before) {
 		t.Fatalf("bad manifests changed services:\n%+v\n%+v", before, after)
 	}
+
+	// A deploy whose service cannot start says which, where and why.
+	broken := writeManifest(t, "broken.toml", fmt.Sprintf(`namespace = "lab"
+[services.broken]
+image = "no-such-image:1"
+machine = "%s"
+`, h[2].Name))
+	out, err = d1.ctl("deploy", "-f", broken)
+	if err == nil || !strings.Contains(out, "lab/broken failed on "+h[2].Name) || !strings.Contains(out, "no-such-image") {
+		t.Fatalf("failing deploy: %v\n%s", err, out)
+	}
 }
 
 func services(t *testing.T, d *labDaemon) []ctlapi.Service {

@@ -25,12 +25,16 @@ trap teardown EXIT
 
 say "bringing up 3 hosts (network namespaces, each with a ZFS pool and a Docker engine)"
 "$here/lab.sh" up 3 "$prefix"
+"$here/build-image.sh" $run/${prefix}{1,2,3}/docker.sock
+# zfs-fuse needs the lab's shim in front of zfs (never on a production PATH).
+export PATH=$here/zfs-shim:$PATH
 
 start() {
   local i=$1; shift
   local h=$prefix$i
   nsenter --net=/var/run/netns/$h "$bin/droverd" --name "$h" --bind "10.77.0.$i" \
     --data-dir "$lab/$h/drover" --socket "$run/$h/drover.sock" --wg-interface "${h}wg" \
+    --docker-host "unix://$run/$h/docker.sock" --zfs-parent "${h}pool/drover" \
     --lab-timing "$@" >"$lab/$h/droverd.log" 2>&1 &
   pids+=($!)
   disown
@@ -58,6 +62,42 @@ say "mesh status on ${prefix}2"
 ctl ${prefix}2 mesh status
 say "Raft, seen from ${prefix}3"
 ctl ${prefix}3 cluster status
+
+say "deploying a service with a ZFS volume onto ${prefix}2 (preview first)"
+manifest=$lab/shop.toml
+cat >"$manifest" <<TOML
+namespace = "shop"
+
+[services.web]
+image = "drover-test:latest"
+env = { PORT = "8080" }
+machine = "${prefix}2"
+
+[[services.web.ports]]
+port = 80
+target = 8080
+
+[[services.web.volumes]]
+name = "data"
+path = "/data"
+quota = "256MiB"
+
+[services.web.readiness]
+http = "/healthz"
+interval = "300ms"
+TOML
+cat "$manifest"
+ctl ${prefix}1 deploy preview -f "$manifest"
+ctl ${prefix}1 deploy -f "$manifest"
+ip=$(ctl ${prefix}1 service ls --json | sed -n 's/.*"service_ip": "\(.*\)".*/\1/p' | head -1)
+
+say "writing through the service IP $ip from ${prefix}3, over the mesh"
+for i in 1 2 3; do
+  nsenter --net=/var/run/netns/${prefix}3 curl -s -XPOST --data "order $i" "http://$ip/write?key=order-$i"
+done
+say "the data is in ${prefix}2's ZFS dataset"
+ls -l "$lab/mnt/${prefix}2/drover/shop/data"
+ctl ${prefix}2 volume ls
 
 say "cutting ${prefix}1 off the network"
 ip link set v${prefix}1 down
