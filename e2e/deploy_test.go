@@ -184,20 +184,25 @@ func TestLabDeploy(t *testing.T) {
 		writeManifest(t, "c2.toml", fmt.Sprintf(shopManifest, "c2", h[1].Name, "4s")),
 	}
 	var wg sync.WaitGroup
+	racers := []*labDaemon{d1, daemons[2]}
 	outs, errs := make([]string, 2), make([]error, 2)
-	for i, d := range []*labDaemon{d1, daemons[2]} {
+	for i, d := range racers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if i == 1 {
-				time.Sleep(500 * time.Millisecond)
-			}
 			outs[i], errs[i] = d.ctl("deploy", "-f", slow[i])
 		}()
 	}
 	wg.Wait()
-	if errs[0] != nil || errs[1] == nil || !strings.Contains(outs[1], "locked by "+h[0].Name+"/deploy/") {
-		t.Fatalf("concurrent deploys:\n1: %v %s\n2: %v %s", errs[0], outs[0], errs[1], outs[1])
+	if (errs[0] == nil) == (errs[1] == nil) {
+		t.Fatalf("concurrent deploys: want exactly one to succeed:\n1: %v %s\n2: %v %s", errs[0], outs[0], errs[1], outs[1])
+	}
+	winner, loser := 0, 1
+	if errs[0] != nil {
+		winner, loser = 1, 0
+	}
+	if want := "locked by " + racers[winner].host.Name + "/deploy/"; !strings.Contains(outs[loser], want) {
+		t.Fatalf("the refused deploy does not name the holder (%q):\n%s", want, outs[loser])
 	}
 
 	// Bad manifests: each names its problem, none changes anything.
