@@ -28,6 +28,9 @@ const (
 	CmdPutService        CommandType = 9
 	CmdRemoveService     CommandType = 10
 	CmdSetServiceStatus  CommandType = 11
+	CmdStartMigration    CommandType = 12
+	CmdAdvanceMigration  CommandType = 13
+	CmdCommitMigration   CommandType = 14
 )
 
 // Command is one typed change of the facts.
@@ -80,6 +83,9 @@ func init() {
 	register(CmdPutService, "PutService", (*State).putService)
 	register(CmdRemoveService, "RemoveService", (*State).removeService)
 	register(CmdSetServiceStatus, "SetServiceStatus", (*State).setServiceStatus)
+	register(CmdStartMigration, "StartMigration", (*State).startMigration)
+	register(CmdAdvanceMigration, "AdvanceMigration", (*State).advanceMigration)
+	register(CmdCommitMigration, "CommitMigration", (*State).commitMigration)
 }
 
 // String names the command type.

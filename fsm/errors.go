@@ -29,6 +29,7 @@ var (
 	ErrOverlayExhausted = &RuleError{Code: "overlay_exhausted"}
 	ErrUnknownService   = &RuleError{Code: "unknown_service"}
 	ErrVolumeElsewhere  = &RuleError{Code: "volume_elsewhere"}
+	ErrUnknownMigration = &RuleError{Code: "unknown_migration"}
 )
 
 func (e *RuleError) Error() string {

@@ -25,11 +25,12 @@ const (
 type recordKind byte
 
 const (
-	recordEnd     recordKind = 0
-	recordMachine recordKind = 1
-	recordLock    recordKind = 2
-	recordService recordKind = 3
-	recordVolume  recordKind = 4
+	recordEnd       recordKind = 0
+	recordMachine   recordKind = 1
+	recordLock      recordKind = 2
+	recordService   recordKind = 3
+	recordVolume    recordKind = 4
+	recordMigration recordKind = 5
 )
 
 // ErrBadSnapshot marks a snapshot that cannot be restored.
@@ -57,6 +58,11 @@ func (s *State) WriteSnapshot(w io.Writer) error {
 	}
 	for _, v := range s.Volumes() {
 		if err := writeRecord(bw, recordVolume, v); err != nil {
+			return err
+		}
+	}
+	for _, m := range s.Migrations() {
+		if err := writeRecord(bw, recordMigration, m); err != nil {
 			return err
 		}
 	}
@@ -145,6 +151,12 @@ func (s *State) restoreRecord(kind recordKind, body []byte) error {
 			return fmt.Errorf("volume: %v", err)
 		}
 		s.volumes[v.Key()] = v
+	case recordMigration:
+		var m Migration
+		if err := dec.Decode(&m); err != nil {
+			return fmt.Errorf("migration: %v", err)
+		}
+		s.migrations[m.ID] = m
 	default:
 		return fmt.Errorf("unknown record kind %d", kind)
 	}

@@ -9,15 +9,16 @@ import (
 // State is the whole set of facts. It is not safe for concurrent use; the
 // Raft shell serialises access.
 type State struct {
-	machines map[string]Machine // by id
-	locks    map[string]Lock    // by namespace
-	services map[string]Service // by namespace/name
-	volumes  map[string]Volume  // by namespace/name
+	machines   map[string]Machine   // by id
+	locks      map[string]Lock      // by namespace
+	services   map[string]Service   // by namespace/name
+	volumes    map[string]Volume    // by namespace/name
+	migrations map[string]Migration // by id
 }
 
 // NewState returns an empty state.
 func NewState() *State {
-	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}}
+	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}}
 }
 
 // Apply decodes and applies one log entry. Time comes only from the
@@ -50,7 +51,7 @@ func (s *State) Clone() *State {
 	// Values are copied; a spec's slices and map are shared, which is
 	// safe because nothing mutates a stored spec in place.
 	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks),
-		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes)}
+		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations)}
 }
 
 // sortedValues returns a map's values sorted by key(v).

@@ -1,0 +1,246 @@
+package fsm
+
+import (
+	"fmt"
+	"time"
+)
+
+// MigrationPhase is where a migration is. The order before the commit is
+// planned, warm-copy, source-stopped, final-copy, target-starting; any of
+// those may turn to aborting, then aborted. committed is the point of no
+// return: after it only done follows.
+type MigrationPhase string
+
+// Migration phases, as written on the wire.
+const (
+	PhasePlanned        MigrationPhase = "planned"
+	PhaseWarmCopy       MigrationPhase = "warm-copy"
+	PhaseSourceStopped  MigrationPhase = "source-stopped"
+	PhaseFinalCopy      MigrationPhase = "final-copy"
+	PhaseTargetStarting MigrationPhase = "target-starting"
+	PhaseCommitted      MigrationPhase = "committed"
+	PhaseDone           MigrationPhase = "done"
+	PhaseAborting       MigrationPhase = "aborting"
+	PhaseAborted        MigrationPhase = "aborted"
+)
+
+// preCommit is the forward order of the phases before the commit.
+var preCommit = []MigrationPhase{PhasePlanned, PhaseWarmCopy, PhaseSourceStopped, PhaseFinalCopy, PhaseTargetStarting}
+
+// Terminal tells whether a migration in this phase is over.
+func (p MigrationPhase) Terminal() bool { return p == PhaseDone || p == PhaseAborted }
+
+// Committed tells whether ownership has moved.
+func (p MigrationPhase) Committed() bool { return p == PhaseCommitted || p == PhaseDone }
+
+func phaseIndex(p MigrationPhase) int {
+	for i, q := range preCommit {
+		if q == p {
+			return i
+		}
+	}
+	return -1
+}
+
+// MigrationVolume is one volume's progress.
+type MigrationVolume struct {
+	Name         string `json:"name"`
+	BytesSent    uint64 `json:"bytes_sent"`
+	LastSnapshot string `json:"last_snapshot,omitempty"` // newest snapshot both sides hold
+	GUID         uint64 `json:"guid,omitempty"`          // its GUID, checked on the target
+}
+
+// Migration is one move of a service and its volumes.
+type Migration struct {
+	ID              string            `json:"id"`
+	Namespace       string            `json:"namespace"`
+	Service         string            `json:"service"`
+	SourceID        string            `json:"source_id"`
+	TargetID        string            `json:"target_id"`
+	Holder          string            `json:"holder"` // of the namespace lock
+	Phase           MigrationPhase    `json:"phase"`
+	Volumes         []MigrationVolume `json:"volumes"`
+	Error           string            `json:"error,omitempty"`
+	StartedAt       time.Time         `json:"started_at"`
+	UpdatedAt       time.Time         `json:"updated_at"`
+	SourceStoppedAt time.Time         `json:"source_stopped_at,omitzero"`
+	CommittedAt     time.Time         `json:"committed_at,omitzero"`
+}
+
+// StartMigration records a migration in phase planned. The holder must
+// hold the namespace's lock; the service must exist; the target must be
+// another, active machine; no other migration of the service may be
+// running. Result: Migration.
+type StartMigration struct {
+	ID        string    `json:"id"`
+	Namespace string    `json:"namespace"`
+	Service   string    `json:"service"`
+	TargetID  string    `json:"target_id"`
+	Holder    string    `json:"holder"`
+	At        time.Time `json:"at"`
+}
+
+// AdvanceMigration moves a migration to another phase before or after the
+// commit (never across it: that is CommitMigration), recording progress.
+// Result: Migration.
+type AdvanceMigration struct {
+	ID      string            `json:"id"`
+	Phase   MigrationPhase    `json:"phase"`
+	Volumes []MigrationVolume `json:"volumes,omitempty"` // replaces the progress when given
+	Error   string            `json:"error,omitempty"`
+	At      time.Time         `json:"at"`
+}
+
+// CommitMigration is the point of no return, in one command: the volumes'
+// owner and the service's machine become the target (and with them the
+// service IP's route). Allowed only from target-starting, by the holder of
+// the namespace lock. Result: Migration.
+type CommitMigration struct {
+	ID     string    `json:"id"`
+	Holder string    `json:"holder"`
+	At     time.Time `json:"at"`
+}
+
+// Type implements Command.
+func (StartMigration) Type() CommandType { return CmdStartMigration }
+
+// Type implements Command.
+func (AdvanceMigration) Type() CommandType { return CmdAdvanceMigration }
+
+// Type implements Command.
+func (CommitMigration) Type() CommandType { return CmdCommitMigration }
+
+func (s *State) startMigration(c StartMigration) (any, *RuleError) {
+	if !validID(c.ID) {
+		return nil, ruleErr(ErrInvalid, "migration id %q: want 1-64 of a-z, 0-9 and -", c.ID)
+	}
+	if _, dup := s.migrations[c.ID]; dup {
+		return nil, ruleErr(ErrInvalid, "migration %s exists already", c.ID)
+	}
+	if err := s.requireLock(c.Namespace, c.Holder, c.At); err != nil {
+		return nil, err
+	}
+	sv, ok := s.services[c.Namespace+"/"+c.Service]
+	if !ok {
+		return nil, ruleErr(ErrUnknownService, "no service %s/%s", c.Namespace, c.Service)
+	}
+	target, ok := s.machines[c.TargetID]
+	if !ok {
+		return nil, ruleErr(ErrUnknownMachine, "no machine with id %q", c.TargetID)
+	}
+	if c.TargetID == sv.MachineID {
+		return nil, ruleErr(ErrInvalid, "service %s already runs on %s", sv.Key(), target.Name)
+	}
+	if target.State != MachineActive {
+		return nil, ruleErr(ErrInvalid, "machine %s is %s: it takes no new placements", target.Name, target.State)
+	}
+	if m, busy := s.ActiveMigration(c.Namespace, c.Service); busy {
+		return nil, ruleErr(ErrInvalid, "service %s is being moved already by migration %s (%s)", sv.Key(), m.ID, m.Phase)
+	}
+	m := Migration{ID: c.ID, Namespace: c.Namespace, Service: c.Service, SourceID: sv.MachineID, TargetID: c.TargetID,
+		Holder: c.Holder, Phase: PhasePlanned, StartedAt: c.At, UpdatedAt: c.At}
+	for _, v := range sv.Spec.Volumes {
+		m.Volumes = append(m.Volumes, MigrationVolume{Name: v.Name})
+	}
+	s.migrations[c.ID] = m
+	return m, nil
+}
+
+func (s *State) advanceMigration(c AdvanceMigration) (any, *RuleError) {
+	m, ok := s.migrations[c.ID]
+	if !ok {
+		return nil, ruleErr(ErrUnknownMigration, "no migration %q", c.ID)
+	}
+	from, to := m.Phase, c.Phase
+	var allowed bool
+	switch {
+	case from.Terminal():
+		allowed = false
+	case from.Committed():
+		allowed = from == PhaseCommitted && to == PhaseDone
+	case to == PhaseAborting:
+		allowed = from != PhaseAborting
+	case to == PhaseAborted:
+		allowed = from == PhaseAborting
+	case from == PhaseAborting:
+		allowed = false
+	default:
+		allowed = phaseIndex(to) >= phaseIndex(from) && phaseIndex(to) >= 0
+	}
+	if !allowed {
+		msg := fmt.Sprintf("migration %s cannot go from %s to %s", c.ID, from, to)
+		if from.Committed() {
+			msg += ": after the commit a migration only goes forward"
+		}
+		return nil, &RuleError{Code: ErrInvalid.Code, Message: msg}
+	}
+	m.Phase, m.UpdatedAt = to, c.At
+	if c.Volumes != nil {
+		m.Volumes = c.Volumes
+	}
+	if c.Error != "" {
+		m.Error = c.Error
+	}
+	if to == PhaseSourceStopped && m.SourceStoppedAt.IsZero() {
+		m.SourceStoppedAt = c.At
+	}
+	s.migrations[c.ID] = m
+	return m, nil
+}
+
+func (s *State) commitMigration(c CommitMigration) (any, *RuleError) {
+	m, ok := s.migrations[c.ID]
+	if !ok {
+		return nil, ruleErr(ErrUnknownMigration, "no migration %q", c.ID)
+	}
+	if m.Phase != PhaseTargetStarting {
+		return nil, ruleErr(ErrInvalid, "migration %s is %s: only a migration whose target started may commit", c.ID, m.Phase)
+	}
+	if err := s.requireLock(m.Namespace, c.Holder, c.At); err != nil {
+		return nil, err
+	}
+	key := m.Namespace + "/" + m.Service
+	sv, ok := s.services[key]
+	if !ok {
+		return nil, ruleErr(ErrUnknownService, "no service %s", key)
+	}
+	for _, v := range m.Volumes {
+		vk := m.Namespace + "/" + v.Name
+		vol, ok := s.volumes[vk]
+		if !ok || vol.OwnerID != m.SourceID {
+			return nil, ruleErr(ErrVolumeElsewhere, "volume %s is not owned by the source any more", vk)
+		}
+	}
+	for _, v := range m.Volumes {
+		vk := m.Namespace + "/" + v.Name
+		vol := s.volumes[vk]
+		vol.OwnerID = m.TargetID
+		s.volumes[vk] = vol
+	}
+	sv.MachineID, sv.UpdatedAt = m.TargetID, c.At
+	s.services[key] = sv
+	m.Phase, m.CommittedAt, m.UpdatedAt = PhaseCommitted, c.At, c.At
+	s.migrations[c.ID] = m
+	return m, nil
+}
+
+// ActiveMigration finds the running migration of a service, if any.
+func (s *State) ActiveMigration(namespace, service string) (Migration, bool) {
+	for _, m := range s.migrations {
+		if m.Namespace == namespace && m.Service == service && !m.Phase.Terminal() {
+			return m, true
+		}
+	}
+	return Migration{}, false
+}
+
+// Migrations lists the migrations, oldest first.
+func (s *State) Migrations() []Migration {
+	return sortedValues(s.migrations, func(m Migration) string { return m.StartedAt.UTC().Format(time.RFC3339Nano) + m.ID })
+}
+
+// Migration looks a migration up by id.
+func (s *State) Migration(id string) (Migration, bool) {
+	m, ok := s.migrations[id]
+	return m, ok
+}
