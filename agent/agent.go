@@ -219,6 +219,7 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 		n.Close()
 		return err
 	}
+	a.registerMigrationRPC(n)
 	ctx, cancel := context.WithCancel(a.ctx)
 	a.node, a.mesh, a.endNode, a.work = n, m, cancel, w
 	// Raft and RPC start on the overlay address once it is known (bringUp).

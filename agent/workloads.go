@@ -131,8 +131,19 @@ func (w *workloads) reconcile(ctx context.Context, n *cluster.Node) error {
 	self := w.a.machineID
 	var owned []fsm.Service
 	volumes := map[string]fsm.Volume{}
+	// A service being moved to or from this machine is the migration's,
+	// not the reconciler's: its containers are left alone, and the target
+	// keeps its service IP ready for the start before the commit.
+	moving := map[string]bool{}
+	var incomingIPs []netip.Addr
 	n.Read(func(s *fsm.State) {
 		for _, sv := range s.Services() {
+			if m, ok := s.ActiveMigration(sv.Namespace, sv.Spec.Name); ok && (m.SourceID == self || m.TargetID == self) {
+				moving[sv.Key()] = true
+				if m.TargetID == self {
+					incomingIPs = append(incomingIPs, sv.ServiceIP)
+				}
+			}
 			if sv.MachineID == self {
 				owned = append(owned, sv)
 			}
@@ -149,7 +160,7 @@ func (w *workloads) reconcile(ctx context.Context, n *cluster.Node) error {
 	for _, c := range containers {
 		byKey[c.Key()] = c
 	}
-	ips := make([]netip.Addr, 0, len(owned))
+	ips := incomingIPs
 	for _, sv := range owned {
 		ips = append(ips, sv.ServiceIP)
 	}
@@ -159,10 +170,12 @@ func (w *workloads) reconcile(ctx context.Context, n *cluster.Node) error {
 	wanted := map[string]bool{}
 	for _, sv := range owned {
 		wanted[sv.Key()] = true
-		w.reconcileService(ctx, n, sv, volumes, byKey[sv.Key()])
+		if !moving[sv.Key()] {
+			w.reconcileService(ctx, n, sv, volumes, byKey[sv.Key()])
+		}
 	}
 	for _, c := range containers {
-		if !wanted[c.Key()] {
+		if !wanted[c.Key()] && !moving[c.Key()] {
 			w.a.logger.Info("removing a container this machine no longer owns", "service", c.Key())
 			if err := w.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
 				w.a.logger.Warn("removing container", "service", c.Key(), "err", err)
@@ -282,6 +295,20 @@ func errString(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// addServiceIP puts one service IP on the loopback now (a migration's
+// target, before the reconciler's next round).
+func (w *workloads) addServiceIP(ip netip.Addr) error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	ipn := &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}
+	if err := netlink.AddrAdd(lo, &netlink.Addr{IPNet: ipn}); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("adding service IP %s: %w", ip, err)
+	}
+	return nil
 }
 
 // setServiceIPs makes the /32s on the loopback exactly the service IPs of

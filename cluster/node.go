@@ -50,6 +50,7 @@ type Node struct {
 	rpc    *rpcClient
 
 	rs     atomic.Pointer[raftParts]
+	rpcMux *http.ServeMux
 	nudge  chan struct{} // gossip changed; consumed by the leader's loop
 	halted chan struct{}
 	halt   sync.Once
@@ -87,6 +88,7 @@ func Start(cfg Config) (*Node, error) {
 		cfg:    cfg,
 		logger: cfg.Logger,
 		rpc:    newRPCClient(cfg.Key),
+		rpcMux: http.NewServeMux(),
 		nudge:  make(chan struct{}, 1),
 		halted: make(chan struct{}),
 		ctx:    ctx,

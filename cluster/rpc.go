@@ -2,6 +2,9 @@ package cluster
 
 import (
 	"bytes"
+	"net/netip"
+	"strings"
+
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -9,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/drover-sh/drover/fsm"
 	"io"
 	"net"
 	"net/http"
@@ -44,7 +48,7 @@ type serverStats struct {
 }
 
 func (n *Node) rpcHandler() http.Handler {
-	mux := http.NewServeMux()
+	mux := n.rpcMux
 	mux.HandleFunc("POST "+rpcApplyPath, n.handleApply)
 	mux.HandleFunc("GET "+rpcStatsPath, n.handleStats)
 	token := rpcToken(n.cfg.Key)
@@ -81,20 +85,20 @@ func (n *Node) handleStats(w http.ResponseWriter, _ *http.Request) {
 	_ = json.NewEncoder(w).Encode(n.localStats())
 }
 
+// rpcClient has no overall timeout (volume streams run long); every call
+// carries a context.
 type rpcClient struct {
 	token string
 	http  *http.Client
 }
 
 func newRPCClient(key []byte) *rpcClient {
-	return &rpcClient{
-		token: rpcToken(key),
-		http: &http.Client{Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: 3 * time.Second}).DialContext,
-			MaxIdleConnsPerHost: 4,
-			IdleConnTimeout:     30 * time.Second,
-		}},
+	transport := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 3 * time.Second}).DialContext,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     30 * time.Second,
 	}
+	return &rpcClient{token: rpcToken(key), http: &http.Client{Transport: transport}}
 }
 
 func (c *rpcClient) do(ctx context.Context, method, addr, path string, body []byte, out any) error {
@@ -137,3 +141,58 @@ func (c *rpcClient) stats(ctx context.Context, addr string) (serverStats, error)
 }
 
 func (c *rpcClient) close() { c.http.CloseIdleConnections() }
+
+// AgentRPCPrefix is where the agent's own daemon-to-daemon handlers live.
+const AgentRPCPrefix = "/rpc/v1/agent/"
+
+// HandleRPC registers a daemon-to-daemon handler under AgentRPCPrefix;
+// call it before StartRaft. Requests reach it only with the cluster key,
+// and only over the overlay.
+func (n *Node) HandleRPC(pattern string, h http.HandlerFunc) {
+	method, path, _ := strings.Cut(pattern, " ")
+	n.rpcMux.HandleFunc(method+" "+AgentRPCPrefix+strings.TrimPrefix(path, "/"), h)
+}
+
+// CallRPC sends a request to an agent handler of another machine and
+// returns the response for the caller to read (and close); a status other
+// than 200 is an error carrying the body's text.
+func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, body io.Reader) (*http.Response, error) {
+	addr := n.rpcAddrOf(machineID)
+	if addr == "" {
+		return nil, fmt.Errorf("no RPC address known for machine %s", machineID)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+AgentRPCPrefix+strings.TrimPrefix(path, "/"), body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set(rpcAuthHdr, n.rpc.token)
+	resp, err := n.rpc.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("rpc %s %s on %s: %w", method, path, addr, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return nil, fmt.Errorf("rpc %s %s on %s: %s: %s", method, path, addr, resp.Status, bytes.TrimSpace(msg))
+	}
+	return resp, nil
+}
+
+// MachineByAddr names the machine whose overlay (or RPC) address is ip:
+// how an agent handler knows which machine calls it. Over the mesh the
+// source address is authenticated by WireGuard.
+func (n *Node) MachineByAddr(ip netip.Addr) (string, bool) {
+	var id string
+	n.facts.read(func(s *fsm.State) {
+		for _, m := range s.Machines() {
+			if m.OverlayIP == ip {
+				id = m.ID
+				return
+			}
+			if ap, err := netip.ParseAddrPort(m.RPCAddr); err == nil && ap.Addr() == ip {
+				id = m.ID
+			}
+		}
+	})
+	return id, id != ""
+}

@@ -218,16 +218,21 @@ func (z *ZFS) Destroy(namespace, name string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", ds, ErrNotFound)
 	}
-	// A dataset whose last writer just closed can be "busy" for a moment
-	// (zfs-fuse more than OpenZFS); a few short retries ride that out. go-zfs
-	// reports only the command's text, hence the match on it.
+	return destroy(d)
+}
+
+// destroy removes a dataset and its snapshots. A dataset whose last writer
+// just closed can be "busy" for a moment (zfs-fuse more than OpenZFS); a
+// few short retries ride that out. go-zfs reports only the command's
+// text, hence the match on it.
+func destroy(d *zfs.Dataset) error {
 	for try := 0; ; try++ {
-		err = d.Destroy(zfs.DestroyRecursive)
+		err := d.Destroy(zfs.DestroyRecursive)
 		if err == nil {
 			return nil
 		}
 		if try == 20 || !strings.Contains(err.Error(), "busy") {
-			return fmt.Errorf("destroying %s: %w", ds, err)
+			return fmt.Errorf("destroying %s: %w", d.Name, err)
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
@@ -240,4 +245,60 @@ func (z *ZFS) FreeBytes() (uint64, error) {
 		return 0, fmt.Errorf("reading %s: %w", z.parent, err)
 	}
 	return d.Avail, nil
+}
+
+// StagingDataset is where an incoming copy of a volume lands during a
+// migration, outside the volumes' tree so it is never taken for a volume.
+func (z *ZFS) StagingDataset(migrationID, volume string) string {
+	return z.parent + "-incoming/" + migrationID + "-" + volume
+}
+
+// SnapshotGUID reads the GUID of dataset@snap.
+func (z *ZFS) SnapshotGUID(dataset, snap string) (uint64, error) {
+	return guidOf(dataset + "@" + snap)
+}
+
+// ErrExists: the target dataset of an adoption exists already.
+var ErrExists = errors.New("dataset exists")
+
+// Adopt renames a received staging dataset into the volume's place. It
+// never overwrites: an existing volume dataset is an error.
+func (z *ZFS) Adopt(staging, namespace, name string) (Info, error) {
+	final := z.Dataset(namespace, name)
+	if _, err := zfs.GetDataset(final); err == nil {
+		return Info{}, fmt.Errorf("adopting %s as %s: %w", staging, final, ErrExists)
+	}
+	if err := ensureFS(z.parent+"/"+namespace, nil); err != nil {
+		return Info{}, err
+	}
+	d, err := zfs.GetDataset(staging)
+	if err != nil {
+		return Info{}, fmt.Errorf("reading %s: %w", staging, err)
+	}
+	// Nothing uses the staging copy: unmount it so the rename is not
+	// refused as busy, then mount it where the volume belongs.
+	if _, err := d.Unmount(true); err != nil {
+		return Info{}, fmt.Errorf("unmounting %s: %w", staging, err)
+	}
+	moved, err := d.Rename(final, false, false)
+	if err != nil {
+		return Info{}, fmt.Errorf("renaming %s to %s: %w", staging, final, err)
+	}
+	if _, err := moved.Mount(false, nil); err != nil && !strings.Contains(err.Error(), "already mounted") {
+		return Info{}, fmt.Errorf("mounting %s: %w", final, err)
+	}
+	return z.Get(namespace, name)
+}
+
+// DestroyDataset removes a dataset by name with its snapshots; a missing
+// one is not an error (cleanup may run twice).
+func (z *ZFS) DestroyDataset(name string) error {
+	if !strings.HasPrefix(name, z.parent) {
+		return fmt.Errorf("refusing to destroy %s: not under %s", name, z.parent)
+	}
+	d, err := zfs.GetDataset(name)
+	if err != nil {
+		return nil
+	}
+	return destroy(d)
 }

@@ -174,3 +174,15 @@ func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
 	var v []Volume
 	return v, c.do(ctx, http.MethodGet, "/v1/volumes", nil, &v)
 }
+
+// Migrate moves a service and waits until the move is done or undone.
+func (c *Client) Migrate(ctx context.Context, req MigrateRequest) (MigrationInfo, error) {
+	var v MigrationInfo
+	return v, c.do(ctx, http.MethodPost, "/v1/migrate", req, &v)
+}
+
+// Migrations lists the migrations.
+func (c *Client) Migrations(ctx context.Context) ([]MigrationInfo, error) {
+	var v []MigrationInfo
+	return v, c.do(ctx, http.MethodGet, "/v1/migrations", nil, &v)
+}

@@ -54,6 +54,11 @@ func (f *fakeBackend) Deploy(context.Context, DeployRequest) (DeployResult, erro
 func (f *fakeBackend) Services(context.Context) ([]Service, error) { return nil, nil }
 func (f *fakeBackend) Volumes(context.Context) ([]Volume, error)   { return nil, nil }
 
+func (f *fakeBackend) Migrate(context.Context, MigrateRequest) (MigrationInfo, error) {
+	return MigrationInfo{}, nil
+}
+func (f *fakeBackend) Migrations(context.Context) ([]MigrationInfo, error) { return nil, nil }
+
 func serve(t *testing.T) (*Client, string, *fakeBackend) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "d.sock")

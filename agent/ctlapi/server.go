@@ -30,6 +30,8 @@ type Backend interface {
 	Deploy(context.Context, DeployRequest) (DeployResult, error)
 	Services(context.Context) ([]Service, error)
 	Volumes(context.Context) ([]Volume, error)
+	Migrate(context.Context, MigrateRequest) (MigrationInfo, error)
+	Migrations(context.Context) ([]MigrationInfo, error)
 }
 
 const maxRequestBody = 1 << 20
@@ -59,6 +61,14 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		}
 		return b.Deploy(r.Context(), req)
 	})
+	post("/v1/migrate", func(r *http.Request) (any, error) {
+		var req MigrateRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.Migrate(r.Context(), req)
+	})
+	get("/v1/migrations", func(r *http.Request) (any, error) { return b.Migrations(r.Context()) })
 	get("/v1/services", func(r *http.Request) (any, error) { return b.Services(r.Context()) })
 	get("/v1/volumes", func(r *http.Request) (any, error) { return b.Volumes(r.Context()) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })

@@ -6,6 +6,7 @@ package ctlapi
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -177,4 +178,46 @@ type Volume struct {
 	UsedBytes      uint64 `json:"used_bytes,omitempty"` // known on the owner
 	Dataset        string `json:"dataset,omitempty"`
 	NewestSnapshot string `json:"newest_snapshot,omitempty"`
+}
+
+// Duration is a time.Duration that reads and writes as a Go duration
+// string ("1.5s") in JSON.
+type Duration time.Duration
+
+// MarshalJSON writes "1.5s".
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + time.Duration(d).String() + `"`), nil
+}
+
+// UnmarshalJSON reads "1.5s".
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	v, err := time.ParseDuration(strings.Trim(string(b), `"`))
+	*d = Duration(v)
+	return err
+}
+
+// MigrateRequest asks to move a service ("namespace/name") to a machine.
+type MigrateRequest struct {
+	Service string `json:"service"`
+	To      string `json:"to"`
+}
+
+// MigrationVolume is one volume's part of a migration.
+type MigrationVolume struct {
+	Name      string `json:"name"`
+	BytesSent uint64 `json:"bytes_sent"`
+	Snapshot  string `json:"snapshot,omitempty"`
+}
+
+// MigrationInfo is one migration as `migrate ls` shows it.
+type MigrationInfo struct {
+	ID        string            `json:"id"`
+	Service   string            `json:"service"`
+	Source    string            `json:"source"`
+	Target    string            `json:"target"`
+	Phase     string            `json:"phase"`
+	Volumes   []MigrationVolume `json:"volumes"`
+	Downtime  Duration          `json:"downtime,omitempty"` // source stopped to target ready and committed
+	Error     string            `json:"error,omitempty"`
+	StartedAt time.Time         `json:"started_at"`
 }

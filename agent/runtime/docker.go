@@ -306,3 +306,20 @@ func (d *Docker) WaitReady(ctx context.Context, c Container, r RunSpec) error {
 	}
 	return fmt.Errorf("service %s/%s not ready after %d checks: %w", r.Namespace, r.Spec.Name, retries+1, err)
 }
+
+// Stop stops a container and keeps it, so it can be started again.
+func (d *Docker) Stop(ctx context.Context, id string, grace time.Duration) error {
+	secs := int(grace.Seconds())
+	if err := d.cli.ContainerStop(ctx, id, container.StopOptions{Timeout: &secs}); err != nil {
+		return fmt.Errorf("stopping container %s: %w", id, err)
+	}
+	return nil
+}
+
+// Restart starts a stopped container again.
+func (d *Docker) Restart(ctx context.Context, id string) error {
+	if err := d.cli.ContainerStart(ctx, id, container.StartOptions{}); err != nil {
+		return fmt.Errorf("starting container %s: %w", id, err)
+	}
+	return nil
+}

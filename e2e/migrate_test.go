@@ -1,0 +1,163 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/internal/testpoll"
+	"github.com/drover-sh/drover/lab"
+)
+
+// TestLabMigrate moves a service with a volume that holds data, while a
+// client keeps writing to it, from host 2 to host 3: every acknowledged
+// write is on the target, the service answers at the same service IP,
+// the source's container goes and its dataset stays.
+func TestLabMigrate(t *testing.T) {
+	requireLab(t)
+	bin := binaries(t)
+	l := lab.New(t, lab.Options{Hosts: 3, Prefix: "dg", Docker: true, ZFS: true})
+	h := l.Hosts
+	var socks []string
+	for _, host := range h {
+		socks = append(socks, host.DockerSock)
+	}
+	if out, err := exec.Command(filepath.Join(filepath.Dir(lab.Script()), "build-image.sh"), socks...).CombinedOutput(); err != nil {
+		t.Fatalf("test image: %v\n%s", err, out)
+	}
+	t.Setenv("PATH", filepath.Join(filepath.Dir(lab.Script()), "zfs-shim")+":"+os.Getenv("PATH"))
+	work := func(host *lab.Host) []string {
+		return []string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}
+	}
+	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
+	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
+	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
+	for _, host := range h[1:] {
+		startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...)
+	}
+	testpoll.Until(t, 90*time.Second, "3 machines that can hold volumes", func() error {
+		ms, err := d1.machines()
+		if err != nil {
+			return err
+		}
+		n := 0
+		for _, m := range ms {
+			if m.OverlayIP != "" && m.Liveness == "alive" && m.RaftRole != "none" {
+				n++
+			}
+		}
+		if n != 3 {
+			return fmt.Errorf("%d of 3 ready", n)
+		}
+		return nil
+	})
+	mf := writeManifest(t, "shop.toml", fmt.Sprintf(shopManifest, "a", h[1].Name, "0s"))
+	// wait until capacity is known so the target passes pre-flight
+	testpoll.Until(t, 60*time.Second, "deploy", func() error {
+		out, err := d1.ctl("deploy", "-f", mf)
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	ip := services(t, d1)[0].ServiceIP
+	ctx := context.Background()
+	post := func(key, body string) error {
+		_, err := h[0].Run(ctx, "curl", "-sf", "-m", "2", "-XPOST", "--data", body, "http://"+ip+":80/write?key="+key)
+		return err
+	}
+	// Bulk data first, so the warm copy has something to carry.
+	blob := filepath.Join(t.TempDir(), "blob")
+	if err := exec.Command("dd", "if=/dev/urandom", "of="+blob, "bs=1M", "count=24").Run(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := h[0].Run(ctx, "curl", "-sf", "-XPOST", "--data-binary", "@"+blob, fmt.Sprintf("http://%s:80/write?key=bulk%d", ip, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// A client keeps writing while the service moves; it keeps what was
+	// acknowledged.
+	var mu sync.Mutex
+	acked := map[string]string{}
+	stop := make(chan struct{})
+	clientDone := make(chan struct{})
+	go func() {
+		defer close(clientDone)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			key, body := fmt.Sprintf("w%05d", i), fmt.Sprintf("write %d", i)
+			if post(key, body) == nil {
+				mu.Lock()
+				acked[key] = body
+				mu.Unlock()
+			}
+		}
+	}()
+	time.Sleep(time.Second)
+	out, err := d1.ctl("migrate", "apply", "shop/web", "--to", h[2].Name, "--json")
+	time.Sleep(time.Second)
+	close(stop)
+	<-clientDone
+	if err != nil {
+		t.Fatalf("migrate apply: %v\n%s", err, out)
+	}
+	var m ctlapi.MigrationInfo
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatal(err)
+	}
+	if m.Phase != "done" || m.Target != h[2].Name || m.Downtime <= 0 || len(m.Volumes) != 1 || m.Volumes[0].BytesSent < 70<<20 {
+		t.Fatalf("migration: %s", out)
+	}
+	t.Logf("migration %s: downtime %s, %d bytes sent", m.ID, time.Duration(m.Downtime), m.Volumes[0].BytesSent)
+
+	ss := services(t, d1)
+	if ss[0].Machine != h[2].Name || ss[0].ServiceIP != ip {
+		t.Fatalf("service after the move: %+v", ss)
+	}
+	// Every acknowledged write is on the target, read at the same service
+	// IP from host 1 and from the target's dataset.
+	mu.Lock()
+	defer mu.Unlock()
+	if len(acked) < 10 {
+		t.Fatalf("only %d writes acknowledged during the test", len(acked))
+	}
+	dataset := filepath.Join(h[2].PoolMount, "drover", "shop", "data")
+	for key, body := range acked {
+		b, err := os.ReadFile(filepath.Join(dataset, key))
+		if err != nil || string(b) != body {
+			t.Fatalf("acknowledged write %s is not on the target: %q %v", key, b, err)
+		}
+	}
+	testpoll.Until(t, 30*time.Second, "the service answering at its IP from the target", func() error {
+		got, err := h[0].Run(ctx, "curl", "-sf", "-m", "2", "http://"+ip+":80/read?key=bulk2")
+		if err != nil || len(got) != 24<<20 {
+			return fmt.Errorf("read %d bytes: %v", len(got), err)
+		}
+		return nil
+	})
+	// The source's container goes; its dataset stays.
+	testpoll.Until(t, 30*time.Second, "the source container removed", func() error {
+		out, _ := exec.Command("docker", "-H", "unix://"+h[1].DockerSock, "ps", "-aq").Output()
+		if strings.TrimSpace(string(out)) != "" {
+			return fmt.Errorf("containers left on the source: %s", out)
+		}
+		return nil
+	})
+	if _, err := os.Stat(filepath.Join(h[1].PoolMount, "drover", "shop", "data", "bulk0")); err != nil {
+		t.Fatalf("the source's copy was not kept: %v", err)
+	}
+}
