@@ -223,11 +223,12 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 	ctx, cancel := context.WithCancel(a.ctx)
 	a.node, a.mesh, a.endNode, a.work = n, m, cancel, w
 	// Raft and RPC start on the overlay address once it is known (bringUp).
-	a.wg.Add(4)
+	a.wg.Add(5)
 	go a.keepJoining(ctx, n, join)
 	go a.bringUp(ctx, n, m, bootstrap, join)
 	go a.runMesh(ctx, n, m)
 	go a.runWorkloads(ctx, n, w)
+	go a.runMigrationJanitor(ctx, n)
 	return nil
 }
 

@@ -235,7 +235,7 @@ func (a *Agent) handleStartTarget(r *http.Request, m fsm.Migration, sv fsm.Servi
 // handleAbort (source or target): undo this machine's part before the
 // commit. The target removes its container and every copy it received;
 // the source starts its container again.
-func (a *Agent) handleAbort(r *http.Request, m fsm.Migration, _ fsm.Service, w *workloads) (any, error) {
+func (a *Agent) handleAbort(r *http.Request, m fsm.Migration, sv fsm.Service, w *workloads) (any, error) {
 	if m.Phase.Committed() {
 		return nil, fmt.Errorf("migration %s is committed: it only goes forward", m.ID)
 	}
@@ -250,6 +250,9 @@ func (a *Agent) handleAbort(r *http.Request, m fsm.Migration, _ fsm.Service, w *
 			if err := w.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
 				return nil, err
 			}
+		}
+		if err := w.removeServiceIP(sv.ServiceIP); err != nil {
+			return nil, err
 		}
 		for _, v := range m.Volumes {
 			if err := w.vols.DestroyDataset(w.vols.StagingDataset(m.ID, v.Name)); err != nil {
@@ -508,4 +511,46 @@ func (a *Agent) Migrations(context.Context) ([]ctlapi.MigrationInfo, error) {
 		out = append(out, a.toInfo(m))
 	}
 	return out, nil
+}
+
+// runMigrationJanitor finishes the migrations whose executor is gone: when
+// the namespace lock of a running migration is no longer held by its
+// executor (its lease ran out), the leader's daemon aborts it if it had
+// not committed and records it done if it had. Only the leader acts, so
+// two machines never undo one migration at once.
+func (a *Agent) runMigrationJanitor(ctx context.Context, n *cluster.Node) {
+	defer a.wg.Done()
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if st, err := n.Status(); err != nil || st.Role != cluster.RoleLeader {
+			continue
+		}
+		var orphans []fsm.Migration
+		now := time.Now()
+		n.Read(func(s *fsm.State) {
+			for _, m := range s.Migrations() {
+				if m.Phase.Terminal() {
+					continue
+				}
+				if l, ok := s.Lock(m.Namespace); !ok || l.Holder != m.Holder || !l.ExpiresAt.After(now) {
+					orphans = append(orphans, m)
+				}
+			}
+		})
+		for _, m := range orphans {
+			if m.Phase.Committed() {
+				a.logger.Info("completing a committed migration whose executor is gone", "id", m.ID)
+				n.Apply(ctx, fsm.AdvanceMigration{ID: m.ID, Phase: fsm.PhaseDone, At: time.Now()})
+				continue
+			}
+			a.logger.Warn("aborting a migration whose executor is gone", "id", m.ID, "phase", m.Phase)
+			a.abortMigration(ctx, n, m.ID, errors.New("the executor's lease on the namespace lock ran out"))
+		}
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/volume"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // checkState is the reconciler's memory of one service's readiness.
@@ -298,15 +299,25 @@ func errString(err error) string {
 }
 
 // addServiceIP puts one service IP on the loopback now (a migration's
-// target, before the reconciler's next round).
-func (w *workloads) addServiceIP(ip netip.Addr) error {
+// target, before the reconciler's next round); removeServiceIP takes one
+// off (an aborted migration's target).
+func (w *workloads) addServiceIP(ip netip.Addr) error    { return w.changeServiceIP(ip, true) }
+func (w *workloads) removeServiceIP(ip netip.Addr) error { return w.changeServiceIP(ip, false) }
+
+func (w *workloads) changeServiceIP(ip netip.Addr, add bool) error {
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("loopback: %w", err)
 	}
-	ipn := &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}
-	if err := netlink.AddrAdd(lo, &netlink.Addr{IPNet: ipn}); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("adding service IP %s: %w", ip, err)
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+	if add {
+		if err := netlink.AddrAdd(lo, addr); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("adding service IP %s: %w", ip, err)
+		}
+		return nil
+	}
+	if err := netlink.AddrDel(lo, addr); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+		return fmt.Errorf("removing service IP %s: %w", ip, err)
 	}
 	return nil
 }

@@ -17,14 +17,13 @@ import (
 	"github.com/drover-sh/drover/lab"
 )
 
-// TestLabMigrate moves a service with a volume that holds data, while a
-// client keeps writing to it, from host 2 to host 3: every acknowledged
-// write is on the target, the service answers at the same service IP,
-// the source's container goes and its dataset stays.
-func TestLabMigrate(t *testing.T) {
+// shopLab is three hosts with droverd, the test image and shop/web
+// deployed on host 2 with 72 MiB on its volume.
+func shopLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon, string) {
+	t.Helper()
 	requireLab(t)
 	bin := binaries(t)
-	l := lab.New(t, lab.Options{Hosts: 3, Prefix: "dg", Docker: true, ZFS: true})
+	l := lab.New(t, lab.Options{Hosts: 3, Prefix: prefix, Docker: true, ZFS: true})
 	h := l.Hosts
 	var socks []string
 	for _, host := range h {
@@ -40,8 +39,9 @@ func TestLabMigrate(t *testing.T) {
 	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
 	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
 	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
+	daemons := []*labDaemon{d1}
 	for _, host := range h[1:] {
-		startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...)
+		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
 	}
 	testpoll.Until(t, 90*time.Second, "3 machines that can hold volumes", func() error {
 		ms, err := d1.machines()
@@ -69,22 +69,30 @@ func TestLabMigrate(t *testing.T) {
 		return nil
 	})
 	ip := services(t, d1)[0].ServiceIP
-	ctx := context.Background()
-	post := func(key, body string) error {
-		_, err := h[0].Run(ctx, "curl", "-sf", "-m", "2", "-XPOST", "--data", body, "http://"+ip+":80/write?key="+key)
-		return err
-	}
-	// Bulk data first, so the warm copy has something to carry.
 	blob := filepath.Join(t.TempDir(), "blob")
 	if err := exec.Command("dd", "if=/dev/urandom", "of="+blob, "bs=1M", "count=24").Run(); err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 3; i++ {
-		if _, err := h[0].Run(ctx, "curl", "-sf", "-XPOST", "--data-binary", "@"+blob, fmt.Sprintf("http://%s:80/write?key=bulk%d", ip, i)); err != nil {
+		if _, err := h[0].Run(context.Background(), "curl", "-sf", "-XPOST", "--data-binary", "@"+blob, fmt.Sprintf("http://%s:80/write?key=bulk%d", ip, i)); err != nil {
 			t.Fatal(err)
 		}
 	}
+	return h, daemons, ip
+}
 
+// TestLabMigrate moves a service with a volume that holds data, while a
+// client keeps writing to it, from host 2 to host 3: every acknowledged
+// write is on the target, the service answers at the same service IP,
+// the source's container goes and its dataset stays.
+func TestLabMigrate(t *testing.T) {
+	h, daemons, ip := shopLab(t, "dg")
+	d1 := daemons[0]
+	ctx := context.Background()
+	post := func(key, body string) error {
+		_, err := h[0].Run(ctx, "curl", "-sf", "-m", "2", "-XPOST", "--data", body, "http://"+ip+":80/write?key="+key)
+		return err
+	}
 	// A client keeps writing while the service moves; it keeps what was
 	// acknowledged.
 	var mu sync.Mutex
@@ -159,5 +167,61 @@ func TestLabMigrate(t *testing.T) {
 	})
 	if _, err := os.Stat(filepath.Join(h[1].PoolMount, "drover", "shop", "data", "bulk0")); err != nil {
 		t.Fatalf("the source's copy was not kept: %v", err)
+	}
+}
+
+// TestLabMigrateExecutorDies kills the daemon running a migration during
+// its warm copy: once its lease on the namespace lock runs out, the
+// leader aborts the migration, the target's copy is destroyed and the
+// service goes on on its source.
+func TestLabMigrateExecutorDies(t *testing.T) {
+	h, daemons, ip := shopLab(t, "dk")
+	d1, d2 := daemons[0], daemons[1]
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d1.ctl("migrate", "apply", "shop/web", "--to", h[2].Name)
+	}()
+	testpoll.Until(t, 30*time.Second, "the migration in its warm copy", func() error {
+		out, err := d2.ctl("migrate", "ls", "--json")
+		if err != nil {
+			return err
+		}
+		var ms []ctlapi.MigrationInfo
+		json.Unmarshal([]byte(out), &ms)
+		if len(ms) != 1 || ms[0].Phase != "warm-copy" {
+			return fmt.Errorf("migrations: %s", out)
+		}
+		return nil
+	})
+	if err := d1.proc.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	testpoll.Until(t, 150*time.Second, "the orphaned migration aborted by the others", func() error {
+		out, err := d2.ctl("migrate", "ls", "--json")
+		if err != nil {
+			return err
+		}
+		var ms []ctlapi.MigrationInfo
+		json.Unmarshal([]byte(out), &ms)
+		if len(ms) != 1 || ms[0].Phase != "aborted" || !strings.Contains(ms[0].Error, "lease") {
+			return fmt.Errorf("migrations: %s", out)
+		}
+		return nil
+	})
+	ss := services(t, d2)
+	if ss[0].Machine != h[1].Name || !ss[0].Ready {
+		t.Fatalf("service after the abort: %+v", ss)
+	}
+	testpoll.Until(t, 30*time.Second, "the service answering from its source", func() error {
+		got, err := h[2].Run(context.Background(), "curl", "-sf", "-m", "5", "http://"+ip+":80/read?key=bulk0")
+		if err != nil || len(got) != 24<<20 {
+			return fmt.Errorf("%d bytes, %v", len(got), err)
+		}
+		return nil
+	})
+	if out, _ := exec.Command("zfs", "list", "-H", "-o", "name", "-r", h[2].Pool).Output(); strings.Contains(string(out), "incoming/") {
+		t.Fatalf("the target kept its partial copy:\n%s", out)
 	}
 }
