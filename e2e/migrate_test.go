@@ -18,7 +18,7 @@ import (
 )
 
 // shopLab is three hosts with droverd, the test image and shop/web
-// deployed on host 2 with 72 MiB on its volume.
+// deployed on host 2 with two volumes, 72 MiB on the first.
 func shopLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon, string) {
 	t.Helper()
 	requireLab(t)
@@ -59,7 +59,13 @@ func shopLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon, string) {
 		}
 		return nil
 	})
-	mf := writeManifest(t, "shop.toml", fmt.Sprintf(shopManifest, "a", h[1].Name, "0s"))
+	// Two volumes: both must move.
+	mf := writeManifest(t, "shop.toml", fmt.Sprintf(shopManifest, "a", h[1].Name, "0s")+`
+[[services.web.volumes]]
+name = "logs"
+path = "/logs"
+quota = "64MiB"
+`)
 	// wait until capacity is known so the target passes pre-flight
 	testpoll.Until(t, 60*time.Second, "deploy", func() error {
 		out, err := d1.ctl("deploy", "-f", mf)
@@ -127,8 +133,17 @@ func TestLabMigrate(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &m); err != nil {
 		t.Fatal(err)
 	}
-	if m.Phase != "done" || m.Target != h[2].Name || m.Downtime <= 0 || len(m.Volumes) != 1 || m.Volumes[0].BytesSent < 70<<20 {
+	if m.Phase != "done" || m.Target != h[2].Name || m.Downtime <= 0 || len(m.Volumes) != 2 || m.Volumes[0].BytesSent < 70<<20 || m.Volumes[1].BytesSent == 0 {
 		t.Fatalf("migration: %s", out)
+	}
+	vols := volumes(t, d1)
+	for _, v := range vols {
+		if v.Owner != h[2].Name {
+			t.Fatalf("volume %s/%s still owned by %s", v.Namespace, v.Name, v.Owner)
+		}
+	}
+	if len(vols) != 2 {
+		t.Fatalf("volumes: %+v", vols)
 	}
 	t.Logf("migration %s: downtime %s, %d bytes sent", m.ID, time.Duration(m.Downtime), m.Volumes[0].BytesSent)
 
