@@ -99,6 +99,25 @@ say "the data is in ${prefix}2's ZFS dataset"
 ls -l "$lab/mnt/${prefix}2/drover/shop/data"
 ctl ${prefix}2 volume ls
 
+say "moving shop/web from ${prefix}2 to ${prefix}3 while a client keeps writing to it"
+( i=0; while :; do
+    i=$((i+1))
+    nsenter --net=/var/run/netns/${prefix}1 curl -s -m 1 -XPOST --data "live $i" "http://$ip/write?key=live-$i" >/dev/null && echo "live-$i" >>"$lab/acked"
+    sleep 0.05
+  done ) &
+client=$!
+sleep 1
+ctl ${prefix}1 migrate apply shop/web --to ${prefix}3
+sleep 1
+kill $client 2>/dev/null; wait $client 2>/dev/null || true
+ctl ${prefix}1 service ls
+lost=0
+while read -r key; do
+  [ -f "$lab/mnt/${prefix}3/drover/shop/data/$key" ] || lost=$((lost+1))
+done <"$lab/acked"
+echo "$(wc -l <"$lab/acked") writes acknowledged during the move, $lost missing on ${prefix}3"
+ctl ${prefix}1 migrate ls
+
 say "cutting ${prefix}1 off the network"
 ip link set v${prefix}1 down
 sleep 6
