@@ -50,6 +50,7 @@ func (a *Agent) registerMigrationRPC(n *cluster.Node) {
 	n.HandleRPC("POST "+rpcStopSource, a.rpcHandler(a.handleStopSource))
 	n.HandleRPC("POST "+rpcStartTarget, a.rpcHandler(a.handleStartTarget))
 	n.HandleRPC("POST "+rpcAbort, a.rpcHandler(a.handleAbort))
+	n.HandleRPC("GET "+rpcLocalFacts, a.handleLocalFacts)
 }
 
 // rpcHandler wraps a migration handler: it finds the migration and this
@@ -281,17 +282,21 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
 	}
-	ns, name, ok := strings.Cut(req.Service, "/")
-	if !ok {
-		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf("service %q: want namespace/name", req.Service)}
-	}
-	target, err := a.machineByName(n, req.To)
+	plan, sv, target, err := a.planMigration(ctx, n, req)
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
 	}
-	if err := a.preflight(n, ns, name, target); err != nil {
-		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "preflight_failed", Err: err}
+	if !plan.OK {
+		var failed []string
+		for _, c := range plan.Checks {
+			if !c.OK {
+				failed = append(failed, c.Name+": "+c.Detail)
+			}
+		}
+		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "preflight_failed",
+			Err: fmt.Errorf("pre-flight failed, nothing moved: %s", strings.Join(failed, "; "))}
 	}
+	ns, name := sv.Namespace, sv.Spec.Name
 	id := "m" + randomSuffix() + randomSuffix()
 	holder := a.cfg.Name + "/migrate/" + id
 	if err := a.acquire(ctx, n, ns, holder); err != nil {
@@ -318,49 +323,6 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.
 			Err: fmt.Errorf("migration %s of %s/%s aborted, the service runs on its source again: %w", id, ns, name, err)}
 	}
 	return a.migrationInfo(n, id)
-}
-
-// preflight checks, before any data moves, what can be checked from here.
-func (a *Agent) preflight(n *cluster.Node, ns, name string, target fsm.Machine) error {
-	var problems []string
-	var sv fsm.Service
-	var ok bool
-	n.Read(func(s *fsm.State) {
-		sv, ok = s.Service(ns, name)
-		if l, locked := s.Lock(ns); locked && l.ExpiresAt.After(time.Now()) {
-			problems = append(problems, fmt.Sprintf("namespace %s is locked by %s", ns, l.Holder))
-		}
-	})
-	if !ok {
-		return fmt.Errorf("no service %s/%s", ns, name)
-	}
-	if sv.MachineID == target.ID {
-		problems = append(problems, fmt.Sprintf("%s/%s already runs on %s", ns, name, target.Name))
-	}
-	if target.State != fsm.MachineActive {
-		problems = append(problems, fmt.Sprintf("target %s is %s", target.Name, target.State))
-	}
-	live := map[string]cluster.Liveness{}
-	for _, m := range n.Members() {
-		live[m.MachineID] = m.Liveness
-	}
-	if live[target.ID] != cluster.LivenessAlive {
-		problems = append(problems, fmt.Sprintf("target %s is %s", target.Name, live[target.ID]))
-	}
-	if live[sv.MachineID] != cluster.LivenessAlive {
-		problems = append(problems, fmt.Sprintf("source is %s", live[sv.MachineID]))
-	}
-	var quota uint64
-	for _, v := range sv.Spec.Volumes {
-		quota += v.QuotaBytes
-	}
-	if len(sv.Spec.Volumes) > 0 && target.Capacity.DiskBytes == 0 {
-		problems = append(problems, fmt.Sprintf("target %s holds no volumes", target.Name))
-	}
-	if len(problems) > 0 {
-		return errors.New(strings.Join(problems, "; "))
-	}
-	return nil
 }
 
 // runMigration drives the phases up to the commit and the cleanup after.

@@ -99,6 +99,20 @@ func TestLabMigrate(t *testing.T) {
 		_, err := h[0].Run(ctx, "curl", "-sf", "-m", "2", "-XPOST", "--data", body, "http://"+ip+":80/write?key="+key)
 		return err
 	}
+	// Preview: every check passes, sizes are known, nothing moves.
+	out, err := d1.ctl("migrate", "preview", "shop/web", "--to", h[2].Name, "--json")
+	var plan ctlapi.MigrationPlan
+	if err != nil || json.Unmarshal([]byte(out), &plan) != nil || !plan.OK || len(plan.Checks) < 8 || plan.Volumes[0].ReferencedBytes < 64<<20 {
+		t.Fatalf("preview: %v\n%s", err, out)
+	}
+	if ss := services(t, d1); ss[0].Machine != h[1].Name {
+		t.Fatalf("preview moved the service: %+v", ss)
+	}
+	// A migration that cannot work is refused before anything moves.
+	if out, err := d1.ctl("migrate", "apply", "shop/web", "--to", h[1].Name); err == nil || !strings.Contains(out, "pre-flight failed") || !strings.Contains(out, "target differs from source") {
+		t.Fatalf("migration onto its own machine: %v\n%s", err, out)
+	}
+
 	// A client keeps writing while the service moves; it keeps what was
 	// acknowledged.
 	var mu sync.Mutex
@@ -122,7 +136,7 @@ func TestLabMigrate(t *testing.T) {
 		}
 	}()
 	time.Sleep(time.Second)
-	out, err := d1.ctl("migrate", "apply", "shop/web", "--to", h[2].Name, "--json")
+	out, err = d1.ctl("migrate", "apply", "shop/web", "--to", h[2].Name, "--json")
 	time.Sleep(time.Second)
 	close(stop)
 	<-clientDone

@@ -186,3 +186,9 @@ func (c *Client) Migrations(ctx context.Context) ([]MigrationInfo, error) {
 	var v []MigrationInfo
 	return v, c.do(ctx, http.MethodGet, "/v1/migrations", nil, &v)
 }
+
+// MigratePreview asks what a migration would do and whether it can.
+func (c *Client) MigratePreview(ctx context.Context, req MigrateRequest) (MigrationPlan, error) {
+	var v MigrationPlan
+	return v, c.do(ctx, http.MethodPost, "/v1/migrate/preview", req, &v)
+}

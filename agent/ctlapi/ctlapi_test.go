@@ -59,6 +59,10 @@ func (f *fakeBackend) Migrate(context.Context, MigrateRequest) (MigrationInfo, e
 }
 func (f *fakeBackend) Migrations(context.Context) ([]MigrationInfo, error) { return nil, nil }
 
+func (f *fakeBackend) MigratePreview(context.Context, MigrateRequest) (MigrationPlan, error) {
+	return MigrationPlan{}, nil
+}
+
 func serve(t *testing.T) (*Client, string, *fakeBackend) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "d.sock")

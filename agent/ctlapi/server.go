@@ -32,6 +32,7 @@ type Backend interface {
 	Volumes(context.Context) ([]Volume, error)
 	Migrate(context.Context, MigrateRequest) (MigrationInfo, error)
 	Migrations(context.Context) ([]MigrationInfo, error)
+	MigratePreview(context.Context, MigrateRequest) (MigrationPlan, error)
 }
 
 const maxRequestBody = 1 << 20
@@ -67,6 +68,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 			return nil, err
 		}
 		return b.Migrate(r.Context(), req)
+	})
+	post("/v1/migrate/preview", func(r *http.Request) (any, error) {
+		var req MigrateRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.MigratePreview(r.Context(), req)
 	})
 	get("/v1/migrations", func(r *http.Request) (any, error) { return b.Migrations(r.Context()) })
 	get("/v1/services", func(r *http.Request) (any, error) { return b.Services(r.Context()) })

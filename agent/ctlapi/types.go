@@ -221,3 +221,29 @@ type MigrationInfo struct {
 	Error     string            `json:"error,omitempty"`
 	StartedAt time.Time         `json:"started_at"`
 }
+
+// MigrationCheck is one pre-flight check.
+type MigrationCheck struct {
+	Name   string `json:"name"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail"`
+}
+
+// MigrationPlanVolume is one volume a migration would move.
+type MigrationPlanVolume struct {
+	Name            string `json:"name"`
+	ReferencedBytes uint64 `json:"referenced_bytes"`
+	IncrementalBase string `json:"incremental_base,omitempty"` // a snapshot both sides hold, if any
+}
+
+// MigrationPlan is `migrate preview`.
+type MigrationPlan struct {
+	Service string                `json:"service"`
+	Source  string                `json:"source"`
+	Target  string                `json:"target"`
+	Volumes []MigrationPlanVolume `json:"volumes"`
+	Checks  []MigrationCheck      `json:"checks"`
+	Phases  []string              `json:"phases"`
+	After   string                `json:"after"`
+	OK      bool                  `json:"ok"`
+}

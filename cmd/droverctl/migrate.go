@@ -60,6 +60,46 @@ func (c *cli) migrateCmd() *cobra.Command {
 			return tw.Flush()
 		},
 	})
-	cmd.AddCommand(apply, ls)
+	var previewTo string
+	preview := c.addJSON(&cobra.Command{
+		Use:   "preview NAMESPACE/SERVICE --to MACHINE",
+		Short: "Show the plan and the pre-flight checks of a migration; change nothing",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if previewTo == "" {
+				return fmt.Errorf("give the target with --to MACHINE")
+			}
+			p, err := c.client.MigratePreview(cmd.Context(), ctlapi.MigrateRequest{Service: args[0], To: previewTo})
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(p)
+			}
+			fmt.Fprintf(c.out, "move %s from %s to %s\n\nvolumes:\n", p.Service, p.Source, p.Target)
+			for _, v := range p.Volumes {
+				fmt.Fprintf(c.out, "  %s  %s referenced  incremental base: %s\n", v.Name, mib(v.ReferencedBytes), dash(v.IncrementalBase))
+			}
+			fmt.Fprintln(c.out, "\npre-flight:")
+			for _, ch := range p.Checks {
+				mark := "ok  "
+				if !ch.OK {
+					mark = "FAIL"
+				}
+				fmt.Fprintf(c.out, "  %s %s: %s\n", mark, ch.Name, ch.Detail)
+			}
+			fmt.Fprintln(c.out, "\nphases:")
+			for i, ph := range p.Phases {
+				fmt.Fprintf(c.out, "  %d. %s\n", i+1, ph)
+			}
+			fmt.Fprintf(c.out, "\nafter: %s\n", p.After)
+			if !p.OK {
+				return fmt.Errorf("pre-flight fails: apply would refuse")
+			}
+			return nil
+		},
+	})
+	preview.Flags().StringVar(&previewTo, "to", "", "the target machine")
+	cmd.AddCommand(apply, preview, ls)
 	return cmd
 }
