@@ -54,46 +54,8 @@ func writeManifest(t *testing.T, name, text string) string {
 // re-creates it with its data; concurrent deploys serialize on the
 // namespace lock; bad manifests change nothing.
 func TestLabDeploy(t *testing.T) {
-	requireLab(t)
-	bin := binaries(t)
-	l := lab.New(t, lab.Options{Hosts: 3, Prefix: "dd", Docker: true, ZFS: true})
-	h := l.Hosts
-	var socks []string
-	for _, host := range h {
-		socks = append(socks, host.DockerSock)
-	}
-	if out, err := exec.Command(filepath.Join(filepath.Dir(lab.Script()), "build-image.sh"), socks...).CombinedOutput(); err != nil {
-		t.Fatalf("test image: %v\n%s", err, out)
-	}
-	t.Setenv("PATH", filepath.Join(filepath.Dir(lab.Script()), "zfs-shim")+":"+os.Getenv("PATH"))
-	work := func(host *lab.Host) []string {
-		return []string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}
-	}
-	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
-	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
-	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
-	daemons := []*labDaemon{d1}
-	for _, host := range h[1:] {
-		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
-	}
-	testpoll.Until(t, 90*time.Second, "3 machines with overlay addresses", func() error {
-		for _, d := range daemons {
-			ms, err := d.machines()
-			if err != nil {
-				return err
-			}
-			n := 0
-			for _, m := range ms {
-				if m.OverlayIP != "" && m.Liveness == "alive" && m.RaftRole != "none" {
-					n++
-				}
-			}
-			if n != 3 {
-				return fmt.Errorf("%s: %d of 3 ready", d.host.Name, n)
-			}
-		}
-		return nil
-	})
+	h, daemons := workloadLab(t, "dd")
+	d1 := daemons[0]
 
 	// Preview changes nothing.
 	mf := writeManifest(t, "shop.toml", fmt.Sprintf(shopManifest, "a", h[1].Name, "0s"))
@@ -272,4 +234,52 @@ func containerStarted(t *testing.T, host *lab.Host) string {
 		t.Fatalf("docker inspect on %s: %v: %s", host.Name, err, out)
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// workloadLab is three lab hosts with Docker, ZFS and the test image, and
+// a droverd on each (host 1 inits, the others join), waited for until all
+// three are in Raft with overlay addresses.
+func workloadLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon) {
+	t.Helper()
+	requireLab(t)
+	bin := binaries(t)
+	l := lab.New(t, lab.Options{Hosts: 3, Prefix: prefix, Docker: true, ZFS: true})
+	h := l.Hosts
+	var socks []string
+	for _, host := range h {
+		socks = append(socks, host.DockerSock)
+	}
+	if out, err := exec.Command(filepath.Join(filepath.Dir(lab.Script()), "build-image.sh"), socks...).CombinedOutput(); err != nil {
+		t.Fatalf("test image: %v\n%s", err, out)
+	}
+	t.Setenv("PATH", filepath.Join(filepath.Dir(lab.Script()), "zfs-shim")+":"+os.Getenv("PATH"))
+	work := func(host *lab.Host) []string {
+		return []string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}
+	}
+	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
+	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
+	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
+	daemons := []*labDaemon{d1}
+	for _, host := range h[1:] {
+		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
+	}
+	testpoll.Until(t, 90*time.Second, "3 machines with overlay addresses", func() error {
+		for _, d := range daemons {
+			ms, err := d.machines()
+			if err != nil {
+				return err
+			}
+			n := 0
+			for _, m := range ms {
+				if m.OverlayIP != "" && m.Liveness == "alive" && m.RaftRole != "none" {
+					n++
+				}
+			}
+			if n != 3 {
+				return fmt.Errorf("%s: %d of 3 ready", d.host.Name, n)
+			}
+		}
+		return nil
+	})
+	return h, daemons
 }

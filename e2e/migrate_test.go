@@ -21,44 +21,8 @@ import (
 // deployed on host 2 with two volumes, 72 MiB on the first.
 func shopLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon, string) {
 	t.Helper()
-	requireLab(t)
-	bin := binaries(t)
-	l := lab.New(t, lab.Options{Hosts: 3, Prefix: prefix, Docker: true, ZFS: true})
-	h := l.Hosts
-	var socks []string
-	for _, host := range h {
-		socks = append(socks, host.DockerSock)
-	}
-	if out, err := exec.Command(filepath.Join(filepath.Dir(lab.Script()), "build-image.sh"), socks...).CombinedOutput(); err != nil {
-		t.Fatalf("test image: %v\n%s", err, out)
-	}
-	t.Setenv("PATH", filepath.Join(filepath.Dir(lab.Script()), "zfs-shim")+":"+os.Getenv("PATH"))
-	work := func(host *lab.Host) []string {
-		return []string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}
-	}
-	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
-	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
-	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
-	daemons := []*labDaemon{d1}
-	for _, host := range h[1:] {
-		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
-	}
-	testpoll.Until(t, 90*time.Second, "3 machines that can hold volumes", func() error {
-		ms, err := d1.machines()
-		if err != nil {
-			return err
-		}
-		n := 0
-		for _, m := range ms {
-			if m.OverlayIP != "" && m.Liveness == "alive" && m.RaftRole != "none" {
-				n++
-			}
-		}
-		if n != 3 {
-			return fmt.Errorf("%d of 3 ready", n)
-		}
-		return nil
-	})
+	h, daemons := workloadLab(t, prefix)
+	d1 := daemons[0]
 	// Two volumes: both must move.
 	mf := writeManifest(t, "shop.toml", fmt.Sprintf(shopManifest, "a", h[1].Name, "0s")+`
 [[services.web.volumes]]
