@@ -44,9 +44,37 @@ type Config struct {
 	Join           []string // gossip addresses of members to join
 	ClusterKeyFile string   // key file to use instead of the one in DataDir
 
+	// LockLease is the lease of a namespace lock held by a deploy or a
+	// migration (renewed while it runs; 60 s when zero).
+	LockLease time.Duration
+	// StallTimeout fails a volume stream that moved no byte for this long
+	// (30 s when zero).
+	StallTimeout time.Duration
+	// SafetyWindow is how long a migration's source keeps its copy (72 h
+	// when zero).
+	SafetyWindow time.Duration
+	// JanitorInterval is how often migrations nobody runs, leftovers and
+	// expired copies are looked for (5 s when zero).
+	JanitorInterval time.Duration
+
 	Version string
 	Timing  cluster.Timing
 	Logger  *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.LockLease == 0 {
+		c.LockLease = 60 * time.Second
+	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = 30 * time.Second
+	}
+	if c.SafetyWindow == 0 {
+		c.SafetyWindow = 72 * time.Hour
+	}
+	if c.JanitorInterval == 0 {
+		c.JanitorInterval = 5 * time.Second
+	}
 }
 
 // Agent is the running daemon; it implements the ctl API's backend.
@@ -61,6 +89,9 @@ type Agent struct {
 	overlay netip.Addr         // zero until known
 	endNode context.CancelFunc // stops the goroutines serving the node
 	work    *workloads
+	execs   map[string]*execution // migrations this daemon runs, by id
+
+	crashAt string // test hook: the crash point to die at (CrashPointEnv)
 
 	ctx context.Context // the daemon's lifetime
 	wg  sync.WaitGroup
@@ -72,6 +103,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	cfg.setDefaults()
 	if cfg.Name == "" {
 		h, err := os.Hostname()
 		if err != nil {
@@ -89,7 +121,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	a := &Agent{cfg: cfg, logger: cfg.Logger.With("machine", cfg.Name), machineID: id, ctx: ctx}
+	a := &Agent{cfg: cfg, logger: cfg.Logger.With("machine", cfg.Name), machineID: id, ctx: ctx,
+		execs: map[string]*execution{}, crashAt: os.Getenv(CrashPointEnv)}
+	if a.crashAt != "" {
+		a.logger.Warn("test crash point armed: this daemon kills itself there", "point", a.crashAt)
+	}
 	defer a.wg.Wait()
 
 	key, err := a.configuredKey()
@@ -229,6 +265,10 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 	go a.runMesh(ctx, n, m)
 	go a.runWorkloads(ctx, n, w)
 	go a.runMigrationJanitor(ctx, n)
+	if a.crashAt == "source:target-started" {
+		a.wg.Add(1)
+		go a.watchCrashPhases(ctx, n)
+	}
 	return nil
 }
 

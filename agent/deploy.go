@@ -18,15 +18,13 @@ import (
 	"github.com/drover-sh/drover/fsm"
 )
 
-// lockLease is the lease of a deploy's namespace lock; it is renewed
-// every third of it while the deploy runs.
-const lockLease = 60 * time.Second
 
 // deployStep is one service change a deploy makes.
 type deployStep struct {
 	spec      fsm.ServiceSpec
 	machineID string
 	remove    bool
+	migrate   bool // move the running service and its volumes to machineID
 }
 
 func badManifest(err error) error {
@@ -61,16 +59,24 @@ func (a *Agent) planDeploy(n *cluster.Node, req ctlapi.DeployRequest) (ctlapi.De
 			inManifest[sp.Name] = true
 			ps := ctlapi.PlannedService{Name: sp.Name}
 			old, exists := s.Service(m.Namespace, sp.Name)
-			machineID, note, err := place(s, alive, m.Namespace, sp, old, exists)
+			machineID, note, err := place(s, alive, m.Namespace, sp, old, exists, m.Move[sp.Name])
 			if err != nil {
 				problems = append(problems, &manifest.Error{File: file, Key: "services." + sp.Name + ".machine", Msg: err.Error()})
 				continue
 			}
 			ps.Machine, ps.PlacementNote = names[machineID], note
 			switch {
+			case exists && machineID != old.MachineID:
+				if ch := specChanges(old.Spec, sp); len(ch) > 0 {
+					problems = append(problems, &manifest.Error{File: file, Key: "services." + sp.Name,
+						Msg: fmt.Sprintf("moves to %s and changes %s: deploy the change and the move separately", names[machineID], strings.Join(ch, ", "))})
+					continue
+				}
+				ps.Action, ps.Generation, ps.ServiceIP = "migrate", old.Generation, old.ServiceIP.String()
+				ps.Changes = []string{"machine: " + names[old.MachineID] + " -> " + names[machineID]}
 			case !exists:
 				ps.Action, ps.Generation = "create", 1
-			case specJSON(old.Spec) == specJSON(sp):
+			case len(specChanges(old.Spec, sp)) == 0: // a placement that agrees with where it runs is no change
 				ps.Action, ps.Generation, ps.ServiceIP = "unchanged", old.Generation, old.ServiceIP.String()
 			default:
 				ps.Action, ps.Generation, ps.ServiceIP = "change", old.Generation+1, old.ServiceIP.String()
@@ -86,7 +92,7 @@ func (a *Agent) planDeploy(n *cluster.Node, req ctlapi.DeployRequest) (ctlapi.De
 			}
 			plan.Services = append(plan.Services, ps)
 			if ps.Action != "unchanged" {
-				steps = append(steps, deployStep{spec: sp, machineID: machineID})
+				steps = append(steps, deployStep{spec: sp, machineID: machineID, migrate: ps.Action == "migrate"})
 			}
 		}
 		for _, sv := range s.Services() {
@@ -107,7 +113,7 @@ func (a *Agent) planDeploy(n *cluster.Node, req ctlapi.DeployRequest) (ctlapi.De
 // place picks the machine of a service: where it runs already, else where
 // the manifest says, else where its volumes are, else the active, alive
 // machine with the most free volume space and memory.
-func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, old fsm.Service, exists bool) (string, string, error) {
+func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, old fsm.Service, exists, move bool) (string, string, error) {
 	usable := func(m fsm.Machine) error {
 		if m.State != fsm.MachineActive {
 			return fmt.Errorf("machine %s is %s: it takes no new placements", m.Name, m.State)
@@ -119,8 +125,11 @@ func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, o
 		if !ok {
 			return "", "", fmt.Errorf("no machine named %q in the cluster", sp.Machine)
 		}
+		if exists && old.MachineID != m.ID && !move {
+			return "", "", fmt.Errorf("service %s runs on another machine: moving it is a migration (mark its volumes move = true, or droverctl migrate)", sp.Name)
+		}
 		if exists && old.MachineID != m.ID {
-			return "", "", fmt.Errorf("service %s runs on another machine: moving it is a migration (droverctl migrate)", sp.Name)
+			return m.ID, "migrates there with its volumes", nil
 		}
 		if !exists {
 			if err := usable(m); err != nil {
@@ -152,11 +161,6 @@ func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, o
 		return "", "", errors.New("no active, alive machine can take it (volumes need a machine with a ZFS parent)")
 	}
 	return best.ID, "most free space", nil
-}
-
-func specJSON(sp fsm.ServiceSpec) string {
-	b, _ := json.Marshal(sp)
-	return string(b)
 }
 
 // specChanges names the fields that differ, for the preview.
@@ -196,9 +200,16 @@ func (a *Agent) Deploy(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.De
 	if err != nil {
 		return ctlapi.DeployResult{}, err
 	}
-	plan, _, err := a.planDeploy(n, req)
+	plan, steps, err := a.planDeploy(n, req)
 	if err != nil {
 		return ctlapi.DeployResult{}, err
+	}
+	if moves := migrateSteps(steps); len(moves) > 0 {
+		if len(moves) != len(steps) {
+			return ctlapi.DeployResult{Plan: plan}, badManifest(fmt.Errorf(
+				"%s: the manifest moves services and changes others: deploy the changes and the moves separately", req.File))
+		}
+		return a.deployMoves(ctx, n, plan, moves)
 	}
 	holder := a.cfg.Name + "/deploy/" + randomSuffix()
 	if err := a.acquire(ctx, n, plan.Namespace, holder); err != nil {
@@ -217,7 +228,7 @@ func (a *Agent) Deploy(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.De
 		}
 	}()
 	// Plan again under the lock: the facts may have changed meanwhile.
-	plan, steps, err := a.planDeploy(n, req)
+	plan, steps, err = a.planDeploy(n, req)
 	if err != nil {
 		return ctlapi.DeployResult{Plan: plan}, err
 	}
@@ -245,6 +256,78 @@ func (a *Agent) Deploy(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.De
 	return ctlapi.DeployResult{Plan: plan, Services: mine}, err
 }
 
+func migrateSteps(steps []deployStep) []deployStep {
+	var out []deployStep
+	for _, st := range steps {
+		if st.migrate {
+			out = append(out, st)
+		}
+	}
+	return out
+}
+
+// deployMoves performs a manifest's moves: each is the migration
+// `migrate apply` runs (pre-flight, its own hold of the namespace lock,
+// warm copy, commit), one after the other; the first that fails ends
+// the deploy.
+func (a *Agent) deployMoves(ctx context.Context, n *cluster.Node, plan ctlapi.DeployPlan, moves []deployStep) (ctlapi.DeployResult, error) {
+	res := ctlapi.DeployResult{Plan: plan}
+	for _, st := range moves {
+		target := a.nameOf(st.machineID)
+		info, err := a.migrate(ctx, ctlapi.MigrateRequest{Service: plan.Namespace + "/" + st.spec.Name, To: target}, "", func(ctlapi.MigrationEvent) {})
+		if info.ID != "" {
+			res.Migrations = append(res.Migrations, info)
+		}
+		if err != nil {
+			return res, fmt.Errorf("moving %s/%s to %s: %w", plan.Namespace, st.spec.Name, target, err)
+		}
+	}
+	svcs, err := a.Services(ctx)
+	for _, s := range svcs {
+		if s.Namespace == plan.Namespace {
+			res.Services = append(res.Services, s)
+		}
+	}
+	return res, err
+}
+
+// RenderManifest gives the manifest that moves a service: its namespace's
+// services as they are, with the service placed on the target and its
+// volumes marked to move. `deploy -f` with it runs the migration.
+func (a *Agent) RenderManifest(_ context.Context, req ctlapi.MigrateRequest) (ctlapi.RenderedManifest, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.RenderedManifest{}, err
+	}
+	ns, name, ok := strings.Cut(req.Service, "/")
+	if !ok {
+		return ctlapi.RenderedManifest{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf("service %q: want namespace/name", req.Service)}
+	}
+	target, err := a.machineByName(n, req.To)
+	if err != nil {
+		return ctlapi.RenderedManifest{}, err
+	}
+	var specs []fsm.ServiceSpec
+	found := false
+	n.Read(func(s *fsm.State) {
+		for _, sv := range s.Services() {
+			if sv.Namespace != ns {
+				continue
+			}
+			sp := sv.Spec
+			if sp.Name == name {
+				found = true
+				sp.Machine = target.Name
+			}
+			specs = append(specs, sp)
+		}
+	})
+	if !found {
+		return ctlapi.RenderedManifest{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_service", Err: fmt.Errorf("no service %s", req.Service)}
+	}
+	return ctlapi.RenderedManifest{Namespace: ns, Text: manifest.Render(ns, specs, map[string]bool{name: true})}, nil
+}
+
 func randomSuffix() string {
 	b := make([]byte, 3)
 	rand.Read(b)
@@ -253,7 +336,7 @@ func randomSuffix() string {
 
 // acquire takes the namespace lock or says who holds it and for how long.
 func (a *Agent) acquire(ctx context.Context, n *cluster.Node, ns, holder string) error {
-	_, err := n.Apply(ctx, fsm.AcquireLock{Namespace: ns, Holder: holder, Lease: lockLease, At: time.Now()})
+	_, err := n.Apply(ctx, fsm.AcquireLock{Namespace: ns, Holder: holder, Lease: a.cfg.LockLease, At: time.Now()})
 	var rule *fsm.RuleError
 	if errors.As(err, &rule) && errors.Is(err, fsm.ErrLockHeld) {
 		return &ctlapi.APIError{Status: http.StatusConflict, Code: "namespace_locked", Err: fmt.Errorf(
@@ -267,7 +350,7 @@ func (a *Agent) acquire(ctx context.Context, n *cluster.Node, ns, holder string)
 }
 
 func (a *Agent) renewLock(ctx context.Context, n *cluster.Node, ns, holder string) {
-	tick := time.NewTicker(lockLease / 3)
+	tick := time.NewTicker(a.cfg.LockLease / 3)
 	defer tick.Stop()
 	for {
 		select {
@@ -275,7 +358,7 @@ func (a *Agent) renewLock(ctx context.Context, n *cluster.Node, ns, holder strin
 			return
 		case <-tick.C:
 		}
-		if _, err := n.Apply(ctx, fsm.RenewLock{Namespace: ns, Holder: holder, Lease: lockLease, At: time.Now()}); err != nil && ctx.Err() == nil {
+		if _, err := n.Apply(ctx, fsm.RenewLock{Namespace: ns, Holder: holder, Lease: a.cfg.LockLease, At: time.Now()}); err != nil && ctx.Err() == nil {
 			a.logger.Warn("renewing namespace lock", "namespace", ns, "err", err)
 		}
 	}

@@ -5,30 +5,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
-	"net/netip"
+	"net/url"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
-	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
-)
-
-// Daemon-to-daemon calls of a migration. The executor (on the machine
-// where `migrate apply` ran) drives them; source and target check every
-// call against the migration's facts.
-const (
-	rpcSend        = "migrate/send"         // source: snapshot and stream a volume to the target
-	rpcReceive     = "migrate/receive"      // target: receive a stream from the source
-	rpcStopSource  = "migrate/stop-source"  // source: stop the service's container (kept)
-	rpcStartTarget = "migrate/start-target" // target: adopt the copies, start, wait ready
-	rpcAbort       = "migrate/abort"        // both: undo before the commit
+	"github.com/drover-sh/drover/volume"
 )
 
 // warmRounds bounds the incremental rounds while the service runs; a
@@ -38,246 +24,37 @@ const (
 	warmEnough = 8 << 20
 )
 
-type sendResult struct {
-	Bytes      uint64 `json:"bytes"`
-	SourceGUID uint64 `json:"source_guid"`
-	TargetGUID uint64 `json:"target_guid"`
+// errAbortedByOperator is the cause of an abort asked with `migrate abort`
+// or Ctrl-C.
+var errAbortedByOperator = errors.New("aborted by the operator")
+
+// execution is a migration this daemon runs. It is owned by the daemon,
+// not by the request that started it: a CLI that goes away does not stop
+// it; `migrate abort` does.
+type execution struct {
+	id     string
+	cancel context.CancelCauseFunc
+	events chan ctlapi.MigrationEvent // closed when the migration ended
+	done   chan struct{}              // closed after info and err are set
+	info   ctlapi.MigrationInfo
+	err    error
 }
 
-func (a *Agent) registerMigrationRPC(n *cluster.Node) {
-	n.HandleRPC("POST "+rpcSend, a.rpcHandler(a.handleSend))
-	n.HandleRPC("POST "+rpcReceive, a.rpcHandler(a.handleReceive))
-	n.HandleRPC("POST "+rpcStopSource, a.rpcHandler(a.handleStopSource))
-	n.HandleRPC("POST "+rpcStartTarget, a.rpcHandler(a.handleStartTarget))
-	n.HandleRPC("POST "+rpcAbort, a.rpcHandler(a.handleAbort))
-	n.HandleRPC("GET "+rpcLocalFacts, a.handleLocalFacts)
-}
-
-// rpcHandler wraps a migration handler: it finds the migration and this
-// machine's workloads, and turns errors into a 409 with the reason.
-func (a *Agent) rpcHandler(h func(*http.Request, fsm.Migration, fsm.Service, *workloads) (any, error)) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		res, err := func() (any, error) {
-			n, wl := a.currentNode(), a.currentWork()
-			if n == nil || wl == nil {
-				return nil, errNotInCluster
-			}
-			id := r.URL.Query().Get("id")
-			var m fsm.Migration
-			var sv fsm.Service
-			var ok bool
-			n.Read(func(s *fsm.State) {
-				if m, ok = s.Migration(id); ok {
-					sv, _ = s.Service(m.Namespace, m.Service)
-				}
-			})
-			if !ok {
-				return nil, fmt.Errorf("no migration %q", id)
-			}
-			return h(r, m, sv, wl)
-		}()
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusConflict)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(res)
+func (ex *execution) emit(ev ctlapi.MigrationEvent) {
+	ev.ID, ev.Time = ex.id, time.Now()
+	select {
+	case ex.events <- ev:
+	default: // nobody reads fast enough: progress is not worth blocking a migration
 	}
-}
-
-func (a *Agent) currentWork() *workloads {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.work
-}
-
-func (a *Agent) requireRole(m fsm.Migration, machineID, role string) error {
-	if m.Phase.Terminal() || m.Phase.Committed() {
-		return fmt.Errorf("migration %s is %s", m.ID, m.Phase)
-	}
-	if machineID != a.machineID {
-		return fmt.Errorf("this machine is not the %s of migration %s", role, m.ID)
-	}
-	return nil
-}
-
-// handleSend (source): snapshot a volume and stream it to the target.
-func (a *Agent) handleSend(r *http.Request, m fsm.Migration, _ fsm.Service, w *workloads) (any, error) {
-	if err := a.requireRole(m, m.SourceID, "source"); err != nil {
-		return nil, err
-	}
-	q := r.URL.Query()
-	vol, snap, base := q.Get("volume"), q.Get("snap"), q.Get("base")
-	if w.vols == nil {
-		return nil, errors.New("this machine holds no volumes")
-	}
-	s, err := w.vols.Snapshot(m.Namespace, vol, snap)
-	if err != nil {
-		return nil, err
-	}
-	pr, pw := io.Pipe()
-	var sent atomic.Uint64
-	go func() {
-		pw.CloseWithError(w.vols.Send(m.Namespace, vol, snap, base, &countingWriter{w: pw, n: &sent}))
-	}()
-	path := fmt.Sprintf("%s?id=%s&volume=%s&snap=%s", rpcReceive, m.ID, vol, snap)
-	resp, err := a.currentNode().CallRPC(r.Context(), m.TargetID, http.MethodPost, path, pr)
-	pr.CloseWithError(errors.New("stream ended"))
-	if err != nil {
-		return nil, fmt.Errorf("streaming %s/%s@%s to the target: %w", m.Namespace, vol, snap, err)
-	}
-	defer resp.Body.Close()
-	var got sendResult
-	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
-		return nil, fmt.Errorf("reading the target's answer: %w", err)
-	}
-	return sendResult{Bytes: sent.Load(), SourceGUID: s.GUID, TargetGUID: got.TargetGUID}, nil
-}
-
-type countingWriter struct {
-	w io.Writer
-	n *atomic.Uint64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	k, err := c.w.Write(p)
-	c.n.Add(uint64(k))
-	return k, err
-}
-
-// handleReceive (target): accept a stream only from the migration's
-// source, into a staging dataset, never over a volume this machine owns.
-func (a *Agent) handleReceive(r *http.Request, m fsm.Migration, _ fsm.Service, w *workloads) (any, error) {
-	if err := a.requireRole(m, m.TargetID, "target"); err != nil {
-		return nil, err
-	}
-	host, _, _ := net.SplitHostPort(r.RemoteAddr)
-	ip, _ := netip.ParseAddr(host)
-	if caller, ok := a.currentNode().MachineByAddr(ip.Unmap()); !ok || caller != m.SourceID {
-		return nil, fmt.Errorf("stream from %s refused: only the source of migration %s may send", host, m.ID)
-	}
-	vol, snap := r.URL.Query().Get("volume"), r.URL.Query().Get("snap")
-	var owner string
-	a.currentNode().Read(func(s *fsm.State) {
-		if v, ok := s.Volume(m.Namespace, vol); ok {
-			owner = v.OwnerID
-		}
-	})
-	if owner == a.machineID {
-		return nil, fmt.Errorf("volume %s/%s is owned by this machine: refusing to receive over it", m.Namespace, vol)
-	}
-	if w.vols == nil {
-		return nil, errors.New("this machine holds no volumes (no --zfs-parent)")
-	}
-	staging := w.vols.StagingDataset(m.ID, vol)
-	if err := w.vols.Receive(staging, r.Body); err != nil {
-		return nil, err
-	}
-	guid, err := w.vols.SnapshotGUID(staging, snap)
-	if err != nil {
-		return nil, err
-	}
-	return sendResult{TargetGUID: guid}, nil
-}
-
-// findContainer is the service's container on this machine, if any.
-func findContainer(ctx context.Context, w *workloads, ns, svc string) (runtime.Container, error) {
-	cs, err := w.rt.List(ctx)
-	if err != nil {
-		return runtime.Container{}, err
-	}
-	for _, c := range cs {
-		if c.Namespace == ns && c.Service == svc {
-			return c, nil
-		}
-	}
-	return runtime.Container{}, nil
-}
-
-// handleStopSource (source): stop the container; writes stop here.
-func (a *Agent) handleStopSource(r *http.Request, m fsm.Migration, _ fsm.Service, w *workloads) (any, error) {
-	if err := a.requireRole(m, m.SourceID, "source"); err != nil {
-		return nil, err
-	}
-	c, err := findContainer(r.Context(), w, m.Namespace, m.Service)
-	if err != nil || c.ID == "" {
-		return nil, fmt.Errorf("no container of %s/%s here: %v", m.Namespace, m.Service, err)
-	}
-	return struct{}{}, w.rt.Stop(r.Context(), c.ID, 10*time.Second)
-}
-
-// handleStartTarget (target): put the received copies in place, start the
-// container on them and wait until it is ready.
-func (a *Agent) handleStartTarget(r *http.Request, m fsm.Migration, sv fsm.Service, w *workloads) (any, error) {
-	if err := a.requireRole(m, m.TargetID, "target"); err != nil {
-		return nil, err
-	}
-	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP, Mounts: map[string]string{}}
-	if len(m.Volumes) > 0 && w.vols == nil {
-		return nil, errors.New("this machine holds no volumes (no --zfs-parent)")
-	}
-	for _, v := range m.Volumes {
-		info, err := w.vols.Adopt(w.vols.StagingDataset(m.ID, v.Name), m.Namespace, v.Name)
-		if err != nil {
-			return nil, err
-		}
-		rs.Mounts[v.Name] = info.Mountpoint
-	}
-	if err := w.addServiceIP(sv.ServiceIP); err != nil {
-		return nil, err
-	}
-	c, err := w.rt.Start(r.Context(), rs)
-	if err != nil {
-		return nil, err
-	}
-	return struct{}{}, w.rt.WaitReady(r.Context(), c, rs)
-}
-
-// handleAbort (source or target): undo this machine's part before the
-// commit. The target removes its container and every copy it received;
-// the source starts its container again.
-func (a *Agent) handleAbort(r *http.Request, m fsm.Migration, sv fsm.Service, w *workloads) (any, error) {
-	if m.Phase.Committed() {
-		return nil, fmt.Errorf("migration %s is committed: it only goes forward", m.ID)
-	}
-	ctx := r.Context()
-	c, err := findContainer(ctx, w, m.Namespace, m.Service)
-	if err != nil {
-		return nil, err
-	}
-	switch a.machineID {
-	case m.TargetID:
-		if c.ID != "" {
-			if err := w.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
-				return nil, err
-			}
-		}
-		if err := w.removeServiceIP(sv.ServiceIP); err != nil {
-			return nil, err
-		}
-		for _, v := range m.Volumes {
-			if err := w.vols.DestroyDataset(w.vols.StagingDataset(m.ID, v.Name)); err != nil {
-				return nil, err
-			}
-			if err := w.vols.DestroyDataset(w.vols.Dataset(m.Namespace, v.Name)); err != nil {
-				return nil, err
-			}
-		}
-	case m.SourceID:
-		if c.ID != "" && !c.Running {
-			if err := w.rt.Restart(ctx, c.ID); err != nil {
-				return nil, err
-			}
-		}
-	default:
-		return nil, fmt.Errorf("this machine takes no part in migration %s", m.ID)
-	}
-	return struct{}{}, nil
 }
 
 // Migrate moves a service and its volumes to another machine and returns
-// when the move is done or undone.
-func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.MigrationInfo, error) {
+// when the move is done or undone, passing its events to emit.
+func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
+	return a.migrate(ctx, req, "", emit)
+}
+
+func (a *Agent) migrate(ctx context.Context, req ctlapi.MigrateRequest, rollbackOf string, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
 	n, err := a.requireNode()
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
@@ -296,141 +73,318 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.
 		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "preflight_failed",
 			Err: fmt.Errorf("pre-flight failed, nothing moved: %s", strings.Join(failed, "; "))}
 	}
+	seed := make([]fsm.MigrationVolume, 0, len(plan.Volumes))
+	for _, v := range plan.Volumes {
+		if rollbackOf != "" && v.IncrementalBase == "" {
+			return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "no_base",
+				Err: fmt.Errorf("rollback of %s: the copy of volume %s on %s shares no snapshot with the live one: use migrate apply (a full copy)", rollbackOf, v.Name, target.Name)}
+		}
+		seed = append(seed, fsm.MigrationVolume{Name: v.Name, LastSnapshot: v.IncrementalBase, GUID: v.BaseGUID, TotalBytes: v.ReferencedBytes})
+	}
+	ex, err := a.startExecution(ctx, n, sv, target, seed, rollbackOf)
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	for {
+		select {
+		case ev, ok := <-ex.events:
+			if ok {
+				emit(ev)
+				continue
+			}
+			<-ex.done
+			return ex.info, ex.err
+		case <-ctx.Done():
+			info, _ := a.migrationInfo(n, ex.id)
+			return info, fmt.Errorf("stopped following migration %s; it goes on (see `droverctl migrate show %s`): %w", ex.id, ex.id, ctx.Err())
+		}
+	}
+}
+
+// startExecution takes the namespace lock, records the migration and
+// runs it in a goroutine the daemon owns.
+func (a *Agent) startExecution(ctx context.Context, n *cluster.Node, sv fsm.Service, target fsm.Machine, seed []fsm.MigrationVolume, rollbackOf string) (*execution, error) {
 	ns, name := sv.Namespace, sv.Spec.Name
 	id := "m" + randomSuffix() + randomSuffix()
 	holder := a.cfg.Name + "/migrate/" + id
-	if err := a.acquire(ctx, n, ns, holder); err != nil {
-		return ctlapi.MigrationInfo{}, err
+	ectx, cancel := context.WithCancelCause(a.ctx)
+	ex := &execution{id: id, cancel: cancel, events: make(chan ctlapi.MigrationEvent, 256), done: make(chan struct{})}
+	// Registered before the migration exists in the facts, so the janitor
+	// never takes it for one whose executor died.
+	a.mu.Lock()
+	a.execs[id] = ex
+	a.mu.Unlock()
+	forget := func() {
+		a.mu.Lock()
+		delete(a.execs, id)
+		a.mu.Unlock()
+		cancel(nil)
 	}
-	lockCtx, stopRenew := context.WithCancel(ctx)
-	renewDone := make(chan struct{})
-	go func() { defer close(renewDone); a.renewLock(lockCtx, n, ns, holder) }()
-	defer func() {
+	if err := a.acquire(ctx, n, ns, holder); err != nil {
+		forget()
+		return nil, err
+	}
+	release := func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ectx), 10*time.Second)
+		defer cancel()
+		if _, err := n.Apply(rctx, fsm.ReleaseLock{Namespace: ns, Holder: holder, At: time.Now()}); err != nil {
+			a.logger.Warn("releasing the namespace lock; its lease will run out", "namespace", ns, "err", err)
+		}
+	}
+	if _, err := n.Apply(ctx, fsm.StartMigration{ID: id, Namespace: ns, Service: name, TargetID: target.ID, Holder: holder,
+		Volumes: seed, RollbackOf: rollbackOf, At: time.Now()}); err != nil {
+		release()
+		forget()
+		return nil, fmt.Errorf("starting migration: %w", err)
+	}
+	a.logger.Info("migration started", "id", id, "service", ns+"/"+name, "target", target.Name)
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		defer forget()
+		lockCtx, stopRenew := context.WithCancel(ectx)
+		renewDone := make(chan struct{})
+		go func() { defer close(renewDone); a.renewLock(lockCtx, n, ns, holder) }()
+		err := a.runMigration(ectx, n, ex, holder)
+		if err != nil {
+			if cause := context.Cause(ectx); cause != nil && errors.Is(err, context.Canceled) {
+				err = cause
+			}
+			a.logger.Warn("migration failed before the commit: aborting", "id", id, "err", err)
+			ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseAborting), Message: err.Error()})
+			a.abortMigration(context.WithoutCancel(ectx), n, id, err)
+			ex.err = &ctlapi.APIError{Status: http.StatusConflict, Code: "migration_aborted",
+				Err: fmt.Errorf("migration %s of %s/%s aborted, the service runs on its source again: %w", id, ns, name, err)}
+		}
 		stopRenew()
 		<-renewDone
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		n.Apply(rctx, fsm.ReleaseLock{Namespace: ns, Holder: holder, At: time.Now()})
+		release()
+		ex.info, _ = a.migrationInfo(n, id)
+		close(ex.events)
+		close(ex.done)
 	}()
-	if _, err := n.Apply(ctx, fsm.StartMigration{ID: id, Namespace: ns, Service: name, TargetID: target.ID, Holder: holder, At: time.Now()}); err != nil {
-		return ctlapi.MigrationInfo{}, fmt.Errorf("starting migration: %w", err)
+	return ex, nil
+}
+
+// applyMigration applies a migration command, riding out a leader change:
+// it retries while the outcome is unknown or no leader answers (the
+// commands are idempotent or checked by the caller), for up to a minute.
+func (a *Agent) applyMigration(ctx context.Context, n *cluster.Node, cmd fsm.Command) error {
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := n.Apply(ctx, cmd)
+		var rule *fsm.RuleError
+		if err == nil || errors.As(err, &rule) || ctx.Err() != nil || time.Now().After(deadline) {
+			return err
+		}
+		a.logger.Warn("recording a migration step; retrying", "command", cmd.Type(), "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
-	if err := a.runMigration(ctx, n, id, holder); err != nil {
-		a.logger.Warn("migration failed before the commit: aborting", "id", id, "err", err)
-		a.abortMigration(context.WithoutCancel(ctx), n, id, err)
-		info, _ := a.migrationInfo(n, id)
-		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "migration_aborted",
-			Err: fmt.Errorf("migration %s of %s/%s aborted, the service runs on its source again: %w", id, ns, name, err)}
-	}
-	return a.migrationInfo(n, id)
 }
 
 // runMigration drives the phases up to the commit and the cleanup after.
-func (a *Agent) runMigration(ctx context.Context, n *cluster.Node, id, holder string) error {
+// An error means the commit did not happen.
+func (a *Agent) runMigration(ctx context.Context, n *cluster.Node, ex *execution, holder string) error {
+	id := ex.id
 	m, _ := a.migrationFact(n, id)
-	advance := func(phase fsm.MigrationPhase, vols []fsm.MigrationVolume) error {
-		_, err := n.Apply(ctx, fsm.AdvanceMigration{ID: id, Phase: phase, Volumes: vols, At: time.Now()})
-		return err
+	phase := func(p fsm.MigrationPhase, msg string, vols []fsm.MigrationVolume) error {
+		ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(p), Message: msg})
+		return a.applyMigration(ctx, n, fsm.AdvanceMigration{ID: id, Phase: p, Volumes: vols, At: time.Now()})
 	}
-	send := func(v *fsm.MigrationVolume, snap string) (uint64, error) {
-		path := fmt.Sprintf("%s?id=%s&volume=%s&snap=%s&base=%s", rpcSend, id, v.Name, snap, v.LastSnapshot)
-		resp, err := n.CallRPC(ctx, m.SourceID, http.MethodPost, path, nil)
-		if err != nil {
-			return 0, err
-		}
-		defer resp.Body.Close()
-		var res sendResult
-		if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
-			return 0, err
-		}
-		if res.SourceGUID != res.TargetGUID {
-			return 0, fmt.Errorf("volume %s@%s: GUID %d on the source, %d on the target", v.Name, snap, res.SourceGUID, res.TargetGUID)
-		}
-		v.BytesSent += res.Bytes
-		v.LastSnapshot, v.GUID = snap, res.SourceGUID
-		return res.Bytes, nil
-	}
-	call := func(machine, path string) error {
-		resp, err := n.CallRPC(ctx, machine, http.MethodPost, path+"?id="+id, nil)
+	call := func(machine, path string, timeout time.Duration, out any) error {
+		cctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		resp, err := n.CallRPC(cctx, machine, http.MethodPost, path+"?id="+id, nil)
 		if err != nil {
 			return err
 		}
-		return resp.Body.Close()
+		defer resp.Body.Close()
+		if out != nil {
+			return json.NewDecoder(resp.Body).Decode(out)
+		}
+		return nil
 	}
 
 	vols := m.Volumes
-	if err := advance(fsm.PhaseWarmCopy, vols); err != nil {
+	if err := phase(fsm.PhaseWarmCopy, "copying while the service runs", vols); err != nil {
 		return err
 	}
 	for round := 1; round <= warmRounds; round++ {
 		var sent uint64
 		for i := range vols {
-			k, err := send(&vols[i], "drover-"+id+"-"+strconv.Itoa(round))
+			k, err := a.sendVolume(ctx, n, ex, m, &vols[i], volume.SnapshotPrefix+id+"-"+strconv.Itoa(round), round)
 			if err != nil {
 				return fmt.Errorf("warm copy round %d: %w", round, err)
 			}
 			sent += k
 		}
-		if err := advance(fsm.PhaseWarmCopy, vols); err != nil {
+		a.crashPoint("executor", "warm-copy")
+		if err := phase(fsm.PhaseWarmCopy, fmt.Sprintf("round %d sent %s", round, mibs(sent)), vols); err != nil {
 			return err
 		}
 		if sent < warmEnough {
 			break
 		}
 	}
-	if err := call(m.SourceID, rpcStopSource); err != nil {
+	if err := call(m.SourceID, rpcStopSource, time.Minute, nil); err != nil {
 		return fmt.Errorf("stopping the source: %w", err)
 	}
-	if err := advance(fsm.PhaseSourceStopped, nil); err != nil {
+	if err := phase(fsm.PhaseSourceStopped, "source stopped: writes stopped", nil); err != nil {
 		return err
 	}
+	a.crashPoint("executor", "source-stopped")
 	for i := range vols {
-		if _, err := send(&vols[i], "drover-"+id+"-final"); err != nil {
+		k, err := a.sendVolume(ctx, n, ex, m, &vols[i], finalSnapshot(id), 0)
+		if err != nil {
 			return fmt.Errorf("final copy: %w", err)
 		}
+		vols[i].FinalBytes = k
+		a.crashPoint("executor", "final-send")
 	}
-	if err := advance(fsm.PhaseFinalCopy, vols); err != nil {
+	if err := phase(fsm.PhaseFinalCopy, "final increment sent, GUIDs match", vols); err != nil {
 		return err
 	}
-	if err := advance(fsm.PhaseTargetStarting, nil); err != nil {
+	if err := phase(fsm.PhaseTargetStarting, "starting on the target", nil); err != nil {
 		return err
 	}
-	if err := call(m.TargetID, rpcStartTarget); err != nil {
+	var started startResult
+	if err := call(m.TargetID, rpcStartTarget, 10*time.Minute, &started); err != nil {
 		return fmt.Errorf("starting on the target: %w", err)
 	}
+	a.crashPoint("executor", "target-started")
 	// The point of no return.
-	if _, err := n.Apply(ctx, fsm.CommitMigration{ID: id, Holder: holder, At: time.Now()}); err != nil {
-		return fmt.Errorf("committing: %w", err)
-	}
-	// After the commit only forward: the reconcilers remove the source
-	// container and adopt the target's; the source dataset is kept.
-	fctx := context.WithoutCancel(ctx)
-	for {
-		if _, err := n.Apply(fctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, At: time.Now()}); err == nil {
-			return nil
-		} else {
-			a.logger.Warn("recording a committed migration as done; retrying", "id", id, "err", err)
+	commitErr := a.applyMigration(ctx, n, fsm.CommitMigration{ID: id, Holder: holder, ReadyAt: started.ReadyAt, At: time.Now()})
+	if now, _ := a.migrationFact(n, id); !now.Phase.Committed() {
+		if commitErr == nil {
+			commitErr = fmt.Errorf("migration is %s after its commit", now.Phase)
 		}
-		time.Sleep(time.Second)
+		return fmt.Errorf("committing: %w", commitErr)
+	}
+	ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseCommitted), Message: "committed: the target owns the volumes and serves the service IP"})
+	a.crashPoint("executor", "committed")
+	a.completeCommitted(context.WithoutCancel(ctx), n, id, ex)
+	return nil
+}
+
+// sendVolume has the source stream one snapshot of a volume to the target
+// (incremental from the newest snapshot both hold) and follows its
+// progress. It returns the bytes sent.
+func (a *Agent) sendVolume(ctx context.Context, n *cluster.Node, ex *execution, m fsm.Migration, v *fsm.MigrationVolume, snap string, round int) (uint64, error) {
+	q := url.Values{"id": {m.ID}, "volume": {v.Name}, "snap": {snap}, "base": {v.LastSnapshot}}
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	resp, err := n.CallRPC(cctx, m.SourceID, http.MethodPost, rpcSend+"?"+q.Encode(), nil)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	// The source writes a line every half second; silence means the
+	// source or the path to it is gone.
+	idle := time.AfterFunc(2*a.cfg.StallTimeout, cancel)
+	defer idle.Stop()
+	var total uint64
+	if v.LastSnapshot == "" {
+		total = v.TotalBytes
+	}
+	start := time.Now()
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var line sendLine
+		if err := dec.Decode(&line); err != nil {
+			return 0, fmt.Errorf("following the send of %s@%s: %w", v.Name, snap, err)
+		}
+		idle.Reset(2 * a.cfg.StallTimeout)
+		if line.Error != "" {
+			return 0, errors.New(line.Error)
+		}
+		ev := ctlapi.MigrationEvent{Kind: "progress", Phase: string(fsm.PhaseWarmCopy), Round: round, Volume: v.Name, Bytes: line.Bytes, Total: total}
+		if round == 0 {
+			ev.Phase = string(fsm.PhaseFinalCopy)
+		}
+		if s := time.Since(start).Seconds(); s > 0 {
+			ev.Rate = float64(line.Bytes) / s
+		}
+		ex.emit(ev)
+		if !line.Done {
+			continue
+		}
+		if line.SourceGUID != line.TargetGUID {
+			return 0, fmt.Errorf("volume %s@%s: GUID %d on the source, %d on the target", v.Name, snap, line.SourceGUID, line.TargetGUID)
+		}
+		v.BytesSent += line.Bytes
+		v.LastSnapshot, v.GUID = snap, line.SourceGUID
+		return line.Bytes, nil
 	}
 }
 
-// abortMigration undoes a migration before its commit.
-func (a *Agent) abortMigration(ctx context.Context, n *cluster.Node, id string, cause error) {
+// completeCommitted finishes a committed migration: the source removes its
+// container and keeps its copy, both prune to the final snapshot, and the
+// migration is recorded done. Only forward: a machine that does not answer
+// is left to its reconciler, which does the same when it is back.
+func (a *Agent) completeCommitted(ctx context.Context, n *cluster.Node, id string, ex *execution) {
 	m, ok := a.migrationFact(n, id)
-	if !ok || m.Phase.Committed() {
+	if !ok || m.Phase != fsm.PhaseCommitted {
 		return
 	}
-	n.Apply(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborting, Error: cause.Error(), At: time.Now()})
-	for _, machine := range []string{m.TargetID, m.SourceID} {
-		resp, err := n.CallRPC(ctx, machine, http.MethodPost, rpcAbort+"?id="+id, nil)
+	cleanup := func(machine, path string) {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
+		resp, err := n.CallRPC(cctx, machine, http.MethodPost, path+"?id="+id, nil)
 		if err != nil {
-			a.logger.Error("undoing a migration", "id", id, "machine", a.nameOf(machine), "err", err)
+			a.logger.Warn("cleanup after the commit; the machine's reconciler finishes it", "id", id, "machine", a.nameOf(machine), "err", err)
+			return
+		}
+		resp.Body.Close()
+	}
+	cleanup(m.SourceID, rpcCleanupSource)
+	a.crashPoint("executor", "cleanup")
+	cleanup(m.TargetID, rpcCleanupTarget)
+	for {
+		err := a.applyMigration(ctx, n, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, At: time.Now()})
+		if now, _ := a.migrationFact(n, id); now.Phase == fsm.PhaseDone {
+			break
+		}
+		a.logger.Warn("recording a committed migration as done; retrying", "id", id, "err", err)
+		select {
+		case <-a.ctx.Done():
+			return // the next start of this daemon finishes it
+		case <-time.After(time.Second):
+		}
+	}
+	if ex != nil {
+		ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseDone), Message: "source container removed, source copy kept"})
+	}
+}
+
+// abortMigration undoes a migration before its commit: it records why,
+// has the target and the source undo their parts, and records it aborted.
+// A machine that does not answer undoes its part when it is back (see the
+// janitor): the abort does not wait for it.
+func (a *Agent) abortMigration(ctx context.Context, n *cluster.Node, id string, cause error) {
+	m, ok := a.migrationFact(n, id)
+	if !ok || m.Phase.Committed() || m.Phase.Terminal() {
+		return
+	}
+	if m.Phase != fsm.PhaseAborting {
+		a.applyMigration(ctx, n, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborting, Error: cause.Error(), At: time.Now()})
+	}
+	for _, machine := range []string{m.TargetID, m.SourceID} {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		resp, err := n.CallRPC(cctx, machine, http.MethodPost, rpcAbort+"?id="+id, nil)
+		cancel()
+		if err != nil {
+			a.logger.Error("undoing a migration; that machine undoes its part when it is back", "id", id, "machine", a.nameOf(machine), "err", err)
 			continue
 		}
 		resp.Body.Close()
 	}
-	n.Apply(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborted, At: time.Now()})
+	if err := a.applyMigration(ctx, n, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborted, At: time.Now()}); err != nil {
+		a.logger.Error("recording a migration aborted", "id", id, "err", err)
+	}
 }
 
 func (a *Agent) migrationFact(n *cluster.Node, id string) (fsm.Migration, bool) {
@@ -443,19 +397,23 @@ func (a *Agent) migrationFact(n *cluster.Node, id string) (fsm.Migration, bool) 
 func (a *Agent) migrationInfo(n *cluster.Node, id string) (ctlapi.MigrationInfo, error) {
 	m, ok := a.migrationFact(n, id)
 	if !ok {
-		return ctlapi.MigrationInfo{}, fmt.Errorf("no migration %q", id)
+		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_migration", Err: fmt.Errorf("no migration %q", id)}
 	}
 	return a.toInfo(m), nil
 }
 
 func (a *Agent) toInfo(m fsm.Migration) ctlapi.MigrationInfo {
+	executor, _, _ := strings.Cut(m.Holder, "/")
 	info := ctlapi.MigrationInfo{ID: m.ID, Service: m.Namespace + "/" + m.Service, Source: a.nameOf(m.SourceID),
-		Target: a.nameOf(m.TargetID), Phase: string(m.Phase), Error: m.Error, StartedAt: m.StartedAt}
-	for _, v := range m.Volumes {
-		info.Volumes = append(info.Volumes, ctlapi.MigrationVolume{Name: v.Name, BytesSent: v.BytesSent, Snapshot: v.LastSnapshot})
+		Target: a.nameOf(m.TargetID), Executor: executor, Phase: string(m.Phase), Error: m.Error, RollbackOf: m.RollbackOf,
+		Downtime: ctlapi.Duration(m.Downtime()), StartedAt: m.StartedAt, SourceStopped: m.SourceStoppedAt,
+		TargetReady: m.TargetReadyAt, CommittedAt: m.CommittedAt, EndedAt: m.EndedAt, SourcePurgedAt: m.SourcePurgedAt}
+	if m.Phase == fsm.PhaseDone && m.SourcePurgedAt.IsZero() {
+		info.RetainedUntil = m.EndedAt.Add(a.cfg.SafetyWindow)
 	}
-	if !m.SourceStoppedAt.IsZero() && !m.CommittedAt.IsZero() {
-		info.Downtime = ctlapi.Duration(m.CommittedAt.Sub(m.SourceStoppedAt))
+	for _, v := range m.Volumes {
+		info.Volumes = append(info.Volumes, ctlapi.MigrationVolume{Name: v.Name, BytesSent: v.BytesSent, FinalBytes: v.FinalBytes,
+			TotalBytes: v.TotalBytes, Base: v.Base, Snapshot: v.LastSnapshot})
 	}
 	return info
 }
@@ -475,44 +433,44 @@ func (a *Agent) Migrations(context.Context) ([]ctlapi.MigrationInfo, error) {
 	return out, nil
 }
 
-// runMigrationJanitor finishes the migrations whose executor is gone: when
-// the namespace lock of a running migration is no longer held by its
-// executor (its lease ran out), the leader's daemon aborts it if it had
-// not committed and records it done if it had. Only the leader acts, so
-// two machines never undo one migration at once.
-func (a *Agent) runMigrationJanitor(ctx context.Context, n *cluster.Node) {
-	defer a.wg.Done()
-	tick := time.NewTicker(5 * time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		if st, err := n.Status(); err != nil || st.Role != cluster.RoleLeader {
-			continue
-		}
-		var orphans []fsm.Migration
-		now := time.Now()
-		n.Read(func(s *fsm.State) {
-			for _, m := range s.Migrations() {
-				if m.Phase.Terminal() {
-					continue
-				}
-				if l, ok := s.Lock(m.Namespace); !ok || l.Holder != m.Holder || !l.ExpiresAt.After(now) {
-					orphans = append(orphans, m)
-				}
-			}
-		})
-		for _, m := range orphans {
-			if m.Phase.Committed() {
-				a.logger.Info("completing a committed migration whose executor is gone", "id", m.ID)
-				n.Apply(ctx, fsm.AdvanceMigration{ID: m.ID, Phase: fsm.PhaseDone, At: time.Now()})
-				continue
-			}
-			a.logger.Warn("aborting a migration whose executor is gone", "id", m.ID, "phase", m.Phase)
-			a.abortMigration(ctx, n, m.ID, errors.New("the executor's lease on the namespace lock ran out"))
-		}
+// Migration describes one migration.
+func (a *Agent) Migration(_ context.Context, id string) (ctlapi.MigrationInfo, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
 	}
+	return a.migrationInfo(n, id)
 }
+
+// AbortMigration aborts a migration this daemon runs, before its commit.
+func (a *Agent) AbortMigration(_ context.Context, id string) (ctlapi.MigrationInfo, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	info, err := a.migrationInfo(n, id)
+	if err != nil {
+		return info, err
+	}
+	m, _ := a.migrationFact(n, id)
+	switch {
+	case m.Phase.Committed():
+		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "committed", Err: fmt.Errorf(
+			"migration %s is committed: %s owns the volumes and serves %s now, so it only goes forward (roll back with `droverctl migrate rollback %s` once it is done)",
+			id, info.Target, info.Service, id)}
+	case m.Phase.Terminal():
+		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "ended", Err: fmt.Errorf("migration %s is %s already", id, m.Phase)}
+	}
+	a.mu.Lock()
+	ex := a.execs[id]
+	a.mu.Unlock()
+	if ex == nil {
+		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "not_here", Err: fmt.Errorf(
+			"migration %s is run by %s: abort it there", id, info.Executor)}
+	}
+	ex.cancel(errAbortedByOperator)
+	<-ex.done
+	return ex.info, nil
+}
+
+func mibs(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }

@@ -121,8 +121,8 @@ func (a *Agent) planMigration(ctx context.Context, n *cluster.Node, req ctlapi.M
 			held[s.GUID] = s.Name
 		}
 		for i := len(info.Snapshots) - 1; i >= 0; i-- {
-			if name, ok := held[info.Snapshots[i].GUID]; ok {
-				pv.IncrementalBase = name
+			if _, ok := held[info.Snapshots[i].GUID]; ok {
+				pv.IncrementalBase, pv.BaseGUID = info.Snapshots[i].Name, info.Snapshots[i].GUID
 				break
 			}
 		}

@@ -31,6 +31,7 @@ const (
 	CmdStartMigration    CommandType = 12
 	CmdAdvanceMigration  CommandType = 13
 	CmdCommitMigration   CommandType = 14
+	CmdPurgeSource       CommandType = 15
 )
 
 // Command is one typed change of the facts.
@@ -86,6 +87,7 @@ func init() {
 	register(CmdStartMigration, "StartMigration", (*State).startMigration)
 	register(CmdAdvanceMigration, "AdvanceMigration", (*State).advanceMigration)
 	register(CmdCommitMigration, "CommitMigration", (*State).commitMigration)
+	register(CmdPurgeSource, "PurgeSource", (*State).purgeSource)
 }
 
 // String names the command type.

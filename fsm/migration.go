@@ -48,6 +48,9 @@ type MigrationVolume struct {
 	BytesSent    uint64 `json:"bytes_sent"`
 	LastSnapshot string `json:"last_snapshot,omitempty"` // newest snapshot both sides hold
 	GUID         uint64 `json:"guid,omitempty"`          // its GUID, checked on the target
+	TotalBytes   uint64 `json:"total_bytes,omitempty"`   // referenced size on the source at the start
+	FinalBytes   uint64 `json:"final_bytes,omitempty"`   // sent after the source stopped
+	Base         string `json:"base,omitempty"`          // snapshot the target held already, if one was used
 }
 
 // Migration is one move of a service and its volumes.
@@ -64,7 +67,20 @@ type Migration struct {
 	StartedAt       time.Time         `json:"started_at"`
 	UpdatedAt       time.Time         `json:"updated_at"`
 	SourceStoppedAt time.Time         `json:"source_stopped_at,omitzero"`
+	TargetReadyAt   time.Time         `json:"target_ready_at,omitzero"`
 	CommittedAt     time.Time         `json:"committed_at,omitzero"`
+	EndedAt         time.Time         `json:"ended_at,omitzero"`         // done or aborted
+	SourcePurgedAt  time.Time         `json:"source_purged_at,omitzero"` // retained source copy destroyed
+	RollbackOf      string            `json:"rollback_of,omitempty"`     // the migration this one reverses
+}
+
+// Downtime is the time from the source's stop to the target's readiness,
+// zero until both happened.
+func (m Migration) Downtime() time.Duration {
+	if m.SourceStoppedAt.IsZero() || m.TargetReadyAt.IsZero() {
+		return 0
+	}
+	return m.TargetReadyAt.Sub(m.SourceStoppedAt)
 }
 
 // StartMigration records a migration in phase planned. The holder must
@@ -72,12 +88,17 @@ type Migration struct {
 // another, active machine; no other migration of the service may be
 // running. Result: Migration.
 type StartMigration struct {
-	ID        string    `json:"id"`
-	Namespace string    `json:"namespace"`
-	Service   string    `json:"service"`
-	TargetID  string    `json:"target_id"`
-	Holder    string    `json:"holder"`
-	At        time.Time `json:"at"`
+	ID        string `json:"id"`
+	Namespace string `json:"namespace"`
+	Service   string `json:"service"`
+	TargetID  string `json:"target_id"`
+	Holder    string `json:"holder"`
+	// Volumes, when given, seeds each volume's progress: a base snapshot
+	// the target holds already (so the first round is incremental) and
+	// the total size. Every volume of the service must be listed once.
+	Volumes    []MigrationVolume `json:"volumes,omitempty"`
+	RollbackOf string            `json:"rollback_of,omitempty"`
+	At         time.Time         `json:"at"`
 }
 
 // AdvanceMigration moves a migration to another phase before or after the
@@ -96,10 +117,22 @@ type AdvanceMigration struct {
 // service IP's route). Allowed only from target-starting, by the holder of
 // the namespace lock. Result: Migration.
 type CommitMigration struct {
-	ID     string    `json:"id"`
-	Holder string    `json:"holder"`
-	At     time.Time `json:"at"`
+	ID      string    `json:"id"`
+	Holder  string    `json:"holder"`
+	ReadyAt time.Time `json:"ready_at,omitzero"` // when the target answered ready
+	At      time.Time `json:"at"`
 }
+
+// PurgeSource records that the source's retained copy of a done
+// migration was destroyed; a rollback needs it, so none is possible
+// after. Result: Migration.
+type PurgeSource struct {
+	ID string    `json:"id"`
+	At time.Time `json:"at"`
+}
+
+// Type implements Command.
+func (PurgeSource) Type() CommandType { return CmdPurgeSource }
 
 // Type implements Command.
 func (StartMigration) Type() CommandType { return CmdStartMigration }
@@ -138,9 +171,22 @@ func (s *State) startMigration(c StartMigration) (any, *RuleError) {
 		return nil, ruleErr(ErrInvalid, "service %s is being moved already by migration %s (%s)", sv.Key(), m.ID, m.Phase)
 	}
 	m := Migration{ID: c.ID, Namespace: c.Namespace, Service: c.Service, SourceID: sv.MachineID, TargetID: c.TargetID,
-		Holder: c.Holder, Phase: PhasePlanned, StartedAt: c.At, UpdatedAt: c.At}
+		Holder: c.Holder, Phase: PhasePlanned, StartedAt: c.At, UpdatedAt: c.At, RollbackOf: c.RollbackOf}
+	seeded := map[string]MigrationVolume{}
+	for _, v := range c.Volumes {
+		seeded[v.Name] = v
+	}
+	if c.Volumes != nil && len(seeded) != len(sv.Spec.Volumes) {
+		return nil, ruleErr(ErrInvalid, "migration %s lists %d volumes, service %s has %d", c.ID, len(c.Volumes), sv.Key(), len(sv.Spec.Volumes))
+	}
 	for _, v := range sv.Spec.Volumes {
-		m.Volumes = append(m.Volumes, MigrationVolume{Name: v.Name})
+		mv, ok := seeded[v.Name]
+		if c.Volumes != nil && !ok {
+			return nil, ruleErr(ErrInvalid, "migration %s does not list volume %s of service %s", c.ID, v.Name, sv.Key())
+		}
+		mv.Name, mv.BytesSent, mv.FinalBytes = v.Name, 0, 0
+		mv.Base = mv.LastSnapshot
+		m.Volumes = append(m.Volumes, mv)
 	}
 	s.migrations[c.ID] = m
 	return m, nil
@@ -184,6 +230,9 @@ func (s *State) advanceMigration(c AdvanceMigration) (any, *RuleError) {
 	if to == PhaseSourceStopped && m.SourceStoppedAt.IsZero() {
 		m.SourceStoppedAt = c.At
 	}
+	if to.Terminal() {
+		m.EndedAt = c.At
+	}
 	s.migrations[c.ID] = m
 	return m, nil
 }
@@ -218,9 +267,33 @@ func (s *State) commitMigration(c CommitMigration) (any, *RuleError) {
 		s.volumes[vk] = vol
 	}
 	sv.MachineID, sv.UpdatedAt = m.TargetID, c.At
+	if sv.Spec.Machine != "" {
+		// A pinned placement follows the move, so the manifest that asked
+		// for the move reads as unchanged afterwards.
+		sv.Spec.Machine = s.machines[m.TargetID].Name
+	}
 	s.services[key] = sv
 	m.Phase, m.CommittedAt, m.UpdatedAt = PhaseCommitted, c.At, c.At
+	m.TargetReadyAt = c.ReadyAt
+	if m.TargetReadyAt.IsZero() {
+		m.TargetReadyAt = c.At
+	}
 	s.migrations[c.ID] = m
+	return m, nil
+}
+
+func (s *State) purgeSource(c PurgeSource) (any, *RuleError) {
+	m, ok := s.migrations[c.ID]
+	if !ok {
+		return nil, ruleErr(ErrUnknownMigration, "no migration %q", c.ID)
+	}
+	if m.Phase != PhaseDone {
+		return nil, ruleErr(ErrInvalid, "migration %s is %s: only a done migration left a source copy behind", c.ID, m.Phase)
+	}
+	if m.SourcePurgedAt.IsZero() {
+		m.SourcePurgedAt, m.UpdatedAt = c.At, c.At
+		s.migrations[c.ID] = m
+	}
 	return m, nil
 }
 

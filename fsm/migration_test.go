@@ -87,3 +87,33 @@ func TestMigrationAbortBeforeCommit(t *testing.T) {
 		t.Fatalf("restored migrations %v %+v", err, restored.Migrations())
 	}
 }
+
+func TestMigrationSeededBaseAndPurge(t *testing.T) {
+	s := migrationState(t)
+	// A seed must list every volume of the service, once.
+	expectRule(t, s, StartMigration{ID: "m1", Namespace: "shop", Service: "web", TargetID: "b2", Holder: "d",
+		Volumes: []MigrationVolume{{Name: "other"}}, At: t0}, ErrInvalid)
+	m := mustApply(t, s, StartMigration{ID: "m1", Namespace: "shop", Service: "web", TargetID: "b2", Holder: "d",
+		Volumes: []MigrationVolume{{Name: "data", LastSnapshot: "drover-m0-final", GUID: 7, BytesSent: 99, TotalBytes: 1 << 20}}, RollbackOf: "m0", At: t0}).(Migration)
+	if v := m.Volumes[0]; v.Base != "drover-m0-final" || v.LastSnapshot != v.Base || v.BytesSent != 0 || v.TotalBytes != 1<<20 || m.RollbackOf != "m0" {
+		t.Fatalf("seeded migration %+v", m)
+	}
+	expectRule(t, s, PurgeSource{ID: "m1", At: t0}, ErrInvalid) // not done
+	advance(t, s, PhaseWarmCopy)
+	advance(t, s, PhaseSourceStopped)
+	advance(t, s, PhaseFinalCopy)
+	advance(t, s, PhaseTargetStarting)
+	m = mustApply(t, s, CommitMigration{ID: "m1", Holder: "d", ReadyAt: t0.Add(3 * time.Second), At: t0.Add(4 * time.Second)}).(Migration)
+	if m.Downtime() != 2*time.Second {
+		t.Fatalf("downtime %v: stopped %v, ready %v", m.Downtime(), m.SourceStoppedAt, m.TargetReadyAt)
+	}
+	m = advance(t, s, PhaseDone)
+	if m.EndedAt.IsZero() {
+		t.Fatal("no end time")
+	}
+	m = mustApply(t, s, PurgeSource{ID: "m1", At: t0.Add(time.Hour)}).(Migration)
+	if m.SourcePurgedAt.IsZero() {
+		t.Fatal("purge not recorded")
+	}
+	expectRule(t, s, PurgeSource{ID: "nope", At: t0}, ErrUnknownMigration)
+}

@@ -175,10 +175,92 @@ func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
 	return v, c.do(ctx, http.MethodGet, "/v1/volumes", nil, &v)
 }
 
-// Migrate moves a service and waits until the move is done or undone.
-func (c *Client) Migrate(ctx context.Context, req MigrateRequest) (MigrationInfo, error) {
+// Migrate moves a service and waits until the move is done or undone,
+// calling onEvent for each event on the way (nil: ignore them).
+func (c *Client) Migrate(ctx context.Context, req MigrateRequest, onEvent func(MigrationEvent)) (MigrationInfo, error) {
+	return c.stream(ctx, "/v1/migrate", req, onEvent)
+}
+
+// Rollback moves a done migration's service back to its source, sending
+// only what changed since the copy the source kept.
+func (c *Client) Rollback(ctx context.Context, id string, onEvent func(MigrationEvent)) (MigrationInfo, error) {
+	return c.stream(ctx, "/v1/migrations/"+url.PathEscape(id)+"/rollback", struct{}{}, onEvent)
+}
+
+// Migration describes one migration.
+func (c *Client) Migration(ctx context.Context, id string) (MigrationInfo, error) {
 	var v MigrationInfo
-	return v, c.do(ctx, http.MethodPost, "/v1/migrate", req, &v)
+	return v, c.do(ctx, http.MethodGet, "/v1/migrations/"+url.PathEscape(id), nil, &v)
+}
+
+// AbortMigration asks the daemon running a migration to abort it; refused
+// after the commit.
+func (c *Client) AbortMigration(ctx context.Context, id string) (MigrationInfo, error) {
+	var v MigrationInfo
+	return v, c.do(ctx, http.MethodPost, "/v1/migrations/"+url.PathEscape(id)+"/abort", nil, &v)
+}
+
+// PurgeSource destroys the copy a done migration left on its source.
+func (c *Client) PurgeSource(ctx context.Context, id string) (MigrationInfo, error) {
+	var v MigrationInfo
+	return v, c.do(ctx, http.MethodPost, "/v1/migrations/"+url.PathEscape(id)+"/purge-source", nil, &v)
+}
+
+// RenderManifest gives the manifest a migration would deploy.
+func (c *Client) RenderManifest(ctx context.Context, req MigrateRequest) (RenderedManifest, error) {
+	var v RenderedManifest
+	return v, c.do(ctx, http.MethodPost, "/v1/migrate/render-manifest", req, &v)
+}
+
+// stream posts in and reads the JSON lines of a migration's answer.
+func (c *Client) stream(ctx context.Context, path string, in any, onEvent func(MigrationEvent)) (MigrationInfo, error) {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return MigrationInfo{}, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://droverd"+path, bytes.NewReader(b))
+	if err != nil {
+		return MigrationInfo{}, err
+	}
+	req.Header.Set(VersionHeader, APIVersion)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.client().Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
+			return MigrationInfo{}, fmt.Errorf("%w (nothing listens on %s)", ErrDaemonNotRunning, c.socket())
+		}
+		return MigrationInfo{}, fmt.Errorf("talking to droverd on %s: %w", c.socket(), err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		raw, _ := io.ReadAll(resp.Body)
+		var eb ErrorBody
+		if json.Unmarshal(raw, &eb) != nil || eb.Error == "" {
+			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(raw))
+		}
+		return MigrationInfo{}, &APIError{Status: resp.StatusCode, Code: eb.Code, Err: errors.New(eb.Error)}
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var line MigrateStreamLine
+		if err := dec.Decode(&line); err != nil {
+			return MigrationInfo{}, fmt.Errorf("the daemon's answer ended before the migration did (see `droverctl migrate ls`): %w", err)
+		}
+		switch {
+		case line.Event != nil:
+			if onEvent != nil {
+				onEvent(*line.Event)
+			}
+		case line.Error != nil:
+			var info MigrationInfo
+			if line.Result != nil {
+				info = *line.Result
+			}
+			return info, &APIError{Status: http.StatusConflict, Code: line.Error.Code, Err: errors.New(line.Error.Error)}
+		case line.Result != nil:
+			return *line.Result, nil
+		}
+	}
 }
 
 // Migrations lists the migrations.

@@ -54,10 +54,36 @@ func (f *fakeBackend) Deploy(context.Context, DeployRequest) (DeployResult, erro
 func (f *fakeBackend) Services(context.Context) ([]Service, error) { return nil, nil }
 func (f *fakeBackend) Volumes(context.Context) ([]Volume, error)   { return nil, nil }
 
-func (f *fakeBackend) Migrate(context.Context, MigrateRequest) (MigrationInfo, error) {
-	return MigrationInfo{}, nil
+// Migrate: "ns/ok" succeeds after two events, "ns/late" fails after one,
+// anything else fails before any event.
+func (f *fakeBackend) Migrate(_ context.Context, r MigrateRequest, emit func(MigrationEvent)) (MigrationInfo, error) {
+	switch r.Service {
+	case "ns/ok":
+		emit(MigrationEvent{ID: "m1", Kind: "phase", Phase: "warm-copy"})
+		emit(MigrationEvent{ID: "m1", Kind: "progress", Volume: "data", Bytes: 42})
+		return MigrationInfo{ID: "m1", Phase: "done"}, nil
+	case "ns/late":
+		emit(MigrationEvent{ID: "m2", Kind: "phase", Phase: "warm-copy"})
+		return MigrationInfo{ID: "m2", Phase: "aborted"}, &APIError{Status: http.StatusConflict, Code: "migration_aborted", Err: errors.New("target gone")}
+	}
+	return MigrationInfo{}, &APIError{Status: http.StatusConflict, Code: "preflight_failed", Err: errors.New("pre-flight failed")}
+}
+func (f *fakeBackend) Rollback(ctx context.Context, id string, emit func(MigrationEvent)) (MigrationInfo, error) {
+	return f.Migrate(ctx, MigrateRequest{Service: "ns/" + id}, emit)
 }
 func (f *fakeBackend) Migrations(context.Context) ([]MigrationInfo, error) { return nil, nil }
+func (f *fakeBackend) Migration(_ context.Context, id string) (MigrationInfo, error) {
+	return MigrationInfo{ID: id}, nil
+}
+func (f *fakeBackend) RenderManifest(context.Context, MigrateRequest) (RenderedManifest, error) {
+	return RenderedManifest{Namespace: "ns", Text: "namespace = \"ns\"\n"}, nil
+}
+func (f *fakeBackend) AbortMigration(_ context.Context, id string) (MigrationInfo, error) {
+	return MigrationInfo{ID: id, Phase: "aborted"}, nil
+}
+func (f *fakeBackend) PurgeSource(_ context.Context, id string) (MigrationInfo, error) {
+	return MigrationInfo{ID: id}, nil
+}
 
 func (f *fakeBackend) MigratePreview(context.Context, MigrateRequest) (MigrationPlan, error) {
 	return MigrationPlan{}, nil
@@ -163,5 +189,25 @@ func TestDaemonNotRunning(t *testing.T) {
 	_, err := c.Status(ctx)
 	if !errors.Is(err, ErrDaemonNotRunning) || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("got %q, want a one-line ErrDaemonNotRunning", err)
+	}
+}
+
+func TestMigrateStreamsEventsThenTheOutcome(t *testing.T) {
+	c, _, _ := serve(t)
+	ctx := context.Background()
+	var events []MigrationEvent
+	info, err := c.Migrate(ctx, MigrateRequest{Service: "ns/ok"}, func(ev MigrationEvent) { events = append(events, ev) })
+	if err != nil || info.ID != "m1" || info.Phase != "done" || len(events) != 2 || events[1].Bytes != 42 {
+		t.Fatalf("success: %+v %v, events %+v", info, err, events)
+	}
+	events = nil
+	info, err = c.Migrate(ctx, MigrateRequest{Service: "ns/late"}, func(ev MigrationEvent) { events = append(events, ev) })
+	var apiErr *APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != "migration_aborted" || info.Phase != "aborted" || len(events) != 1 {
+		t.Fatalf("failure after events: %+v %v, events %+v", info, err, events)
+	}
+	_, err = c.Rollback(ctx, "early", nil)
+	if !errors.As(err, &apiErr) || apiErr.Code != "preflight_failed" || apiErr.Status != http.StatusConflict {
+		t.Fatalf("failure before any event: %v", err)
 	}
 }

@@ -30,9 +30,16 @@ type Backend interface {
 	Deploy(context.Context, DeployRequest) (DeployResult, error)
 	Services(context.Context) ([]Service, error)
 	Volumes(context.Context) ([]Volume, error)
-	Migrate(context.Context, MigrateRequest) (MigrationInfo, error)
+	// Migrate and Rollback block until the migration ends, calling emit
+	// (never concurrently) for each of its events.
+	Migrate(ctx context.Context, req MigrateRequest, emit func(MigrationEvent)) (MigrationInfo, error)
+	Rollback(ctx context.Context, id string, emit func(MigrationEvent)) (MigrationInfo, error)
 	Migrations(context.Context) ([]MigrationInfo, error)
+	Migration(ctx context.Context, id string) (MigrationInfo, error)
 	MigratePreview(context.Context, MigrateRequest) (MigrationPlan, error)
+	RenderManifest(context.Context, MigrateRequest) (RenderedManifest, error)
+	AbortMigration(ctx context.Context, id string) (MigrationInfo, error)
+	PurgeSource(ctx context.Context, id string) (MigrationInfo, error)
 }
 
 const maxRequestBody = 1 << 20
@@ -62,12 +69,25 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		}
 		return b.Deploy(r.Context(), req)
 	})
-	post("/v1/migrate", func(r *http.Request) (any, error) {
+	streamed(mux, logger, "/v1/migrate", func(r *http.Request, emit func(MigrationEvent)) (MigrationInfo, error) {
+		var req MigrateRequest
+		if err := decodeBody(r, &req); err != nil {
+			return MigrationInfo{}, err
+		}
+		return b.Migrate(r.Context(), req, emit)
+	})
+	streamed(mux, logger, "/v1/migrations/{id}/rollback", func(r *http.Request, emit func(MigrationEvent)) (MigrationInfo, error) {
+		return b.Rollback(r.Context(), r.PathValue("id"), emit)
+	})
+	get("/v1/migrations/{id}", func(r *http.Request) (any, error) { return b.Migration(r.Context(), r.PathValue("id")) })
+	post("/v1/migrations/{id}/abort", func(r *http.Request) (any, error) { return b.AbortMigration(r.Context(), r.PathValue("id")) })
+	post("/v1/migrations/{id}/purge-source", func(r *http.Request) (any, error) { return b.PurgeSource(r.Context(), r.PathValue("id")) })
+	post("/v1/migrate/render-manifest", func(r *http.Request) (any, error) {
 		var req MigrateRequest
 		if err := decodeBody(r, &req); err != nil {
 			return nil, err
 		}
-		return b.Migrate(r.Context(), req)
+		return b.RenderManifest(r.Context(), req)
 	})
 	post("/v1/migrate/preview", func(r *http.Request) (any, error) {
 		var req MigrateRequest
@@ -118,6 +138,50 @@ func route(mux *http.ServeMux, logger *slog.Logger, method, path string, fn func
 		if err := json.NewEncoder(w).Encode(v); err != nil {
 			logger.Warn("writing control API answer", "path", path, "err", err)
 		}
+	})
+}
+
+// streamed registers a POST that answers in JSON lines: the events as
+// they happen, then the result or the error. Errors before the first
+// event still get their HTTP status.
+func streamed(mux *http.ServeMux, logger *slog.Logger, path string, fn func(*http.Request, func(MigrationEvent)) (MigrationInfo, error)) {
+	mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeError(w, logger, &APIError{Status: http.StatusMethodNotAllowed, Code: "method_not_allowed", Err: fmt.Errorf("%s wants POST, not %s", path, r.Method)})
+			return
+		}
+		rc := http.NewResponseController(w)
+		enc := json.NewEncoder(w)
+		started := false
+		begin := func() {
+			if !started {
+				w.Header().Set("Content-Type", "application/x-ndjson")
+				w.WriteHeader(http.StatusOK)
+				started = true
+			}
+		}
+		emit := func(ev MigrationEvent) {
+			begin()
+			enc.Encode(MigrateStreamLine{Event: &ev}) // a client gone is not the migration's problem
+			rc.Flush()
+		}
+		info, err := fn(r, emit)
+		if err != nil && !started {
+			writeError(w, logger, err)
+			return
+		}
+		begin()
+		line := MigrateStreamLine{Result: &info}
+		if err != nil {
+			apiErr := &APIError{Code: "internal"}
+			errors.As(err, &apiErr)
+			line.Error = &ErrorBody{Error: err.Error(), Code: apiErr.Code}
+			if info.ID == "" {
+				line.Result = nil
+			}
+		}
+		enc.Encode(line)
 	})
 }
 

@@ -135,7 +135,7 @@ type DeployRequest struct {
 // PlannedService is what a deploy does to one service.
 type PlannedService struct {
 	Name          string   `json:"name"`
-	Action        string   `json:"action"` // create, change, unchanged, remove
+	Action        string   `json:"action"` // create, change, unchanged, remove, migrate
 	Machine       string   `json:"machine"`
 	ServiceIP     string   `json:"service_ip,omitempty"` // empty until allocated
 	Generation    uint64   `json:"generation"`           // after the deploy
@@ -165,8 +165,9 @@ type Service struct {
 
 // DeployResult is what `deploy` did.
 type DeployResult struct {
-	Plan     DeployPlan `json:"plan"`
-	Services []Service  `json:"services"`
+	Plan       DeployPlan      `json:"plan"`
+	Services   []Service       `json:"services"`
+	Migrations []MigrationInfo `json:"migrations,omitempty"` // of services the manifest moved
 }
 
 // Volume is one row of `volume ls`.
@@ -202,24 +203,70 @@ type MigrateRequest struct {
 	To      string `json:"to"`
 }
 
-// MigrationVolume is one volume's part of a migration.
-type MigrationVolume struct {
-	Name      string `json:"name"`
-	BytesSent uint64 `json:"bytes_sent"`
-	Snapshot  string `json:"snapshot,omitempty"`
+// MigrationIDRequest names a migration, for rollback, purge-source and abort.
+type MigrationIDRequest struct {
+	ID string `json:"id"`
 }
 
-// MigrationInfo is one migration as `migrate ls` shows it.
+// MigrationVolume is one volume's part of a migration.
+type MigrationVolume struct {
+	Name       string `json:"name"`
+	BytesSent  uint64 `json:"bytes_sent"`            // in every round
+	FinalBytes uint64 `json:"final_bytes,omitempty"` // in the final increment, after the source stopped
+	TotalBytes uint64 `json:"total_bytes,omitempty"` // referenced size on the source at the start
+	Base       string `json:"base,omitempty"`        // snapshot the target held already, if used
+	Snapshot   string `json:"snapshot,omitempty"`    // newest snapshot both sides hold
+}
+
+// MigrationInfo is one migration as `migrate ls` and `migrate show` show it.
 type MigrationInfo struct {
-	ID        string            `json:"id"`
-	Service   string            `json:"service"`
-	Source    string            `json:"source"`
-	Target    string            `json:"target"`
-	Phase     string            `json:"phase"`
-	Volumes   []MigrationVolume `json:"volumes"`
-	Downtime  Duration          `json:"downtime,omitempty"` // source stopped to target ready and committed
-	Error     string            `json:"error,omitempty"`
-	StartedAt time.Time         `json:"started_at"`
+	ID             string            `json:"id"`
+	Service        string            `json:"service"`
+	Source         string            `json:"source"`
+	Target         string            `json:"target"`
+	Executor       string            `json:"executor"` // the machine that ran it
+	Phase          string            `json:"phase"`
+	Volumes        []MigrationVolume `json:"volumes"`
+	Downtime       Duration          `json:"downtime,omitempty"` // source stopped to target ready
+	Error          string            `json:"error,omitempty"`
+	RollbackOf     string            `json:"rollback_of,omitempty"`
+	StartedAt      time.Time         `json:"started_at"`
+	SourceStopped  time.Time         `json:"source_stopped_at,omitzero"`
+	TargetReady    time.Time         `json:"target_ready_at,omitzero"`
+	CommittedAt    time.Time         `json:"committed_at,omitzero"`
+	EndedAt        time.Time         `json:"ended_at,omitzero"`
+	SourcePurgedAt time.Time         `json:"source_purged_at,omitzero"`
+	RetainedUntil  time.Time         `json:"retained_until,omitzero"` // source copy kept until (done, not purged)
+}
+
+// MigrationEvent is one step of a running migration, as `migrate apply`
+// shows it live.
+type MigrationEvent struct {
+	Time    time.Time `json:"time"`
+	ID      string    `json:"id"`
+	Kind    string    `json:"kind"` // "phase" or "progress"
+	Phase   string    `json:"phase"`
+	Round   int       `json:"round,omitempty"` // warm round, 0 for the final increment
+	Volume  string    `json:"volume,omitempty"`
+	Bytes   uint64    `json:"bytes,omitempty"`   // sent in this round so far
+	Total   uint64    `json:"total,omitempty"`   // expected in this round, when known
+	Rate    float64   `json:"rate,omitempty"`    // bytes per second in this round
+	Message string    `json:"message,omitempty"` // what happens, in words
+}
+
+// MigrateStreamLine is one line of the answer to a migration request: events
+// while it runs, then its result or its error.
+type MigrateStreamLine struct {
+	Event  *MigrationEvent `json:"event,omitempty"`
+	Result *MigrationInfo  `json:"result,omitempty"`
+	Error  *ErrorBody      `json:"error,omitempty"`
+}
+
+// RenderedManifest is `migrate render-manifest`: the namespace's manifest
+// with the service placed on the target and its volumes marked to move.
+type RenderedManifest struct {
+	Namespace string `json:"namespace"`
+	Text      string `json:"text"`
 }
 
 // MigrationCheck is one pre-flight check.
@@ -234,6 +281,7 @@ type MigrationPlanVolume struct {
 	Name            string `json:"name"`
 	ReferencedBytes uint64 `json:"referenced_bytes"`
 	IncrementalBase string `json:"incremental_base,omitempty"` // a snapshot both sides hold, if any
+	BaseGUID        uint64 `json:"base_guid,omitempty"`
 }
 
 // MigrationPlan is `migrate preview`.

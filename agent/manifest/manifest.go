@@ -23,6 +23,10 @@ import (
 type Manifest struct {
 	Namespace string
 	Services  []fsm.ServiceSpec
+	// Move names the services whose volumes are marked `move = true`:
+	// placed on another machine than the one they run on, they migrate
+	// there with their volumes instead of being refused.
+	Move map[string]bool
 }
 
 // Error is one problem in a manifest.
@@ -81,6 +85,7 @@ type rawVolume struct {
 	Name  string `toml:"name"`
 	Path  string `toml:"path"`
 	Quota any    `toml:"quota"`
+	Move  bool   `toml:"move"`
 }
 
 type rawReadiness struct {
@@ -182,6 +187,12 @@ func (p *parser) build(raw rawManifest) *Manifest {
 	for _, name := range names {
 		if sp, ok := p.service(name, raw.Services[name], volumeUser); ok {
 			m.Services = append(m.Services, sp)
+			if p.move("services."+name, raw.Services[name]) {
+				if m.Move == nil {
+					m.Move = map[string]bool{}
+				}
+				m.Move[name] = true
+			}
 		}
 	}
 	return m
@@ -277,6 +288,26 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 		return sp, false
 	}
 	return sp, true
+}
+
+// move reads the volumes' move marks: all or none, since a service moves
+// with every volume it has, and only together with a placement.
+func (p *parser) move(key string, rs rawService) bool {
+	marked := 0
+	for _, v := range rs.Volumes {
+		if v.Move {
+			marked++
+		}
+	}
+	switch {
+	case marked == 0:
+		return false
+	case marked != len(rs.Volumes):
+		p.add(key+".volumes", "%d of %d volumes are marked move = true: a service moves with all its volumes or none", marked, len(rs.Volumes))
+	case rs.Machine == "":
+		p.add(key+".machine", "missing: volumes marked move = true need the machine to move to")
+	}
+	return true
 }
 
 func (p *parser) readiness(key string, rr *rawReadiness, ports []fsm.PortMapping) *fsm.Readiness {

@@ -79,11 +79,13 @@ type RunSpec struct {
 // Hash identifies what the container is made from: the spec, the service
 // IP and the mounts. A container whose hash differs must be re-created.
 func (r RunSpec) Hash() string {
+	spec := r.Spec
+	spec.Machine = "" // placement is not the container's: a move does not re-create it
 	b, _ := json.Marshal(struct {
 		Spec   fsm.ServiceSpec
 		IP     netip.Addr
 		Mounts map[string]string
-	}{r.Spec, r.ServiceIP, r.Mounts})
+	}{spec, r.ServiceIP, r.Mounts})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/spf13/cobra"
@@ -40,6 +41,10 @@ func (c *cli) deployCmd() *cobra.Command {
 			}
 			c.printPlan(res.Plan)
 			fmt.Fprintln(c.out)
+			for _, m := range res.Migrations {
+				fmt.Fprintf(c.out, "migration %s: %s moved from %s to %s, %s; downtime %s\n",
+					m.ID, m.Service, m.Source, m.Target, m.Phase, time.Duration(m.Downtime).Round(time.Millisecond))
+			}
 			return c.printServices(res.Services)
 		},
 	})

@@ -54,6 +54,7 @@ func run(args []string) error {
 	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")
 	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
 	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key (default: the one in the data dir)")
+	fs.DurationVar(&cfg.SafetyWindow, "safety-window", 72*time.Hour, "how long the source of a migration keeps its copy for a rollback")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -97,6 +98,7 @@ func run(args []string) error {
 			ReconcileInterval:   500 * time.Millisecond,
 			ReconnectInterval:   2 * time.Second,
 		}
+		cfg.LockLease, cfg.StallTimeout, cfg.JanitorInterval = 15*time.Second, 5*time.Second, time.Second
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -1,0 +1,53 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+)
+
+// CrashPointEnv names a point at which droverd kills itself with SIGKILL,
+// for the crash tests only: "<role>:<point>", role one of executor,
+// source, target; point one of warm-copy, source-stopped, final-send,
+// target-started, committed, cleanup. Unset, every crash point is a no-op.
+const CrashPointEnv = "DROVER_CRASH_POINT"
+
+// crashPoint kills this daemon, as SIGKILL would from outside, when the
+// test hook names role:point. Nothing after it runs.
+func (a *Agent) crashPoint(role, point string) {
+	if a.crashAt == "" || a.crashAt != role+":"+point {
+		return
+	}
+	a.logger.Error("test crash point reached: killing this daemon with SIGKILL", "point", a.crashAt)
+	syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	select {} // the signal is on its way; nothing else may run
+}
+
+// watchCrashPhases serves the one crash point that is no step of this
+// daemon's own: the source's "target-started", reached while the target
+// starts the service and the source does nothing. It watches the facts
+// and fires when a migration from this machine enters target-starting.
+// It runs only when the test hook names that point.
+func (a *Agent) watchCrashPhases(ctx context.Context, n *cluster.Node) {
+	defer a.wg.Done()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		n.Read(func(s *fsm.State) {
+			for _, m := range s.Migrations() {
+				if m.SourceID == a.machineID && m.Phase == fsm.PhaseTargetStarting {
+					a.crashPoint("source", "target-started")
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,82 @@
+package manifest
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
+)
+
+// Render writes a namespace's services as a manifest that Parse reads
+// back to the same specs. Services named in move get their volumes
+// marked `move = true`.
+func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "namespace = %s\n", strconv.Quote(namespace))
+	sorted := append([]fsm.ServiceSpec(nil), specs...)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
+	for _, sp := range sorted {
+		key := "services." + sp.Name
+		fmt.Fprintf(&b, "\n[%s]\nimage = %s\n", key, strconv.Quote(sp.Image))
+		if sp.Machine != "" {
+			fmt.Fprintf(&b, "machine = %s\n", strconv.Quote(sp.Machine))
+		}
+		if len(sp.Command) > 0 {
+			fmt.Fprintf(&b, "command = %s\n", quoteList(sp.Command))
+		}
+		if sp.MemoryBytes > 0 {
+			fmt.Fprintf(&b, "memory = %d\n", sp.MemoryBytes)
+		}
+		if len(sp.Env) > 0 {
+			keys := make([]string, 0, len(sp.Env))
+			for k := range sp.Env {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			pairs := make([]string, len(keys))
+			for i, k := range keys {
+				pairs[i] = k + " = " + strconv.Quote(sp.Env[k])
+			}
+			fmt.Fprintf(&b, "env = { %s }\n", strings.Join(pairs, ", "))
+		}
+		for _, pm := range sp.Ports {
+			fmt.Fprintf(&b, "\n[[%s.ports]]\nport = %d\ntarget = %d\nprotocol = %s\n", key, pm.Port, pm.Target, strconv.Quote(pm.Protocol))
+		}
+		for _, v := range sp.Volumes {
+			fmt.Fprintf(&b, "\n[[%s.volumes]]\nname = %s\npath = %s\nquota = %d\n", key, strconv.Quote(v.Name), strconv.Quote(v.MountPath), v.QuotaBytes)
+			if move[sp.Name] {
+				b.WriteString("move = true\n")
+			}
+		}
+		if rd := sp.Readiness; rd != nil {
+			fmt.Fprintf(&b, "\n[%s.readiness]\n", key)
+			switch rd.Kind {
+			case "http":
+				fmt.Fprintf(&b, "http = %s\n", strconv.Quote(rd.Path))
+			case "tcp":
+				b.WriteString("tcp = true\n")
+			case "exec":
+				fmt.Fprintf(&b, "exec = %s\n", quoteList(rd.Command))
+			}
+			if rd.Kind != "exec" {
+				fmt.Fprintf(&b, "port = %d\n", rd.Port)
+			}
+			fmt.Fprintf(&b, "interval = %s\ntimeout = %s\nretries = %d\nstart_period = %s\n",
+				quoteDuration(rd.Interval), quoteDuration(rd.Timeout), rd.Retries, quoteDuration(rd.StartPeriod))
+		}
+	}
+	return b.String()
+}
+
+func quoteList(xs []string) string {
+	q := make([]string, len(xs))
+	for i, x := range xs {
+		q[i] = strconv.Quote(x)
+	}
+	return "[" + strings.Join(q, ", ") + "]"
+}
+
+func quoteDuration(d time.Duration) string { return strconv.Quote(d.String()) }

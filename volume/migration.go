@@ -1,0 +1,141 @@
+package volume
+
+import (
+	"fmt"
+	"io"
+	"os/exec"
+	"strings"
+
+	zfs "github.com/mistifyio/go-zfs/v3"
+)
+
+// originProperty is the ZFS user property naming the migration whose copy
+// a dataset is: set when a target adopts a received copy, so that an
+// aborted migration destroys exactly what it put in place and never a
+// copy it did not make.
+const originProperty = "drover:migration"
+
+// SnapshotPrefix starts the name of every snapshot drover takes.
+const SnapshotPrefix = "drover-"
+
+// Exists tells whether a dataset exists.
+func (z *ZFS) Exists(name string) bool {
+	_, err := zfs.GetDataset(name)
+	return err == nil
+}
+
+// StagingPrefix is the dataset under which incoming copies land.
+func (z *ZFS) StagingPrefix() string { return z.parent + "-incoming" }
+
+// Staging lists the incoming copies on this machine by dataset name.
+func (z *ZFS) Staging() ([]string, error) {
+	root, err := zfs.GetDataset(z.StagingPrefix())
+	if err != nil {
+		return nil, nil // none received yet
+	}
+	children, err := root.Children(1)
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", root.Name, err)
+	}
+	var out []string
+	for _, c := range children {
+		if c.Type == zfs.DatasetFilesystem {
+			out = append(out, c.Name)
+		}
+	}
+	return out, nil
+}
+
+// ReceiveInto reads a stream into dataset. An incremental stream is
+// applied with -F: a copy that nobody writes may still have changed since
+// its last snapshot (atime, a mount), and those changes are not data.
+func (z *ZFS) ReceiveInto(dataset string, incremental bool, r io.Reader) error {
+	if !incremental {
+		return z.Receive(dataset, r)
+	}
+	cmd := exec.Command("zfs", "receive", "-F", dataset)
+	cmd.Stdin = r
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("receiving into %s: %w: %s", dataset, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// MoveDataset renames a dataset (unmounted first so the rename is not
+// refused as busy) and mounts it again; used to turn a retained copy into
+// a staging copy and back.
+func (z *ZFS) MoveDataset(from, to string) error {
+	for _, name := range []string{from, to} {
+		if !strings.HasPrefix(name, z.parent) {
+			return fmt.Errorf("refusing to move %s to %s: not under %s", from, to, z.parent)
+		}
+	}
+	if i := strings.LastIndex(to, "/"); i > 0 {
+		if err := ensureFS(to[:i], nil); err != nil {
+			return err
+		}
+	}
+	d, err := zfs.GetDataset(from)
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", from, err)
+	}
+	if _, err := d.Unmount(true); err != nil && !strings.Contains(err.Error(), "not currently mounted") {
+		return fmt.Errorf("unmounting %s: %w", from, err)
+	}
+	moved, err := d.Rename(to, false, false)
+	if err != nil {
+		return fmt.Errorf("renaming %s to %s: %w", from, to, err)
+	}
+	if _, err := moved.Mount(false, nil); err != nil && !strings.Contains(err.Error(), "already mounted") {
+		return fmt.Errorf("mounting %s: %w", to, err)
+	}
+	return nil
+}
+
+// SetOrigin records on a volume's dataset the migration that put it here.
+func (z *ZFS) SetOrigin(namespace, name, migrationID string) error {
+	d, err := zfs.GetDataset(z.Dataset(namespace, name))
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", z.Dataset(namespace, name), err)
+	}
+	if err := d.SetProperty(originProperty, migrationID); err != nil {
+		return fmt.Errorf("marking %s as the copy of migration %s: %w", d.Name, migrationID, err)
+	}
+	return nil
+}
+
+// Origin is the migration that put a volume's dataset here; empty when a
+// deploy created it or there is none.
+func (z *ZFS) Origin(namespace, name string) string {
+	out, err := exec.Command("zfs", "get", "-H", "-o", "value", originProperty, z.Dataset(namespace, name)).Output()
+	if err != nil {
+		return ""
+	}
+	v := strings.TrimSpace(string(out))
+	if v == "-" {
+		return ""
+	}
+	return v
+}
+
+// PruneSnapshots destroys the volume's drover snapshots except keep.
+func (z *ZFS) PruneSnapshots(namespace, name, keep string) error {
+	d, err := zfs.GetDataset(z.Dataset(namespace, name))
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", z.Dataset(namespace, name), err)
+	}
+	snaps, err := d.Snapshots()
+	if err != nil {
+		return fmt.Errorf("listing snapshots of %s: %w", d.Name, err)
+	}
+	for _, s := range snaps {
+		short := s.Name[strings.Index(s.Name, "@")+1:]
+		if short == keep || !strings.HasPrefix(short, SnapshotPrefix) {
+			continue
+		}
+		if err := s.Destroy(zfs.DestroyDefault); err != nil {
+			return fmt.Errorf("destroying %s: %w", s.Name, err)
+		}
+	}
+	return nil
+}
