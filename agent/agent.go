@@ -91,7 +91,8 @@ type Agent struct {
 	work    *workloads
 	execs   map[string]*execution // migrations this daemon runs, by id
 
-	crashAt string // test hook: the crash point to die at (CrashPointEnv)
+	crashAt   string // test hook: the crash point to die at (CrashPointEnv)
+	crashFile string // test hook: a file naming it (CrashPointFileEnv)
 
 	ctx context.Context // the daemon's lifetime
 	wg  sync.WaitGroup
@@ -122,9 +123,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	a := &Agent{cfg: cfg, logger: cfg.Logger.With("machine", cfg.Name), machineID: id, ctx: ctx,
-		execs: map[string]*execution{}, crashAt: os.Getenv(CrashPointEnv)}
-	if a.crashAt != "" {
-		a.logger.Warn("test crash point armed: this daemon kills itself there", "point", a.crashAt)
+		execs: map[string]*execution{}, crashAt: os.Getenv(CrashPointEnv), crashFile: os.Getenv(CrashPointFileEnv)}
+	if a.crashAt != "" || a.crashFile != "" {
+		a.logger.Warn("test crash hook set: this daemon kills itself at the named point", "point", a.crashAt, "file", a.crashFile)
 	}
 	defer a.wg.Wait()
 
@@ -265,7 +266,7 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 	go a.runMesh(ctx, n, m)
 	go a.runWorkloads(ctx, n, w)
 	go a.runMigrationJanitor(ctx, n)
-	if a.crashAt == "source:target-started" {
+	if a.crashAt == "source:target-started" || a.crashFile != "" {
 		a.wg.Add(1)
 		go a.watchCrashPhases(ctx, n)
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -16,13 +17,32 @@ import (
 // target-started, committed, cleanup. Unset, every crash point is a no-op.
 const CrashPointEnv = "DROVER_CRASH_POINT"
 
+// CrashPointFileEnv names a file holding such a point, read each time a
+// point is passed, so a test arms a running daemon without restarting it.
+const CrashPointFileEnv = "DROVER_CRASH_POINT_FILE"
+
+// armedCrashPoint is the point this daemon dies at, if any.
+func (a *Agent) armedCrashPoint() string {
+	if a.crashAt != "" || a.crashFile == "" {
+		return a.crashAt
+	}
+	b, err := os.ReadFile(a.crashFile)
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
 // crashPoint kills this daemon, as SIGKILL would from outside, when the
 // test hook names role:point. Nothing after it runs.
 func (a *Agent) crashPoint(role, point string) {
-	if a.crashAt == "" || a.crashAt != role+":"+point {
+	if a.crashAt == "" && a.crashFile == "" {
 		return
 	}
-	a.logger.Error("test crash point reached: killing this daemon with SIGKILL", "point", a.crashAt)
+	if a.armedCrashPoint() != role+":"+point {
+		return
+	}
+	a.logger.Error("test crash point reached: killing this daemon with SIGKILL", "point", role+":"+point)
 	syscall.Kill(os.Getpid(), syscall.SIGKILL)
 	select {} // the signal is on its way; nothing else may run
 }
@@ -31,7 +51,7 @@ func (a *Agent) crashPoint(role, point string) {
 // daemon's own: the source's "target-started", reached while the target
 // starts the service and the source does nothing. It watches the facts
 // and fires when a migration from this machine enters target-starting.
-// It runs only when the test hook names that point.
+// It runs only when a test hook is set.
 func (a *Agent) watchCrashPhases(ctx context.Context, n *cluster.Node) {
 	defer a.wg.Done()
 	tick := time.NewTicker(10 * time.Millisecond)
@@ -41,6 +61,9 @@ func (a *Agent) watchCrashPhases(ctx context.Context, n *cluster.Node) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		}
+		if a.armedCrashPoint() != "source:target-started" {
+			continue
 		}
 		n.Read(func(s *fsm.State) {
 			for _, m := range s.Migrations() {

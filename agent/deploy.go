@@ -18,7 +18,6 @@ import (
 	"github.com/drover-sh/drover/fsm"
 )
 
-
 // deployStep is one service change a deploy makes.
 type deployStep struct {
 	spec      fsm.ServiceSpec

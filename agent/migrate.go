@@ -198,10 +198,11 @@ func (a *Agent) runMigration(ctx context.Context, n *cluster.Node, ex *execution
 	call := func(machine, path string, timeout time.Duration, out any) error {
 		cctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
-		resp, err := n.CallRPC(cctx, machine, http.MethodPost, path+"?id="+id, nil)
+		resp, done, err := a.callMachine(cctx, n, machine, http.MethodPost, path+"?id="+id)
 		if err != nil {
 			return err
 		}
+		defer done()
 		defer resp.Body.Close()
 		if out != nil {
 			return json.NewDecoder(resp.Body).Decode(out)
@@ -277,15 +278,16 @@ func (a *Agent) sendVolume(ctx context.Context, n *cluster.Node, ex *execution, 
 	q := url.Values{"id": {m.ID}, "volume": {v.Name}, "snap": {snap}, "base": {v.LastSnapshot}}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	resp, err := n.CallRPC(cctx, m.SourceID, http.MethodPost, rpcSend+"?"+q.Encode(), nil)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
 	// The source writes a line every half second; silence means the
 	// source or the path to it is gone.
 	idle := time.AfterFunc(2*a.cfg.StallTimeout, cancel)
 	defer idle.Stop()
+	resp, done, err := a.callMachine(cctx, n, m.SourceID, http.MethodPost, rpcSend+"?"+q.Encode())
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	defer resp.Body.Close()
 	var total uint64
 	if v.LastSnapshot == "" {
 		total = v.TotalBytes
@@ -333,12 +335,13 @@ func (a *Agent) completeCommitted(ctx context.Context, n *cluster.Node, id strin
 	cleanup := func(machine, path string) {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		defer cancel()
-		resp, err := n.CallRPC(cctx, machine, http.MethodPost, path+"?id="+id, nil)
+		resp, done, err := a.callMachine(cctx, n, machine, http.MethodPost, path+"?id="+id)
 		if err != nil {
 			a.logger.Warn("cleanup after the commit; the machine's reconciler finishes it", "id", id, "machine", a.nameOf(machine), "err", err)
 			return
 		}
 		resp.Body.Close()
+		done()
 	}
 	cleanup(m.SourceID, rpcCleanupSource)
 	a.crashPoint("executor", "cleanup")
@@ -373,14 +376,20 @@ func (a *Agent) abortMigration(ctx context.Context, n *cluster.Node, id string, 
 		a.applyMigration(ctx, n, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborting, Error: cause.Error(), At: time.Now()})
 	}
 	for _, machine := range []string{m.TargetID, m.SourceID} {
+		if g, ok := n.Member(machine); !ok || g.Liveness != cluster.LivenessAlive {
+			a.logger.Warn("not undoing a migration on a machine gossip does not see alive; it undoes its part when back",
+				"id", id, "machine", a.nameOf(machine))
+			continue
+		}
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		resp, err := n.CallRPC(cctx, machine, http.MethodPost, rpcAbort+"?id="+id, nil)
+		resp, done, err := a.callMachine(cctx, n, machine, http.MethodPost, rpcAbort+"?id="+id)
 		cancel()
 		if err != nil {
 			a.logger.Error("undoing a migration; that machine undoes its part when it is back", "id", id, "machine", a.nameOf(machine), "err", err)
 			continue
 		}
 		resp.Body.Close()
+		done()
 	}
 	if err := a.applyMigration(ctx, n, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborted, At: time.Now()}); err != nil {
 		a.logger.Error("recording a migration aborted", "id", id, "err", err)
@@ -471,6 +480,49 @@ func (a *Agent) AbortMigration(_ context.Context, id string) (ctlapi.MigrationIn
 	ex.cancel(errAbortedByOperator)
 	<-ex.done
 	return ex.info, nil
+}
+
+// errMachineGone: gossip reports the machine a call waits on failed or
+// left.
+var errMachineGone = errors.New("machine is gone")
+
+// callMachine makes a daemon-to-daemon call that fails as soon as gossip
+// reports the machine failed or left: a killed daemon takes its
+// WireGuard device with it, so its overlay address answers nothing, not
+// even a reset, and a plain call would wait for TCP's own timeouts.
+func (a *Agent) callMachine(ctx context.Context, n *cluster.Node, machine, method, path string) (*http.Response, context.CancelFunc, error) {
+	cctx, cancel := context.WithCancelCause(ctx)
+	stop := make(chan struct{})
+	go func() {
+		tick := time.NewTicker(250 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-cctx.Done():
+				return
+			case <-tick.C:
+			}
+			if g, ok := n.Member(machine); ok && (g.Liveness == cluster.LivenessFailed || g.Liveness == cluster.LivenessLeft) {
+				cancel(fmt.Errorf("%w: %s is %s", errMachineGone, a.nameOf(machine), g.Liveness))
+				return
+			}
+		}
+	}()
+	done := func() {
+		close(stop)
+		cancel(nil)
+	}
+	resp, err := n.CallRPC(cctx, machine, method, path, nil)
+	if err != nil {
+		if cause := context.Cause(cctx); cause != nil && errors.Is(cause, errMachineGone) {
+			err = fmt.Errorf("%w (%v)", cause, err)
+		}
+		done()
+		return nil, nil, err
+	}
+	return resp, done, nil
 }
 
 func mibs(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }

@@ -78,6 +78,13 @@ func (a *Agent) lookupMigration(r *http.Request) (migrationCall, error) {
 	if n == nil || wl == nil {
 		return migrationCall{}, errNotInCluster
 	}
+	// The executor acts on facts it just wrote; wait until this machine
+	// has them too, so the checks below see the phase it asks about.
+	cctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	if err := n.CaughtUp(cctx); err != nil {
+		a.logger.Warn("checking a migration call against facts that may be behind", "err", err)
+	}
+	cancel()
 	id := r.URL.Query().Get("id")
 	var c migrationCall
 	var ok bool
@@ -170,6 +177,7 @@ func (a *Agent) handleSend(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
+	rc.Flush() // the executor's idle timer runs from here
 	enc := json.NewEncoder(w)
 
 	ctx, cancel := context.WithCancelCause(r.Context())

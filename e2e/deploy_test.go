@@ -239,7 +239,7 @@ func containerStarted(t *testing.T, host *lab.Host) string {
 // workloadLab is three lab hosts with Docker, ZFS and the test image, and
 // a droverd on each (host 1 inits, the others join), waited for until all
 // three are in Raft with overlay addresses.
-func workloadLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon) {
+func workloadLab(t *testing.T, prefix string, extra ...string) ([]*lab.Host, []*labDaemon) {
 	t.Helper()
 	requireLab(t)
 	bin := binaries(t)
@@ -254,7 +254,7 @@ func workloadLab(t *testing.T, prefix string) ([]*lab.Host, []*labDaemon) {
 	}
 	t.Setenv("PATH", filepath.Join(filepath.Dir(lab.Script()), "zfs-shim")+":"+os.Getenv("PATH"))
 	work := func(host *lab.Host) []string {
-		return []string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}
+		return append([]string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}, extra...)
 	}
 	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
 	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")

@@ -25,13 +25,16 @@ type labDaemon struct {
 	bin  string
 	proc *lab.Proc
 	args []string
+	env  []string // extra environment, as NAME=value
 }
 
 func (d *labDaemon) socket() string { return filepath.Join(d.host.RunDir, "drover.sock") }
 
 func startLabDaemon(t *testing.T, bin string, h *lab.Host, extra ...string) *labDaemon {
 	t.Helper()
-	d := &labDaemon{host: h, bin: bin}
+	// Every lab daemon can be armed with a crash point by writing it to
+	// this file (see agent.CrashPointFileEnv); absent, nothing happens.
+	d := &labDaemon{host: h, bin: bin, env: []string{"DROVER_CRASH_POINT_FILE=" + filepath.Join(h.Dir, "crash-point")}}
 	d.args = append([]string{filepath.Join(bin, "droverd"),
 		"--name", h.Name, "--bind", h.UnderlayIP,
 		"--data-dir", filepath.Join(h.Dir, "drover"), "--socket", d.socket(),
@@ -42,7 +45,11 @@ func startLabDaemon(t *testing.T, bin string, h *lab.Host, extra ...string) *lab
 
 func (d *labDaemon) start(t *testing.T) {
 	t.Helper()
-	p, err := d.host.Start("droverd", d.args...)
+	argv := d.args
+	if len(d.env) > 0 {
+		argv = append(append([]string{"env"}, d.env...), d.args...)
+	}
+	p, err := d.host.Start("droverd", argv...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,8 +73,10 @@ func (d *labDaemon) start(t *testing.T) {
 	})
 }
 
-func (d *labDaemon) ctl(args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+func (d *labDaemon) ctl(args ...string) (string, error) { return d.ctlWithin(30*time.Second, args...) }
+
+func (d *labDaemon) ctlWithin(timeout time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(d.bin, "droverctl"), append([]string{"--socket", d.socket()}, args...)...)
 	var stdout, stderr strings.Builder

@@ -237,3 +237,6 @@ func (l *Lab) SetLinkUp(h *Host, up bool) error {
 
 // PID is the process id (nsenter execs the command, so it is the command's).
 func (p *Proc) PID() int { return p.cmd.Process.Pid }
+
+// Lab is the lab the host belongs to.
+func (h *Host) Lab() *Lab { return h.lab }

@@ -82,9 +82,9 @@ func (z *ZFS) MoveDataset(from, to string) error {
 	if _, err := d.Unmount(true); err != nil && !strings.Contains(err.Error(), "not currently mounted") {
 		return fmt.Errorf("unmounting %s: %w", from, err)
 	}
-	moved, err := d.Rename(to, false, false)
+	moved, err := rename(d, to)
 	if err != nil {
-		return fmt.Errorf("renaming %s to %s: %w", from, to, err)
+		return err
 	}
 	if _, err := moved.Mount(false, nil); err != nil && !strings.Contains(err.Error(), "already mounted") {
 		return fmt.Errorf("mounting %s: %w", to, err)

@@ -238,6 +238,22 @@ func destroy(d *zfs.Dataset) error {
 	}
 }
 
+// rename renames a dataset, riding out the moment a dataset that was
+// just received or unmounted is "busy" (as destroy does).
+func rename(d *zfs.Dataset, to string) (*zfs.Dataset, error) {
+	for try := 0; ; try++ {
+		moved, err := d.Rename(to, false, false)
+		if err == nil {
+			return moved, nil
+		}
+		if try == 20 || !strings.Contains(err.Error(), "busy") {
+			return nil, fmt.Errorf("renaming %s to %s: %w", d.Name, to, err)
+		}
+		d.Unmount(true)
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
 // FreeBytes is the space left for volumes under the parent.
 func (z *ZFS) FreeBytes() (uint64, error) {
 	d, err := zfs.GetDataset(z.parent)
@@ -280,9 +296,9 @@ func (z *ZFS) Adopt(staging, namespace, name string) (Info, error) {
 	if _, err := d.Unmount(true); err != nil {
 		return Info{}, fmt.Errorf("unmounting %s: %w", staging, err)
 	}
-	moved, err := d.Rename(final, false, false)
+	moved, err := rename(d, final)
 	if err != nil {
-		return Info{}, fmt.Errorf("renaming %s to %s: %w", staging, final, err)
+		return Info{}, err
 	}
 	if _, err := moved.Mount(false, nil); err != nil && !strings.Contains(err.Error(), "already mounted") {
 		return Info{}, fmt.Errorf("mounting %s: %w", final, err)

@@ -1,0 +1,320 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/internal/testpoll"
+	"github.com/drover-sh/drover/lab"
+)
+
+// arm makes the daemon on h kill itself with SIGKILL at point (see
+// agent.CrashPointFileEnv); disarm undoes it.
+func arm(t *testing.T, h *lab.Host, point string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(h.Dir, "crash-point"), []byte(point), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func disarm(h *lab.Host) { os.Remove(filepath.Join(h.Dir, "crash-point")) }
+
+// runningContainers counts the running containers of shop/web on a host.
+func runningContainers(h *lab.Host) (running, all int) {
+	out, _ := exec.Command("docker", "-H", "unix://"+h.DockerSock, "ps", "-a", "--format", "{{.Names}} {{.State}}").Output()
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if strings.HasPrefix(line, "drover-shop-web ") {
+			all++
+			if strings.HasSuffix(line, " running") {
+				running++
+			}
+		}
+	}
+	return running, all
+}
+
+func incoming(h *lab.Host) string {
+	out, _ := exec.Command("zfs", "list", "-H", "-o", "name", "-r", h.Pool).Output()
+	var in []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "drover-incoming/") {
+			in = append(in, l)
+		}
+	}
+	return strings.Join(in, " ")
+}
+
+// settled checks, after a migration ended, what must hold whatever
+// happened: one owner for both volumes and the service, the service
+// running exactly once and there, every acknowledged write on the owner,
+// no incoming copy left, the namespace lock free, the service answering.
+func settled(t *testing.T, h []*lab.Host, d *labDaemon, ip string, acked map[string]string) int {
+	t.Helper()
+	owner := -1
+	testpoll.Until(t, 90*time.Second, "one owner, the service running once there, no leftovers, lock free", func() error {
+		ss := services(t, d)
+		vs := volumes(t, d)
+		owner = -1
+		for i, host := range h {
+			if ss[0].Machine == host.Name {
+				owner = i
+			}
+		}
+		if owner < 1 {
+			return fmt.Errorf("service on %q", ss[0].Machine)
+		}
+		for _, v := range vs {
+			if v.Owner != ss[0].Machine {
+				return fmt.Errorf("volume %s owned by %s, service on %s", v.Name, v.Owner, ss[0].Machine)
+			}
+		}
+		for i, host := range h {
+			running, all := runningContainers(host)
+			if i == owner && (running != 1 || all != 1) {
+				return fmt.Errorf("%s (owner): %d running of %d containers", host.Name, running, all)
+			}
+			if i != owner && all != 0 {
+				return fmt.Errorf("%s: %d containers of a service it does not own", host.Name, all)
+			}
+			if in := incoming(host); in != "" {
+				return fmt.Errorf("%s keeps incoming copies: %s", host.Name, in)
+			}
+		}
+		out, err := d.ctl("migrate", "preview", "shop/web", "--to", h[3-owner].Name, "--json")
+		var plan ctlapi.MigrationPlan
+		if err != nil || json.Unmarshal([]byte(out), &plan) != nil {
+			return fmt.Errorf("preview: %v %s", err, out)
+		}
+		for _, c := range plan.Checks {
+			if c.Name == "namespace not locked" && !c.OK {
+				return fmt.Errorf("lock still held: %s", c.Detail)
+			}
+		}
+		if _, err := h[0].Run(context.Background(), "curl", "-sf", "-m", "2", "http://"+ip+":80/healthz"); err != nil {
+			return fmt.Errorf("service not answering: %v", err)
+		}
+		return nil
+	})
+	requireAcked(t, dataDir(h[owner]), acked)
+	return owner
+}
+
+// TestLabMigrateCrashMatrix kills with SIGKILL the source's daemon, the
+// target's and the one running the migration, each at six points of a
+// migration, and restarts it. Every run must end done (the commit
+// happened) or aborted (it did not) with one owner per volume, the service
+// running exactly once, no acknowledged write lost and the lock free,
+// while a client writes all along.
+func TestLabMigrateCrashMatrix(t *testing.T) {
+	h, daemons, ip := shopLab(t, "dc", 64)
+	executor := daemons[0]
+	w := startWriter(h[0], ip, 100*time.Millisecond)
+	defer w.Stop()
+	owner := 1
+	points := []string{"warm-copy", "source-stopped", "final-send", "target-started", "committed", "cleanup"}
+	var report []string
+	for _, role := range []string{"source", "target", "executor"} {
+		for _, point := range points {
+			src, dst := owner, 3-owner
+			victim := map[string]int{"source": src, "target": dst, "executor": 0}[role]
+			name := role + ":" + point
+			before := len(migrationsOf(t, executor))
+			arm(t, h[victim], name)
+			out, applyErr := executor.ctlWithin(3*time.Minute, "migrate", "apply", "shop/web", "--to", h[dst].Name)
+			testpoll.Until(t, 60*time.Second, name+": the "+role+" daemon killed", func() error {
+				if daemons[victim].proc.Exited() {
+					return nil
+				}
+				return fmt.Errorf("%s still runs; apply said: %v %s", h[victim].Name, applyErr, out)
+			})
+			disarm(h[victim])
+			daemons[victim].start(t)
+			var m ctlapi.MigrationInfo
+			testpoll.Until(t, 90*time.Second, name+": the migration ended", func() error {
+				ms := migrationsOf(t, executor)
+				if len(ms) != before+1 {
+					return fmt.Errorf("%d migrations, want %d", len(ms), before+1)
+				}
+				m = ms[len(ms)-1]
+				if m.Phase != "done" && m.Phase != "aborted" {
+					return fmt.Errorf("migration %s is %s", m.ID, m.Phase)
+				}
+				return nil
+			})
+			committed := point == "committed" || point == "cleanup" || name == "source:target-started"
+			if want := map[bool]string{true: "done", false: "aborted"}[committed]; m.Phase != want {
+				t.Fatalf("%s: migration %s ended %s, want %s (error %q)", name, m.ID, m.Phase, want, m.Error)
+			}
+			owner = settled(t, h, executor, ip, w.snapshot())
+			if want := map[bool]int{true: dst, false: src}[committed]; owner != want {
+				t.Fatalf("%s: service on %s after a %s migration", name, h[owner].Name, m.Phase)
+			}
+			report = append(report, fmt.Sprintf("%-26s %-8s %s", name, m.Phase, m.Error))
+		}
+	}
+	acked := w.Stop()
+	w = startWriter(h[0], ip, time.Hour) // for the deferred Stop
+	requireAcked(t, dataDir(h[owner]), acked)
+	t.Logf("crash matrix, %d acknowledged writes, none lost:\n%s", len(acked), strings.Join(report, "\n"))
+}
+
+// TestLabMigrateRefusals: pre-flight failures (target pool too small,
+// target down, namespace locked) stop a migration before any data moves
+// and say why; a link cut between source and target during the warm copy
+// aborts it and the service goes on on its source; the safety-window
+// cleaner destroys a kept source copy once the window is over.
+func TestLabMigrateRefusals(t *testing.T) {
+	h, daemons, ip := shopLab(t, "dr", 256, "--safety-window", "20s")
+	d1 := daemons[0]
+	nothingMoved := func(what string) {
+		t.Helper()
+		if ms := migrationsOf(t, d1); len(ms) != 0 {
+			t.Fatalf("%s: a migration was recorded: %+v", what, ms)
+		}
+		if in := incoming(h[2]); in != "" {
+			t.Fatalf("%s: data moved: %s", what, in)
+		}
+		if ss := services(t, d1); ss[0].Machine != h[1].Name {
+			t.Fatalf("%s: service moved: %+v", what, ss)
+		}
+	}
+	apply := func(want ...string) {
+		t.Helper()
+		out, err := d1.ctlWithin(time.Minute, "migrate", "apply", "shop/web", "--to", h[2].Name)
+		for _, w := range want {
+			if err == nil || !strings.Contains(out, w) {
+				t.Fatalf("apply: want a refusal naming %q, got %v:\n%s", w, err, out)
+			}
+		}
+	}
+
+	// The target's pool too small: a reservation eats its free space.
+	avail, err := exec.Command("zfs", "get", "-Hp", "-o", "value", "available", h[2].Pool).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	free, _ := strconv.ParseUint(strings.TrimSpace(string(avail)), 10, 64)
+	if out, err := exec.Command("zfs", "create", "-o", "reservation="+strconv.FormatUint(free-(64<<20), 10), h[2].Pool+"/filler").CombinedOutput(); err != nil {
+		t.Fatalf("filler: %v %s", err, out)
+	}
+	apply("pre-flight failed", "target pool space")
+	nothingMoved("pool too small")
+	exec.Command("zfs", "destroy", h[2].Pool+"/filler").Run()
+
+	// The target down.
+	daemons[2].proc.Kill()
+	testpoll.Until(t, 30*time.Second, h[2].Name+" seen down", func() error {
+		if m := byName(mustMachines(t, d1))[h[2].Name]; m.Liveness == "alive" {
+			return fmt.Errorf("still %s", m.Liveness)
+		}
+		return nil
+	})
+	apply("pre-flight failed", "target online")
+	nothingMoved("target down")
+	daemons[2].start(t)
+	testpoll.Until(t, 60*time.Second, h[2].Name+" back", func() error {
+		if m := byName(mustMachines(t, d1))[h[2].Name]; m.Liveness != "alive" || m.RaftRole == "none" {
+			return fmt.Errorf("%s, raft %s", m.Liveness, m.RaftRole)
+		}
+		return nil
+	})
+
+	// The namespace locked by a deploy that waits for a service that is
+	// never ready.
+	stuck := shopTwoVolumes(h[1].Name) + fmt.Sprintf(`
+[services.stuck]
+image = "drover-test:latest"
+env = { PORT = "8081" }
+machine = "%s"
+
+[[services.stuck.ports]]
+port = 81
+target = 8081
+
+[services.stuck.readiness]
+http = "/never"
+interval = "300ms"
+retries = 100
+`, h[0].Name)
+	deployDone := make(chan struct{})
+	go func() {
+		defer close(deployDone)
+		d1.ctlWithin(2*time.Minute, "deploy", "-f", writeManifest(t, "stuck.toml", stuck))
+	}()
+	testpoll.Until(t, 30*time.Second, "a migration refused on the lock", func() error {
+		out, err := d1.ctl("migrate", "apply", "shop/web", "--to", h[2].Name)
+		if err == nil || !strings.Contains(out, "namespace not locked") || !strings.Contains(out, h[0].Name+"/deploy/") {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	nothingMoved("namespace locked")
+	<-deployDone
+
+	// The link between source and target cut during the warm copy.
+	done := make(chan error, 1)
+	var out string
+	go func() {
+		var err error
+		out, err = d1.ctlWithin(3*time.Minute, "migrate", "apply", "shop/web", "--to", h[2].Name)
+		done <- err
+	}()
+	testpoll.Until(t, 60*time.Second, "the warm copy under way", func() error {
+		if incoming(h[2]) == "" {
+			return fmt.Errorf("no incoming copy on %s yet", h[2].Name)
+		}
+		return nil
+	})
+	if err := h[0].Lab().SetLinkUp(h[2], false); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err == nil || !strings.Contains(out, "aborted") {
+		t.Fatalf("migration with the link cut: %v\n%s", err, out)
+	}
+	if ms := migrationsOf(t, d1); len(ms) != 1 || ms[0].Phase != "aborted" {
+		t.Fatalf("migrations: %+v", ms)
+	}
+	t.Logf("link cut: %s", migrationsOf(t, d1)[0].Error)
+	testpoll.Until(t, 30*time.Second, "the service answering from its source", func() error {
+		if ss := services(t, d1); ss[0].Machine != h[1].Name {
+			return fmt.Errorf("service on %s", ss[0].Machine)
+		}
+		_, err := h[0].Run(context.Background(), "curl", "-sf", "-m", "2", "http://"+ip+":80/healthz")
+		return err
+	})
+	if err := h[0].Lab().SetLinkUp(h[2], true); err != nil {
+		t.Fatal(err)
+	}
+	testpoll.Until(t, 90*time.Second, "the cut-off target's partial copy destroyed once it is back", func() error {
+		if in := incoming(h[2]); in != "" {
+			return fmt.Errorf("still there: %s", in)
+		}
+		return nil
+	})
+
+	// The safety window (20 s here): the source's copy goes by itself.
+	m, _, out, err := migrateJSON(d1, "migrate", "apply", "shop/web", "--to", h[2].Name)
+	if err != nil || m.Phase != "done" {
+		t.Fatalf("migration: %v\n%s", err, out)
+	}
+	testpoll.Until(t, 90*time.Second, "the kept copy purged after the window", func() error {
+		out, err := d1.ctl("migrate", "show", m.ID, "--json")
+		var got ctlapi.MigrationInfo
+		if err != nil || json.Unmarshal([]byte(out), &got) != nil || got.SourcePurgedAt.IsZero() {
+			return fmt.Errorf("not yet: %v %s", err, out)
+		}
+		if _, err := os.Stat(dataDir(h[1])); !os.IsNotExist(err) {
+			return fmt.Errorf("marked purged but %s is there", dataDir(h[1]))
+		}
+		return nil
+	})
+}
