@@ -79,20 +79,26 @@ func (a *Agent) lookupMigration(r *http.Request) (migrationCall, error) {
 		return migrationCall{}, errNotInCluster
 	}
 	// The executor acts on facts it just wrote; wait until this machine
-	// has them too, so the checks below see the phase it asks about.
-	cctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
-	if err := n.CaughtUp(cctx); err != nil {
-		a.logger.Warn("checking a migration call against facts that may be behind", "err", err)
-	}
-	cancel()
+	// has them too (a daemon that just started may need a moment), so the
+	// checks below see the phase it asks about.
 	id := r.URL.Query().Get("id")
 	var c migrationCall
 	var ok bool
-	n.Read(func(s *fsm.State) {
-		if c.m, ok = s.Migration(id); ok {
-			c.sv, _ = s.Service(c.m.Namespace, c.m.Service)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		cctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		caughtUp := n.CaughtUp(cctx)
+		cancel()
+		n.Read(func(s *fsm.State) {
+			if c.m, ok = s.Migration(id); ok {
+				c.sv, _ = s.Service(c.m.Namespace, c.m.Service)
+			}
+		})
+		if (ok && caughtUp == nil) || time.Now().After(deadline) || r.Context().Err() != nil {
+			break
 		}
-	})
+		time.Sleep(200 * time.Millisecond)
+	}
 	if !ok {
 		return migrationCall{}, fmt.Errorf("no migration %q", id)
 	}
