@@ -53,6 +53,15 @@ func incoming(h *lab.Host) string {
 	return strings.Join(in, " ")
 }
 
+// ctlJSON runs a droverctl command with --json and decodes its answer.
+func ctlJSON(d *labDaemon, v any, args ...string) error {
+	out, err := d.ctl(append(args, "--json")...)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal([]byte(out), v)
+}
+
 // settled checks, after a migration ended, what must hold whatever
 // happened: one owner for both volumes and the service, the service
 // running exactly once and there, every acknowledged write on the owner,
@@ -61,8 +70,14 @@ func settled(t *testing.T, h []*lab.Host, d *labDaemon, ip string, acked map[str
 	t.Helper()
 	owner := -1
 	testpoll.Until(t, 90*time.Second, "one owner, the service running once there, no leftovers, lock free", func() error {
-		ss := services(t, d)
-		vs := volumes(t, d)
+		var ss []ctlapi.Service
+		var vs []ctlapi.Volume
+		if err := ctlJSON(d, &ss, "service", "ls"); err != nil {
+			return err
+		}
+		if err := ctlJSON(d, &vs, "volume", "ls"); err != nil {
+			return err
+		}
 		owner = -1
 		for i, host := range h {
 			if ss[0].Machine == host.Name {
@@ -140,7 +155,14 @@ func TestLabMigrateCrashMatrix(t *testing.T) {
 			daemons[victim].start(t)
 			var m ctlapi.MigrationInfo
 			testpoll.Until(t, 90*time.Second, name+": the migration ended", func() error {
-				ms := migrationsOf(t, executor)
+				out, err := executor.ctl("migrate", "ls", "--json")
+				if err != nil {
+					return err // the executor's daemon may still be starting
+				}
+				var ms []ctlapi.MigrationInfo
+				if err := json.Unmarshal([]byte(out), &ms); err != nil {
+					return err
+				}
 				if len(ms) != before+1 {
 					return fmt.Errorf("%d migrations, want %d", len(ms), before+1)
 				}
