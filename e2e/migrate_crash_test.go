@@ -207,7 +207,7 @@ func webOn(t *testing.T, d *labDaemon) string {
 // aborts it and the service goes on on its source; the safety-window
 // cleaner destroys a kept source copy once the window is over.
 func TestLabMigrateRefusals(t *testing.T) {
-	h, daemons, ip := shopLab(t, "dr", 256, "--safety-window", "20s")
+	h, daemons, ip := shopLab(t, "rf", 256, "--safety-window", "20s")
 	d1 := daemons[0]
 	nothingMoved := func(what string) {
 		t.Helper()
@@ -277,7 +277,7 @@ target = 8081
 [services.stuck.readiness]
 http = "/never"
 interval = "300ms"
-retries = 100
+retries = 20
 `, h[0].Name)
 	deployDone := make(chan struct{})
 	go func() {
@@ -303,6 +303,11 @@ retries = 100
 		done <- err
 	}()
 	testpoll.Until(t, 60*time.Second, "the warm copy under way", func() error {
+		select {
+		case err := <-done:
+			t.Fatalf("the migration ended before the link was cut: %v\n%s", err, out)
+		default:
+		}
 		if incoming(h[2]) == "" {
 			return fmt.Errorf("no incoming copy on %s yet", h[2].Name)
 		}
