@@ -133,7 +133,12 @@ func TestLabMigrateCrashMatrix(t *testing.T) {
 	h, daemons, ip := shopLab(t, "dc", 64)
 	executor := daemons[0]
 	w := startWriter(h[0], ip, 100*time.Millisecond)
-	defer w.Stop()
+	stopped := false
+	defer func() {
+		if !stopped {
+			w.Stop()
+		}
+	}()
 	owner := 1
 	points := []string{"warm-copy", "source-stopped", "final-send", "target-started", "committed", "cleanup"}
 	var report []string
@@ -184,7 +189,7 @@ func TestLabMigrateCrashMatrix(t *testing.T) {
 		}
 	}
 	acked := w.Stop()
-	w = startWriter(h[0], ip, time.Hour) // for the deferred Stop
+	stopped = true
 	requireAcked(t, dataDir(h[owner]), acked)
 	t.Logf("crash matrix, %d acknowledged writes, none lost:\n%s", len(acked), strings.Join(report, "\n"))
 }
