@@ -247,7 +247,12 @@ func TestLabMigrateRefusals(t *testing.T) {
 	}
 	apply("pre-flight failed", "target pool space")
 	nothingMoved("pool too small")
-	exec.Command("zfs", "destroy", h[2].Pool+"/filler").Run()
+	testpoll.Until(t, 30*time.Second, "the filler gone", func() error {
+		if out, err := exec.Command("zfs", "destroy", h[2].Pool+"/filler").CombinedOutput(); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
 
 	// The target down.
 	daemons[2].proc.Kill()
