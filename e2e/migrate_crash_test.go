@@ -351,6 +351,12 @@ retries = 20
 	})
 
 	// The safety window (20 s here): the source's copy goes by itself.
+	testpoll.Until(t, 90*time.Second, h[2].Name+" seen alive again", func() error {
+		if m := byName(mustMachines(t, d1))[h[2].Name]; m.Liveness != "alive" {
+			return fmt.Errorf("%s", m.Liveness)
+		}
+		return nil
+	})
 	m, _, out, err := migrateJSON(d1, "migrate", "apply", "shop/web", "--to", h[2].Name)
 	if err != nil || m.Phase != "done" {
 		t.Fatalf("migration: %v\n%s", err, out)
