@@ -56,43 +56,14 @@ func (c *Client) client() *http.Client {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://droverd"+path, body)
+	resp, err := c.send(ctx, method, path, in)
 	if err != nil {
 		return err
 	}
-	req.Header.Set(VersionHeader, APIVersion)
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.client().Do(req)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
-			return fmt.Errorf("%w (nothing listens on %s)", ErrDaemonNotRunning, c.socket())
-		}
-		return fmt.Errorf("talking to droverd on %s: %w", c.socket(), err)
-	}
 	defer resp.Body.Close()
-	if v := resp.Header.Get(VersionHeader); v != "" && v != APIVersion {
-		return versionMismatch(APIVersion, v)
-	}
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
 		return fmt.Errorf("reading droverd's answer: %w", err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb ErrorBody
-		if json.Unmarshal(raw, &eb) != nil || eb.Error == "" {
-			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(raw))
-		}
-		return &APIError{Status: resp.StatusCode, Code: eb.Code, Err: errors.New(eb.Error)}
 	}
 	if out == nil {
 		return nil
@@ -101,6 +72,52 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return fmt.Errorf("decoding droverd's answer to %s: %w", path, err)
 	}
 	return nil
+}
+
+// send makes one request and returns a 2xx answer for the caller to read
+// and close; anything else becomes an error: the daemon not running, a
+// version mismatch, or the daemon's own *APIError.
+func (c *Client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return nil, err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://droverd"+path, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set(VersionHeader, APIVersion)
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.client().Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
+			return nil, fmt.Errorf("%w (nothing listens on %s)", ErrDaemonNotRunning, c.socket())
+		}
+		return nil, fmt.Errorf("talking to droverd on %s: %w", c.socket(), err)
+	}
+	if v := resp.Header.Get(VersionHeader); v != "" && v != APIVersion {
+		resp.Body.Close()
+		return nil, versionMismatch(APIVersion, v)
+	}
+	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		raw, err := io.ReadAll(resp.Body)
+		if err != nil {
+			return nil, fmt.Errorf("reading droverd's answer: %w", err)
+		}
+		var eb ErrorBody
+		if json.Unmarshal(raw, &eb) != nil || eb.Error == "" {
+			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(raw))
+		}
+		return nil, &APIError{Status: resp.StatusCode, Code: eb.Code, Err: errors.New(eb.Error)}
+	}
+	return resp, nil
 }
 
 // Version asks the daemon for its version.
@@ -214,32 +231,11 @@ func (c *Client) RenderManifest(ctx context.Context, req MigrateRequest) (Render
 
 // stream posts in and reads the JSON lines of a migration's answer.
 func (c *Client) stream(ctx context.Context, path string, in any, onEvent func(MigrationEvent)) (MigrationInfo, error) {
-	b, err := json.Marshal(in)
+	resp, err := c.send(ctx, http.MethodPost, path, in)
 	if err != nil {
 		return MigrationInfo{}, err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://droverd"+path, bytes.NewReader(b))
-	if err != nil {
-		return MigrationInfo{}, err
-	}
-	req.Header.Set(VersionHeader, APIVersion)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.client().Do(req)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
-			return MigrationInfo{}, fmt.Errorf("%w (nothing listens on %s)", ErrDaemonNotRunning, c.socket())
-		}
-		return MigrationInfo{}, fmt.Errorf("talking to droverd on %s: %w", c.socket(), err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		raw, _ := io.ReadAll(resp.Body)
-		var eb ErrorBody
-		if json.Unmarshal(raw, &eb) != nil || eb.Error == "" {
-			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(raw))
-		}
-		return MigrationInfo{}, &APIError{Status: resp.StatusCode, Code: eb.Code, Err: errors.New(eb.Error)}
-	}
 	dec := json.NewDecoder(resp.Body)
 	for {
 		var line MigrateStreamLine
