@@ -124,7 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	a := &Agent{cfg: cfg, logger: cfg.Logger.With("machine", cfg.Name), machineID: id, ctx: ctx,
 		execs: map[string]*execution{}, crashAt: os.Getenv(CrashPointEnv), crashFile: os.Getenv(CrashPointFileEnv)}
-	if a.crashAt != "" || a.crashFile != "" {
+	if a.crashHooked() {
 		a.logger.Warn("test crash hook set: this daemon kills itself at the named point", "point", a.crashAt, "file", a.crashFile)
 	}
 	defer a.wg.Wait()
@@ -266,7 +266,7 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 	go a.runMesh(ctx, n, m)
 	go a.runWorkloads(ctx, n, w)
 	go a.runMigrationJanitor(ctx, n)
-	if a.crashAt == "source:target-started" || a.crashFile != "" {
+	if a.crashHooked() {
 		a.wg.Add(1)
 		go a.watchCrashPhases(ctx, n)
 	}

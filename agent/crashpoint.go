@@ -21,6 +21,9 @@ const CrashPointEnv = "DROVER_CRASH_POINT"
 // point is passed, so a test arms a running daemon without restarting it.
 const CrashPointFileEnv = "DROVER_CRASH_POINT_FILE"
 
+// crashHooked tells whether a test hook is set at all.
+func (a *Agent) crashHooked() bool { return a.crashAt != "" || a.crashFile != "" }
+
 // armedCrashPoint is the point this daemon dies at, if any.
 func (a *Agent) armedCrashPoint() string {
 	if a.crashAt != "" || a.crashFile == "" {
@@ -36,9 +39,6 @@ func (a *Agent) armedCrashPoint() string {
 // crashPoint kills this daemon, as SIGKILL would from outside, when the
 // test hook names role:point. Nothing after it runs.
 func (a *Agent) crashPoint(role, point string) {
-	if a.crashAt == "" && a.crashFile == "" {
-		return
-	}
 	if a.armedCrashPoint() != role+":"+point {
 		return
 	}

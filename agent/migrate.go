@@ -403,10 +403,20 @@ func (a *Agent) migrationFact(n *cluster.Node, id string) (fsm.Migration, bool) 
 	return m, ok
 }
 
-func (a *Agent) migrationInfo(n *cluster.Node, id string) (ctlapi.MigrationInfo, error) {
+// requireMigration is the migration an operator named, or the error that
+// says there is none.
+func (a *Agent) requireMigration(n *cluster.Node, id string) (fsm.Migration, error) {
 	m, ok := a.migrationFact(n, id)
 	if !ok {
-		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_migration", Err: fmt.Errorf("no migration %q", id)}
+		return m, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_migration", Err: fmt.Errorf("no migration %q", id)}
+	}
+	return m, nil
+}
+
+func (a *Agent) migrationInfo(n *cluster.Node, id string) (ctlapi.MigrationInfo, error) {
+	m, err := a.requireMigration(n, id)
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
 	}
 	return a.toInfo(m), nil
 }
@@ -457,11 +467,11 @@ func (a *Agent) AbortMigration(_ context.Context, id string) (ctlapi.MigrationIn
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
 	}
-	info, err := a.migrationInfo(n, id)
+	m, err := a.requireMigration(n, id)
 	if err != nil {
-		return info, err
+		return ctlapi.MigrationInfo{}, err
 	}
-	m, _ := a.migrationFact(n, id)
+	info := a.toInfo(m)
 	switch {
 	case m.Phase.Committed():
 		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "committed", Err: fmt.Errorf(

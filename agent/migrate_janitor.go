@@ -29,18 +29,8 @@ func (a *Agent) runMigrationJanitor(ctx context.Context, n *cluster.Node) {
 	defer a.wg.Done()
 	tick := time.NewTicker(a.cfg.JanitorInterval)
 	defer tick.Stop()
-	for {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := n.CaughtUp(cctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	if !a.waitCaughtUp(ctx, n, tick.C, "migration janitor") {
+		return
 	}
 	undone := map[string]bool{} // aborted migrations this process has undone here
 	for {
@@ -182,9 +172,9 @@ func (a *Agent) Rollback(ctx context.Context, id string, emit func(ctlapi.Migrat
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
 	}
-	m, ok := a.migrationFact(n, id)
-	if !ok {
-		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_migration", Err: fmt.Errorf("no migration %q", id)}
+	m, err := a.requireMigration(n, id)
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
 	}
 	var sv fsm.Service
 	n.Read(func(s *fsm.State) { sv, _ = s.Service(m.Namespace, m.Service) })
@@ -211,9 +201,9 @@ func (a *Agent) PurgeSource(ctx context.Context, id string) (ctlapi.MigrationInf
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
 	}
-	m, ok := a.migrationFact(n, id)
-	if !ok {
-		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_migration", Err: fmt.Errorf("no migration %q", id)}
+	m, err := a.requireMigration(n, id)
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
 	}
 	if m.Phase != fsm.PhaseDone {
 		return a.toInfo(m), &ctlapi.APIError{Status: http.StatusConflict, Code: "not_done", Err: fmt.Errorf("migration %s is %s: only a done migration kept a source copy", id, m.Phase)}

@@ -55,22 +55,8 @@ func (a *Agent) runWorkloads(ctx context.Context, n *cluster.Node, w *workloads)
 	defer a.wg.Done()
 	tick := time.NewTicker(2 * time.Second)
 	defer tick.Stop()
-	// Act on facts only once they have caught up with the leader: a store
-	// still empty after a restart would look like "this machine owns
-	// nothing" and stop running workloads.
-	for {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := n.CaughtUp(cctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		a.logger.Debug("waiting for the fact store to catch up before touching workloads", "err", err)
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	if !a.waitCaughtUp(ctx, n, tick.C, "workloads") {
+		return
 	}
 	a.logger.Info("fact store caught up: reconciling workloads")
 	lastCapacity := time.Time{}
@@ -86,6 +72,27 @@ func (a *Agent) runWorkloads(ctx context.Context, n *cluster.Node, w *workloads)
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		}
+	}
+}
+
+// waitCaughtUp returns once this machine's facts have caught up with the
+// leader, trying again at every tick, or false when ctx ends. Whatever
+// acts on facts after a start waits for it: a store still empty after a
+// restart would look like "this machine owns nothing".
+func (a *Agent) waitCaughtUp(ctx context.Context, n *cluster.Node, tick <-chan time.Time, who string) bool {
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := n.CaughtUp(cctx)
+		cancel()
+		if err == nil {
+			return true
+		}
+		a.logger.Debug("waiting for the fact store to catch up", "for", who, "err", err)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick:
 		}
 	}
 }

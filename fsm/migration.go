@@ -193,9 +193,9 @@ func (s *State) startMigration(c StartMigration) (any, *RuleError) {
 }
 
 func (s *State) advanceMigration(c AdvanceMigration) (any, *RuleError) {
-	m, ok := s.migrations[c.ID]
-	if !ok {
-		return nil, ruleErr(ErrUnknownMigration, "no migration %q", c.ID)
+	m, err := s.knownMigration(c.ID)
+	if err != nil {
+		return nil, err
 	}
 	from, to := m.Phase, c.Phase
 	var allowed bool
@@ -238,9 +238,9 @@ func (s *State) advanceMigration(c AdvanceMigration) (any, *RuleError) {
 }
 
 func (s *State) commitMigration(c CommitMigration) (any, *RuleError) {
-	m, ok := s.migrations[c.ID]
-	if !ok {
-		return nil, ruleErr(ErrUnknownMigration, "no migration %q", c.ID)
+	m, err := s.knownMigration(c.ID)
+	if err != nil {
+		return nil, err
 	}
 	if m.Phase != PhaseTargetStarting {
 		return nil, ruleErr(ErrInvalid, "migration %s is %s: only a migration whose target started may commit", c.ID, m.Phase)
@@ -283,9 +283,9 @@ func (s *State) commitMigration(c CommitMigration) (any, *RuleError) {
 }
 
 func (s *State) purgeSource(c PurgeSource) (any, *RuleError) {
-	m, ok := s.migrations[c.ID]
-	if !ok {
-		return nil, ruleErr(ErrUnknownMigration, "no migration %q", c.ID)
+	m, err := s.knownMigration(c.ID)
+	if err != nil {
+		return nil, err
 	}
 	if m.Phase != PhaseDone {
 		return nil, ruleErr(ErrInvalid, "migration %s is %s: only a done migration left a source copy behind", c.ID, m.Phase)
@@ -293,6 +293,15 @@ func (s *State) purgeSource(c PurgeSource) (any, *RuleError) {
 	if m.SourcePurgedAt.IsZero() {
 		m.SourcePurgedAt, m.UpdatedAt = c.At, c.At
 		s.migrations[c.ID] = m
+	}
+	return m, nil
+}
+
+// knownMigration looks up the migration a command names.
+func (s *State) knownMigration(id string) (Migration, *RuleError) {
+	m, ok := s.migrations[id]
+	if !ok {
+		return m, ruleErr(ErrUnknownMigration, "no migration %q", id)
 	}
 	return m, nil
 }
