@@ -58,8 +58,11 @@ quota = "1MiB"
 	if err == nil || !strings.Contains(err.Error(), "services.web.volumes: 1 of 2 volumes are marked move = true") {
 		t.Fatalf("half-marked service: %v", err)
 	}
-	noMachine := strings.Replace(strings.Replace(text, "machine = \"beta\"\n", "", 1), "quota = \"1MiB\"\n\n", "", 1)
-	noMachine = strings.TrimSuffix(noMachine, "") + "move = true\n"
+	allMarked := text + "move = true\n"
+	if m, err := Parse("m.toml", []byte(allMarked)); err != nil || !m.Move["web"] {
+		t.Fatalf("every volume marked: %v %+v", err, m)
+	}
+	noMachine := strings.Replace(allMarked, "machine = \"beta\"\n", "", 1)
 	if _, err := Parse("m.toml", []byte(noMachine)); err == nil || !strings.Contains(err.Error(), "need the machine to move to") {
 		t.Fatalf("move without machine: %v", err)
 	}
