@@ -344,3 +344,59 @@ func TestLabMigrate(t *testing.T) {
 		t.Fatalf("rollback after purge: %v\n%s", err, out)
 	}
 }
+// TestLabMigrateExecutorDies kills the daemon running a migration during
+// its warm copy and does not bring it back: once its lease on the
+// namespace lock runs out (15 s with --lab-timing), the
+// leader aborts the migration, the target's copy is destroyed and the
+// service goes on on its source.
+func TestLabMigrateExecutorDies(t *testing.T) {
+	h, daemons, ip := shopLab(t, "dk", 256)
+	d1, d2 := daemons[0], daemons[1]
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d1.ctl("migrate", "apply", "shop/web", "--to", h[2].Name)
+	}()
+	testpoll.Until(t, 30*time.Second, "the migration in its warm copy", func() error {
+		out, err := d2.ctl("migrate", "ls", "--json")
+		if err != nil {
+			return err
+		}
+		var ms []ctlapi.MigrationInfo
+		json.Unmarshal([]byte(out), &ms)
+		if len(ms) != 1 || ms[0].Phase != "warm-copy" {
+			return fmt.Errorf("migrations: %s", out)
+		}
+		return nil
+	})
+	if err := d1.proc.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	testpoll.Until(t, 90*time.Second, "the orphaned migration aborted by the others", func() error {
+		out, err := d2.ctl("migrate", "ls", "--json")
+		if err != nil {
+			return err
+		}
+		var ms []ctlapi.MigrationInfo
+		json.Unmarshal([]byte(out), &ms)
+		if len(ms) != 1 || ms[0].Phase != "aborted" || !strings.Contains(ms[0].Error, "lease") {
+			return fmt.Errorf("migrations: %s", out)
+		}
+		return nil
+	})
+	ss := services(t, d2)
+	if ss[0].Machine != h[1].Name || !ss[0].Ready {
+		t.Fatalf("service after the abort: %+v", ss)
+	}
+	testpoll.Until(t, 30*time.Second, "the service answering from its source", func() error {
+		got, err := h[2].Run(context.Background(), "curl", "-sf", "-m", "5", "http://"+ip+":80/read?key=bulk0")
+		if err != nil || len(got) != 64<<20 {
+			return fmt.Errorf("%d bytes, %v", len(got), err)
+		}
+		return nil
+	})
+	if out, _ := exec.Command("zfs", "list", "-H", "-o", "name", "-r", h[2].Pool).Output(); strings.Contains(string(out), "incoming/") {
+		t.Fatalf("the target kept its partial copy:\n%s", out)
+	}
+}
