@@ -344,6 +344,7 @@ func TestLabMigrate(t *testing.T) {
 		t.Fatalf("rollback after purge: %v\n%s", err, out)
 	}
 }
+
 // TestLabMigrateExecutorDies kills the daemon running a migration during
 // its warm copy and does not bring it back: once its lease on the
 // namespace lock runs out (15 s with --lab-timing), the
