@@ -105,7 +105,7 @@ func (a *Agent) planMigration(ctx context.Context, n *cluster.Node, req ctlapi.M
 	check("target online", live[target.ID] == cluster.LivenessAlive, "%s is %s", target.Name, live[target.ID])
 	check("source reachable", live[sv.MachineID] == cluster.LivenessAlive, "%s is %s", plan.Source, live[sv.MachineID])
 	check("namespace not locked", lockHolder == "", "lock holder: %s", dashIfEmpty(lockHolder))
-	check("bind mounts", true, "none: manifests cannot declare bind mounts, so nothing stays behind")
+	check("bind mounts", len(sv.Spec.Binds) == 0, "%s", bindsDetail(sv.Spec.Binds, plan.Source))
 	check("ports", true, "published on the service's own IP %s: no clash possible on the target", sv.ServiceIP)
 
 	src, srcErr := a.askLocalFacts(ctx, n, sv.MachineID, sv)
@@ -146,6 +146,18 @@ func (a *Agent) planMigration(ctx context.Context, n *cluster.Node, req ctlapi.M
 		plan.OK = plan.OK && c.OK
 	}
 	return plan, sv, target, nil
+}
+
+// bindsDetail says what a service's bind mounts keep on its machine.
+func bindsDetail(binds []fsm.BindMount, machine string) string {
+	if len(binds) == 0 {
+		return "none: nothing stays behind"
+	}
+	dirs := make([]string, len(binds))
+	for i, b := range binds {
+		dirs[i] = b.HostPath
+	}
+	return fmt.Sprintf("host directories %s stay on %s: a bind mount pins the service", strings.Join(dirs, ", "), machine)
 }
 
 func dashIfEmpty(s string) string {

@@ -32,6 +32,9 @@ const (
 	CmdAdvanceMigration  CommandType = 13
 	CmdCommitMigration   CommandType = 14
 	CmdPurgeSource       CommandType = 15
+	CmdStartDrain        CommandType = 16
+	CmdUpdateDrainItem   CommandType = 17
+	CmdEndDrain          CommandType = 18
 )
 
 // Command is one typed change of the facts.
@@ -88,6 +91,9 @@ func init() {
 	register(CmdAdvanceMigration, "AdvanceMigration", (*State).advanceMigration)
 	register(CmdCommitMigration, "CommitMigration", (*State).commitMigration)
 	register(CmdPurgeSource, "PurgeSource", (*State).purgeSource)
+	register(CmdStartDrain, "StartDrain", (*State).startDrain)
+	register(CmdUpdateDrainItem, "UpdateDrainItem", (*State).updateDrainItem)
+	register(CmdEndDrain, "EndDrain", (*State).endDrain)
 }
 
 // String names the command type.

@@ -30,6 +30,10 @@ var (
 	ErrUnknownService   = &RuleError{Code: "unknown_service"}
 	ErrVolumeElsewhere  = &RuleError{Code: "volume_elsewhere"}
 	ErrUnknownMigration = &RuleError{Code: "unknown_migration"}
+	ErrDrainRunning     = &RuleError{Code: "drain_running"}
+	ErrNoDrain          = &RuleError{Code: "no_drain"}
+	ErrMachineHolds     = &RuleError{Code: "machine_holds"}
+	ErrMachineBusy      = &RuleError{Code: "machine_busy"}
 )
 
 func (e *RuleError) Error() string {

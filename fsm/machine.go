@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -54,17 +55,23 @@ type RegisterMachine struct {
 	At      time.Time `json:"at"`
 }
 
-// SetMachineState changes a machine's administrative state. Result: Machine.
+// SetMachineState changes a machine's administrative state. Making it
+// active cancels a running drain of it. Result: Machine.
 type SetMachineState struct {
 	ID    string       `json:"id"`
 	State MachineState `json:"state"`
 	At    time.Time    `json:"at"`
 }
 
-// RemoveMachine forgets a machine and frees its overlay IP. Result: nil.
+// RemoveMachine forgets a machine and frees its overlay IP. It is refused
+// while a migration to or from the machine runs, and while the machine
+// holds services or volumes unless Force, which forgets those too (their
+// data is lost with the machine). Result: []string, what was forgotten
+// with it.
 type RemoveMachine struct {
-	ID string    `json:"id"`
-	At time.Time `json:"at"`
+	ID    string    `json:"id"`
+	Force bool      `json:"force,omitempty"`
+	At    time.Time `json:"at"`
 }
 
 // AllocateOverlayIP gives a machine the lowest free address of Prefix, or
@@ -136,17 +143,45 @@ func (s *State) setMachineState(c SetMachineState) (any, *RuleError) {
 	if !c.State.valid() {
 		return nil, ruleErr(ErrInvalid, "machine state %q: want active, draining, drained or gone", c.State)
 	}
+	if d, ok := s.drains[c.ID]; ok && d.State == DrainRunning && c.State == MachineActive {
+		d.State, d.EndedAt, d.Note = DrainCancelled, c.At, "machine activated"
+		s.drains[c.ID] = d
+	}
 	m.State, m.UpdatedAt = c.State, c.At
 	s.machines[c.ID] = m
 	return m, nil
 }
 
 func (s *State) removeMachine(c RemoveMachine) (any, *RuleError) {
-	if _, ok := s.machines[c.ID]; !ok {
+	m, ok := s.machines[c.ID]
+	if !ok {
 		return nil, ruleErr(ErrUnknownMachine, "no machine with id %q", c.ID)
 	}
+	for _, mg := range s.migrations {
+		if !mg.Phase.Terminal() && (mg.SourceID == c.ID || mg.TargetID == c.ID) {
+			return nil, ruleErr(ErrMachineBusy, "migration %s of %s/%s involves %s and is %s: let it end or abort it first", mg.ID, mg.Namespace, mg.Service, m.Name, mg.Phase)
+		}
+	}
+	held := s.heldBy(c.ID)
+	if len(held) > 0 && !c.Force {
+		return nil, ruleErr(ErrMachineHolds, "machine %s still holds %s", m.Name, strings.Join(held, ", "))
+	}
+	for k, sv := range s.services {
+		if sv.MachineID == c.ID {
+			delete(s.services, k)
+		}
+	}
+	for k, v := range s.volumes {
+		if v.OwnerID == c.ID {
+			delete(s.volumes, k)
+		}
+	}
+	delete(s.drains, c.ID)
 	delete(s.machines, c.ID)
-	return nil, nil
+	if held == nil {
+		held = []string{}
+	}
+	return held, nil
 }
 
 func (s *State) allocateOverlayIP(c AllocateOverlayIP) (any, *RuleError) {

@@ -23,6 +23,15 @@ type VolumeMount struct {
 	QuotaBytes uint64 `json:"quota_bytes"`
 }
 
+// BindMount mounts a directory of the host into the container. It does
+// not move: a service with one is pinned to its machine, and a drain or a
+// migration leaves it where it is and says why.
+type BindMount struct {
+	HostPath  string `json:"host_path"`  // absolute path on the machine
+	MountPath string `json:"mount_path"` // absolute path in the container
+	ReadOnly  bool   `json:"read_only,omitempty"`
+}
+
 // Readiness is how drover knows a service is ready.
 type Readiness struct {
 	Kind        string        `json:"kind"` // http, tcp or exec
@@ -43,6 +52,7 @@ type ServiceSpec struct {
 	Env         map[string]string `json:"env,omitempty"`
 	Ports       []PortMapping     `json:"ports,omitempty"`
 	Volumes     []VolumeMount     `json:"volumes,omitempty"`
+	Binds       []BindMount       `json:"binds,omitempty"`
 	Readiness   *Readiness        `json:"readiness,omitempty"`
 	MemoryBytes uint64            `json:"memory_bytes,omitempty"` // reserved for placement
 	Machine     string            `json:"machine,omitempty"`      // placement asked for; empty: drover chooses
@@ -175,6 +185,16 @@ func ValidateSpec(sp ServiceSpec) error {
 		seen[v.Name] = true
 		if !strings.HasPrefix(v.MountPath, "/") || strings.Contains(v.MountPath, "..") {
 			return fmt.Errorf("service %s: volume %s: mount path %q must be absolute and must not contain \"..\"", sp.Name, v.Name, v.MountPath)
+		}
+	}
+	if len(sp.Binds) > 0 && sp.Machine == "" {
+		return fmt.Errorf("service %s: bind mounts pin a service to a machine: name the machine", sp.Name)
+	}
+	for _, b := range sp.Binds {
+		for _, path := range []string{b.HostPath, b.MountPath} {
+			if !strings.HasPrefix(path, "/") || strings.Contains(path, "..") {
+				return fmt.Errorf("service %s: bind %s:%s: paths must be absolute and must not contain \"..\"", sp.Name, b.HostPath, b.MountPath)
+			}
 		}
 	}
 	ports := map[string]bool{}

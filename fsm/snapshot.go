@@ -31,6 +31,7 @@ const (
 	recordService   recordKind = 3
 	recordVolume    recordKind = 4
 	recordMigration recordKind = 5
+	recordDrain     recordKind = 6
 )
 
 // ErrBadSnapshot marks a snapshot that cannot be restored.
@@ -63,6 +64,11 @@ func (s *State) WriteSnapshot(w io.Writer) error {
 	}
 	for _, m := range s.Migrations() {
 		if err := writeRecord(bw, recordMigration, m); err != nil {
+			return err
+		}
+	}
+	for _, d := range s.Drains() {
+		if err := writeRecord(bw, recordDrain, d); err != nil {
 			return err
 		}
 	}
@@ -157,6 +163,12 @@ func (s *State) restoreRecord(kind recordKind, body []byte) error {
 			return fmt.Errorf("migration: %v", err)
 		}
 		s.migrations[m.ID] = m
+	case recordDrain:
+		var d Drain
+		if err := dec.Decode(&d); err != nil {
+			return fmt.Errorf("drain: %v", err)
+		}
+		s.drains[d.MachineID] = d
 	default:
 		return fmt.Errorf("unknown record kind %d", kind)
 	}

@@ -14,11 +14,12 @@ type State struct {
 	services   map[string]Service   // by namespace/name
 	volumes    map[string]Volume    // by namespace/name
 	migrations map[string]Migration // by id
+	drains     map[string]Drain     // by machine id: its latest drain
 }
 
 // NewState returns an empty state.
 func NewState() *State {
-	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}}
+	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}, drains: map[string]Drain{}}
 }
 
 // Apply decodes and applies one log entry. Time comes only from the
@@ -51,7 +52,7 @@ func (s *State) Clone() *State {
 	// Values are copied; a spec's slices and map are shared, which is
 	// safe because nothing mutates a stored spec in place.
 	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks),
-		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations)}
+		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations), drains: maps.Clone(s.drains)}
 }
 
 // sortedValues returns a map's values sorted by key(v).

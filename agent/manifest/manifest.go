@@ -72,6 +72,7 @@ type rawService struct {
 	Machine   string            `toml:"machine"`
 	Ports     []rawPort         `toml:"ports"`
 	Volumes   []rawVolume       `toml:"volumes"`
+	Binds     []rawBind         `toml:"binds"`
 	Readiness *rawReadiness     `toml:"readiness"`
 }
 
@@ -88,6 +89,12 @@ type rawVolume struct {
 	Move  bool   `toml:"move"`
 }
 
+type rawBind struct {
+	Host     string `toml:"host"`
+	Path     string `toml:"path"`
+	ReadOnly bool   `toml:"read_only"`
+}
+
 type rawReadiness struct {
 	HTTP        *string  `toml:"http"`
 	TCP         *bool    `toml:"tcp"`
@@ -99,8 +106,8 @@ type rawReadiness struct {
 	StartPeriod string   `toml:"start_period"`
 }
 
-// bindMountKeys are keys people write when they want a host directory in
-// the container; drover refuses bind mounts since they cannot move.
+// bindMountKeys are keys people write in a volume when they want a host
+// directory in the container; that is a bind, declared apart.
 var bindMountKeys = map[string]bool{"source": true, "host_path": true, "bind": true, "type": true, "hostpath": true}
 
 var envKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
@@ -130,7 +137,7 @@ func Parse(file string, data []byte) (*Manifest, error) {
 		last := k[len(k)-1]
 		msg := "unknown key"
 		if bindMountKeys[last] {
-			msg = "unknown key: bind mounts are not allowed (a host directory does not move with its service); use a volume"
+			msg = "unknown key: a volume is a dataset that moves with its service; a host directory is a bind ([[services.NAME.binds]] host, path), which pins the service to its machine"
 		}
 		p.add(k.String(), "%s", msg)
 	}
@@ -276,6 +283,18 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 			vm.QuotaBytes = p.size(vk+".quota", rv.Quota)
 		}
 		sp.Volumes = append(sp.Volumes, vm)
+	}
+	for i, rb := range rs.Binds {
+		bk := fmt.Sprintf("%s.binds[%d]", key, i)
+		for _, f := range []struct{ key, path, where string }{{".host", rb.Host, "on the machine"}, {".path", rb.Path, "in the container"}} {
+			if !strings.HasPrefix(f.path, "/") || path.Clean(f.path) != f.path {
+				p.add(bk+f.key, "%q: want an absolute, clean path %s", f.path, f.where)
+			}
+		}
+		sp.Binds = append(sp.Binds, fsm.BindMount{HostPath: rb.Host, MountPath: rb.Path, ReadOnly: rb.ReadOnly})
+	}
+	if len(rs.Binds) > 0 && rs.Machine == "" {
+		p.add(key+".machine", "missing: a service with binds runs where its host directories are; name that machine")
 	}
 	if rs.Readiness != nil {
 		sp.Readiness = p.readiness(key+".readiness", rs.Readiness, sp.Ports)

@@ -78,7 +78,14 @@ colour = "blue"`), `shop.toml:10: services.web.colour: unknown key`},
 		{"path name", replace(`name = "data"`, `name = "../etc"`), `shop.toml:16: services.web.volumes[0].name: volume name "../etc" is not a DNS label`},
 		{"uppercase namespace", replace(`namespace = "shop"`, `namespace = "Shop"`), `shop.toml:2: namespace: "Shop" is not a DNS label`},
 		{"bind mount", replace(`path = "/data"`, `path = "/data"
-source = "/srv/data"`), `shop.toml:18: services.web.volumes.source: unknown key: bind mounts are not allowed`},
+source = "/srv/data"`), `shop.toml:18: services.web.volumes.source: unknown key: a volume is a dataset that moves with its service; a host directory is a bind`},
+		{"bind without machine", replace(`machine = "dl2"`, `[[services.web.binds]]
+host = "/srv/logs"
+path = "/logs"`), `services.web.machine: missing: a service with binds runs where its host directories are`},
+		{"bind relative host path", replace(`protocol = "udp"`, `protocol = "udp"
+[[services.web.binds]]
+host = "srv/logs"
+path = "/logs"`), `services.web.binds[0].host: "srv/logs": want an absolute, clean path on the machine`},
 		{"duplicate volume in a service", replace(`quota = "1GiB"`, `quota = "1GiB"
 [[services.web.volumes]]
 name = "data"

@@ -51,6 +51,12 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 				b.WriteString("move = true\n")
 			}
 		}
+		for _, bm := range sp.Binds {
+			fmt.Fprintf(&b, "\n[[%s.binds]]\nhost = %s\npath = %s\n", key, strconv.Quote(bm.HostPath), strconv.Quote(bm.MountPath))
+			if bm.ReadOnly {
+				b.WriteString("read_only = true\n")
+			}
+		}
 		if rd := sp.Readiness; rd != nil {
 			fmt.Fprintf(&b, "\n[%s.readiness]\n", key)
 			switch rd.Kind {

@@ -16,7 +16,7 @@ func TestRenderParsesBackToTheSameSpecs(t *testing.T) {
 			Ports:     []fsm.PortMapping{{Port: 80, Target: 8080, Protocol: "tcp"}, {Port: 53, Target: 53, Protocol: "udp"}},
 			Volumes:   []fsm.VolumeMount{{Name: "data", MountPath: "/data", QuotaBytes: 256 << 20}, {Name: "logs", MountPath: "/logs", QuotaBytes: 1 << 30}},
 			Readiness: &fsm.Readiness{Kind: "http", Path: "/healthz", Port: 8080, Interval: 300 * time.Millisecond, Timeout: time.Second, Retries: 5, StartPeriod: 2 * time.Second}},
-		{Name: "cache", Image: "cache:1", Readiness: &fsm.Readiness{Kind: "exec", Command: []string{"/check"}, Interval: time.Second, Timeout: time.Second, Retries: 3}},
+		{Name: "cache", Image: "cache:1", Machine: "alpha", Binds: []fsm.BindMount{{HostPath: "/srv/cache", MountPath: "/cache", ReadOnly: true}, {HostPath: "/var/log", MountPath: "/log"}}, Readiness: &fsm.Readiness{Kind: "exec", Command: []string{"/check"}, Interval: time.Second, Timeout: time.Second, Retries: 3}},
 	}
 	text := Render("shop", specs, map[string]bool{"web": true})
 	m, err := Parse("rendered.toml", []byte(text))

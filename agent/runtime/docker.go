@@ -152,6 +152,9 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 		}
 		mounts = append(mounts, mount.Mount{Type: mount.TypeBind, Source: src, Target: v.MountPath})
 	}
+	for _, b := range r.Spec.Binds {
+		mounts = append(mounts, mount.Mount{Type: mount.TypeBind, Source: b.HostPath, Target: b.MountPath, ReadOnly: b.ReadOnly})
+	}
 	labels := map[string]string{
 		LabelNamespace: r.Namespace, LabelService: r.Spec.Name, LabelMachine: d.machineID,
 		LabelGeneration: strconv.FormatUint(r.Generation, 10), LabelSpecHash: r.Hash(),
