@@ -90,6 +90,7 @@ type Agent struct {
 	endNode context.CancelFunc // stops the goroutines serving the node
 	work    *workloads
 	execs   map[string]*execution // migrations this daemon runs, by id
+	drains  map[string]*drainRun  // drains this daemon runs, by machine id
 
 	crashAt   string // test hook: the crash point to die at (CrashPointEnv)
 	crashFile string // test hook: a file naming it (CrashPointFileEnv)
@@ -123,7 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	a := &Agent{cfg: cfg, logger: cfg.Logger.With("machine", cfg.Name), machineID: id, ctx: ctx,
-		execs: map[string]*execution{}, crashAt: os.Getenv(CrashPointEnv), crashFile: os.Getenv(CrashPointFileEnv)}
+		execs: map[string]*execution{}, drains: map[string]*drainRun{}, crashAt: os.Getenv(CrashPointEnv), crashFile: os.Getenv(CrashPointFileEnv)}
 	if a.crashHooked() {
 		a.logger.Warn("test crash hook set: this daemon kills itself at the named point", "point", a.crashAt, "file", a.crashFile)
 	}

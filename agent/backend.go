@@ -103,7 +103,9 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	}
 	byID := map[string]*ctlapi.Machine{}
 	var order []string
+	var drains []fsm.Drain
 	n.Read(func(s *fsm.State) {
+		drains = s.Drains()
 		for _, m := range s.Machines() {
 			out := &ctlapi.Machine{
 				ID: m.ID, Name: m.Name, GossipAddr: m.GossipAddr, State: string(m.State),
@@ -118,6 +120,9 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	})
 	for _, g := range n.Members() {
 		m, ok := byID[g.MachineID]
+		if !ok && g.Liveness != cluster.LivenessAlive {
+			continue // departed or removed, not joining
+		}
 		if !ok {
 			// Seen in gossip, not registered yet: the leader will.
 			m = &ctlapi.Machine{ID: g.MachineID, Name: g.Name, GossipAddr: g.GossipAddr.String(), State: "joining"}
@@ -128,6 +133,12 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 		if !g.LastContact.IsZero() {
 			lc := g.LastContact
 			m.LastContact = &lc
+		}
+	}
+	for _, d := range drains {
+		if m, ok := byID[d.MachineID]; ok {
+			info := a.drainInfo(d)
+			m.Drain = &info
 		}
 	}
 	handshakes := map[string]time.Time{}

@@ -480,9 +480,7 @@ func (a *Agent) AbortMigration(_ context.Context, id string) (ctlapi.MigrationIn
 	case m.Phase.Terminal():
 		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "ended", Err: fmt.Errorf("migration %s is %s already", id, m.Phase)}
 	}
-	a.mu.Lock()
-	ex := a.execs[id]
-	a.mu.Unlock()
+	ex := a.execution(id)
 	if ex == nil {
 		return info, &ctlapi.APIError{Status: http.StatusConflict, Code: "not_here", Err: fmt.Errorf(
 			"migration %s is run by %s: abort it there", id, info.Executor)}
@@ -490,6 +488,13 @@ func (a *Agent) AbortMigration(_ context.Context, id string) (ctlapi.MigrationIn
 	ex.cancel(errAbortedByOperator)
 	<-ex.done
 	return ex.info, nil
+}
+
+// execution gives the running execution of a migration here, or nil.
+func (a *Agent) execution(id string) *execution {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.execs[id]
 }
 
 // errMachineGone: gossip reports the machine a call waits on failed or

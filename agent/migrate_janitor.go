@@ -24,7 +24,9 @@ import (
 //     lock ran out: the same;
 //   - on a target, what an aborted migration left here while this daemon
 //     was away: container, staging copies, adopted datasets;
-//   - on a source, the copies kept past the safety window: destroyed.
+//   - on a source, the copies kept past the safety window: destroyed;
+//   - drains: resumed by the machine that ran them, reported by the
+//     leader when that machine is gone.
 func (a *Agent) runMigrationJanitor(ctx context.Context, n *cluster.Node) {
 	defer a.wg.Done()
 	tick := time.NewTicker(a.cfg.JanitorInterval)
@@ -32,9 +34,11 @@ func (a *Agent) runMigrationJanitor(ctx context.Context, n *cluster.Node) {
 	if !a.waitCaughtUp(ctx, n, tick.C, "migration janitor") {
 		return
 	}
-	undone := map[string]bool{} // aborted migrations this process has undone here
+	undone := map[string]bool{}         // aborted migrations this process has undone here
+	goneSince := map[string]time.Time{} // drain executors gossip sees gone, since
 	for {
 		a.finishOrphans(ctx, n)
+		a.resumeDrains(ctx, n, goneSince)
 		if w := a.currentWork(); w != nil {
 			a.undoLeftovers(ctx, n, w, undone)
 			a.purgeExpired(ctx, n, w)

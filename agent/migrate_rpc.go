@@ -62,6 +62,7 @@ func (a *Agent) registerMigrationRPC(n *cluster.Node) {
 	n.HandleRPC("POST "+rpcCleanupTarget, a.rpcHandler(a.handleCleanupTarget))
 	n.HandleRPC("POST "+rpcPurgeSource, a.rpcHandler(a.handlePurgeSource))
 	n.HandleRPC("GET "+rpcLocalFacts, a.handleLocalFacts)
+	n.HandleRPC("POST "+rpcLeave, a.handleLeave)
 }
 
 // migrationCall is what every migration handler starts from.

@@ -22,7 +22,8 @@ type localFacts struct {
 	MemoryBytes     uint64                 `json:"memory_bytes"`
 	HoldsVolumes    bool                   `json:"holds_volumes"`
 	HasImage        bool                   `json:"has_image"`
-	Volumes         map[string]volume.Info `json:"volumes"` // those of the asked names it has
+	Images          map[string]bool        `json:"images,omitempty"` // of the asked images, which it has
+	Volumes         map[string]volume.Info `json:"volumes"`          // those of the asked names it has
 }
 
 func (a *Agent) handleLocalFacts(w http.ResponseWriter, r *http.Request) {
@@ -35,6 +36,12 @@ func (a *Agent) handleLocalFacts(w http.ResponseWriter, r *http.Request) {
 	out := localFacts{MemoryBytes: memAvailable(), Volumes: map[string]volume.Info{}}
 	if image := q.Get("image"); image != "" {
 		out.HasImage, _ = wl.rt.HasImage(r.Context(), image)
+	}
+	for _, image := range q["images"] {
+		if out.Images == nil {
+			out.Images = map[string]bool{}
+		}
+		out.Images[image], _ = wl.rt.HasImage(r.Context(), image)
 	}
 	if wl.vols != nil {
 		out.HoldsVolumes = true

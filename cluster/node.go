@@ -481,6 +481,56 @@ func (n *Node) localStats() serverStats {
 	return out
 }
 
+// RemoveServer takes a machine out of the Raft configuration, through the
+// leader. Call it only once the machine left or is dead: the leader adds
+// back every machine gossip sees alive.
+func (n *Node) RemoveServer(ctx context.Context, id string) error {
+	p, err := n.parts()
+	if err != nil {
+		return err
+	}
+	backoff := 50 * time.Millisecond
+	for {
+		if p.raft.State() == raft.Leader {
+			err = n.removeServerLocal(id)
+		} else if _, leaderID := p.raft.LeaderWithID(); leaderID == "" {
+			err = errNoLeaderYet
+		} else if addr := n.rpcAddrOf(string(leaderID)); addr == "" {
+			err = errNoLeaderYet
+		} else {
+			err = n.rpc.do(ctx, http.MethodPost, addr, rpcRemovePath, []byte(id), &struct{}{})
+		}
+		if err == nil || (!errors.Is(err, ErrNotLeader) && !errors.Is(err, errRemoteNotLeader) && !errors.Is(err, errNoLeaderYet)) {
+			if err != nil {
+				return fmt.Errorf("removing machine %s from raft: %w", id, err)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("removing machine %s from raft: %w (%v)", id, ErrNoLeader, ctx.Err())
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
+}
+
+func (n *Node) removeServerLocal(id string) error {
+	p, err := n.parts()
+	if err != nil {
+		return err
+	}
+	f := p.raft.RemoveServer(raft.ServerID(id), 0, 10*time.Second)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) {
+			return ErrNotLeader
+		}
+		return fmt.Errorf("raft remove server: %w", err)
+	}
+	n.logger.Info("removed machine from raft", "machine", id)
+	return nil
+}
+
 // Leave departs gracefully: hand leadership to another voter if this
 // machine leads, then tell gossip we are leaving (so others see "left",
 // not "failed"). Raft membership is kept: a machine is removed from the

@@ -26,6 +26,7 @@ import (
 const (
 	rpcApplyPath = "/rpc/v1/apply"
 	rpcStatsPath = "/rpc/v1/stats"
+	rpcRemovePath = "/rpc/v1/remove-server"
 	rpcAuthHdr   = "Drover-Cluster-Auth"
 	maxRPCBody   = 1 << 20
 )
@@ -51,6 +52,7 @@ func (n *Node) rpcHandler() http.Handler {
 	mux := n.rpcMux
 	mux.HandleFunc("POST "+rpcApplyPath, n.handleApply)
 	mux.HandleFunc("GET "+rpcStatsPath, n.handleStats)
+	mux.HandleFunc("POST "+rpcRemovePath, n.handleRemoveServer)
 	token := rpcToken(n.cfg.Key)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !hmac.Equal([]byte(r.Header.Get(rpcAuthHdr)), []byte(token)) {
@@ -78,6 +80,25 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(res)
+}
+
+func (n *Node) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
+	id, err := io.ReadAll(io.LimitReader(r.Body, 256))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	err = n.removeServerLocal(string(id))
+	if errors.Is(err, ErrNotLeader) {
+		http.Error(w, err.Error(), http.StatusMisdirectedRequest)
+		return
+	}
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write([]byte("{}"))
 }
 
 func (n *Node) handleStats(w http.ResponseWriter, _ *http.Request) {

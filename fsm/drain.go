@@ -31,7 +31,8 @@ type DrainItem struct {
 	Service   string         `json:"service"` // namespace/name
 	Target    string         `json:"target,omitempty"`
 	State     DrainItemState `json:"state"`
-	Migration string         `json:"migration,omitempty"`
+	Migration string         `json:"migration,omitempty"` // the latest one
+	Attempts  int            `json:"attempts,omitempty"`  // migrations started for it
 	Reason    string         `json:"reason,omitempty"`
 }
 
@@ -104,7 +105,7 @@ func (s *State) startDrain(c StartDrain) (any, *RuleError) {
 		return nil, ruleErr(ErrUnknownMachine, "drain executor: no machine with id %q", d.Executor)
 	}
 	if old, ok := s.drains[d.MachineID]; ok && old.State == DrainRunning {
-		return nil, ruleErr(ErrDrainRunning, "machine %s is being drained by %s since %s", m.Name, s.machineName(old.Executor), old.StartedAt.Format(time.RFC3339))
+		return nil, ruleErr(ErrDrainRunning, "machine %s is being drained by %s since %s", m.Name, s.NameOf(old.Executor), old.StartedAt.Format(time.RFC3339))
 	}
 	if d.Parallel < 1 {
 		return nil, ruleErr(ErrInvalid, "drain of %s: parallel %d, want at least 1", m.Name, d.Parallel)
@@ -129,7 +130,7 @@ func (s *State) startDrain(c StartDrain) (any, *RuleError) {
 func (s *State) runningDrain(machineID string) (Drain, *RuleError) {
 	d, ok := s.drains[machineID]
 	if !ok || d.State != DrainRunning {
-		return d, ruleErr(ErrNoDrain, "no drain of machine %s is running", s.machineName(machineID))
+		return d, ruleErr(ErrNoDrain, "no drain of machine %s is running", s.NameOf(machineID))
 	}
 	return d, nil
 }
@@ -148,7 +149,7 @@ func (s *State) updateDrainItem(c UpdateDrainItem) (any, *RuleError) {
 			return d, nil
 		}
 	}
-	return nil, ruleErr(ErrInvalid, "service %s is not in the drain of %s", c.Item.Service, s.machineName(c.MachineID))
+	return nil, ruleErr(ErrInvalid, "service %s is not in the drain of %s", c.Item.Service, s.NameOf(c.MachineID))
 }
 
 func (s *State) endDrain(c EndDrain) (any, *RuleError) {
@@ -159,7 +160,7 @@ func (s *State) endDrain(c EndDrain) (any, *RuleError) {
 	switch c.State {
 	case DrainDrained:
 		if left := s.heldBy(c.MachineID); len(left) > 0 {
-			return nil, ruleErr(ErrInvalid, "machine %s still holds %s: not drained", s.machineName(c.MachineID), left[0])
+			return nil, ruleErr(ErrInvalid, "machine %s still holds %s: not drained", s.NameOf(c.MachineID), left[0])
 		}
 		m := s.machines[c.MachineID]
 		m.State, m.UpdatedAt = MachineDrained, c.At
@@ -189,7 +190,8 @@ func (s *State) heldBy(machineID string) []string {
 	return out
 }
 
-func (s *State) machineName(id string) string {
+// NameOf gives a machine's name, or the id when it is unknown.
+func (s *State) NameOf(id string) string {
 	if m, ok := s.machines[id]; ok {
 		return m.Name
 	}

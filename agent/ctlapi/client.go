@@ -195,13 +195,31 @@ func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
 // Migrate moves a service and waits until the move is done or undone,
 // calling onEvent for each event on the way (nil: ignore them).
 func (c *Client) Migrate(ctx context.Context, req MigrateRequest, onEvent func(MigrationEvent)) (MigrationInfo, error) {
-	return c.stream(ctx, "/v1/migrate", req, onEvent)
+	return stream[MigrationEvent, MigrationInfo](ctx, c, "/v1/migrate", req, "migration (see `droverctl migrate ls`)", onEvent)
 }
 
 // Rollback moves a done migration's service back to its source, sending
 // only what changed since the copy the source kept.
 func (c *Client) Rollback(ctx context.Context, id string, onEvent func(MigrationEvent)) (MigrationInfo, error) {
-	return c.stream(ctx, "/v1/migrations/"+url.PathEscape(id)+"/rollback", struct{}{}, onEvent)
+	return stream[MigrationEvent, MigrationInfo](ctx, c, "/v1/migrations/"+url.PathEscape(id)+"/rollback", struct{}{}, "rollback (see `droverctl migrate ls`)", onEvent)
+}
+
+// Drain starts the drain of a machine ("self" is this machine), or
+// follows the one that runs; with req.Wait it returns when the drain ends.
+func (c *Client) Drain(ctx context.Context, req DrainRequest, onEvent func(DrainEvent)) (DrainInfo, error) {
+	return stream[DrainEvent, DrainInfo](ctx, c, "/v1/machines/"+url.PathEscape(req.Machine)+"/drain", req, "drain (see `droverctl machine ls`)", onEvent)
+}
+
+// DrainStatus gives a machine's latest drain.
+func (c *Client) DrainStatus(ctx context.Context, machine string) (DrainInfo, error) {
+	var v DrainInfo
+	return v, c.do(ctx, http.MethodGet, "/v1/machines/"+url.PathEscape(machine)+"/drain", nil, &v)
+}
+
+// RemoveMachine removes a drained or dead machine from the cluster.
+func (c *Client) RemoveMachine(ctx context.Context, req RemoveMachineRequest) (RemovedMachine, error) {
+	var v RemovedMachine
+	return v, c.do(ctx, http.MethodPost, "/v1/machines/"+url.PathEscape(req.Machine)+"/remove", req, &v)
 }
 
 // Migration describes one migration.
@@ -230,17 +248,21 @@ func (c *Client) RenderManifest(ctx context.Context, req MigrateRequest) (Render
 }
 
 // stream posts in and reads the JSON lines of a migration's answer.
-func (c *Client) stream(ctx context.Context, path string, in any, onEvent func(MigrationEvent)) (MigrationInfo, error) {
+// stream posts a long request and reads its NDJSON answer: events to
+// onEvent, then the result or the error. what names the request in the
+// error of an answer cut short.
+func stream[E, R any](ctx context.Context, c *Client, path string, in any, what string, onEvent func(E)) (R, error) {
+	var zero R
 	resp, err := c.send(ctx, http.MethodPost, path, in)
 	if err != nil {
-		return MigrationInfo{}, err
+		return zero, err
 	}
 	defer resp.Body.Close()
 	dec := json.NewDecoder(resp.Body)
 	for {
-		var line MigrateStreamLine
+		var line StreamLine[E, R]
 		if err := dec.Decode(&line); err != nil {
-			return MigrationInfo{}, fmt.Errorf("the daemon's answer ended before the migration did (see `droverctl migrate ls`): %w", err)
+			return zero, fmt.Errorf("the daemon's answer ended before the %s did: %w", what, err)
 		}
 		switch {
 		case line.Event != nil:
@@ -248,7 +270,7 @@ func (c *Client) stream(ctx context.Context, path string, in any, onEvent func(M
 				onEvent(*line.Event)
 			}
 		case line.Error != nil:
-			var info MigrationInfo
+			var info R
 			if line.Result != nil {
 				info = *line.Result
 			}

@@ -85,6 +85,19 @@ func (f *fakeBackend) PurgeSource(_ context.Context, id string) (MigrationInfo, 
 	return MigrationInfo{ID: id}, nil
 }
 
+func (f *fakeBackend) Drain(_ context.Context, req DrainRequest, emit func(DrainEvent)) (DrainInfo, error) {
+	emit(DrainEvent{Service: "shop/web", State: "moved"})
+	return DrainInfo{Machine: req.Machine, State: "drained", Parallel: req.Parallel, Moved: 1}, nil
+}
+
+func (f *fakeBackend) DrainStatus(_ context.Context, machine string) (DrainInfo, error) {
+	return DrainInfo{Machine: machine, State: "running"}, nil
+}
+
+func (f *fakeBackend) RemoveMachine(_ context.Context, req RemoveMachineRequest) (RemovedMachine, error) {
+	return RemovedMachine{Machine: req.Machine, Lost: []string{"volume shop/data"}}, nil
+}
+
 func (f *fakeBackend) MigratePreview(context.Context, MigrateRequest) (MigrationPlan, error) {
 	return MigrationPlan{}, nil
 }
@@ -209,5 +222,14 @@ func TestMigrateStreamsEventsThenTheOutcome(t *testing.T) {
 	_, err = c.Rollback(ctx, "early", nil)
 	if !errors.As(err, &apiErr) || apiErr.Code != "preflight_failed" || apiErr.Status != http.StatusConflict {
 		t.Fatalf("failure before any event: %v", err)
+	}
+}
+
+func TestDrainStreamsThroughTheSameLines(t *testing.T) {
+	c, _, _ := serve(t)
+	var events []DrainEvent
+	info, err := c.Drain(context.Background(), DrainRequest{Machine: "dl1", Parallel: 2, Wait: true}, func(ev DrainEvent) { events = append(events, ev) })
+	if err != nil || info.Machine != "dl1" || info.State != "drained" || info.Parallel != 2 || len(events) != 1 || events[0].Service != "shop/web" {
+		t.Fatalf("drain: %+v %v, events %+v", info, err, events)
 	}
 }

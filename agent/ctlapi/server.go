@@ -40,7 +40,15 @@ type Backend interface {
 	RenderManifest(context.Context, MigrateRequest) (RenderedManifest, error)
 	AbortMigration(ctx context.Context, id string) (MigrationInfo, error)
 	PurgeSource(ctx context.Context, id string) (MigrationInfo, error)
+	// Drain starts (or, when one runs, follows) the drain of a machine;
+	// with req.Wait it blocks until the drain ends, calling emit for its
+	// events, else it returns once the drain started.
+	Drain(ctx context.Context, req DrainRequest, emit func(DrainEvent)) (DrainInfo, error)
+	DrainStatus(ctx context.Context, machine string) (DrainInfo, error)
+	RemoveMachine(ctx context.Context, req RemoveMachineRequest) (RemovedMachine, error)
 }
+
+func migrationKnown(m MigrationInfo) bool { return m.ID != "" }
 
 const maxRequestBody = 1 << 20
 
@@ -75,9 +83,26 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 			return MigrationInfo{}, err
 		}
 		return b.Migrate(r.Context(), req, emit)
-	})
+	}, migrationKnown)
 	streamed(mux, logger, "/v1/migrations/{id}/rollback", func(r *http.Request, emit func(MigrationEvent)) (MigrationInfo, error) {
 		return b.Rollback(r.Context(), r.PathValue("id"), emit)
+	}, migrationKnown)
+	streamed(mux, logger, "/v1/machines/{name}/drain", func(r *http.Request, emit func(DrainEvent)) (DrainInfo, error) {
+		var req DrainRequest
+		if err := decodeBody(r, &req); err != nil {
+			return DrainInfo{}, err
+		}
+		req.Machine = r.PathValue("name")
+		return b.Drain(r.Context(), req, emit)
+	}, func(d DrainInfo) bool { return d.Machine != "" })
+	get("/v1/machines/{name}/drain", func(r *http.Request) (any, error) { return b.DrainStatus(r.Context(), r.PathValue("name")) })
+	post("/v1/machines/{name}/remove", func(r *http.Request) (any, error) {
+		var req RemoveMachineRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		req.Machine = r.PathValue("name")
+		return b.RemoveMachine(r.Context(), req)
 	})
 	get("/v1/migrations/{id}", func(r *http.Request) (any, error) { return b.Migration(r.Context(), r.PathValue("id")) })
 	post("/v1/migrations/{id}/abort", func(r *http.Request) (any, error) { return b.AbortMigration(r.Context(), r.PathValue("id")) })
@@ -144,13 +169,11 @@ func route(mux *http.ServeMux, logger *slog.Logger, method, path string, fn func
 // streamed registers a POST that answers in JSON lines: the events as
 // they happen, then the result or the error. Errors before the first
 // event still get their HTTP status.
-func streamed(mux *http.ServeMux, logger *slog.Logger, path string, fn func(*http.Request, func(MigrationEvent)) (MigrationInfo, error)) {
-	mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodPost {
-			w.Header().Set("Allow", http.MethodPost)
-			writeError(w, logger, &APIError{Status: http.StatusMethodNotAllowed, Code: "method_not_allowed", Err: fmt.Errorf("%s wants POST, not %s", path, r.Method)})
-			return
-		}
+// streamed serves a long request as NDJSON lines: its events while it
+// runs, then its result or its error (with the result too when known says
+// there is one).
+func streamed[E, R any](mux *http.ServeMux, logger *slog.Logger, path string, fn func(*http.Request, func(E)) (R, error), known func(R) bool) {
+	mux.HandleFunc("POST "+path, func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
 		enc := json.NewEncoder(w)
 		started := false
@@ -161,9 +184,9 @@ func streamed(mux *http.ServeMux, logger *slog.Logger, path string, fn func(*htt
 				started = true
 			}
 		}
-		emit := func(ev MigrationEvent) {
+		emit := func(ev E) {
 			begin()
-			enc.Encode(MigrateStreamLine{Event: &ev}) // a client gone is not the migration's problem
+			enc.Encode(StreamLine[E, R]{Event: &ev}) // a client gone is not the migration's problem
 			rc.Flush()
 		}
 		info, err := fn(r, emit)
@@ -172,12 +195,12 @@ func streamed(mux *http.ServeMux, logger *slog.Logger, path string, fn func(*htt
 			return
 		}
 		begin()
-		line := MigrateStreamLine{Result: &info}
+		line := StreamLine[E, R]{Result: &info}
 		if err != nil {
 			apiErr := &APIError{Code: "internal"}
 			errors.As(err, &apiErr)
 			line.Error = &ErrorBody{Error: err.Error(), Code: apiErr.Code}
-			if info.ID == "" {
+			if !known(info) {
 				line.Result = nil
 			}
 		}

@@ -31,6 +31,8 @@ type Machine struct {
 	RaftRole    string     `json:"raft_role"` // leader, voter, nonvoter, none
 	LastContact *time.Time `json:"last_contact,omitempty"`
 	WGPublicKey string     `json:"wg_public_key,omitempty"`
+	// Drain is the machine's latest drain, if it had one.
+	Drain *DrainInfo `json:"drain,omitempty"`
 	// LastHandshake is this machine's last WireGuard handshake with it.
 	LastHandshake *time.Time `json:"last_handshake,omitempty"`
 }
@@ -254,12 +256,73 @@ type MigrationEvent struct {
 	Message string    `json:"message,omitempty"` // what happens, in words
 }
 
-// MigrateStreamLine is one line of the answer to a migration request: events
-// while it runs, then its result or its error.
-type MigrateStreamLine struct {
-	Event  *MigrationEvent `json:"event,omitempty"`
-	Result *MigrationInfo  `json:"result,omitempty"`
-	Error  *ErrorBody      `json:"error,omitempty"`
+// StreamLine is one line of the answer to a long request (a migration, a
+// drain): events while it runs, then its result or its error.
+type StreamLine[E, R any] struct {
+	Event  *E         `json:"event,omitempty"`
+	Result *R         `json:"result,omitempty"`
+	Error  *ErrorBody `json:"error,omitempty"`
+}
+
+// MigrateStreamLine is one line of the answer to a migration request.
+type MigrateStreamLine = StreamLine[MigrationEvent, MigrationInfo]
+
+// DrainRequest asks to drain a machine ("self" is this machine).
+type DrainRequest struct {
+	Machine  string   `json:"machine"`
+	Deadline Duration `json:"deadline,omitempty"` // 0: none
+	Parallel int      `json:"parallel,omitempty"` // 0: 1
+	DryRun   bool     `json:"dry_run,omitempty"`
+	Wait     bool     `json:"wait,omitempty"`
+}
+
+// DrainItem is one service of a drain.
+type DrainItem struct {
+	Service   string `json:"service"`
+	Target    string `json:"target,omitempty"`
+	State     string `json:"state"` // pending, migrating, moved, stays, failed, skipped
+	Migration string `json:"migration,omitempty"`
+	Reason    string `json:"reason,omitempty"`
+}
+
+// DrainInfo is a machine's latest drain, or with DryRun its plan.
+type DrainInfo struct {
+	Machine   string      `json:"machine"`
+	Executor  string      `json:"executor,omitempty"`
+	State     string      `json:"state"` // planned (dry run), running, drained, incomplete, cancelled
+	Parallel  int         `json:"parallel"`
+	Deadline  time.Time   `json:"deadline,omitzero"`
+	StartedAt time.Time   `json:"started_at,omitzero"`
+	EndedAt   time.Time   `json:"ended_at,omitzero"`
+	Note      string      `json:"note,omitempty"`
+	Items     []DrainItem `json:"items"`
+	Moved     int         `json:"moved"`
+	Left      int         `json:"left"` // not moved (yet)
+}
+
+// DrainEvent is one step of a running drain: a service's state changed,
+// or one of its migration's events (Migration set).
+type DrainEvent struct {
+	Time      time.Time       `json:"time"`
+	Service   string          `json:"service,omitempty"`
+	Target    string          `json:"target,omitempty"`
+	State     string          `json:"state,omitempty"`
+	Message   string          `json:"message,omitempty"`
+	Migration *MigrationEvent `json:"migration,omitempty"`
+}
+
+// RemoveMachineRequest asks to remove a machine from the cluster.
+type RemoveMachineRequest struct {
+	Machine string `json:"machine"`
+	Force   bool   `json:"force,omitempty"`
+}
+
+// RemovedMachine is what `machine rm` did.
+type RemovedMachine struct {
+	Machine string   `json:"machine"`
+	ID      string   `json:"id"`
+	Left    bool     `json:"left"` // the machine was alive and was told to leave
+	Lost    []string `json:"lost,omitempty"`
 }
 
 // RenderedManifest is `migrate render-manifest`: the namespace's manifest

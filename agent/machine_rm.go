@@ -1,0 +1,140 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+)
+
+const rpcLeave = "machine/leave" // the machine being removed: leave for good
+
+// RemoveMachine removes a drained or dead machine from the cluster: the
+// machine, when alive, leaves and forgets the cluster; then its Raft seat
+// and its facts go. A machine that still holds services or volumes is
+// refused unless req.Force, which forgets them (their data is lost).
+func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineRequest) (ctlapi.RemovedMachine, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.RemovedMachine{}, err
+	}
+	m, err := a.machineByName(n, req.Machine)
+	if err != nil {
+		return ctlapi.RemovedMachine{}, err
+	}
+	out := ctlapi.RemovedMachine{Machine: m.Name, ID: m.ID}
+	refuse := func(code string, format string, args ...any) (ctlapi.RemovedMachine, error) {
+		return out, &ctlapi.APIError{Status: http.StatusConflict, Code: code, Err: fmt.Errorf(format, args...)}
+	}
+	if m.ID == a.machineID {
+		return refuse("self", "machine %s cannot remove itself: run `droverctl machine rm %s` on another machine", m.Name, m.Name)
+	}
+	g, known := n.Member(m.ID)
+	alive := known && (g.Liveness == cluster.LivenessAlive || g.Liveness == cluster.LivenessSuspect)
+	if alive && m.State != fsm.MachineDrained {
+		return refuse("not_drained", "machine %s is %s and alive: drain it first (`droverctl machine drain %s`), or stop its daemon", m.Name, m.State, m.Name)
+	}
+	var held []string
+	n.Read(func(s *fsm.State) {
+		for _, sv := range s.Services() {
+			if sv.MachineID == m.ID {
+				held = append(held, "service "+sv.Key()+" (stops running)")
+			}
+		}
+		for _, v := range s.Volumes() {
+			if v.OwnerID == m.ID {
+				held = append(held, "volume "+v.Key()+" (its only copy is on "+m.Name+")")
+			}
+		}
+	})
+	if len(held) > 0 && !req.Force {
+		return refuse("machine_holds", "machine %s still holds %s; removing it loses them: drain it, or pass --force to remove it anyway", m.Name, strings.Join(held, ", "))
+	}
+	if alive {
+		if err := a.tellToLeave(ctx, n, m); err != nil {
+			return out, err
+		}
+		out.Left = true
+	}
+	if err := n.RemoveServer(ctx, m.ID); err != nil {
+		return out, err
+	}
+	raw, err := n.Apply(ctx, fsm.RemoveMachine{ID: m.ID, Force: req.Force, At: time.Now()})
+	if err != nil {
+		return out, fmt.Errorf("removing machine %s from the facts: %w", m.Name, err)
+	}
+	var lost []string
+	if err := json.Unmarshal(raw, &lost); err != nil {
+		return out, fmt.Errorf("removing machine %s: reading the result: %w", m.Name, err)
+	}
+	if len(lost) > 0 {
+		out.Lost = held
+	}
+	a.logger.Warn("machine removed from the cluster", "machine", m.Name, "left", out.Left, "lost", out.Lost)
+	return out, nil
+}
+
+// tellToLeave asks a live machine to leave the cluster for good and waits
+// until gossip sees it gone.
+func (a *Agent) tellToLeave(ctx context.Context, n *cluster.Node, m fsm.Machine) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	resp, err := n.CallRPC(cctx, m.ID, http.MethodPost, rpcLeave, nil)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("asking %s to leave the cluster: %w", m.Name, err)
+	}
+	resp.Body.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if g, ok := n.Member(m.ID); !ok || (g.Liveness != cluster.LivenessAlive && g.Liveness != cluster.LivenessSuspect) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("machine %s was asked to leave but gossip still sees it alive after 30s", m.Name)
+}
+
+// handleLeave is the removed machine's side: answer, then leave the
+// cluster and forget it (key, Raft state, known peers, overlay address),
+// so that a restart does not bring it back. Its daemon goes on, in no
+// cluster; workloads are not touched (a drained machine runs none).
+func (a *Agent) handleLeave(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Write([]byte("{}"))
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		time.Sleep(100 * time.Millisecond) // let the answer go out
+		a.logger.Warn("this machine was removed from the cluster: leaving and forgetting it")
+		if n := a.currentNode(); n != nil {
+			if err := n.Leave(5 * time.Second); err != nil {
+				a.logger.Warn("leaving the cluster", "err", err)
+			}
+		}
+		a.stopCluster()
+		var errs []error
+		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft"} {
+			if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, name)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		a.setOverlay(netip.Addr{})
+		if err := errors.Join(errs...); err != nil {
+			a.logger.Error("forgetting the cluster", "err", err)
+		}
+	}()
+}
