@@ -24,11 +24,11 @@ import (
 // process that can reach the port but does not hold the key is refused
 // even before the mesh authenticates peers.
 const (
-	rpcApplyPath = "/rpc/v1/apply"
-	rpcStatsPath = "/rpc/v1/stats"
+	rpcApplyPath  = "/rpc/v1/apply"
+	rpcStatsPath  = "/rpc/v1/stats"
 	rpcRemovePath = "/rpc/v1/remove-server"
-	rpcAuthHdr   = "Drover-Cluster-Auth"
-	maxRPCBody   = 1 << 20
+	rpcAuthHdr    = "Drover-Cluster-Auth"
+	maxRPCBody    = 1 << 20
 )
 
 // errRemoteNotLeader is the answer of a machine that lost leadership
