@@ -8,7 +8,7 @@ STATICCHECK ?= $(shell command -v staticcheck || echo $(HOME)/go/bin/staticcheck
 export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test unit e2e lint bench demo fuzz clean
+.PHONY: help deps build install test unit e2e lint bench demo fuzz clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,6 +19,9 @@ deps: ## install what the tests and the lab need (Debian packages, zfs-fuse, sta
 build: ## build droverd and droverctl into bin/
 	@mkdir -p $(BIN)
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/droverd ./cmd/droverctl
+
+install: build ## install binaries, systemd units and the drover group (PREFIX, UNITDIR, DESTDIR)
+	./systemd/install.sh
 
 test: deps lint unit e2e ## everything CI runs: lint, unit and in-process tests, end-to-end on the lab
 
