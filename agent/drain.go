@@ -448,6 +448,9 @@ func (a *Agent) runDrain(ctx context.Context, n *cluster.Node, run *drainRun) {
 			a.logger.Warn("recording a drain step", "machine", name, "service", it.Service, "err", err)
 			return
 		}
+		if it.State == fsm.ItemPending && it.Reason == "" {
+			return // bookkeeping (an attempt counted), nothing to tell
+		}
 		run.emit(ctlapi.DrainEvent{Service: it.Service, Target: a.nameOf(it.Target), State: string(it.State), Message: it.Reason})
 	}
 	for {
@@ -463,7 +466,7 @@ func (a *Agent) runDrain(ctx context.Context, n *cluster.Node, run *drainRun) {
 				run.emit(ctlapi.DrainEvent{Message: "deadline passed: no new migrations; running ones abort unless committed"})
 				a.abortDrainMigrations(d)
 			}
-			items := a.reconcileDrainItems(n, d, starting, failedOn)
+			items := a.reconcileDrainItems(n, d, starting)
 			inflight := len(starting)
 			for _, it := range items {
 				if it.State == fsm.ItemMigrating && !starting[it.Service] {
@@ -529,7 +532,7 @@ func (a *Agent) runDrain(ctx context.Context, n *cluster.Node, run *drainRun) {
 }
 
 // reconcileDrainItems gives each open item its state from the facts.
-func (a *Agent) reconcileDrainItems(n *cluster.Node, d fsm.Drain, starting map[string]bool, failedOn map[string]map[string]bool) []fsm.DrainItem {
+func (a *Agent) reconcileDrainItems(n *cluster.Node, d fsm.Drain, starting map[string]bool) []fsm.DrainItem {
 	items := slices.Clone(d.Items)
 	n.Read(func(s *fsm.State) {
 		for i, it := range items {
@@ -545,18 +548,16 @@ func (a *Agent) reconcileDrainItems(n *cluster.Node, d fsm.Drain, starting map[s
 				it.State, it.Target, it.Reason = fsm.ItemMoved, sv.MachineID, ""
 			default:
 				if m, busy := s.ActiveMigration(ns, svc); busy {
-					it.State, it.Migration, it.Target = fsm.ItemMigrating, m.ID, m.TargetID
+					it.State, it.Migration, it.Target, it.Reason = fsm.ItemMigrating, m.ID, m.TargetID, ""
 					break
 				}
 				if it.State != fsm.ItemMigrating || starting[it.Service] {
 					break
 				}
 				// Its migration ended and the service is still here: aborted.
+				// It is tried again on the same target: an abort says more
+				// about the moment (a machine restarting) than the target.
 				m, _ := s.Migration(it.Migration)
-				if failedOn[it.Service] == nil {
-					failedOn[it.Service] = map[string]bool{}
-				}
-				failedOn[it.Service][m.TargetID] = true
 				it.Reason = fmt.Sprintf("migration %s to %s aborted: %s", m.ID, s.NameOf(m.TargetID), m.Error)
 				it.State = fsm.ItemPending
 				if it.Attempts >= drainAttempts {
@@ -578,13 +579,16 @@ func (a *Agent) noteFailure(n *cluster.Node, machineID string, st drainStep, fai
 		if it.Service != st.service || (it.State != fsm.ItemPending && it.State != fsm.ItemMigrating) {
 			continue
 		}
-		if failedOn[it.Service] == nil {
-			failedOn[it.Service] = map[string]bool{}
-		}
-		failedOn[it.Service][it.Target] = true
-		it.State, it.Reason = fsm.ItemPending, fmt.Sprintf("migration to %s did not start: %v", a.nameOf(it.Target), st.err)
-		if st.migration != "" {
-			it.Migration, it.Reason = st.migration, st.err.Error()
+		it.State, it.Reason = fsm.ItemPending, st.err.Error()
+		if st.migration == "" {
+			// Refused before it started (pre-flight): another target.
+			if failedOn[it.Service] == nil {
+				failedOn[it.Service] = map[string]bool{}
+			}
+			failedOn[it.Service][it.Target] = true
+			it.Reason = fmt.Sprintf("migration to %s did not start: %v", a.nameOf(it.Target), st.err)
+		} else {
+			it.Migration = st.migration
 		}
 		if it.Attempts >= drainAttempts {
 			it.State = fsm.ItemFailed
@@ -615,7 +619,6 @@ func (a *Agent) replanDrainItem(ctx context.Context, n *cluster.Node, machineID 
 // from starting or aborted it.
 func (a *Agent) drainMigrate(ctx context.Context, n *cluster.Node, run *drainRun, it fsm.DrainItem) (string, error) {
 	target := a.nameOf(it.Target)
-	run.emit(ctlapi.DrainEvent{Service: it.Service, Target: target, State: string(fsm.ItemMigrating), Message: "migrating to " + target})
 	info, err := a.Migrate(ctx, ctlapi.MigrateRequest{Service: it.Service, To: target}, func(ev ctlapi.MigrationEvent) {
 		run.emit(ctlapi.DrainEvent{Service: it.Service, Target: target, Migration: &ev})
 	})

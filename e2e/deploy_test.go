@@ -241,9 +241,15 @@ func containerStarted(t *testing.T, host *lab.Host) string {
 // three are in Raft with overlay addresses.
 func workloadLab(t *testing.T, prefix string, extra ...string) ([]*lab.Host, []*labDaemon) {
 	t.Helper()
+	return workloadLabN(t, prefix, 3, extra...)
+}
+
+// workloadLabN is workloadLab with n hosts.
+func workloadLabN(t *testing.T, prefix string, hosts int, extra ...string) ([]*lab.Host, []*labDaemon) {
+	t.Helper()
 	requireLab(t)
 	bin := binaries(t)
-	l := lab.New(t, lab.Options{Hosts: 3, Prefix: prefix, Docker: true, ZFS: true})
+	l := lab.New(t, lab.Options{Hosts: hosts, Prefix: prefix, Docker: true, ZFS: true})
 	h := l.Hosts
 	var socks []string
 	for _, host := range h {
@@ -263,7 +269,7 @@ func workloadLab(t *testing.T, prefix string, extra ...string) ([]*lab.Host, []*
 	for _, host := range h[1:] {
 		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
 	}
-	testpoll.Until(t, 90*time.Second, "3 machines with overlay addresses", func() error {
+	testpoll.Until(t, 90*time.Second, fmt.Sprintf("%d machines with overlay addresses", hosts), func() error {
 		for _, d := range daemons {
 			ms, err := d.machines()
 			if err != nil {
@@ -275,8 +281,8 @@ func workloadLab(t *testing.T, prefix string, extra ...string) ([]*lab.Host, []*
 					n++
 				}
 			}
-			if n != 3 {
-				return fmt.Errorf("%s: %d of 3 ready", d.host.Name, n)
+			if n != hosts {
+				return fmt.Errorf("%s: %d of %d ready", d.host.Name, n, hosts)
 			}
 		}
 		return nil

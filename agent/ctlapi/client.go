@@ -195,19 +195,19 @@ func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
 // Migrate moves a service and waits until the move is done or undone,
 // calling onEvent for each event on the way (nil: ignore them).
 func (c *Client) Migrate(ctx context.Context, req MigrateRequest, onEvent func(MigrationEvent)) (MigrationInfo, error) {
-	return stream[MigrationEvent, MigrationInfo](ctx, c, "/v1/migrate", req, "migration (see `droverctl migrate ls`)", onEvent)
+	return stream[MigrationEvent, MigrationInfo](ctx, c, "/v1/migrate", req, "migration", onEvent)
 }
 
 // Rollback moves a done migration's service back to its source, sending
 // only what changed since the copy the source kept.
 func (c *Client) Rollback(ctx context.Context, id string, onEvent func(MigrationEvent)) (MigrationInfo, error) {
-	return stream[MigrationEvent, MigrationInfo](ctx, c, "/v1/migrations/"+url.PathEscape(id)+"/rollback", struct{}{}, "rollback (see `droverctl migrate ls`)", onEvent)
+	return stream[MigrationEvent, MigrationInfo](ctx, c, "/v1/migrations/"+url.PathEscape(id)+"/rollback", struct{}{}, "rollback", onEvent)
 }
 
 // Drain starts the drain of a machine ("self" is this machine), or
 // follows the one that runs; with req.Wait it returns when the drain ends.
 func (c *Client) Drain(ctx context.Context, req DrainRequest, onEvent func(DrainEvent)) (DrainInfo, error) {
-	return stream[DrainEvent, DrainInfo](ctx, c, "/v1/machines/"+url.PathEscape(req.Machine)+"/drain", req, "drain (see `droverctl machine ls`)", onEvent)
+	return stream[DrainEvent, DrainInfo](ctx, c, "/v1/machines/"+url.PathEscape(req.Machine)+"/drain", req, "drain", onEvent)
 }
 
 // DrainStatus gives a machine's latest drain.
@@ -262,7 +262,7 @@ func stream[E, R any](ctx context.Context, c *Client, path string, in any, what 
 	for {
 		var line StreamLine[E, R]
 		if err := dec.Decode(&line); err != nil {
-			return zero, fmt.Errorf("the daemon's answer ended before the %s did: %w", what, err)
+			return zero, fmt.Errorf("%w: the daemon's answer ended before the %s did: %w", ErrStreamCut, what, err)
 		}
 		switch {
 		case line.Event != nil:

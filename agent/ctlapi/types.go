@@ -121,6 +121,10 @@ func (e *APIError) Unwrap() error { return e.Err }
 // ErrDaemonNotRunning: nothing answers on the socket.
 var ErrDaemonNotRunning = errors.New("droverd is not running")
 
+// ErrStreamCut: the answer to a long request ended before its result; the
+// work itself may go on in the daemon (or resume when it restarts).
+var ErrStreamCut = errors.New("answer cut short")
+
 // ErrVersionMismatch: the CLI and the daemon speak different API versions.
 var ErrVersionMismatch = errors.New("API version mismatch")
 

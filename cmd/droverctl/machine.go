@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -93,6 +95,12 @@ Running drain again on a draining machine follows the drain that runs.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req.Machine, req.Deadline = args[0], ctlapi.Duration(deadline)
 			info, err := c.client.Drain(cmd.Context(), req, c.printDrainEvent)
+			if errors.Is(err, ctlapi.ErrStreamCut) && req.Wait {
+				// The daemon went away (a crash, a restart): the drain is a
+				// fact and resumes when it is back; wait for its end.
+				fmt.Fprintf(cmd.ErrOrStderr(), "lost droverd (%v); waiting for it to resume the drain\n", err)
+				info, err = c.awaitDrain(cmd.Context(), req.Machine)
+			}
 			if info.Machine != "" {
 				if perr := c.printDrain(info, req); perr != nil {
 					return perr
@@ -106,6 +114,35 @@ Running drain again on a draining machine follows the drain that runs.`,
 	cmd.Flags().BoolVar(&req.DryRun, "dry-run", false, "print the plan, change nothing")
 	cmd.Flags().BoolVar(&req.Wait, "wait", false, "follow the drain until it ends; exit non-zero unless drained")
 	return cmd
+}
+
+// awaitDrain polls a drain until it ends, riding out a daemon that is
+// down for a while; it fails unless the drain ends drained.
+func (c *cli) awaitDrain(ctx context.Context, machine string) (ctlapi.DrainInfo, error) {
+	last := map[string]string{}
+	for {
+		d, err := c.client.DrainStatus(ctx, machine)
+		if err == nil {
+			for _, it := range d.Items {
+				if last[it.Service] != it.State {
+					last[it.Service] = it.State
+					c.printDrainEvent(ctlapi.DrainEvent{Time: time.Now(), Service: it.Service, Target: it.Target, State: it.State, Message: it.Reason})
+				}
+			}
+			switch d.State {
+			case "running":
+			case "drained":
+				return d, nil
+			default:
+				return d, fmt.Errorf("drain of %s ended %s: %s; %d of %d services left", d.Machine, d.State, d.Note, d.Left, len(d.Items))
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return d, fmt.Errorf("waiting for the drain of %s: %w", machine, ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // printDrainEvent shows a drain's events one line each: service states and

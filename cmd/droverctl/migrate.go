@@ -241,6 +241,9 @@ func (c *cli) followMigration(cmd *cobra.Command, run func(context.Context, func
 		}
 		return nil
 	}
+	if errors.Is(err, ctlapi.ErrStreamCut) {
+		return fmt.Errorf("%w (the migration is the daemon's: see `droverctl migrate ls`)", err)
+	}
 	if err != nil {
 		return err
 	}
