@@ -143,7 +143,7 @@ func (w *twiceWatch) Stop() ([]string, int) {
 // it is and is reported. `machine rm` of the drained A removes it from the
 // machines and the Raft configuration.
 func TestLabDrain(t *testing.T) {
-	h, daemons := workloadLabN(t, "dd", 4)
+	h, daemons := workloadLabN(t, "dn", 4)
 	dA, dB := daemons[0], daemons[1]
 	bin := binaries(t)
 	mf := writeManifest(t, "shop.toml", drainManifest(h[0].Name))
