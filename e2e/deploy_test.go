@@ -174,7 +174,7 @@ func TestLabDeploy(t *testing.T) {
 		"unknown key":     {strings.Replace(good, "[services.web]", "[services.web]\ncolour = \"red\"", 1), "services.web.colour: unknown key"},
 		"bad quota":       {strings.Replace(good, `"256MiB"`, `"lots"`, 1), `services.web.volumes[0].quota: "lots" is not a size`},
 		"bad name":        {strings.Replace(good, `name = "data"`, `name = "../data"`, 1), `volume name "../data" is not a DNS label`},
-		"bind mount":      {strings.Replace(good, `path = "/data"`, "path = \"/data\"\nsource = \"/srv\"", 1), "bind mounts are not allowed"},
+		"bind mount":      {strings.Replace(good, `path = "/data"`, "path = \"/data\"\nsource = \"/srv\"", 1), "a host directory is a bind"},
 		"unknown machine": {strings.Replace(good, `machine = "`+h[1].Name+`"`, `machine = "nowhere"`, 1), `no machine named "nowhere"`},
 	}
 	for name, c := range bad {
