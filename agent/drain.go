@@ -83,8 +83,8 @@ func (a *Agent) Drain(ctx context.Context, req ctlapi.DrainRequest, emit func(ct
 		info.State = "planned"
 		return info, nil
 	}
-	d, running := a.drainFact(n, m.ID)
-	if !running || d.State != fsm.DrainRunning {
+	d, known := a.drainFact(n, m.ID)
+	if !known || d.State != fsm.DrainRunning {
 		if m.State == fsm.MachineGone {
 			return ctlapi.DrainInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "machine_gone", Err: fmt.Errorf("machine %s is gone: remove it with `droverctl machine rm %s`", m.Name, m.Name)}
 		}
