@@ -282,7 +282,9 @@ func (a *Agent) planDrain(ctx context.Context, n *cluster.Node, machine fsm.Mach
 		case live[m.ID] != cluster.LivenessAlive:
 			c.problems = fmt.Sprintf("%s is %s", m.Name, cmp.Or(string(live[m.ID]), "unknown"))
 		default:
-			lf, err := a.askCapacity(ctx, n, m.ID, images)
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			lf, err := queryLocalFacts(cctx, n, m.ID, images)
+			cancel()
 			if err != nil {
 				c.problems = fmt.Sprintf("%s does not answer: %v", m.Name, err)
 			}
@@ -377,20 +379,6 @@ func pickDrainTarget(cands []*drainCandidate, sv fsm.Service, need uint64, exclu
 		why = append(why, "there is no other machine")
 	}
 	return best, strings.Join(why, "; ")
-}
-
-// askCapacity asks a machine for its free pool space and memory and which
-// of the images it has.
-func (a *Agent) askCapacity(ctx context.Context, n *cluster.Node, machineID string, images url.Values) (localFacts, error) {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	resp, err := n.CallRPC(cctx, machineID, http.MethodGet, rpcLocalFacts+"?"+images.Encode(), nil)
-	if err != nil {
-		return localFacts{}, err
-	}
-	defer resp.Body.Close()
-	var lf localFacts
-	return lf, json.NewDecoder(resp.Body).Decode(&lf)
 }
 
 // startDrainRun runs a drain of the facts in a goroutine the daemon owns,

@@ -64,7 +64,12 @@ func (a *Agent) askLocalFacts(ctx context.Context, n *cluster.Node, machineID st
 	for _, v := range sv.Spec.Volumes {
 		names = append(names, v.Name)
 	}
-	q := url.Values{"ns": {sv.Namespace}, "volumes": {strings.Join(names, ",")}, "image": {sv.Spec.Image}}
+	return queryLocalFacts(ctx, n, machineID, url.Values{"ns": {sv.Namespace}, "volumes": {strings.Join(names, ",")}, "image": {sv.Spec.Image}})
+}
+
+// queryLocalFacts asks a machine what only it knows: free pool space and
+// memory, and what q asks about (volumes of a namespace, images).
+func queryLocalFacts(ctx context.Context, n *cluster.Node, machineID string, q url.Values) (localFacts, error) {
 	resp, err := n.CallRPC(ctx, machineID, http.MethodGet, rpcLocalFacts+"?"+q.Encode(), nil)
 	if err != nil {
 		return localFacts{}, err
