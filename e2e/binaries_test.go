@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/drover-sh/drover/internal/testpoll"
 	"net"
 	"net/netip"
 	"os"
@@ -15,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/internal/testpoll"
 )
 
 // TestBinariesFormCluster starts three real droverd processes on loopback
@@ -96,6 +98,21 @@ func TestBinariesFormCluster(t *testing.T) {
 	out, err = daemons[2].ctl(t, "cluster", "status")
 	if err != nil || !strings.Contains(out, "b1") {
 		t.Fatalf("cluster status: %v\n%s", err, out)
+	}
+
+	// A probe from a follower commits every entry through the leader; the
+	// figures it reports are consistent with each other.
+	out, err = daemons[2].ctl(t, "cluster", "probe", "--count", "40", "--proposers", "4", "--json")
+	var probe ctlapi.ProbeResult
+	if err != nil || json.Unmarshal([]byte(out), &probe) != nil {
+		t.Fatalf("cluster probe: %v\n%s", err, out)
+	}
+	if probe.Committed != 40 || probe.Failed != 0 || probe.Proposers != 4 || probe.Machine != "b3" || probe.Leader != "b1" ||
+		!(0 < probe.P50 && probe.P50 <= probe.P90 && probe.P90 <= probe.P99 && probe.P99 <= probe.Max && probe.PerSecond > 0) {
+		t.Fatalf("cluster probe result: %+v", probe)
+	}
+	if out, err := daemons[2].ctl(t, "cluster", "probe", "--proposers", "1000"); err == nil || !strings.Contains(out, "proposers 1000") {
+		t.Fatalf("probe with too many proposers: %v\n%s", err, out)
 	}
 
 	// SIGTERM: the daemon leaves cleanly, exits 0, and the others see it

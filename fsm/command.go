@@ -35,6 +35,7 @@ const (
 	CmdStartDrain        CommandType = 16
 	CmdUpdateDrainItem   CommandType = 17
 	CmdEndDrain          CommandType = 18
+	CmdProbe             CommandType = 19
 )
 
 // Command is one typed change of the facts.
@@ -94,6 +95,7 @@ func init() {
 	register(CmdStartDrain, "StartDrain", (*State).startDrain)
 	register(CmdUpdateDrainItem, "UpdateDrainItem", (*State).updateDrainItem)
 	register(CmdEndDrain, "EndDrain", (*State).endDrain)
+	register(CmdProbe, "Probe", (*State).probe)
 }
 
 // String names the command type.

@@ -194,6 +194,7 @@ func history() []Command {
 		ExpireLocks{At: t0.Add(time.Second)},
 		RegisterMachine{Machine: machine("c3", "gamma"), At: t0},
 		RemoveMachine{ID: "c3", At: t0},
+		Probe{Machine: "a1", Seq: 1, At: t0},
 	}
 }
 
@@ -284,3 +285,18 @@ func TestRuleErrorSurvivesJSON(t *testing.T) {
 }
 
 func ReadSnapshotBytes(b []byte) (*State, error) { return ReadSnapshot(bytes.NewReader(b)) }
+
+func TestProbeChangesNoFact(t *testing.T) {
+	s := NewState()
+	for _, c := range history()[:3] {
+		mustApply(t, s, c)
+	}
+	before := snapshotBytes(t, s)
+	if got := mustApply(t, s, Probe{Machine: "a1", Seq: 7, At: t0}); got != nil {
+		t.Fatalf("probe result %v, want nil", got)
+	}
+	if !bytes.Equal(before, snapshotBytes(t, s)) {
+		t.Fatal("a probe changed the facts")
+	}
+	expectRule(t, s, Probe{Seq: 1, At: t0}, ErrInvalid)
+}

@@ -156,6 +156,12 @@ func (c *Client) Join(ctx context.Context, req JoinRequest) (ClusterStatus, erro
 	return v, c.do(ctx, http.MethodPost, "/v1/cluster/join", req, &v)
 }
 
+// Probe commits no-op entries through the fact store and times them.
+func (c *Client) Probe(ctx context.Context, req ProbeRequest) (ProbeResult, error) {
+	var v ProbeResult
+	return v, c.do(ctx, http.MethodPost, "/v1/cluster/probe", req, &v)
+}
+
 // Mesh reads this machine's WireGuard device.
 func (c *Client) Mesh(ctx context.Context) (MeshStatus, error) {
 	var v MeshStatus

@@ -98,6 +98,10 @@ func (f *fakeBackend) RemoveMachine(_ context.Context, req RemoveMachineRequest)
 	return RemovedMachine{Machine: req.Machine, Lost: []string{"volume shop/data"}}, nil
 }
 
+func (f *fakeBackend) Probe(_ context.Context, req ProbeRequest) (ProbeResult, error) {
+	return ProbeResult{Machine: "a", Proposers: req.Proposers, Committed: req.Count, P50: req.Timeout}, nil
+}
+
 func (f *fakeBackend) MigratePreview(context.Context, MigrateRequest) (MigrationPlan, error) {
 	return MigrationPlan{}, nil
 }
@@ -133,6 +137,9 @@ func TestRoutesAndErrors(t *testing.T) {
 	}
 	if m, err := c.Activate(ctx, "b/../x"); err != nil || m.Name != "b/../x" {
 		t.Fatalf("activate with an odd name: %+v %v", m, err)
+	}
+	if r, err := c.Probe(ctx, ProbeRequest{Proposers: 32, Count: 64, Timeout: Duration(time.Second)}); err != nil || r.Proposers != 32 || r.Committed != 64 || r.P50 != Duration(time.Second) {
+		t.Fatalf("probe: %+v %v", r, err)
 	}
 	var apiErr *APIError
 	if _, err := c.Init(ctx); !errors.As(err, &apiErr) || apiErr.Status != http.StatusConflict || apiErr.Code != "already_in_cluster" {

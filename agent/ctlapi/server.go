@@ -46,6 +46,8 @@ type Backend interface {
 	Drain(ctx context.Context, req DrainRequest, emit func(DrainEvent)) (DrainInfo, error)
 	DrainStatus(ctx context.Context, machine string) (DrainInfo, error)
 	RemoveMachine(ctx context.Context, req RemoveMachineRequest) (RemovedMachine, error)
+	// Probe commits no-op entries through the fact store and times them.
+	Probe(context.Context, ProbeRequest) (ProbeResult, error)
 }
 
 func migrationKnown(m MigrationInfo) bool { return m.ID != "" }
@@ -125,6 +127,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	get("/v1/services", func(r *http.Request) (any, error) { return b.Services(r.Context()) })
 	get("/v1/volumes", func(r *http.Request) (any, error) { return b.Volumes(r.Context()) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })
+	post("/v1/cluster/probe", func(r *http.Request) (any, error) {
+		var req ProbeRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.Probe(r.Context(), req)
+	})
 	get("/v1/cluster/join-token", func(r *http.Request) (any, error) { return b.JoinToken(r.Context()) })
 	post("/v1/cluster/join", func(r *http.Request) (any, error) {
 		var req JoinRequest

@@ -362,3 +362,28 @@ type MigrationPlan struct {
 	After   string                `json:"after"`
 	OK      bool                  `json:"ok"`
 }
+
+// ProbeRequest asks the daemon to commit no-op entries through the fact
+// store and time each one (`cluster probe`). Zero fields take defaults.
+type ProbeRequest struct {
+	Proposers int      `json:"proposers,omitempty"` // concurrent proposers (1)
+	Count     int      `json:"count,omitempty"`     // entries in all (100)
+	Timeout   Duration `json:"timeout,omitempty"`   // for one entry (5s)
+}
+
+// ProbeResult is what a probe measured: the latency of one commit, from
+// proposal on this machine to applied here, and the rate of the run.
+type ProbeResult struct {
+	Machine    string   `json:"machine"` // where the entries were proposed
+	Leader     string   `json:"leader"`  // the leader when the run ended
+	Proposers  int      `json:"proposers"`
+	Committed  int      `json:"committed"`
+	Failed     int      `json:"failed"`
+	FirstError string   `json:"first_error,omitempty"`
+	Elapsed    Duration `json:"elapsed"`
+	PerSecond  float64  `json:"per_second"` // committed entries per second of the run
+	P50        Duration `json:"p50"`
+	P90        Duration `json:"p90"`
+	P99        Duration `json:"p99"`
+	Max        Duration `json:"max"`
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"text/tabwriter"
+	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/spf13/cobra"
@@ -71,9 +72,57 @@ func (c *cli) clusterCmd() *cobra.Command {
 				return nil
 			},
 		},
+		c.probeCmd(),
 	)
 	return cmd
 }
+
+// probeCmd measures the fact store as it runs: no-op entries committed
+// through Raft from this machine, timed one by one.
+func (c *cli) probeCmd() *cobra.Command {
+	var req ctlapi.ProbeRequest
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "probe",
+		Short: "Commit no-op entries through the fact store and show commit latency and rate",
+		Long: `Commit no-op entries through the fact store from this machine and time
+each one: proposal here, forwarding to the leader, replication over the
+mesh, applied here. Entries change no fact; they do grow the Raft log
+until its next snapshot. Exits non-zero when any entry failed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			req.Timeout = ctlapi.Duration(timeout)
+			r, err := c.client.Probe(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				if err := c.printJSON(r); err != nil {
+					return err
+				}
+			} else {
+				tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+				fmt.Fprintf(tw, "proposed on\t%s (leader %s)\n", r.Machine, dash(r.Leader))
+				fmt.Fprintf(tw, "entries\t%d committed, %d failed, %d proposers, %v\n", r.Committed, r.Failed, r.Proposers, time.Duration(r.Elapsed).Round(time.Millisecond))
+				fmt.Fprintf(tw, "rate\t%.0f entries/s\n", r.PerSecond)
+				fmt.Fprintf(tw, "latency\tp50 %v  p90 %v  p99 %v  max %v\n", roundDur(r.P50), roundDur(r.P90), roundDur(r.P99), roundDur(r.Max))
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+			}
+			if r.Failed > 0 {
+				return fmt.Errorf("%d of %d entries failed; first: %s", r.Failed, r.Failed+r.Committed, r.FirstError)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&req.Proposers, "proposers", 1, "concurrent proposers")
+	cmd.Flags().IntVar(&req.Count, "count", 100, "entries to commit in all")
+	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "for one entry")
+	return c.addJSON(cmd)
+}
+
+func roundDur(d ctlapi.Duration) time.Duration { return time.Duration(d).Round(10 * time.Microsecond) }
 
 func (c *cli) printStatus(st ctlapi.ClusterStatus) error {
 	if !st.Initialized {
