@@ -40,9 +40,11 @@ fuzz: ## run each fuzz target for a while (FUZZTIME, default 60s)
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-60s} ./fsm/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-60s} ./agent/manifest/
 
-bench: build ## benchmarks; results go to bench/results/
+bench: deps build ## benchmarks on a lab of real hosts, and in-process ones; results in bench/results/
 	@mkdir -p bench/results
-	$(GO) test -run '^$$' -bench . -benchtime $${BENCHTIME:-500x} ./... | tee bench/results/go-bench.txt
+	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $${BENCHTIME:-500x} $$($(GO) list ./... | grep -v /e2e) | tee bench/results/go-bench.txt
+	set -o pipefail; DROVER_E2E=1 DROVER_BENCH=1 DROVER_BIN=$(CURDIR)/$(BIN) DROVER_BENCH_OUT=$(CURDIR)/bench/results \
+		$(GO) test -run '^$$' -bench BenchmarkLab -benchtime 1x -timeout 90m -v ./e2e/ | tee bench/results/lab-bench.log
 
 demo: deps build ## bring up a 3-host lab and show drover's job on it
 	./lab/demo.sh

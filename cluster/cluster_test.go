@@ -253,3 +253,26 @@ func TestLeaderLeavesCleanly(t *testing.T) {
 		return nil
 	})
 }
+
+// A follower that has every fact is caught up even when the leader's log
+// ends in entries the fact store never sees (barriers, no-ops), with no
+// command coming after them.
+func TestFollowerCaughtUpAfterBarriers(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.startN(3)
+	tc.waitVoters(3, 0)
+	tc.waitFacts("3 machines registered", machinesRegistered(3))
+	leader := tc.nodes[tc.leader()]
+	follower := tc.nodes[(tc.leader()+1)%3]
+	if _, err := leader.Apply(ctxTimeout(t, 10*time.Second), fsm.Probe{Machine: "id-m1", Seq: 1, At: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := leader.CaughtUp(ctxTimeout(t, 10*time.Second)); err != nil { // a barrier on the leader
+			t.Fatal(err)
+		}
+	}
+	if err := follower.CaughtUp(ctxTimeout(t, 3*time.Second)); err != nil {
+		t.Fatalf("follower with every fact not caught up: %v", err)
+	}
+}

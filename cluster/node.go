@@ -405,15 +405,20 @@ func (n *Node) waitApplied(ctx context.Context, idx uint64) {
 }
 
 // CaughtUp returns once this machine's facts include everything the
-// leader had logged when asked: what a machine must wait for before it
+// leader had applied when asked: what a machine must wait for before it
 // acts on facts after a start (acting on an empty or stale store could
-// stop workloads it still owns).
+// stop workloads it still owns), or on facts another machine just wrote
+// through the leader.
+//
+// A follower compares fact-store indexes, not log indexes: barriers,
+// no-ops and configuration changes take log indexes the fact store never
+// sees, so a follower can have every fact and still be below the
+// leader's last log index until the next command comes.
 func (n *Node) CaughtUp(ctx context.Context) error {
 	p, err := n.parts()
 	if err != nil {
 		return err
 	}
-	var target uint64
 	if p.raft.State() == raft.Leader {
 		if err := p.raft.Barrier(10 * time.Second).Error(); err != nil {
 			return fmt.Errorf("raft barrier: %w", err)
@@ -429,7 +434,10 @@ func (n *Node) CaughtUp(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("asking the leader how far its log goes: %w", err)
 	}
-	target = st.LastIndex
+	target := st.FactsIndex
+	if target == 0 {
+		target = st.LastIndex // a leader that does not say, or has applied no command yet
+	}
 	for n.facts.applied.Load() < target {
 		select {
 		case <-ctx.Done():
@@ -460,7 +468,7 @@ func (n *Node) localStats() serverStats {
 		return serverStats{LastContact: -1}
 	}
 	st := p.raft.Stats()
-	out := serverStats{}
+	out := serverStats{FactsIndex: n.facts.applied.Load()}
 	out.LastTerm, _ = strconv.ParseUint(st["last_log_term"], 10, 64)
 	out.LastIndex, _ = strconv.ParseUint(st["last_log_index"], 10, 64)
 	switch lc := st["last_contact"]; lc {

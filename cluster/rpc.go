@@ -41,11 +41,15 @@ func rpcToken(key []byte) string {
 	return hex.EncodeToString(mac.Sum(nil))
 }
 
-// serverStats is what autopilot needs from every server.
+// serverStats is what autopilot needs from every server, and what a
+// follower catching up asks the leader.
 type serverStats struct {
 	LastContact time.Duration `json:"last_contact_ns"`
 	LastTerm    uint64        `json:"last_term"`
 	LastIndex   uint64        `json:"last_index"`
+	// FactsIndex is the index of the last entry the fact store applied
+	// (0 from daemons before it existed, and before the first command).
+	FactsIndex uint64 `json:"facts_index,omitempty"`
 }
 
 func (n *Node) rpcHandler() http.Handler {
