@@ -39,7 +39,7 @@ interval = "300ms"
 start_period = "%s"
 `
 
-func writeManifest(t *testing.T, name, text string) string {
+func writeManifest(t testing.TB, name, text string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), name)
 	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
@@ -200,7 +200,7 @@ machine = "%s"
 	}
 }
 
-func services(t *testing.T, d *labDaemon) []ctlapi.Service {
+func services(t testing.TB, d *labDaemon) []ctlapi.Service {
 	t.Helper()
 	out, err := d.ctl("service", "ls", "--json")
 	if err != nil {
@@ -213,7 +213,7 @@ func services(t *testing.T, d *labDaemon) []ctlapi.Service {
 	return ss
 }
 
-func volumes(t *testing.T, d *labDaemon) []ctlapi.Volume {
+func volumes(t testing.TB, d *labDaemon) []ctlapi.Volume {
 	t.Helper()
 	out, err := d.ctl("volume", "ls", "--json")
 	if err != nil {
@@ -239,13 +239,13 @@ func containerStarted(t *testing.T, host *lab.Host) string {
 // workloadLab is three lab hosts with Docker, ZFS and the test image, and
 // a droverd on each (host 1 inits, the others join), waited for until all
 // three are in Raft with overlay addresses.
-func workloadLab(t *testing.T, prefix string, extra ...string) ([]*lab.Host, []*labDaemon) {
+func workloadLab(t testing.TB, prefix string, extra ...string) ([]*lab.Host, []*labDaemon) {
 	t.Helper()
 	return workloadLabN(t, prefix, 3, extra...)
 }
 
 // workloadLabN is workloadLab with n hosts.
-func workloadLabN(t *testing.T, prefix string, hosts int, extra ...string) ([]*lab.Host, []*labDaemon) {
+func workloadLabN(t testing.TB, prefix string, hosts int, extra ...string) ([]*lab.Host, []*labDaemon) {
 	t.Helper()
 	requireLab(t)
 	bin := binaries(t)

@@ -20,7 +20,7 @@ var (
 
 // binaries returns a directory holding droverd and droverctl: DROVER_BIN
 // when set (make builds them), else built once for this test run.
-func binaries(t *testing.T) string {
+func binaries(t testing.TB) string {
 	t.Helper()
 	if dir := os.Getenv("DROVER_BIN"); dir != "" {
 		return dir

@@ -30,7 +30,7 @@ type labDaemon struct {
 
 func (d *labDaemon) socket() string { return filepath.Join(d.host.RunDir, "drover.sock") }
 
-func startLabDaemon(t *testing.T, bin string, h *lab.Host, extra ...string) *labDaemon {
+func startLabDaemon(t testing.TB, bin string, h *lab.Host, extra ...string) *labDaemon {
 	t.Helper()
 	// Every lab daemon can be armed with a crash point by writing it to
 	// this file (see agent.CrashPointFileEnv); absent, nothing happens.
@@ -43,7 +43,7 @@ func startLabDaemon(t *testing.T, bin string, h *lab.Host, extra ...string) *lab
 	return d
 }
 
-func (d *labDaemon) start(t *testing.T) {
+func (d *labDaemon) start(t testing.TB) {
 	t.Helper()
 	argv := d.args
 	if len(d.env) > 0 {
@@ -125,7 +125,7 @@ func rssKiB(pid int) int {
 	return 0
 }
 
-func requireLab(t *testing.T) {
+func requireLab(t testing.TB) {
 	if os.Getenv("DROVER_E2E") == "" {
 		t.Skip("lab tests run with DROVER_E2E=1 (make e2e)")
 	}

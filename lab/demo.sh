@@ -6,6 +6,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(cd "$here/.." && pwd)/bin
 prefix=${LAB_PREFIX:-demo}
+# Fast failure detection suits a demo; PRODUCTION_TIMING=1 runs the defaults.
+timing=--lab-timing
+[ "${PRODUCTION_TIMING:-0}" = 1 ] && timing=--lab-timing=false
 lab=/var/lib/drover-lab/$prefix
 run=/run/drover-lab/$prefix
 export LAB_PREFIX=$prefix
@@ -35,7 +38,7 @@ start() {
   nsenter --net=/var/run/netns/$h "$bin/droverd" --name "$h" --bind "10.77.0.$i" \
     --data-dir "$lab/$h/drover" --socket "$run/$h/drover.sock" --wg-interface "${h}wg" \
     --docker-host "unix://$run/$h/docker.sock" --zfs-parent "${h}pool/drover" \
-    --lab-timing "$@" >"$lab/$h/droverd.log" 2>&1 &
+    $timing "$@" >"$lab/$h/droverd.log" 2>&1 &
   pids+=($!)
   disown
   for _ in $(seq 1 100); do [ -S "$run/$h/drover.sock" ] && return; sleep 0.1; done
