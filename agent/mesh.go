@@ -122,18 +122,25 @@ func (a *Agent) currentOverlay() netip.Addr {
 	return a.overlay
 }
 
-// runMesh keeps the device's peers in line with membership and facts.
+// runMesh keeps the device's peers in line with membership and facts:
+// at once when the facts change (a service IP follows its service within
+// a tick of the commit that moved it), and every second for gossip.
 func (a *Agent) runMesh(ctx context.Context, n *cluster.Node, m *meshState) {
 	defer a.wg.Done()
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var lastErr string
+	var factsAt uint64
+	var setAt time.Time
 	for {
-		err := m.dev.Set(a.meshConfig(n, m))
-		if msg := fmt.Sprint(err); err != nil && msg != lastErr {
-			a.logger.Warn("configuring the mesh device", "err", err)
+		if idx := n.FactsIndex(); idx != factsAt || time.Since(setAt) >= time.Second {
+			factsAt, setAt = idx, time.Now()
+			err := m.dev.Set(a.meshConfig(n, m))
+			if msg := fmt.Sprint(err); err != nil && msg != lastErr {
+				a.logger.Warn("configuring the mesh device", "err", err)
+			}
+			lastErr = fmt.Sprint(err)
 		}
-		lastErr = fmt.Sprint(err)
 		select {
 		case <-ctx.Done():
 			return

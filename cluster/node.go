@@ -391,6 +391,11 @@ func (n *Node) applyLocal(ctx context.Context, data []byte) (applyResult, error)
 	return res, nil
 }
 
+// FactsIndex is the log index of the last command this machine's fact
+// store applied: when it moves, the facts may have changed. Cheap enough
+// to poll.
+func (n *Node) FactsIndex() uint64 { return n.facts.applied.Load() }
+
 // waitApplied waits, within ctx and a few seconds, until this machine's
 // facts include log index idx.
 func (n *Node) waitApplied(ctx context.Context, idx uint64) {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -35,6 +36,9 @@ func startLabDaemon(t testing.TB, bin string, h *lab.Host, extra ...string) *lab
 	// Every lab daemon can be armed with a crash point by writing it to
 	// this file (see agent.CrashPointFileEnv); absent, nothing happens.
 	d := &labDaemon{host: h, bin: bin, env: []string{"DROVER_CRASH_POINT_FILE=" + filepath.Join(h.Dir, "crash-point")}}
+	if slices.Contains(extra, "--lab-timing=false") {
+		d.env = nil // production-timed daemons (the benchmarks) run without test hooks
+	}
 	d.args = append([]string{filepath.Join(bin, "droverd"),
 		"--name", h.Name, "--bind", h.UnderlayIP,
 		"--data-dir", filepath.Join(h.Dir, "drover"), "--socket", d.socket(),

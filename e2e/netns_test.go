@@ -21,13 +21,23 @@ import (
 
 // inNetns runs fn on an OS thread moved into the host's network
 // namespace, so the sockets fn creates belong to that host. The thread is
-// never handed back to the scheduler: it ends with its goroutine.
+// never handed back to the scheduler: it ends with its goroutine. It is
+// never the main thread.
 // Goroutines fn starts run elsewhere; sockets made here may be used from
 // anywhere.
 func inNetns(h *lab.Host, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // no Unlock: the thread dies with the goroutine
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// The main thread: moving it would move the whole process as
+			// `ip netns pids` sees it, and Go never ends it. Keep it locked
+			// here, so the work goes to another thread, and hand it back.
+			errc <- inNetns(h, fn)
+			runtime.UnlockOSThread()
+			return
+		}
+		// No Unlock from here: the thread dies with the goroutine.
 		f, err := os.Open("/var/run/netns/" + h.Name)
 		if err != nil {
 			errc <- err

@@ -241,11 +241,17 @@ func diff(cur *wgtypes.Device, cfg Config) (wgtypes.Config, bool) {
 	return wc, changed
 }
 
+func unmapped(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
 func samePeer(h wgtypes.Peer, p Peer) bool {
 	if h.PersistentKeepaliveInterval != p.KeepAlive {
 		return false
 	}
-	if p.Endpoint.IsValid() && (h.Endpoint == nil || h.Endpoint.AddrPort() != p.Endpoint) {
+	// wgctrl reads an IPv4 endpoint back as a 16-byte address: compare
+	// unmapped, or every pass would rewrite every peer.
+	if p.Endpoint.IsValid() && (h.Endpoint == nil || unmapped(h.Endpoint.AddrPort()) != unmapped(p.Endpoint)) {
 		return false
 	}
 	have := make([]string, 0, len(h.AllowedIPs))

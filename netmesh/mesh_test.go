@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -318,4 +319,29 @@ func TestCloseLeavesNoInterfaceNorGoroutine(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// A peer as wgctrl reads it back from the device is the same as the one
+// configured: an IPv4 endpoint may come back as a 16-byte address.
+func TestSamePeerAsReadBack(t *testing.T) {
+	key, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Peer{
+		PublicKey: key.PublicKey(), Endpoint: netip.MustParseAddrPort("10.77.0.1:51820"), KeepAlive: 25 * time.Second,
+		AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.210.0.1/32"), netip.MustParsePrefix("10.211.0.4/32")},
+	}
+	read := wgtypes.Peer{
+		PublicKey: key.PublicKey(), PersistentKeepaliveInterval: 25 * time.Second,
+		Endpoint:   &net.UDPAddr{IP: net.ParseIP("10.77.0.1"), Port: 51820}, // 16 bytes
+		AllowedIPs: []net.IPNet{prefixToIPNet(want.AllowedIPs[1]), prefixToIPNet(want.AllowedIPs[0])},
+	}
+	if !samePeer(read, want) {
+		t.Fatal("a peer read back as configured is seen as changed")
+	}
+	read.Endpoint.Port = 51821
+	if samePeer(read, want) {
+		t.Fatal("a peer with another endpoint port is seen as the same")
+	}
 }
