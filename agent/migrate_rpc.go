@@ -409,6 +409,7 @@ func (a *Agent) handleStartTarget(r *http.Request, c migrationCall) (any, error)
 	if err := a.requireRole(m, m.TargetID, "target"); err != nil {
 		return nil, err
 	}
+	began := time.Now()
 	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP, Mounts: map[string]string{}}
 	if len(m.Volumes) > 0 {
 		if err := a.requireVolumes(w); err != nil {
@@ -440,6 +441,7 @@ func (a *Agent) handleStartTarget(r *http.Request, c migrationCall) (any, error)
 		}
 		rs.Mounts[v.Name] = info.Mountpoint
 	}
+	adopted := time.Now()
 	if err := w.addServiceIP(sv.ServiceIP); err != nil {
 		return nil, err
 	}
@@ -447,10 +449,13 @@ func (a *Agent) handleStartTarget(r *http.Request, c migrationCall) (any, error)
 	if err != nil {
 		return nil, err
 	}
+	started := time.Now()
 	if err := w.rt.WaitReady(r.Context(), ctr, rs); err != nil {
 		return nil, err
 	}
 	ready := time.Now()
+	a.logger.Info("started on the target", "migration", m.ID, "volumes_adopted", adopted.Sub(began).Round(time.Millisecond),
+		"container_started", started.Sub(adopted).Round(time.Millisecond), "ready", ready.Sub(started).Round(time.Millisecond))
 	a.crashPoint("target", "target-started")
 	return startResult{ReadyAt: ready}, nil
 }
