@@ -103,9 +103,13 @@ ls -l "$lab/mnt/${prefix}2/drover/shop/data"
 ctl ${prefix}2 volume ls
 
 say "moving shop/web from ${prefix}2 to ${prefix}3 while a client keeps writing to it"
+# The client writes every 50 ms and notes each acknowledged write with the
+# time it was acknowledged (ms).
+: >"$lab/acked"
 ( i=0; while :; do
     i=$((i+1))
-    nsenter --net=/var/run/netns/${prefix}1 curl -s -m 1 -XPOST --data "live $i" "http://$ip/write?key=live-$i" >/dev/null && echo "live-$i" >>"$lab/acked"
+    nsenter --net=/var/run/netns/${prefix}1 curl -sf -m 1 -XPOST --data "live $i" "http://$ip/write?key=live-$i" >/dev/null &&
+      echo "live-$i $(date +%s%3N)" >>"$lab/acked"
     sleep 0.05
   done ) &
 client=$!
@@ -114,11 +118,15 @@ ctl ${prefix}1 migrate apply shop/web --to ${prefix}3
 sleep 1
 kill $client 2>/dev/null; wait $client 2>/dev/null || true
 ctl ${prefix}1 service ls
+
+say "checking every acknowledged write on ${prefix}3, and what the client saw"
 lost=0
-while read -r key; do
-  [ -f "$lab/mnt/${prefix}3/drover/shop/data/$key" ] || lost=$((lost+1))
+while read -r key _; do
+  [ "$(cat "$lab/mnt/${prefix}3/drover/shop/data/$key" 2>/dev/null)" = "live ${key#live-}" ] || lost=$((lost+1))
 done <"$lab/acked"
-echo "$(wc -l <"$lab/acked") writes acknowledged during the move, $lost missing on ${prefix}3"
+echo "$(wc -l <"$lab/acked") writes acknowledged during the move, $lost missing or different on ${prefix}3"
+awk 'NR > 1 && $2 - last > gap { gap = $2 - last } { last = $2 } END { printf "longest time the client went without an acknowledged write: %d ms (it writes every ~50 ms)\n", gap }' "$lab/acked"
+echo "reading the first order back through the service IP, now served by ${prefix}3: $(nsenter --net=/var/run/netns/${prefix}1 curl -sf "http://$ip/read?key=order-1")"
 ctl ${prefix}1 migrate ls
 
 say "cutting ${prefix}1 off the network"
@@ -133,6 +141,15 @@ ctl ${prefix}1 machine ls
 
 if [ "${KEEP:-0}" = 1 ]; then
   say "the lab stays up"
-  echo "  $bin/droverctl --socket $run/${prefix}1/drover.sock machine ls"
-  echo "  logs: $lab/<host>/droverd.log; tear down: $here/lab.sh down $prefix"
+  cat <<EOF
+droverctl talks to one host's daemon through its socket; pick a host with DROVER_SOCKET:
+  export PATH=$bin:\$PATH DROVER_SOCKET=$run/${prefix}1/drover.sock
+  droverctl machine ls
+  droverctl service ls
+  droverctl migrate apply shop/web --to ${prefix}2
+  droverctl cluster probe --proposers 8 --count 500
+  DROVER_SOCKET=$run/${prefix}3/drover.sock droverctl cluster status
+Run a command inside a host (its network): nsenter --net=/var/run/netns/${prefix}3 curl -s http://$ip/hash
+Logs: $lab/<host>/droverd.log. Tear the lab down (stops its daemons too): $here/lab.sh down $prefix
+EOF
 fi
