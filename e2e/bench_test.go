@@ -393,7 +393,7 @@ func benchDowntime(b *testing.B, h []*lab.Host, daemons []*labDaemon, sizes []in
 		var down, own, whole []float64
 		for r := range runs {
 			to := h[(r+1)%2]
-			p := startProber(h[2], 10*time.Millisecond, ip+":80")
+			p := startProber(b, h[2], 10*time.Millisecond, ip+":80")
 			time.Sleep(time.Second)
 			began := time.Now()
 			info, events := migrateOnce(b, d, svc, to)
@@ -465,7 +465,7 @@ func coldMoves(b *testing.B, h []*lab.Host, size, writeRate, runs int) (downtime
 
 	for r := range runs {
 		from, to := h[r%2], h[(r+1)%2]
-		p := startProber(h[2], 10*time.Millisecond, addr(from), addr(to))
+		p := startProber(b, h[2], 10*time.Millisecond, addr(from), addr(to))
 		time.Sleep(time.Second)
 		docker(from, "stop", name)
 		snap := fmt.Sprintf("%s@move%d", dataset(from), r)

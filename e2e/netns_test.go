@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -75,17 +76,22 @@ func httpAnswers(addr, path string, timeout time.Duration) bool {
 // downtime a client saw. It tries each address (the service may answer at
 // any of them) until one answers.
 type prober struct {
-	stop    chan struct{}
-	done    chan error
-	answers []time.Time
-	probes  int
+	stop     chan struct{}
+	done     chan error
+	stopOnce sync.Once
+	err      error
+	answers  []time.Time
+	probes   int
 }
 
 // probeTimeout bounds one probe: a gap is measured to within it.
 const probeTimeout = 100 * time.Millisecond
 
-func startProber(from *lab.Host, every time.Duration, addrs ...string) *prober {
+// startProber starts probing; the prober stops at the end of the
+// benchmark at the latest.
+func startProber(b testing.TB, from *lab.Host, every time.Duration, addrs ...string) *prober {
 	p := &prober{stop: make(chan struct{}), done: make(chan error, 1)}
+	b.Cleanup(func() { p.Stop() })
 	go func() {
 		p.done <- inNetns(from, func() error {
 			tick := time.NewTicker(every)
@@ -112,10 +118,14 @@ func startProber(from *lab.Host, every time.Duration, addrs ...string) *prober {
 	return p
 }
 
-// Stop ends the prober; its answers are readable after.
+// Stop ends the prober; its answers are readable after. Calling it again
+// does nothing.
 func (p *prober) Stop() error {
-	close(p.stop)
-	return <-p.done
+	p.stopOnce.Do(func() {
+		close(p.stop)
+		p.err = <-p.done
+	})
+	return p.err
 }
 
 // longestGap is the longest time between two answers; with fewer than
