@@ -47,7 +47,13 @@ down() {
   fi
   if command -v zpool >/dev/null; then
     for pool in $(zpool list -H -o name 2>/dev/null | grep -E "^${PREFIX}[0-9]+pool$" || true); do
-      zpool destroy -f "$pool" 2>/dev/null || log "could not destroy pool $pool"
+      # A pool whose datasets a just-killed process still held is "busy"
+      # for a moment under zfs-fuse: retry before giving up.
+      for try in $(seq 1 20); do
+        zpool destroy -f "$pool" 2>/dev/null && break
+        [ "$try" = 20 ] && log "could not destroy pool $pool"
+        sleep 0.5
+      done
     done
   fi
   for ns in $(host_names); do
