@@ -259,19 +259,6 @@ func deployBench(b *testing.B, d *labDaemon, on *lab.Host, service, volume strin
 	return ""
 }
 
-// fillRandom writes MiB of random data into dir, 64 MiB per file.
-func fillRandom(b testing.TB, dir string, mib int) {
-	b.Helper()
-	for i := 0; mib > 0; i++ {
-		n := min(mib, 64)
-		out, err := exec.Command("dd", "if=/dev/urandom", "of="+filepath.Join(dir, fmt.Sprintf("bulk%d", i)), "bs=1M", fmt.Sprintf("count=%d", n), "conv=fsync").CombinedOutput()
-		if err != nil {
-			b.Fatalf("writing %d MiB into %s: %v: %s", n, dir, err, out)
-		}
-		mib -= n
-	}
-}
-
 // migrateOnce moves bench/service to host to, executed by executor.
 func migrateOnce(b *testing.B, executor *labDaemon, service string, to *lab.Host) (ctlapi.MigrationInfo, []ctlapi.MigrationEvent) {
 	b.Helper()
@@ -540,20 +527,12 @@ func benchFailover(b *testing.B, h []*lab.Host, daemons []*labDaemon, runs int) 
 			b.Fatal(err)
 		}
 		killed := time.Now()
-		testpoll.Until(b, time.Minute, "an entry committed after the leader died", func() error {
-			for {
-				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				r, err := client(survivor).Probe(ctx, ctlapi.ProbeRequest{Count: 1, Timeout: ctlapi.Duration(250 * time.Millisecond)})
-				cancel()
-				if err == nil && r.Committed == 1 {
-					elect = append(elect, time.Since(killed).Seconds())
-					return nil
-				}
-				if time.Since(killed) > 55*time.Second {
-					return fmt.Errorf("no commit: %v %+v", err, r)
-				}
-			}
-		})
+		elect = append(elect, pollFast(b, "an entry committed after the leader died", killed, 0, func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			r, err := client(survivor).Probe(ctx, ctlapi.ProbeRequest{Count: 1, Timeout: ctlapi.Duration(250 * time.Millisecond)})
+			return err == nil && r.Committed == 1
+		}))
 		leader.start(b)
 		waitSettled(b, daemons, 3)
 	}
@@ -570,26 +549,10 @@ func benchFailover(b *testing.B, h []*lab.Host, daemons []*labDaemon, runs int) 
 			b.Fatal(err)
 		}
 		down := time.Now()
-		testpoll.Until(b, time.Minute, cut.host.Name+" shown failed", func() error {
-			for {
-				ms, err := client(observer).Machines(context.Background())
-				if err == nil {
-					for _, m := range ms {
-						if m.Name != cut.host.Name {
-							continue
-						}
-						if m.Liveness == "failed" {
-							failed = append(failed, time.Since(down).Seconds())
-							return nil
-						}
-					}
-				}
-				if time.Since(down) > 55*time.Second {
-					return fmt.Errorf("%s still not failed: %v", cut.host.Name, err)
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
-		})
+		failed = append(failed, pollFast(b, cut.host.Name+" shown failed", down, 20*time.Millisecond, func() bool {
+			ms, err := client(observer).Machines(context.Background())
+			return err == nil && slices.ContainsFunc(ms, func(m ctlapi.Machine) bool { return m.Name == cut.host.Name && m.Liveness == "failed" })
+		}))
 		if err := h[0].Lab().SetLinkUp(cut.host, true); err != nil {
 			b.Fatal(err)
 		}
@@ -598,6 +561,19 @@ func benchFailover(b *testing.B, h []*lab.Host, daemons []*labDaemon, runs int) 
 	t.add("leader's daemon killed → next entry committed", t.figure("leader_killed_to_commit_s", elect).cell("%.2f"))
 	t.add("host cut off → `machine ls` shows it failed", t.figure("cut_to_failed_s", failed).cell("%.2f"))
 	return t
+}
+
+// pollFast tries cond every interval (back to back when 0) until it holds
+// and returns the seconds since from; it fails b after a minute.
+func pollFast(b testing.TB, what string, from time.Time, every time.Duration, cond func() bool) float64 {
+	b.Helper()
+	for !cond() {
+		if time.Since(from) > time.Minute {
+			b.Fatalf("%s: not after a minute", what)
+		}
+		time.Sleep(every)
+	}
+	return time.Since(from).Seconds()
 }
 
 // measureFootprint adds a row of droverd's idle RSS and CPU per host.

@@ -163,10 +163,7 @@ func TestLabDrain(t *testing.T) {
 	}
 	// Different amounts of data, so the plan's order and spread are by size.
 	for i, mib := range []int{40, 32, 24} {
-		dir := filepath.Join(h[0].PoolMount, "drover", "shop", fmt.Sprintf("data%d", i+1))
-		if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filepath.Join(dir, "bulk"), "bs=1M", fmt.Sprint("count=", mib), "conv=fsync").CombinedOutput(); err != nil {
-			t.Fatalf("bulk data: %v: %s", err, out)
-		}
+		fillRandom(t, filepath.Join(h[0].PoolMount, "drover", "shop", fmt.Sprintf("data%d", i+1)), mib)
 	}
 
 	// The plan: one service on each other machine, nothing changed.

@@ -4,6 +4,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -43,6 +44,19 @@ func binaries(t testing.TB) string {
 		t.Fatalf("building binaries: %v", buildErr)
 	}
 	return buildDir
+}
+
+// fillRandom writes MiB of random data into dir, 64 MiB per file.
+func fillRandom(b testing.TB, dir string, mib int) {
+	b.Helper()
+	for i := 0; mib > 0; i++ {
+		n := min(mib, 64)
+		out, err := exec.Command("dd", "if=/dev/urandom", "of="+filepath.Join(dir, fmt.Sprintf("bulk%d", i)), "bs=1M", fmt.Sprintf("count=%d", n), "conv=fsync").CombinedOutput()
+		if err != nil {
+			b.Fatalf("writing %d MiB into %s: %v: %s", n, dir, err, out)
+		}
+		mib -= n
+	}
 }
 
 type buildError struct {

@@ -40,12 +40,7 @@ func shopLab(t *testing.T, prefix string, bulkMiB int, extra ...string) ([]*lab.
 		return nil
 	})
 	ip := services(t, d1)[0].ServiceIP
-	for i := 0; i*64 < bulkMiB; i++ {
-		out, err := exec.Command("dd", "if=/dev/urandom", "of="+filepath.Join(dataDir(h[1]), fmt.Sprintf("bulk%d", i)), "bs=1M", "count=64", "conv=fsync").CombinedOutput()
-		if err != nil {
-			t.Fatalf("writing bulk data: %v: %s", err, out)
-		}
-	}
+	fillRandom(t, dataDir(h[1]), bulkMiB)
 	return h, daemons, ip
 }
 
