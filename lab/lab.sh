@@ -25,8 +25,29 @@ log() { echo "lab: $*" >&2; }
 
 host_names() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${PREFIX}[0-9]+$" || true; }
 
+# container_pids: processes whose root filesystem lies in the lab's state
+# dir, i.e. containers of its Docker engines. They run in network
+# namespaces of their own, so `ip netns pids` does not list them, and they
+# outlive a killed dockerd (their shims are not its children).
+container_pids() {
+  [ -d "$STATE" ] || return 0
+  for f in /proc/[0-9]*/mountinfo; do
+    awk -v s="$STATE/" '$5 == "/" && index($4, s) == 1 { found = 1 } END { exit !found }' "$f" 2>/dev/null &&
+      basename "$(dirname "$f")"
+  done
+  return 0
+}
+
 down() {
-  # Every process inside a host's namespace (droverd, dockerd, containers).
+  # Containers first, through their engines while those still run.
+  for ns in $(host_names); do
+    sock=$RUN/$ns/docker.sock
+    if [ -S "$sock" ] && command -v docker >/dev/null; then
+      ids=$(timeout 20 docker -H "unix://$sock" ps -aq 2>/dev/null || true)
+      [ -n "$ids" ] && { timeout 60 docker -H "unix://$sock" rm -f $ids >/dev/null 2>&1 || true; }
+    fi
+  done
+  # Every process inside a host's namespace (droverd, dockerd).
   for ns in $(host_names); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null || true; done
   done
@@ -39,6 +60,8 @@ down() {
   for ns in $(host_names); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   done
+  # Containers an engine could not remove (or a killed engine left).
+  for pid in $(container_pids); do kill -KILL "$pid" 2>/dev/null || true; done
   # Docker's mounts under the lab's state dir.
   if [ -d "$STATE" ]; then
     for m in $( (grep -F -e " $STATE/" -e " $RUN/" /proc/mounts || true) | awk '{print $2}' | sort -r); do
