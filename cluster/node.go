@@ -473,7 +473,7 @@ func (n *Node) localStats() serverStats {
 		return serverStats{LastContact: -1}
 	}
 	st := p.raft.Stats()
-	out := serverStats{FactsIndex: n.facts.applied.Load()}
+	out := serverStats{FactsIndex: n.FactsIndex()}
 	out.LastTerm, _ = strconv.ParseUint(st["last_log_term"], 10, 64)
 	out.LastIndex, _ = strconv.ParseUint(st["last_log_index"], 10, 64)
 	switch lc := st["last_contact"]; lc {

@@ -74,16 +74,26 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := n.applyLocal(r.Context(), data)
-	if errors.Is(err, ErrNotLeader) {
-		http.Error(w, err.Error(), http.StatusMisdirectedRequest)
-		return
-	}
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+	if leaderRPCFailed(w, err) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(res)
+}
+
+// leaderRPCFailed answers a request only the leader can serve that failed:
+// 421 when this machine is not the leader (the caller may look again),
+// 503 otherwise. It reports whether err was an error.
+func leaderRPCFailed(w http.ResponseWriter, err error) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, ErrNotLeader):
+		http.Error(w, err.Error(), http.StatusMisdirectedRequest)
+	default:
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+	}
+	return true
 }
 
 func (n *Node) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
@@ -92,13 +102,7 @@ func (n *Node) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	err = n.removeServerLocal(string(id))
-	if errors.Is(err, ErrNotLeader) {
-		http.Error(w, err.Error(), http.StatusMisdirectedRequest)
-		return
-	}
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+	if leaderRPCFailed(w, n.removeServerLocal(string(id))) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
