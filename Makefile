@@ -8,7 +8,8 @@ STATICCHECK ?= $(shell command -v staticcheck || echo $(HOME)/go/bin/staticcheck
 export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build install test unit e2e lint bench demo fuzz clean
+TESTBIN := $(BIN)/test
+.PHONY: help deps build build-test install test unit e2e lint bench demo fuzz clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -20,19 +21,26 @@ build: ## build droverd and droverctl into bin/
 	@mkdir -p $(BIN)
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/droverd ./cmd/droverctl
 
+build-test: ## build droverd and droverctl with test crash points (-tags crashpoints) into bin/test/, for e2e and bench
+	@mkdir -p $(TESTBIN)
+	$(GO) build -tags crashpoints -ldflags '$(LDFLAGS)' -o $(TESTBIN)/ ./cmd/droverd ./cmd/droverctl
+
 install: build ## install binaries, systemd units and the drover group (PREFIX, UNITDIR, DESTDIR)
 	./systemd/install.sh
 
 test: deps lint unit e2e ## everything CI runs: lint, unit and in-process tests, end-to-end on the lab
 
-unit: ## unit, in-process cluster and built-binary tests, with -race
+unit: ## unit, in-process cluster and built-binary tests, with -race (and the crash points' own test build)
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -tags crashpoints ./internal/crashpoint/
 
-e2e: build ## end-to-end tests on a lab of network-namespace hosts (needs root)
-	DROVER_E2E=1 DROVER_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m -run 'TestLab' -v ./e2e/
+e2e: build-test ## end-to-end tests on a lab of network-namespace hosts (needs root)
+	DROVER_E2E=1 DROVER_BIN=$(CURDIR)/$(TESTBIN) $(GO) test -race -count=1 -timeout 40m -run 'TestLab' -v ./e2e/
 
-lint: ## go vet and staticcheck
+lint: ## go vet, staticcheck, gofmt; no tracked binaries or files over 2 MiB
+	./.ci/check-tracked-files.sh
 	$(GO) vet ./...
+	$(GO) vet -tags crashpoints ./...
 	$(STATICCHECK) ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 
@@ -40,10 +48,10 @@ fuzz: ## run each fuzz target for a while (FUZZTIME, default 60s)
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-60s} ./fsm/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-60s} ./agent/manifest/
 
-bench: deps build ## benchmarks on a lab of real hosts, and in-process ones; results in bench/results/
+bench: deps build-test ## benchmarks on a lab of real hosts, and in-process ones; results in bench/results/
 	@mkdir -p bench/results
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $${BENCHTIME:-500x} $$($(GO) list ./... | grep -v /e2e) | tee bench/results/go-bench.txt
-	set -o pipefail; DROVER_E2E=1 DROVER_BENCH=1 DROVER_BIN=$(CURDIR)/$(BIN) DROVER_BENCH_OUT=$(CURDIR)/bench/results \
+	set -o pipefail; DROVER_E2E=1 DROVER_BENCH=1 DROVER_BIN=$(CURDIR)/$(TESTBIN) DROVER_BENCH_OUT=$(CURDIR)/bench/results \
 		$(GO) test -run '^$$' -bench BenchmarkLab -benchtime 1x -timeout 90m -v ./e2e/ | tee bench/results/lab-bench.log
 
 demo: deps build ## bring up a 3-host lab and show drover's job on it

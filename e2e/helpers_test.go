@@ -20,7 +20,8 @@ var (
 )
 
 // binaries returns a directory holding droverd and droverctl: DROVER_BIN
-// when set (make builds them), else built once for this test run.
+// when set (make builds them), else built once for this test run. Both
+// are test builds: crash points compile in only with -tags crashpoints.
 func binaries(t testing.TB) string {
 	t.Helper()
 	if dir := os.Getenv("DROVER_BIN"); dir != "" {
@@ -33,7 +34,7 @@ func binaries(t testing.TB) string {
 		}
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Dir(filepath.Dir(file))
-		cmd := exec.Command("go", "build", "-race", "-o", buildDir+"/", "./cmd/droverd", "./cmd/droverctl")
+		cmd := exec.Command("go", "build", "-race", "-tags", "crashpoints", "-o", buildDir+"/", "./cmd/droverd", "./cmd/droverctl")
 		cmd.Dir = root
 		out, err := cmd.CombinedOutput()
 		if err != nil {

@@ -85,8 +85,9 @@ down() {
   done
   ip link del "$BRIDGE" 2>/dev/null || true
   rm -rf "$STATE" "$RUN"
-  # wireguard-go UAPI sockets of the lab's devices
-  rm -f /var/run/wireguard/${PREFIX}wg*.sock
+  # wireguard-go UAPI sockets of the lab's devices (PREFIX<n>wg, see
+  # e2e/lab_test.go), which outlive a killed daemon
+  rm -f /var/run/wireguard/${PREFIX}[0-9]*wg.sock
 }
 
 up() {

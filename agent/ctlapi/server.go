@@ -143,12 +143,12 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		return b.Join(r.Context(), req)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, logger, &APIError{Status: http.StatusNotFound, Code: "not_found", Err: fmt.Errorf("no route %s %s", r.Method, r.URL.Path)})
+		writeError(w, logger, &APIError{Status: http.StatusNotFound, Code: CodeNotFound, Err: fmt.Errorf("no route %s %s", r.Method, r.URL.Path)})
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set(VersionHeader, APIVersion)
 		if v := r.Header.Get(VersionHeader); v != "" && v != APIVersion {
-			writeError(w, logger, &APIError{Status: http.StatusBadRequest, Code: "version_mismatch", Err: versionMismatch(APIVersion, v)})
+			writeError(w, logger, &APIError{Status: http.StatusBadRequest, Code: CodeVersionMismatch, Err: versionMismatch(APIVersion, v)})
 			return
 		}
 		mux.ServeHTTP(w, r)
@@ -160,7 +160,7 @@ func route(mux *http.ServeMux, logger *slog.Logger, method, path string, fn func
 	mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != method {
 			w.Header().Set("Allow", method)
-			writeError(w, logger, &APIError{Status: http.StatusMethodNotAllowed, Code: "method_not_allowed", Err: fmt.Errorf("%s wants %s, not %s", path, method, r.Method)})
+			writeError(w, logger, &APIError{Status: http.StatusMethodNotAllowed, Code: CodeMethodNotAllowed, Err: fmt.Errorf("%s wants %s, not %s", path, method, r.Method)})
 			return
 		}
 		v, err := fn(r)
@@ -206,7 +206,7 @@ func streamed[E, R any](mux *http.ServeMux, logger *slog.Logger, path string, fn
 		begin()
 		line := StreamLine[E, R]{Result: &info}
 		if err != nil {
-			apiErr := &APIError{Code: "internal"}
+			apiErr := &APIError{Code: CodeInternal}
 			errors.As(err, &apiErr)
 			line.Error = &ErrorBody{Error: err.Error(), Code: apiErr.Code}
 			if !known(info) {
@@ -221,13 +221,13 @@ func decodeBody(r *http.Request, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return &APIError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf("request body: %w", err)}
+		return &APIError{Status: http.StatusBadRequest, Code: CodeBadRequest, Err: fmt.Errorf("request body: %w", err)}
 	}
 	return nil
 }
 
 func writeError(w http.ResponseWriter, logger *slog.Logger, err error) {
-	apiErr := &APIError{Status: http.StatusInternalServerError, Code: "internal", Err: err}
+	apiErr := &APIError{Status: http.StatusInternalServerError, Code: CodeInternal, Err: err}
 	errors.As(err, &apiErr)
 	if apiErr.Status >= 500 {
 		logger.Error("control API request failed", "err", err)
