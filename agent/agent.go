@@ -1,6 +1,7 @@
 // Package agent is droverd's composition root: it wires the cluster node,
-// the local control API and (as they land) the mesh, the runtime and the
-// executors, and owns their lifecycle.
+// the local control API, the mesh, the container runtime, the volumes and
+// the parts that do the work (reconcile, migrate, drain, deploy), owns
+// their lifetimes, and serves the control API's read views.
 package agent
 
 import (
@@ -18,6 +19,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/internal/crashpoint"
 )
 
 // Config is droverd's configuration, filled from flags by cmd/droverd.
@@ -53,8 +55,8 @@ type Config struct {
 	// SafetyWindow is how long a migration's source keeps its copy (72 h
 	// when zero).
 	SafetyWindow time.Duration
-	// JanitorInterval is how often migrations nobody runs, leftovers and
-	// expired copies are looked for (5 s when zero).
+	// JanitorInterval is how often migrations nobody runs, leftovers,
+	// expired copies and drains to resume are looked for (5 s when zero).
 	JanitorInterval time.Duration
 
 	Version string
@@ -82,21 +84,13 @@ type Agent struct {
 	cfg       Config
 	logger    *slog.Logger
 	machineID string
+	crash     *crashpoint.Points
 
-	mu      sync.Mutex
-	node    *cluster.Node      // nil until this machine is in a cluster
-	mesh    *meshState         // nil until this machine is in a cluster
-	overlay netip.Addr         // zero until known
-	endNode context.CancelFunc // stops the goroutines serving the node
-	work    *workloads
-	execs   map[string]*execution // migrations this daemon runs, by id
-	drains  map[string]*drainRun  // drains this daemon runs, by machine id
-
-	crashAt   string // test hook: the crash point to die at (CrashPointEnv)
-	crashFile string // test hook: a file naming it (CrashPointFileEnv)
+	mu    sync.Mutex
+	parts *parts // nil until this machine is in a cluster
 
 	ctx context.Context // the daemon's lifetime
-	wg  sync.WaitGroup
+	wg  sync.WaitGroup  // goroutines of the daemon itself
 }
 
 // Run runs the daemon until ctx is cancelled, which is the normal way to
@@ -123,11 +117,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	a := &Agent{cfg: cfg, logger: cfg.Logger.With("machine", cfg.Name), machineID: id, ctx: ctx,
-		execs: map[string]*execution{}, drains: map[string]*drainRun{}, crashAt: os.Getenv(CrashPointEnv), crashFile: os.Getenv(CrashPointFileEnv)}
-	if a.crashHooked() {
-		a.logger.Warn("test crash hook set: this daemon kills itself at the named point", "point", a.crashAt, "file", a.crashFile)
-	}
+	logger := cfg.Logger.With("machine", cfg.Name)
+	a := &Agent{cfg: cfg, logger: logger, machineID: id, ctx: ctx, crash: crashpoint.FromEnv(logger)}
 	defer a.wg.Wait()
 
 	key, err := a.configuredKey()
@@ -166,7 +157,7 @@ func Run(ctx context.Context, cfg Config) error {
 	default:
 		a.logger.Info("this machine is in no cluster yet: run `droverctl cluster init` here, or `droverctl cluster join TOKEN`")
 	}
-	defer a.leave()
+	defer a.stopCluster(true)
 
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		a.logger.Warn("sd_notify READY failed", "err", err)
@@ -198,10 +189,17 @@ func (a *Agent) configuredKey() ([]byte, error) {
 	return readKeyFile(filepath.Join(a.cfg.DataDir, clusterKeyFile))
 }
 
-func (a *Agent) currentNode() *cluster.Node {
+func (a *Agent) current() *parts {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.node
+	return a.parts
+}
+
+func (a *Agent) currentNode() *cluster.Node {
+	if p := a.current(); p != nil {
+		return p.node
+	}
+	return nil
 }
 
 // halted is closed when the cluster node halts; never, while there is none.
@@ -210,140 +208,6 @@ func (a *Agent) halted() <-chan struct{} {
 		return n.Halted()
 	}
 	return nil
-}
-
-// startCluster starts gossip and Raft with key and joins the cluster:
-// the machines it knew before, then the given addresses. Joining goes on in
-// the background until some machine answers.
-func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.node != nil {
-		return errors.New("this machine is already in a cluster")
-	}
-	n, err := cluster.Start(cluster.Config{
-		MachineID:     a.machineID,
-		Name:          a.cfg.Name,
-		DataDir:       a.cfg.DataDir,
-		BindAddr:      a.cfg.BindAddr,
-		GossipPort:    a.cfg.GossipPort,
-		RaftPort:      a.cfg.RaftPort,
-		RPCPort:       a.cfg.RPCPort,
-		Key:           key,
-		OverlayPrefix: a.cfg.OverlayPrefix,
-		Timing:        a.cfg.Timing,
-		Logger:        a.logger,
-	})
-	if err != nil {
-		return err
-	}
-	m, err := a.openMesh()
-	if err != nil {
-		n.Close()
-		return err
-	}
-	endpoint := netip.AddrPortFrom(a.cfg.BindAddr, uint16(a.cfg.WGPort))
-	if err := n.SetMeta(func(meta *cluster.Meta) {
-		meta.WGPublicKey = m.key.PublicKey().String()
-		meta.WGEndpoint = endpoint.String()
-	}); err != nil {
-		m.dev.Close()
-		n.Close()
-		return err
-	}
-	w, err := a.openWorkloads()
-	if err != nil {
-		m.dev.Close()
-		n.Close()
-		return err
-	}
-	a.registerMigrationRPC(n)
-	ctx, cancel := context.WithCancel(a.ctx)
-	a.node, a.mesh, a.endNode, a.work = n, m, cancel, w
-	// Raft and RPC start on the overlay address once it is known (bringUp).
-	a.wg.Add(5)
-	go a.keepJoining(ctx, n, join)
-	go a.bringUp(ctx, n, m, bootstrap, join)
-	go a.runMesh(ctx, n, m)
-	go a.runWorkloads(ctx, n, w)
-	go a.runMigrationJanitor(ctx, n)
-	if a.crashHooked() {
-		a.wg.Add(1)
-		go a.watchCrashPhases(ctx, n)
-	}
-	return nil
-}
-
-// keepJoining joins known peers and the given addresses, retrying with
-// backoff until one answers or the daemon stops.
-func (a *Agent) keepJoining(ctx context.Context, n *cluster.Node, addrs []string) {
-	defer a.wg.Done()
-	backoff := time.Second
-	for {
-		joined, err := n.RejoinKnown()
-		if joined == 0 && len(addrs) > 0 {
-			joined, err = n.Join(addrs)
-		}
-		if joined > 0 || (err == nil && len(addrs) == 0) {
-			if joined > 0 {
-				a.logger.Info("joined the cluster's gossip", "contacted", joined)
-			}
-			return
-		}
-		a.logger.Warn("could not join the cluster yet; retrying", "err", err, "retry_in", backoff)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 30*time.Second)
-	}
-}
-
-// stopCluster closes the node without leaving; used when a join failed.
-func (a *Agent) stopCluster() {
-	a.mu.Lock()
-	n, m, end, w := a.node, a.mesh, a.endNode, a.work
-	a.node, a.mesh, a.endNode, a.work = nil, nil, nil, nil
-	a.mu.Unlock()
-	if end != nil {
-		end()
-	}
-	if w != nil {
-		w.rt.Close()
-	}
-	if n != nil {
-		n.Close()
-	}
-	if m != nil {
-		m.dev.Close()
-	}
-}
-
-// leave departs the cluster cleanly: leadership handed over, gossip told.
-func (a *Agent) leave() {
-	n := a.currentNode()
-	if n == nil {
-		return
-	}
-	if err := n.Leave(5 * time.Second); err != nil {
-		a.logger.Warn("leaving the cluster", "err", err)
-	}
-	if err := n.Close(); err != nil {
-		a.logger.Warn("closing the cluster node", "err", err)
-	}
-	a.mu.Lock()
-	m, end, w := a.mesh, a.endNode, a.work
-	a.mu.Unlock()
-	if end != nil {
-		end()
-	}
-	if w != nil {
-		w.rt.Close()
-	}
-	if m != nil {
-		m.dev.Close()
-	}
 }
 
 // reportStatus sends the Raft role to systemd whenever it changes.

@@ -14,18 +14,30 @@ import (
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/factview"
+	"github.com/drover-sh/drover/netmesh"
 )
 
 // errNotInCluster is what every cluster-wide request gets before init/join.
 var errNotInCluster = &ctlapi.APIError{
 	Status: http.StatusConflict,
-	Code:   "not_in_cluster",
+	Code:   ctlapi.CodeNotInCluster,
 	Err:    errors.New("this machine is in no cluster yet: run `droverctl cluster init` or `droverctl cluster join TOKEN`"),
 }
 
 func (a *Agent) requireNode() (*cluster.Node, error) {
-	if n := a.currentNode(); n != nil {
-		return n, nil
+	p, err := a.require()
+	if err != nil {
+		return nil, err
+	}
+	return p.node, nil
+}
+
+// require gives the parts of this machine's cluster membership, or the
+// error every cluster-wide request gets before init/join.
+func (a *Agent) require() (*parts, error) {
+	if p := a.current(); p != nil {
+		return p, nil
 	}
 	return nil, errNotInCluster
 }
@@ -33,19 +45,10 @@ func (a *Agent) requireNode() (*cluster.Node, error) {
 // nameOf gives a machine's name from its id, or the id when unknown.
 func (a *Agent) nameOf(id string) string {
 	n := a.currentNode()
-	if n == nil || id == "" {
+	if n == nil {
 		return id
 	}
-	if m, ok := n.Member(id); ok {
-		return m.Name
-	}
-	name := id
-	n.Read(func(s *fsm.State) {
-		if m, ok := s.Machine(id); ok {
-			name = m.Name
-		}
-	})
-	return name
+	return factview.NameOf(n, n, id)
 }
 
 // Version reports the daemon's version.
@@ -82,10 +85,11 @@ func (a *Agent) Status(context.Context) (ctlapi.ClusterStatus, error) {
 
 // Machines lists every machine: registered in the facts or seen in gossip.
 func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
-	n, err := a.requireNode()
+	p, err := a.require()
 	if err != nil {
 		return nil, err
 	}
+	n := p.node
 	st, err := n.Status()
 	if err != nil && !errors.Is(err, cluster.ErrRaftNotStarted) {
 		return nil, err
@@ -137,12 +141,12 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	}
 	for _, d := range drains {
 		if m, ok := byID[d.MachineID]; ok {
-			info := a.drainInfo(d)
+			info := p.drains.Info(d)
 			m.Drain = &info
 		}
 	}
 	handshakes := map[string]time.Time{}
-	if ms, err := a.meshStatus(context.Background()); err == nil {
+	if ms, err := a.meshStatus(); err == nil {
 		for _, p := range ms.Peers {
 			handshakes[p.PublicKey] = p.LastHandshake
 		}
@@ -164,10 +168,11 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 
 // Mesh reports this machine's WireGuard device and its peers.
 func (a *Agent) Mesh(ctx context.Context) (ctlapi.MeshStatus, error) {
-	st, err := a.meshStatus(ctx)
-	if errors.Is(err, errNoMesh) {
-		return ctlapi.MeshStatus{}, errNotInCluster
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MeshStatus{}, err
 	}
+	st, err := p.mesh.Status()
 	if err != nil {
 		return ctlapi.MeshStatus{}, err
 	}
@@ -178,7 +183,7 @@ func (a *Agent) Mesh(ctx context.Context) (ctlapi.MeshStatus, error) {
 		}
 	}
 	out := ctlapi.MeshStatus{Interface: st.Name, Kind: st.Kind, PublicKey: st.PublicKey, ListenPort: st.ListenPort}
-	if o := a.currentOverlay(); o.IsValid() {
+	if o := p.mesh.Overlay(); o.IsValid() {
 		out.Address = netip.PrefixFrom(o, a.cfg.OverlayPrefix.Bits()).String()
 	}
 	for _, p := range st.Peers {
@@ -193,21 +198,13 @@ func (a *Agent) Mesh(ctx context.Context) (ctlapi.MeshStatus, error) {
 	return out, nil
 }
 
-// machineByName finds a machine's fact by name; "self" is this machine.
-func (a *Agent) machineByName(n *cluster.Node, name string) (fsm.Machine, error) {
-	var m fsm.Machine
-	var ok bool
-	n.Read(func(s *fsm.State) {
-		if name == "self" {
-			m, ok = s.Machine(a.machineID)
-		} else {
-			m, ok = s.MachineByName(name)
-		}
-	})
-	if !ok {
-		return m, &ctlapi.APIError{Status: http.StatusNotFound, Code: "unknown_machine", Err: fmt.Errorf("no machine named %q in the cluster", name)}
+// meshStatus reads the device.
+func (a *Agent) meshStatus() (netmesh.Status, error) {
+	p, err := a.require()
+	if err != nil {
+		return netmesh.Status{}, err
 	}
-	return m, nil
+	return p.mesh.Status()
 }
 
 // Activate marks a machine active: it takes placements again.
@@ -216,7 +213,7 @@ func (a *Agent) Activate(ctx context.Context, name string) (ctlapi.Machine, erro
 	if err != nil {
 		return ctlapi.Machine{}, err
 	}
-	m, err := a.machineByName(n, name)
+	m, err := factview.MachineByName(n, a.machineID, name)
 	if err != nil {
 		return ctlapi.Machine{}, err
 	}
@@ -244,7 +241,7 @@ func (a *Agent) Init(ctx context.Context) (ctlapi.ClusterStatus, error) {
 
 func (a *Agent) initCluster() (bool, error) {
 	if a.currentNode() != nil {
-		return false, &ctlapi.APIError{Status: http.StatusConflict, Code: "already_in_cluster", Err: errors.New("this machine is already in a cluster")}
+		return false, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeAlreadyInCluster, Err: errors.New("this machine is already in a cluster")}
 	}
 	key, err := newClusterKey()
 	if err != nil {
@@ -290,11 +287,11 @@ func (a *Agent) JoinToken(context.Context) (ctlapi.JoinToken, error) {
 // and keeps nothing, when no machine of the cluster accepts it.
 func (a *Agent) Join(ctx context.Context, req ctlapi.JoinRequest) (ctlapi.ClusterStatus, error) {
 	if a.currentNode() != nil {
-		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusConflict, Code: "already_in_cluster", Err: errors.New("this machine is already in a cluster")}
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeAlreadyInCluster, Err: errors.New("this machine is already in a cluster")}
 	}
 	key, addrs, err := parseToken(req.Token)
 	if err != nil {
-		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: "bad_token", Err: err}
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadToken, Err: err}
 	}
 	if err := saveKey(a.cfg.DataDir, key); err != nil {
 		return ctlapi.ClusterStatus{}, err
@@ -305,9 +302,9 @@ func (a *Agent) Join(ctx context.Context, req ctlapi.JoinRequest) (ctlapi.Cluste
 	}
 	if _, err := a.currentNode().Join(addrs); err != nil {
 		// Nobody took us in: forget the key so a later join starts clean.
-		a.stopCluster()
+		a.stopCluster(false)
 		os.Remove(filepath.Join(a.cfg.DataDir, clusterKeyFile))
-		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadGateway, Code: "join_failed", Err: err}
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadGateway, Code: ctlapi.CodeJoinFailed, Err: err}
 	}
 	if err := a.waitFor(ctx, func(st cluster.Status) bool { return st.Role != cluster.RoleNone }); err != nil {
 		return ctlapi.ClusterStatus{}, fmt.Errorf("joined gossip but Raft did not take this machine in: %w", err)

@@ -6,18 +6,30 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/factview"
 )
 
-const rpcLeave = "machine/leave" // the machine being removed: leave for good
+// routeLeave tells the machine being removed to leave for good.
+var routeLeave = peer.Route[leaveRequest, struct{}]{Path: "machine/v2/leave"}
+
+// leaveRequest is the request of routeLeave.
+type leaveRequest struct{}
+
+// errLeaveRefused: a leave asked by a machine that is not in the facts.
+var errLeaveRefused = peer.NewError("leave_refused", "only a member of the cluster may tell this machine to leave")
+
+func (a *Agent) registerMachineRPC(s peer.Server) {
+	peer.Handle(s, routeLeave, a.handleLeave)
+}
 
 // RemoveMachine removes a drained or dead machine from the cluster: the
 // machine, when alive, leaves and forgets the cluster; then its Raft seat
@@ -28,7 +40,7 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 	if err != nil {
 		return ctlapi.RemovedMachine{}, err
 	}
-	m, err := a.machineByName(n, req.Machine)
+	m, err := factview.MachineByName(n, a.machineID, req.Machine)
 	if err != nil {
 		return ctlapi.RemovedMachine{}, err
 	}
@@ -37,12 +49,12 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 		return out, &ctlapi.APIError{Status: http.StatusConflict, Code: code, Err: fmt.Errorf(format, args...)}
 	}
 	if m.ID == a.machineID {
-		return refuse("self", "machine %s cannot remove itself: run `droverctl machine rm %s` on another machine", m.Name, m.Name)
+		return refuse(ctlapi.CodeSelf, "machine %s cannot remove itself: run `droverctl machine rm %s` on another machine", m.Name, m.Name)
 	}
 	g, known := n.Member(m.ID)
 	alive := known && (g.Liveness == cluster.LivenessAlive || g.Liveness == cluster.LivenessSuspect)
 	if alive && m.State != fsm.MachineDrained {
-		return refuse("not_drained", "machine %s is %s and alive: drain it first (`droverctl machine drain %s`), or stop its daemon", m.Name, m.State, m.Name)
+		return refuse(ctlapi.CodeNotDrained, "machine %s is %s and alive: drain it first (`droverctl machine drain %s`), or stop its daemon", m.Name, m.State, m.Name)
 	}
 	var held []string
 	n.Read(func(s *fsm.State) {
@@ -58,7 +70,7 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 		}
 	})
 	if len(held) > 0 && !req.Force {
-		return refuse("machine_holds", "machine %s still holds %s; removing it loses them: drain it, or pass --force to remove it anyway", m.Name, strings.Join(held, ", "))
+		return refuse(ctlapi.CodeMachineHolds, "machine %s still holds %s; removing it loses them: drain it, or pass --force to remove it anyway", m.Name, strings.Join(held, ", "))
 	}
 	if alive {
 		if err := a.tellToLeave(ctx, n, m); err != nil {
@@ -88,12 +100,11 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 // until gossip sees it gone.
 func (a *Agent) tellToLeave(ctx context.Context, n *cluster.Node, m fsm.Machine) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	resp, err := n.CallRPC(cctx, m.ID, http.MethodPost, rpcLeave, nil)
+	_, err := routeLeave.Call(cctx, n, m.ID, leaveRequest{})
 	cancel()
 	if err != nil {
 		return fmt.Errorf("asking %s to leave the cluster: %w", m.Name, err)
 	}
-	resp.Body.Close()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if g, ok := n.Member(m.ID); !ok || (g.Liveness != cluster.LivenessAlive && g.Liveness != cluster.LivenessSuspect) {
@@ -112,29 +123,25 @@ func (a *Agent) tellToLeave(ctx context.Context, n *cluster.Node, m fsm.Machine)
 // cluster and forget it (key, Raft state, known peers, overlay address),
 // so that a restart does not bring it back. Its daemon goes on, in no
 // cluster; workloads are not touched (a drained machine runs none).
-func (a *Agent) handleLeave(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Write([]byte("{}"))
+func (a *Agent) handleLeave(_ context.Context, from string, _ leaveRequest) (struct{}, error) {
+	if from == "" {
+		return struct{}{}, errLeaveRefused
+	}
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
 		time.Sleep(100 * time.Millisecond) // let the answer go out
-		a.logger.Warn("this machine was removed from the cluster: leaving and forgetting it")
-		if n := a.currentNode(); n != nil {
-			if err := n.Leave(5 * time.Second); err != nil {
-				a.logger.Warn("leaving the cluster", "err", err)
-			}
-		}
-		a.stopCluster()
+		a.logger.Warn("this machine was removed from the cluster: leaving and forgetting it", "asked_by", a.nameOf(from))
+		a.stopCluster(true)
 		var errs []error
 		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft"} {
 			if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, name)); err != nil {
 				errs = append(errs, err)
 			}
 		}
-		a.setOverlay(netip.Addr{})
 		if err := errors.Join(errs...); err != nil {
 			a.logger.Error("forgetting the cluster", "err", err)
 		}
 	}()
+	return struct{}{}, nil
 }

@@ -184,8 +184,8 @@ func (n *Node) HandleRPC(pattern string, h http.HandlerFunc) {
 
 // CallRPC sends a request to an agent handler of another machine and
 // returns the response for the caller to read (and close); a status other
-// than 200 is an error carrying the body's text.
-func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, body io.Reader) (*http.Response, error) {
+// than 200 is an *RPCStatusError carrying the start of the body.
+func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, header http.Header, body io.Reader) (*http.Response, error) {
 	addr := n.rpcAddrOf(machineID)
 	if addr == "" {
 		return nil, fmt.Errorf("no RPC address known for machine %s", machineID)
@@ -194,6 +194,9 @@ func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, body
 	if err != nil {
 		return nil, err
 	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
 	req.Header.Set(rpcAuthHdr, n.rpc.token)
 	resp, err := n.rpc.http.Do(req)
 	if err != nil {
@@ -201,11 +204,32 @@ func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, body
 	}
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return nil, fmt.Errorf("rpc %s %s on %s: %s: %s", method, path, addr, resp.Status, bytes.TrimSpace(msg))
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxRPCErrorBody))
+		return nil, &RPCStatusError{Method: method, Path: path, Addr: addr, Status: resp.Status, Code: resp.StatusCode, Msg: bytes.TrimSpace(msg)}
 	}
 	return resp, nil
 }
+
+// maxRPCErrorBody bounds what is read of an error answer.
+const maxRPCErrorBody = 64 << 10
+
+// RPCStatusError is an agent handler's answer other than 200.
+type RPCStatusError struct {
+	Method, Path, Addr string
+	Status             string // "409 Conflict"
+	Code               int
+	Msg                []byte
+}
+
+func (e *RPCStatusError) Error() string {
+	return fmt.Sprintf("rpc %s %s on %s: %s: %s", e.Method, e.Path, e.Addr, e.Status, e.Msg)
+}
+
+// StatusCode is the answer's HTTP status.
+func (e *RPCStatusError) StatusCode() int { return e.Code }
+
+// Body is the start of the answer's body.
+func (e *RPCStatusError) Body() []byte { return e.Msg }
 
 // MachineByAddr names the machine whose overlay (or RPC) address is ip:
 // how an agent handler knows which machine calls it. Over the mesh the

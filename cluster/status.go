@@ -81,3 +81,9 @@ func (n *Node) Status() (Status, error) {
 	}
 	return st, nil
 }
+
+// IsLeader tells whether this machine leads Raft now.
+func (n *Node) IsLeader() bool {
+	st, err := n.Status()
+	return err == nil && st.Role == RoleLeader
+}

@@ -1,0 +1,267 @@
+// Package deploy applies a manifest: a plan computed from the facts (a
+// pure function), its changes written under the namespace lock, then a
+// wait until every changed service is ready. Moves in a manifest are
+// handed to the migration package. See DESIGN.md.
+package deploy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/manifest"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/factview"
+	"github.com/drover-sh/drover/internal/nslock"
+)
+
+// Facts is this machine's view of the fact store.
+type Facts interface {
+	Read(func(*fsm.State))
+	Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error)
+}
+
+// Members is gossip's view of the machines.
+type Members interface {
+	Members() []cluster.Member
+	Member(id string) (cluster.Member, bool)
+}
+
+// Mover runs one migration, as `migrate apply` does.
+type Mover interface {
+	Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error)
+}
+
+// Config is what a deployer needs to know of its machine.
+type Config struct {
+	Self          string // this machine's id
+	Name          string // this machine's name: lock holders start with it
+	ServicePrefix netip.Prefix
+	LockLease     time.Duration
+	Logger        *slog.Logger
+}
+
+// Deployer plans and applies manifests.
+type Deployer struct {
+	cfg   Config
+	facts Facts
+	gos   Members
+	mover Mover
+	log   *slog.Logger
+}
+
+// New makes a deployer.
+func New(cfg Config, facts Facts, members Members, mover Mover) *Deployer {
+	return &Deployer{cfg: cfg, facts: facts, gos: members, mover: mover, log: cfg.Logger}
+}
+
+func badManifest(err error) error {
+	return &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadManifest, Err: err}
+}
+
+// Preview shows what a manifest would change. It changes nothing.
+func (d *Deployer) Preview(_ context.Context, req ctlapi.DeployRequest) (ctlapi.DeployPlan, error) {
+	p, _, err := d.plan(req)
+	return p, err
+}
+
+// plan parses the manifest and plans it against the current facts.
+func (d *Deployer) plan(req ctlapi.DeployRequest) (ctlapi.DeployPlan, []change, error) {
+	file := req.File
+	if file == "" {
+		file = "manifest"
+	}
+	m, err := manifest.Parse(file, []byte(req.Manifest))
+	if err != nil {
+		return ctlapi.DeployPlan{}, nil, badManifest(err)
+	}
+	alive := map[string]bool{}
+	for _, g := range d.gos.Members() {
+		alive[g.MachineID] = g.Liveness == cluster.LivenessAlive || g.Liveness == cluster.LivenessSuspect
+	}
+	var p ctlapi.DeployPlan
+	var changes []change
+	d.facts.Read(func(s *fsm.State) { p, changes, err = planChanges(s, alive, file, m) })
+	return p, changes, err
+}
+
+// Apply applies a manifest under the namespace lock and waits until every
+// service it changed is ready, or one failed.
+func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployResult, error) {
+	p, changes, err := d.plan(req)
+	if err != nil {
+		return ctlapi.DeployResult{}, err
+	}
+	if moves := movesOf(changes); len(moves) > 0 {
+		if len(moves) != len(changes) {
+			return ctlapi.DeployResult{Plan: p}, badManifest(fmt.Errorf(
+				"%s: the manifest moves services and changes others: deploy the changes and the moves separately", req.File))
+		}
+		return d.move(ctx, p, moves)
+	}
+	holder := d.cfg.Name + "/deploy/" + randomSuffix()
+	lock, err := nslock.Acquire(ctx, d.facts, p.Namespace, holder, d.cfg.LockLease, d.log)
+	if err != nil {
+		return ctlapi.DeployResult{Plan: p}, err
+	}
+	defer lock.Release()
+	// Plan again under the lock: the facts may have changed meanwhile.
+	p, changes, err = d.plan(req)
+	if err != nil {
+		return ctlapi.DeployResult{Plan: p}, err
+	}
+	for _, c := range changes {
+		var cmd fsm.Command = fsm.PutService{Namespace: p.Namespace, Holder: holder, Spec: c.spec,
+			MachineID: c.machineID, ServicePrefix: d.cfg.ServicePrefix, At: time.Now()}
+		if c.remove {
+			cmd = fsm.RemoveService{Namespace: p.Namespace, Name: c.spec.Name, Holder: holder, At: time.Now()}
+		}
+		if _, err := d.facts.Apply(ctx, cmd); err != nil {
+			return ctlapi.DeployResult{Plan: p}, fmt.Errorf("deploying %s/%s: %w", p.Namespace, c.spec.Name, err)
+		}
+	}
+	if err := d.waitReady(ctx, p.Namespace, changes); err != nil {
+		return ctlapi.DeployResult{Plan: p}, err
+	}
+	return ctlapi.DeployResult{Plan: p, Services: d.servicesOf(p.Namespace)}, nil
+}
+
+// move performs a manifest's moves: each is the migration `migrate
+// apply` runs (pre-flight, its own hold of the namespace lock, warm copy,
+// commit), one after the other; the first that fails ends the deploy.
+func (d *Deployer) move(ctx context.Context, p ctlapi.DeployPlan, moves []change) (ctlapi.DeployResult, error) {
+	res := ctlapi.DeployResult{Plan: p}
+	for _, c := range moves {
+		target := factview.NameOf(d.gos, d.facts, c.machineID)
+		info, err := d.mover.Migrate(ctx, ctlapi.MigrateRequest{Service: p.Namespace + "/" + c.spec.Name, To: target}, func(ctlapi.MigrationEvent) {})
+		if info.ID != "" {
+			res.Migrations = append(res.Migrations, info)
+		}
+		if err != nil {
+			return res, fmt.Errorf("moving %s/%s to %s: %w", p.Namespace, c.spec.Name, target, err)
+		}
+	}
+	res.Services = d.servicesOf(p.Namespace)
+	return res, nil
+}
+
+// servicesOf lists the services of a namespace.
+func (d *Deployer) servicesOf(ns string) []ctlapi.Service {
+	var out []ctlapi.Service
+	for _, s := range d.Services() {
+		if s.Namespace == ns {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// waitReady waits until every created or changed service reports ready
+// for its new generation; the first failure ends the wait with the
+// service, its machine and the reason.
+func (d *Deployer) waitReady(ctx context.Context, ns string, changes []change) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	for {
+		var waiting []string
+		var failed error
+		d.facts.Read(func(s *fsm.State) { waiting, failed = readiness(s, ns, changes) })
+		if failed != nil {
+			return &ctlapi.APIError{Status: http.StatusUnprocessableEntity, Code: ctlapi.CodeServiceFailed, Err: failed}
+		}
+		if len(waiting) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			sort.Strings(waiting)
+			return fmt.Errorf("waiting for %s to be ready: %w", strings.Join(waiting, ", "), ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// readiness says which changed services are not ready yet, or the first
+// that failed: a pure function of the facts.
+func readiness(s *fsm.State, ns string, changes []change) (waiting []string, failed error) {
+	for _, c := range changes {
+		if c.remove {
+			continue
+		}
+		sv, ok := s.Service(ns, c.spec.Name)
+		if !ok {
+			continue
+		}
+		mname := s.NameOf(c.machineID)
+		switch {
+		case sv.Status.Generation == sv.Generation && sv.Status.Ready:
+		case sv.Status.Generation == sv.Generation && sv.Status.Error != "":
+			return nil, fmt.Errorf("service %s/%s failed on %s: %s", ns, c.spec.Name, mname, sv.Status.Error)
+		default:
+			waiting = append(waiting, c.spec.Name+" on "+mname)
+		}
+	}
+	return waiting, nil
+}
+
+// Services lists every service with where it runs and whether it is ready.
+func (d *Deployer) Services() []ctlapi.Service {
+	var out []ctlapi.Service
+	d.facts.Read(func(s *fsm.State) {
+		for _, sv := range s.Services() {
+			row := ctlapi.Service{Namespace: sv.Namespace, Name: sv.Spec.Name, ServiceIP: sv.ServiceIP.String(),
+				Generation: sv.Generation, Machine: s.NameOf(sv.MachineID), State: "starting"}
+			if sv.Status.Generation == sv.Generation {
+				row.Ready = sv.Status.Ready
+				if sv.Status.Ready {
+					row.State = "ready"
+				} else if sv.Status.Error != "" {
+					row.State, row.Error = "failed", sv.Status.Error
+				}
+			}
+			out = append(out, row)
+		}
+	})
+	return out
+}
+
+// RenderManifest gives the manifest that moves a service: its namespace's
+// services as they are, with the service placed on the target and its
+// volumes marked to move. `deploy -f` with it runs the migration.
+func (d *Deployer) RenderManifest(_ context.Context, req ctlapi.MigrateRequest) (ctlapi.RenderedManifest, error) {
+	ns, name, err := factview.SplitService(req.Service)
+	if err != nil {
+		return ctlapi.RenderedManifest{}, err
+	}
+	target, err := factview.MachineByName(d.facts, d.cfg.Self, req.To)
+	if err != nil {
+		return ctlapi.RenderedManifest{}, err
+	}
+	var specs []fsm.ServiceSpec
+	found := false
+	d.facts.Read(func(s *fsm.State) {
+		for _, sv := range s.Services() {
+			if sv.Namespace != ns {
+				continue
+			}
+			sp := sv.Spec
+			if sp.Name == name {
+				found = true
+				sp.Machine = target.Name
+			}
+			specs = append(specs, sp)
+		}
+	})
+	if !found {
+		return ctlapi.RenderedManifest{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService, Err: fmt.Errorf("no service %s", req.Service)}
+	}
+	return ctlapi.RenderedManifest{Namespace: ns, Text: manifest.Render(ns, specs, map[string]bool{name: true})}, nil
+}

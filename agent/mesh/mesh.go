@@ -1,0 +1,218 @@
+// Package mesh keeps this machine's WireGuard device in line with the
+// facts and gossip: a peer per machine, and each service IP routed to the
+// machine that owns the service. The config is a pure function of what
+// it is computed from; netmesh applies it. See DESIGN.md.
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/netmesh"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// KeyFile is where a machine keeps its WireGuard key, in its data dir.
+const KeyFile = "wg.key"
+
+// keepAlive keeps every pair of machines handshaken, also those that
+// exchange no Raft traffic, so a broken path shows before it is needed.
+const keepAlive = 25 * time.Second
+
+// Facts is this machine's view of the fact store.
+type Facts interface {
+	Read(func(*fsm.State))
+	// FactsIndex grows with every command the store applies.
+	FactsIndex() uint64
+}
+
+// Members is gossip's view of the machines.
+type Members interface {
+	Members() []cluster.Member
+}
+
+// Device is the WireGuard device (netmesh.Device).
+type Device interface {
+	Set(cfg netmesh.Config) error
+	Status() (netmesh.Status, error)
+	Close() error
+}
+
+// Config is what the mesh needs to know of its machine.
+type Config struct {
+	Self   string       // this machine's id
+	Port   int          // WireGuard's UDP port on the underlay
+	Prefix netip.Prefix // the overlay's range
+	Logger *slog.Logger
+}
+
+// Mesh is this machine's part of the mesh.
+type Mesh struct {
+	cfg Config
+	dev Device
+	key wgtypes.Key
+
+	mu      sync.Mutex
+	overlay netip.Addr // zero until known
+}
+
+// Open loads (or makes, once) the machine's key in dataDir and opens the
+// device named iface.
+func Open(cfg Config, dataDir, iface string) (*Mesh, error) {
+	key, err := netmesh.LoadOrCreateKey(filepath.Join(dataDir, KeyFile))
+	if err != nil {
+		return nil, err
+	}
+	dev, err := netmesh.Open(iface, cfg.Logger)
+	if err != nil {
+		return nil, err
+	}
+	return New(cfg, dev, key), nil
+}
+
+// New makes a mesh on an open device.
+func New(cfg Config, dev Device, key wgtypes.Key) *Mesh {
+	return &Mesh{cfg: cfg, dev: dev, key: key}
+}
+
+// PublicKey is this machine's WireGuard public key.
+func (m *Mesh) PublicKey() string { return m.key.PublicKey().String() }
+
+// SetOverlay gives the device this machine's overlay address.
+func (m *Mesh) SetOverlay(addr netip.Addr) {
+	m.mu.Lock()
+	m.overlay = addr
+	m.mu.Unlock()
+}
+
+// Overlay is this machine's overlay address; zero until known.
+func (m *Mesh) Overlay() netip.Addr {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.overlay
+}
+
+// Status reads the device.
+func (m *Mesh) Status() (netmesh.Status, error) { return m.dev.Status() }
+
+// Close closes the device.
+func (m *Mesh) Close() error { return m.dev.Close() }
+
+// Sync sets the device to the config computed from facts and gossip now.
+func (m *Mesh) Sync(facts Facts, members Members) error {
+	var cfg netmesh.Config
+	gossip := members.Members()
+	facts.Read(func(s *fsm.State) { cfg = m.desired(s, gossip) })
+	return m.dev.Set(cfg)
+}
+
+func (m *Mesh) desired(s *fsm.State, gossip []cluster.Member) netmesh.Config {
+	return Desired(s, gossip, Self{ID: m.cfg.Self, Key: m.key, Port: m.cfg.Port, Overlay: m.Overlay(), Prefix: m.cfg.Prefix})
+}
+
+// Run keeps the device's peers in line with membership and facts until
+// ctx ends: at once when the facts change (a service IP follows its
+// service within a tick of the commit that moved it), and every second
+// for gossip.
+func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var lastErr string
+	var factsAt uint64
+	var setAt time.Time
+	for {
+		if idx := facts.FactsIndex(); idx != factsAt || time.Since(setAt) >= time.Second {
+			factsAt, setAt = idx, time.Now()
+			err := m.Sync(facts, members)
+			if msg := fmt.Sprint(err); err != nil && msg != lastErr {
+				m.cfg.Logger.Warn("configuring the mesh device", "err", err)
+			}
+			lastErr = fmt.Sprint(err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// Self is this machine as its device config needs it.
+type Self struct {
+	ID      string
+	Key     wgtypes.Key
+	Port    int
+	Overlay netip.Addr // zero until known
+	Prefix  netip.Prefix
+}
+
+// Desired computes the device's config: a peer for every machine known
+// from the facts or gossip, except this one, departed ones and removed
+// ones; gossip, being fresher, wins over the facts. A peer's allowed IPs
+// are its overlay address and the service IPs of the services it owns.
+func Desired(s *fsm.State, gossip []cluster.Member, self Self) netmesh.Config {
+	type peerInfo struct{ key, endpoint, overlay string }
+	infos := map[string]peerInfo{}
+	serviceIPs := map[string][]netip.Prefix{}
+	for _, sv := range s.Services() {
+		serviceIPs[sv.MachineID] = append(serviceIPs[sv.MachineID], netip.PrefixFrom(sv.ServiceIP, sv.ServiceIP.BitLen()))
+	}
+	for _, f := range s.Machines() {
+		if f.State == fsm.MachineGone {
+			continue
+		}
+		pi := peerInfo{key: f.WGPublicKey, endpoint: f.WGEndpoint}
+		if f.OverlayIP.IsValid() {
+			pi.overlay = f.OverlayIP.String()
+		}
+		infos[f.ID] = pi
+	}
+	for _, g := range gossip {
+		if g.Liveness == cluster.LivenessLeft {
+			delete(infos, g.MachineID)
+			continue
+		}
+		pi := infos[g.MachineID]
+		if g.WGPublicKey != "" {
+			pi.key = g.WGPublicKey
+		}
+		if g.WGEndpoint != "" {
+			pi.endpoint = g.WGEndpoint
+		}
+		if g.OverlayIP != "" {
+			pi.overlay = g.OverlayIP
+		}
+		infos[g.MachineID] = pi
+	}
+	cfg := netmesh.Config{PrivateKey: self.Key, ListenPort: self.Port}
+	if self.Overlay.IsValid() {
+		cfg.Address = netip.PrefixFrom(self.Overlay, self.Prefix.Bits())
+	}
+	for id, pi := range infos {
+		if id == self.ID {
+			continue
+		}
+		key, err := wgtypes.ParseKey(pi.key)
+		if err != nil {
+			continue
+		}
+		p := netmesh.Peer{PublicKey: key, KeepAlive: keepAlive}
+		if ep, err := netip.ParseAddrPort(pi.endpoint); err == nil {
+			p.Endpoint = ep
+		}
+		if o, err := netip.ParseAddr(pi.overlay); err == nil {
+			p.AllowedIPs = []netip.Prefix{netip.PrefixFrom(o, o.BitLen())}
+		}
+		// Routing follows the fact: a service IP goes to its owner.
+		p.AllowedIPs = append(p.AllowedIPs, serviceIPs[id]...)
+		cfg.Peers = append(cfg.Peers, p)
+	}
+	return cfg
+}

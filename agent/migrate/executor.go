@@ -1,0 +1,442 @@
+package migrate
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/nslock"
+	"github.com/drover-sh/drover/volume"
+)
+
+// warmRounds bounds the incremental rounds while the service runs; a
+// round that sends less than warmEnough ends the warm copy.
+const (
+	warmRounds = 4
+	warmEnough = 8 << 20
+)
+
+// execution is a migration this daemon runs. It is owned by the
+// migrator, not by the request that started it: a CLI that goes away
+// does not stop it; `migrate abort` does.
+type execution struct {
+	id     string
+	cancel context.CancelCauseFunc
+	events chan ctlapi.MigrationEvent // closed when the migration ended
+	done   chan struct{}              // closed after info and err are set
+	info   ctlapi.MigrationInfo
+	err    error
+}
+
+func (ex *execution) emit(ev ctlapi.MigrationEvent) {
+	if ex == nil {
+		return
+	}
+	ev.ID, ev.Time = ex.id, time.Now()
+	select {
+	case ex.events <- ev:
+	default: // nobody reads fast enough: progress is not worth blocking a migration
+	}
+}
+
+// Migrate moves a service and its volumes to another machine and returns
+// when the move is done or undone, passing its events to emit.
+func (m *Migrator) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
+	return m.migrate(ctx, req, "", emit)
+}
+
+func (m *Migrator) migrate(ctx context.Context, req ctlapi.MigrateRequest, rollbackOf string, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
+	plan, sv, target, err := m.plan(ctx, req)
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	if !plan.OK {
+		var failed []string
+		for _, c := range plan.Checks {
+			if !c.OK {
+				failed = append(failed, c.Name+": "+c.Detail)
+			}
+		}
+		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodePreflightFailed,
+			Err: fmt.Errorf("pre-flight failed, nothing moved: %s", strings.Join(failed, "; "))}
+	}
+	seed := make([]fsm.MigrationVolume, 0, len(plan.Volumes))
+	for _, v := range plan.Volumes {
+		if rollbackOf != "" && v.IncrementalBase == "" {
+			return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeNoBase,
+				Err: fmt.Errorf("rollback of %s: the copy of volume %s on %s shares no snapshot with the live one: use migrate apply (a full copy)", rollbackOf, v.Name, target.Name)}
+		}
+		seed = append(seed, fsm.MigrationVolume{Name: v.Name, LastSnapshot: v.IncrementalBase, GUID: v.BaseGUID, TotalBytes: v.ReferencedBytes})
+	}
+	ex, err := m.startExecution(ctx, sv, target, seed, rollbackOf)
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	for {
+		select {
+		case ev, ok := <-ex.events:
+			if ok {
+				emit(ev)
+				continue
+			}
+			<-ex.done
+			return ex.info, ex.err
+		case <-ctx.Done():
+			info, _ := m.Show(ctx, ex.id)
+			return info, fmt.Errorf("stopped following migration %s; it goes on (see `droverctl migrate show %s`): %w", ex.id, ex.id, ctx.Err())
+		}
+	}
+}
+
+func randomSuffix() string {
+	b := make([]byte, 3)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// startExecution takes the namespace lock, records the migration and
+// runs it in a goroutine the migrator owns.
+func (m *Migrator) startExecution(ctx context.Context, sv fsm.Service, target fsm.Machine, seed []fsm.MigrationVolume, rollbackOf string) (*execution, error) {
+	ns, name := sv.Namespace, sv.Spec.Name
+	id := "m" + randomSuffix() + randomSuffix()
+	holder := m.cfg.Name + "/migrate/" + id
+	ectx, cancel := context.WithCancelCause(m.ctx)
+	ex := &execution{id: id, cancel: cancel, events: make(chan ctlapi.MigrationEvent, 256), done: make(chan struct{})}
+	// Registered before the migration exists in the facts, so recovery
+	// never takes it for one whose executor died.
+	m.mu.Lock()
+	m.execs[id] = ex
+	m.mu.Unlock()
+	forget := func() {
+		m.mu.Lock()
+		delete(m.execs, id)
+		m.mu.Unlock()
+		cancel(nil)
+	}
+	lock, err := nslock.Acquire(ectx, m.d.Facts, ns, holder, m.cfg.LockLease, m.log)
+	if err != nil {
+		forget()
+		return nil, err
+	}
+	if _, err := m.d.Facts.Apply(ctx, fsm.StartMigration{ID: id, Namespace: ns, Service: name, TargetID: target.ID, Holder: holder,
+		Volumes: seed, RollbackOf: rollbackOf, At: time.Now()}); err != nil {
+		lock.Release()
+		forget()
+		return nil, fmt.Errorf("starting migration: %w", err)
+	}
+	m.log.Info("migration started", "id", id, "service", ns+"/"+name, "target", target.Name)
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		defer forget()
+		err := m.run(ectx, ex, holder)
+		if err != nil {
+			if cause := context.Cause(ectx); cause != nil && errors.Is(err, context.Canceled) {
+				err = cause
+			}
+			m.log.Warn("migration failed before the commit: aborting", "id", id, "err", err)
+			ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseAborting), Message: err.Error()})
+			m.abort(context.WithoutCancel(ectx), id, err)
+			ex.err = &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeMigrationAborted,
+				Err: fmt.Errorf("migration %s of %s/%s aborted, the service runs on its source again: %w", id, ns, name, err)}
+		}
+		lock.Release()
+		ex.info, _ = m.Show(context.WithoutCancel(ectx), id)
+		close(ex.events)
+		close(ex.done)
+	}()
+	return ex, nil
+}
+
+// applyRetry applies a migration command, riding out a leader change:
+// it retries while the outcome is unknown or no leader answers (the
+// commands are idempotent or checked by the caller), for up to a minute.
+func (m *Migrator) applyRetry(ctx context.Context, cmd fsm.Command) error {
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := m.d.Facts.Apply(ctx, cmd)
+		var rule *fsm.RuleError
+		if err == nil || errors.As(err, &rule) || ctx.Err() != nil || time.Now().After(deadline) {
+			return err
+		}
+		m.log.Warn("recording a migration step; retrying", "command", cmd.Type(), "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// step is one named step of a migration before its commit, read in
+// order: the phase it records first (if any), what it does, and the
+// executor's crash point after it (if any). A step that fails is named in
+// the error.
+type step struct {
+	name  string
+	phase fsm.MigrationPhase
+	msg   string // the phase's message
+	do    func(ctx context.Context) error
+	crash string
+}
+
+// run drives the phases up to the commit and the cleanup after. An error
+// means the commit did not happen.
+func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error {
+	id := ex.id
+	f, _ := m.fact(id)
+	vols := f.Volumes
+	phase := func(p fsm.MigrationPhase, msg string, vols []fsm.MigrationVolume) error {
+		ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(p), Message: msg})
+		return m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: p, Volumes: vols, At: time.Now()})
+	}
+	var started startResult
+	steps := []step{
+		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", do: func(ctx context.Context) error {
+			return m.warmCopy(ctx, ex, f, vols, phase)
+		}},
+		{name: "stopping the source", do: func(ctx context.Context) error {
+			_, err := call(ctx, m, f.SourceID, time.Minute, routeStopSource, migrationRef{ID: id})
+			return err
+		}},
+		{name: "source stopped", phase: fsm.PhaseSourceStopped, msg: "source stopped: writes stopped", crash: "source-stopped"},
+		{name: "final copy", do: func(ctx context.Context) error {
+			for i := range vols {
+				k, err := m.sendVolume(ctx, ex, f, &vols[i], finalSnapshot(id), 0)
+				if err != nil {
+					return err
+				}
+				vols[i].FinalBytes = k
+				m.cfg.Crash.Hit("executor", "final-send")
+			}
+			return phase(fsm.PhaseFinalCopy, "final increment sent, GUIDs match", vols)
+		}},
+		{name: "starting on the target", phase: fsm.PhaseTargetStarting, msg: "starting on the target", do: func(ctx context.Context) error {
+			var err error
+			started, err = call(ctx, m, f.TargetID, 10*time.Minute, routeStartTarget, migrationRef{ID: id})
+			return err
+		}, crash: "target-started"},
+	}
+	for _, s := range steps {
+		if s.phase != "" {
+			var record []fsm.MigrationVolume
+			if s.phase == fsm.PhaseWarmCopy {
+				record = vols
+			}
+			if err := phase(s.phase, s.msg, record); err != nil {
+				return err
+			}
+		}
+		if s.do != nil {
+			if err := s.do(ctx); err != nil {
+				return fmt.Errorf("%s: %w", s.name, err)
+			}
+		}
+		if s.crash != "" {
+			m.cfg.Crash.Hit("executor", s.crash)
+		}
+	}
+	// The point of no return.
+	commitErr := m.applyRetry(ctx, fsm.CommitMigration{ID: id, Holder: holder, ReadyAt: started.ReadyAt, At: time.Now()})
+	if now, _ := m.fact(id); !now.Phase.Committed() {
+		if commitErr == nil {
+			commitErr = fmt.Errorf("migration is %s after its commit", now.Phase)
+		}
+		return fmt.Errorf("committing: %w", commitErr)
+	}
+	ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseCommitted), Message: "committed: the target owns the volumes and serves the service IP"})
+	m.cfg.Crash.Hit("executor", "committed")
+	m.complete(context.WithoutCancel(ctx), id, ex)
+	return nil
+}
+
+// warmCopy sends rounds of snapshots while the service runs, until a
+// round sends less than warmEnough or warmRounds are done.
+func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration, vols []fsm.MigrationVolume, phase func(fsm.MigrationPhase, string, []fsm.MigrationVolume) error) error {
+	for round := 1; round <= warmRounds; round++ {
+		var sent uint64
+		for i := range vols {
+			k, err := m.sendVolume(ctx, ex, f, &vols[i], volume.SnapshotPrefix+f.ID+"-"+strconv.Itoa(round), round)
+			if err != nil {
+				return fmt.Errorf("round %d: %w", round, err)
+			}
+			sent += k
+		}
+		m.cfg.Crash.Hit("executor", "warm-copy")
+		if err := phase(fsm.PhaseWarmCopy, fmt.Sprintf("round %d sent %s", round, mibs(sent)), vols); err != nil {
+			return err
+		}
+		if sent < warmEnough {
+			return nil
+		}
+	}
+	return nil
+}
+
+// sendVolume has the source stream one snapshot of a volume to the target
+// (incremental from the newest snapshot both hold) and follows its
+// progress. It returns the bytes sent.
+func (m *Migrator) sendVolume(ctx context.Context, ex *execution, f fsm.Migration, v *fsm.MigrationVolume, snap string, round int) (uint64, error) {
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// The source writes a line every half second; silence means the
+	// source or the path to it is gone.
+	idle := time.AfterFunc(2*m.cfg.StallTimeout, cancel)
+	defer idle.Stop()
+	wctx, stop := m.watchMachine(cctx, f.SourceID)
+	defer stop()
+	var total uint64
+	if v.LastSnapshot == "" {
+		total = v.TotalBytes
+	}
+	start := time.Now()
+	progress := func(p sendProgress) {
+		idle.Reset(2 * m.cfg.StallTimeout)
+		ev := ctlapi.MigrationEvent{Kind: "progress", Phase: string(fsm.PhaseWarmCopy), Round: round, Volume: v.Name, Bytes: p.Bytes, Total: total}
+		if round == 0 {
+			ev.Phase = string(fsm.PhaseFinalCopy)
+		}
+		if s := time.Since(start).Seconds(); s > 0 {
+			ev.Rate = float64(p.Bytes) / s
+		}
+		ex.emit(ev)
+	}
+	res, err := routeSend.Call(wctx, m.d.Peers, f.SourceID, sendRequest{ID: f.ID, Volume: v.Name, Snap: snap, Base: v.LastSnapshot}, progress)
+	if err != nil {
+		return 0, fmt.Errorf("sending %s@%s: %w", v.Name, snap, goneCause(wctx, err))
+	}
+	progress(sendProgress{Bytes: res.Bytes})
+	if res.SourceGUID != res.TargetGUID {
+		return 0, fmt.Errorf("volume %s@%s: %w: %d on the source, %d on the target", v.Name, snap, ErrGUIDMismatch, res.SourceGUID, res.TargetGUID)
+	}
+	v.BytesSent += res.Bytes
+	v.LastSnapshot, v.GUID = snap, res.SourceGUID
+	return res.Bytes, nil
+}
+
+// complete finishes a committed migration: the source removes its
+// container and keeps its copy, both prune to the final snapshot, and the
+// migration is recorded done. Only forward: a machine that does not answer
+// is left to its reconciler, which does the same when it is back.
+func (m *Migrator) complete(ctx context.Context, id string, ex *execution) {
+	f, ok := m.fact(id)
+	if !ok || f.Phase != fsm.PhaseCommitted {
+		return
+	}
+	cleanup := func(machine string, rt peer.Route[migrationRef, done]) {
+		if _, err := call(ctx, m, machine, 2*time.Minute, rt, migrationRef{ID: id}); err != nil {
+			m.log.Warn("cleanup after the commit; the machine's reconciler finishes it", "id", id, "machine", m.nameOf(machine), "err", err)
+		}
+	}
+	cleanup(f.SourceID, routeCleanupSource)
+	m.cfg.Crash.Hit("executor", "cleanup")
+	cleanup(f.TargetID, routeCleanupTarget)
+	for {
+		err := m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, At: time.Now()})
+		if now, _ := m.fact(id); now.Phase == fsm.PhaseDone {
+			break
+		}
+		m.log.Warn("recording a committed migration as done; retrying", "id", id, "err", err)
+		select {
+		case <-m.ctx.Done():
+			return // the next start of this daemon finishes it
+		case <-time.After(time.Second):
+		}
+	}
+	ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseDone), Message: "source container removed, source copy kept"})
+}
+
+// abort undoes a migration before its commit: it records why, has the
+// target and the source undo their parts, and records it aborted. A
+// machine that does not answer undoes its part when it is back (see
+// recovery): the abort does not wait for it.
+func (m *Migrator) abort(ctx context.Context, id string, cause error) {
+	f, ok := m.fact(id)
+	if !ok || f.Phase.Committed() || f.Phase.Terminal() {
+		return
+	}
+	if f.Phase != fsm.PhaseAborting {
+		m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborting, Error: cause.Error(), At: time.Now()})
+	}
+	for _, machine := range []string{f.TargetID, f.SourceID} {
+		if g, ok := m.d.Members.Member(machine); !ok || g.Liveness != cluster.LivenessAlive {
+			m.log.Warn("not undoing a migration on a machine gossip does not see alive; it undoes its part when back",
+				"id", id, "machine", m.nameOf(machine))
+			continue
+		}
+		if _, err := call(ctx, m, machine, 2*time.Minute, routeAbort, migrationRef{ID: id}); err != nil {
+			m.log.Error("undoing a migration; that machine undoes its part when it is back", "id", id, "machine", m.nameOf(machine), "err", err)
+		}
+	}
+	if err := m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseAborted, At: time.Now()}); err != nil {
+		m.log.Error("recording a migration aborted", "id", id, "err", err)
+	}
+}
+
+// call makes one of a migration's calls to machine within timeout,
+// failing as soon as gossip reports the machine failed or left.
+func call[Resp any](ctx context.Context, m *Migrator, machine string, timeout time.Duration, rt peer.Route[migrationRef, Resp], req migrationRef) (Resp, error) {
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	wctx, stop := m.watchMachine(cctx, machine)
+	defer stop()
+	resp, err := rt.Call(wctx, m.d.Peers, machine, req)
+	return resp, goneCause(wctx, err)
+}
+
+// watchMachine gives a context that ends as soon as gossip reports the
+// machine failed or left: a killed daemon takes its WireGuard device with
+// it, so its overlay address answers nothing, not even a reset, and a
+// plain call would wait for TCP's own timeouts. stop ends the watch.
+func (m *Migrator) watchMachine(ctx context.Context, machine string) (context.Context, func()) {
+	cctx, cancel := context.WithCancelCause(ctx)
+	stopped := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		tick := time.NewTicker(250 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stopped:
+				return
+			case <-cctx.Done():
+				return
+			case <-tick.C:
+			}
+			if g, ok := m.d.Members.Member(machine); ok && (g.Liveness == cluster.LivenessFailed || g.Liveness == cluster.LivenessLeft) {
+				cancel(fmt.Errorf("%w: %s is %s", ErrMachineGone, m.nameOf(machine), g.Liveness))
+				return
+			}
+		}
+	}()
+	return cctx, func() {
+		close(stopped)
+		<-finished
+		cancel(nil)
+	}
+}
+
+// goneCause names a call's failure by the machine being gone, when that
+// is what ended it.
+func goneCause(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if cause := context.Cause(ctx); cause != nil && errors.Is(cause, ErrMachineGone) {
+		return fmt.Errorf("%w (%v)", cause, err)
+	}
+	return err
+}
+
+func mibs(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }

@@ -1,0 +1,203 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
+)
+
+// The source's side of a migration: it sends snapshots, stops its
+// container, and after the commit removes it and keeps its copy for the
+// safety window.
+
+// handleSend (source): snapshot a volume and stream it to the target,
+// answering with a progress line every half second and the outcome last.
+// A stream that moves no byte for the stall timeout is cancelled.
+func (m *Migrator) handleSend(ctx context.Context, _ string, req sendRequest, emit func(sendProgress)) (sendResult, error) {
+	c, err := m.lookup(ctx, req.ID)
+	if err == nil {
+		err = m.requireRunning(c.m, c.m.SourceID, ErrNotSource)
+	}
+	if err == nil {
+		err = m.requireVolumes()
+	}
+	if err != nil {
+		return sendResult{}, err
+	}
+	snap, err := m.d.Streams.Snapshot(c.m.Namespace, req.Volume, req.Snap)
+	if err != nil {
+		return sendResult{}, err
+	}
+	point := "warm-copy"
+	if req.Snap == finalSnapshot(c.m.ID) {
+		point = "final-send"
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	pr, pw := io.Pipe()
+	var sent atomic.Uint64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		cw := &countingWriter{w: pw, n: &sent, first: func() { m.cfg.Crash.Hit("source", point) }}
+		pw.CloseWithError(m.d.Streams.Send(c.m.Namespace, req.Volume, req.Snap, req.Base, cw))
+	}()
+	type outcome struct {
+		guid uint64
+		err  error
+	}
+	answered := make(chan outcome, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		got, err := routeReceive.Call(ctx, m.d.Peers, c.m.TargetID, req, pr)
+		pr.CloseWithError(errors.New("the target's answer came"))
+		answered <- outcome{guid: got.TargetGUID, err: err}
+	}()
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	last, lastMoved := uint64(0), time.Now()
+	var res outcome
+wait:
+	for {
+		select {
+		case res = <-answered:
+			break wait
+		case <-tick.C:
+			n := sent.Load()
+			if n != last {
+				last, lastMoved = n, time.Now()
+			} else if time.Since(lastMoved) > m.cfg.StallTimeout {
+				cancel(fmt.Errorf("%w: no byte for %s", ErrStalled, m.cfg.StallTimeout))
+			}
+			emit(sendProgress{Bytes: n})
+		}
+	}
+	cancel(nil)
+	wg.Wait()
+	if res.err != nil {
+		err := res.err
+		if cause := context.Cause(ctx); cause != nil && errors.Is(cause, ErrStalled) {
+			err = cause
+		}
+		return sendResult{}, fmt.Errorf("streaming %s/%s@%s to the target: %w", c.m.Namespace, req.Volume, req.Snap, err)
+	}
+	return sendResult{Bytes: sent.Load(), SourceGUID: snap.GUID, TargetGUID: res.guid}, nil
+}
+
+// countingWriter counts what passes and calls first once, after the first
+// write.
+type countingWriter struct {
+	w     io.Writer
+	n     *atomic.Uint64
+	first func()
+	once  sync.Once
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	k, err := c.w.Write(p)
+	c.n.Add(uint64(k))
+	if k > 0 && c.first != nil {
+		c.once.Do(c.first)
+	}
+	return k, err
+}
+
+// handleStopSource (source): stop the container; writes stop here.
+func (m *Migrator) handleStopSource(ctx context.Context, c migrationCall) error {
+	if err := m.requireRunning(c.m, c.m.SourceID, ErrNotSource); err != nil {
+		return err
+	}
+	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
+	if err != nil {
+		return fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
+	}
+	if ctr.ID == "" {
+		return fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
+	}
+	if err := m.d.Containers.Stop(ctx, ctr.ID, 10*time.Second); err != nil {
+		return err
+	}
+	m.cfg.Crash.Hit("source", "source-stopped")
+	return nil
+}
+
+// undoSource starts the source's stopped container again, if this machine
+// still runs the service (it always does before a commit).
+func (m *Migrator) undoSource(ctx context.Context, c migrationCall) error {
+	if c.sv.MachineID != m.cfg.Self {
+		return nil
+	}
+	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
+	if err != nil {
+		return err
+	}
+	if ctr.ID != "" && !ctr.Running {
+		return m.d.Containers.Restart(ctx, ctr.ID)
+	}
+	return nil
+}
+
+// handleCleanupSource (source, after the commit): remove the container and
+// the service IP, keep the dataset with only the final snapshot, the base
+// of a rollback.
+func (m *Migrator) handleCleanupSource(ctx context.Context, c migrationCall) error {
+	if !c.m.Phase.Committed() || m.cfg.Self != c.m.SourceID {
+		return fmt.Errorf("migration %s is %s: no source cleanup here: %w", c.m.ID, c.m.Phase, ErrNotCommitted)
+	}
+	m.cfg.Crash.Hit("source", "committed")
+	if err := m.removeContainer(ctx, c); err != nil {
+		return err
+	}
+	m.cfg.Crash.Hit("source", "cleanup")
+	return m.pruneSnapshots(c)
+}
+
+// handlePurgeSource (source of a done migration): destroy the copy it
+// kept.
+func (m *Migrator) handlePurgeSource(_ context.Context, c migrationCall) error {
+	if c.m.SourceID != m.cfg.Self {
+		return fmt.Errorf("%w of migration %s", ErrNotSource, c.m.ID)
+	}
+	return m.purgeLocal(c)
+}
+
+// purgeLocal destroys the copy this machine kept as a done migration's
+// source. A copy that is live again (a rollback made this machine the
+// owner) or that is no longer this migration's is left alone.
+func (m *Migrator) purgeLocal(c migrationCall) error {
+	if c.m.Phase != fsm.PhaseDone {
+		return fmt.Errorf("migration %s is %s: only a done migration kept a copy: %w", c.m.ID, c.m.Phase, ErrNotDone)
+	}
+	if !m.holdsVolumes() {
+		return nil
+	}
+	for _, v := range c.m.Volumes {
+		if m.ownsVolume(c.m.Namespace, v.Name) {
+			continue
+		}
+		info, err := m.d.Copies.Get(c.m.Namespace, v.Name)
+		if err != nil {
+			continue // gone already
+		}
+		ours := false
+		for _, s := range info.Snapshots {
+			ours = ours || s.Name == finalSnapshot(c.m.ID)
+		}
+		if !ours {
+			continue
+		}
+		if err := m.d.Datasets.DestroyDataset(info.Dataset); err != nil {
+			return err
+		}
+		m.log.Info("destroyed the source copy a migration kept", "migration", c.m.ID, "dataset", info.Dataset)
+	}
+	return nil
+}

@@ -1,0 +1,213 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/agent/runtime"
+)
+
+// The target's side of a migration: it receives streams into staging
+// copies, puts them in place and starts the service on them, and undoes
+// all of it when the migration aborts, never touching what it owns.
+
+// handleReceive (target): accept a stream only from the migration's
+// source, into a staging dataset, never over a volume this machine owns.
+// The first stream with a base turns the copy this machine kept from an
+// earlier migration into the staging dataset, so only the difference
+// travels.
+func (m *Migrator) handleReceive(ctx context.Context, from string, req streamRequest, body peer.Body) (receiveResult, error) {
+	c, err := m.lookup(ctx, req.ID)
+	if err != nil {
+		return receiveResult{}, err
+	}
+	f := c.m
+	if err := m.requireRunning(f, f.TargetID, ErrNotTarget); err != nil {
+		return receiveResult{}, err
+	}
+	if from == "" || from != f.SourceID {
+		return receiveResult{}, fmt.Errorf("stream from %s refused: %w (migration %s)", m.nameOf(from), ErrStreamRefused, f.ID)
+	}
+	if err := m.requireVolumes(); err != nil {
+		return receiveResult{}, err
+	}
+	point := "warm-copy"
+	if req.Snap == finalSnapshot(f.ID) {
+		// The source has stopped; nothing of the final increment came yet.
+		m.cfg.Crash.Hit("target", "source-stopped")
+		point = "final-send"
+	}
+	if m.ownsVolume(f.Namespace, req.Volume) {
+		return receiveResult{}, fmt.Errorf("volume %s/%s: %w: refusing to receive over it", f.Namespace, req.Volume, ErrVolumeOwned)
+	}
+	ds := m.d.Datasets
+	staging := ds.StagingDataset(f.ID, req.Volume)
+	if req.Base != "" && !ds.Exists(staging) {
+		kept := ds.Dataset(f.Namespace, req.Volume)
+		if !ds.Exists(kept) {
+			return receiveResult{}, fmt.Errorf("incremental from %s asked for %s/%s: %w", req.Base, f.Namespace, req.Volume, ErrNoCopy)
+		}
+		m.log.Info("receiving into the copy kept from an earlier migration", "migration", f.ID, "dataset", kept, "base", req.Base)
+		if err := ds.MoveDataset(kept, staging); err != nil {
+			return receiveResult{}, err
+		}
+	}
+	r := &deadlineReader{body: body, idle: m.cfg.StallTimeout, first: func() { m.cfg.Crash.Hit("target", point) }}
+	if err := m.d.Streams.ReceiveInto(staging, req.Base != "", r); err != nil {
+		return receiveResult{}, err
+	}
+	guid, err := m.d.Streams.SnapshotGUID(staging, req.Snap)
+	return receiveResult{TargetGUID: guid}, err
+}
+
+// deadlineReader reads a stream, pushing its read deadline forward on
+// every read: a stream that stops for the stall timeout (a cut link)
+// fails instead of hanging a `zfs receive`.
+type deadlineReader struct {
+	body  peer.Body
+	idle  time.Duration
+	first func()
+	once  sync.Once
+}
+
+func (d *deadlineReader) Read(p []byte) (int, error) {
+	d.body.SetReadDeadline(time.Now().Add(d.idle))
+	k, err := d.body.Read(p)
+	if k > 0 && d.first != nil {
+		d.once.Do(d.first)
+	}
+	return k, err
+}
+
+var _ io.Reader = (*deadlineReader)(nil)
+
+// handleStartTarget (target): put the received copies in place, start the
+// container on them and wait until it is ready. Each adopted dataset is
+// marked with the migration's id, so an abort destroys exactly it.
+func (m *Migrator) handleStartTarget(ctx context.Context, c migrationCall) (startResult, error) {
+	f, sv := c.m, c.sv
+	if err := m.requireRunning(f, f.TargetID, ErrNotTarget); err != nil {
+		return startResult{}, err
+	}
+	began := time.Now()
+	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP, Mounts: map[string]string{}}
+	if len(f.Volumes) > 0 {
+		if err := m.requireVolumes(); err != nil {
+			return startResult{}, err
+		}
+	}
+	for _, v := range f.Volumes {
+		mountpoint, err := m.placeCopy(f.ID, f.Namespace, v.Name)
+		if err != nil {
+			return startResult{}, fmt.Errorf("placing the copy of %s/%s: %w", f.Namespace, v.Name, err)
+		}
+		rs.Mounts[v.Name] = mountpoint
+	}
+	adopted := time.Now()
+	if err := m.d.Loopback.Add(sv.ServiceIP); err != nil {
+		return startResult{}, err
+	}
+	ctr, err := m.d.Starter.Start(ctx, rs)
+	if err != nil {
+		return startResult{}, err
+	}
+	started := time.Now()
+	if err := m.d.Starter.WaitReady(ctx, ctr, rs); err != nil {
+		return startResult{}, err
+	}
+	ready := time.Now()
+	m.log.Info("started on the target", "migration", f.ID, "volumes_adopted", adopted.Sub(began).Round(time.Millisecond),
+		"container_started", started.Sub(adopted).Round(time.Millisecond), "ready", ready.Sub(started).Round(time.Millisecond))
+	m.cfg.Crash.Hit("target", "target-started")
+	return startResult{ReadyAt: ready}, nil
+}
+
+// placeCopy puts the staging copy of one volume in its place, marks it
+// as this migration's and gives its mountpoint. Safe to repeat: a copy in
+// place already is only marked again.
+func (m *Migrator) placeCopy(id, ns, vol string) (string, error) {
+	ds, cp := m.d.Datasets, m.d.Copies
+	staging, final := ds.StagingDataset(id, vol), ds.Dataset(ns, vol)
+	if ds.Exists(final) && ds.Exists(staging) {
+		// A copy kept from an older migration that shares no snapshot with
+		// the source: the fresh copy supersedes it.
+		m.log.Warn("replacing a stale copy with the one just received", "migration", id, "dataset", final)
+		if err := ds.DestroyDataset(final); err != nil {
+			return "", err
+		}
+	}
+	if ds.Exists(staging) {
+		if _, err := cp.Adopt(staging, ns, vol); err != nil {
+			return "", err
+		}
+	}
+	if err := cp.SetOrigin(ns, vol, id); err != nil {
+		return "", err
+	}
+	info, err := cp.Get(ns, vol)
+	if err != nil {
+		return "", err
+	}
+	return info.Mountpoint, nil
+}
+
+// undoTarget removes what a migration that did not commit left on its
+// target: the container and service IP of a service this machine does not
+// run, the staging copies, and the datasets it adopted. A copy kept from
+// an earlier migration that served as the base goes back to its place.
+// Safe to repeat, and safe on old migrations: nothing this machine owns is
+// touched.
+func (m *Migrator) undoTarget(ctx context.Context, c migrationCall) error {
+	if err := m.removeContainer(ctx, c); err != nil {
+		return err
+	}
+	if !m.holdsVolumes() {
+		return nil
+	}
+	var errs []error
+	for _, v := range c.m.Volumes {
+		if m.ownsVolume(c.m.Namespace, v.Name) {
+			continue
+		}
+		errs = append(errs, m.undoCopy(c.m.ID, c.m.Namespace, v.Name, v.Base != ""))
+	}
+	return errors.Join(errs...)
+}
+
+// undoCopy removes what one volume's migration left here: the staging
+// copy is destroyed, or, when it was made from a copy kept from before
+// (hadBase) that is not back in place, renamed back; a dataset this
+// migration adopted from scratch is destroyed.
+func (m *Migrator) undoCopy(id, ns, vol string, hadBase bool) error {
+	ds := m.d.Datasets
+	staging, final := ds.StagingDataset(id, vol), ds.Dataset(ns, vol)
+	var errs []error
+	if ds.Exists(staging) {
+		if hadBase && !ds.Exists(final) {
+			errs = append(errs, ds.MoveDataset(staging, final))
+		} else {
+			errs = append(errs, ds.DestroyDataset(staging))
+		}
+	}
+	if !hadBase && m.d.Copies.Origin(ns, vol) == id {
+		errs = append(errs, ds.DestroyDataset(final))
+	}
+	return errors.Join(errs...)
+}
+
+// handleCleanupTarget (target, after the commit): keep only the final
+// snapshot.
+func (m *Migrator) handleCleanupTarget(_ context.Context, c migrationCall) error {
+	if !c.m.Phase.Committed() || m.cfg.Self != c.m.TargetID {
+		return fmt.Errorf("migration %s is %s: no target cleanup here: %w", c.m.ID, c.m.Phase, ErrNotCommitted)
+	}
+	m.cfg.Crash.Hit("target", "committed")
+	err := m.pruneSnapshots(c)
+	m.cfg.Crash.Hit("target", "cleanup")
+	return err
+}

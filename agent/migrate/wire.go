@@ -1,0 +1,111 @@
+package migrate
+
+import (
+	"time"
+
+	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/volume"
+)
+
+// Daemon-to-daemon calls of a migration. The executor (the daemon where
+// `migrate apply` ran) drives them; source and target check every call
+// against the migration's facts. The paths carry the wire's version (see
+// DESIGN.md, "Upgrading").
+var (
+	// source: snapshot and stream a volume to the target
+	routeSend = peer.Stream[sendRequest, sendProgress, sendResult]{Path: "migrate/v2/send"}
+	// target: receive a stream from the source
+	routeReceive = peer.Upload[streamRequest, receiveResult]{Path: "migrate/v2/receive"}
+	// source: stop the service's container (kept)
+	routeStopSource = peer.Route[migrationRef, done]{Path: "migrate/v2/stop-source"}
+	// target: adopt the copies, start, wait ready
+	routeStartTarget = peer.Route[migrationRef, startResult]{Path: "migrate/v2/start-target"}
+	// both: undo before the commit
+	routeAbort = peer.Route[migrationRef, done]{Path: "migrate/v2/abort"}
+	// source, after the commit: container away, copy kept
+	routeCleanupSource = peer.Route[migrationRef, done]{Path: "migrate/v2/cleanup-source"}
+	// target, after the commit: keep only the final snapshot
+	routeCleanupTarget = peer.Route[migrationRef, done]{Path: "migrate/v2/cleanup-target"}
+	// source of a done migration: destroy the kept copy
+	routePurgeSource = peer.Route[migrationRef, done]{Path: "migrate/v2/purge-source"}
+	// any machine: what only it knows (pre-flight, drain planning)
+	routeLocalFacts = peer.Route[LocalQuery, LocalFacts]{Path: "machine/v2/local"}
+)
+
+// migrationRef names the migration a call is about.
+type migrationRef struct {
+	ID string `json:"id"`
+}
+
+// done is the answer of a call that returns nothing but success.
+type done struct{}
+
+// streamRequest names one snapshot of one volume to move, incremental
+// from base when base is not empty.
+type streamRequest struct {
+	ID     string `json:"id"`
+	Volume string `json:"volume"`
+	Snap   string `json:"snap"`
+	Base   string `json:"base,omitempty"`
+}
+
+// sendRequest asks the source to stream a snapshot to the target.
+type sendRequest = streamRequest
+
+// sendProgress is the source's line every half second while it sends.
+type sendProgress struct {
+	Bytes uint64 `json:"bytes"`
+}
+
+// sendResult is the outcome of a send: bytes moved and the snapshot's
+// GUID on both sides.
+type sendResult struct {
+	Bytes      uint64 `json:"bytes"`
+	SourceGUID uint64 `json:"source_guid"`
+	TargetGUID uint64 `json:"target_guid"`
+}
+
+// receiveResult is the target's answer to a stream.
+type receiveResult struct {
+	TargetGUID uint64 `json:"target_guid"`
+}
+
+// startResult is the target's answer to start-target.
+type startResult struct {
+	ReadyAt time.Time `json:"ready_at"`
+}
+
+// LocalQuery asks a machine what only it knows.
+type LocalQuery struct {
+	Namespace string   `json:"namespace,omitempty"`
+	Volumes   []string `json:"volumes,omitempty"` // of Namespace
+	Images    []string `json:"images,omitempty"`
+}
+
+// LocalFacts is what a machine reports of itself.
+type LocalFacts struct {
+	VolumeFreeBytes uint64                 `json:"volume_free_bytes"`
+	MemoryBytes     uint64                 `json:"memory_bytes"`
+	HoldsVolumes    bool                   `json:"holds_volumes"`
+	Images          map[string]bool        `json:"images,omitempty"` // of the asked images, which it has
+	Volumes         map[string]volume.Info `json:"volumes"`          // those of the asked names it has
+}
+
+// Errors a migration's calls answer with; their codes cross machines, so
+// the executor matches them with errors.Is.
+var (
+	ErrStalled       = peer.NewError("stream_stalled", "volume stream stalled")
+	ErrNoMigration   = peer.NewError("no_migration", "no such migration")
+	ErrNotSource     = peer.NewError("not_source", "this machine is not the source")
+	ErrNotTarget     = peer.NewError("not_target", "this machine is not the target")
+	ErrNotRunning    = peer.NewError("not_running", "the migration does not run before its commit")
+	ErrNotCommitted  = peer.NewError("not_committed", "the migration is not committed")
+	ErrNotDone       = peer.NewError("not_done", "the migration is not done")
+	ErrNoVolumes     = peer.NewError("no_volumes", "this machine holds no volumes (no --zfs-parent)")
+	ErrNoCopy        = peer.NewError("no_copy", "this machine has no copy of the volume")
+	ErrVolumeOwned   = peer.NewError("volume_owned", "the volume is owned by this machine")
+	ErrStreamRefused = peer.NewError("stream_refused", "only the source of a migration may send into its target")
+	ErrNoContainer   = peer.NewError("no_container", "the service has no container here")
+	ErrGUIDMismatch  = peer.NewError("guid_mismatch", "the snapshot's GUID differs between source and target")
+	ErrMachineGone   = peer.NewError("machine_gone", "machine is gone")
+)

@@ -1,0 +1,327 @@
+// Package reconcile makes a machine run exactly what the facts say it
+// owns: containers, the service IPs on its loopback, and the capacity it
+// gossips. See DESIGN.md.
+package reconcile
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/factview"
+	"github.com/drover-sh/drover/volume"
+)
+
+// Facts is this machine's view of the fact store.
+type Facts interface {
+	Read(func(*fsm.State))
+	Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error)
+	CaughtUp(ctx context.Context) error
+}
+
+// Runtime runs containers.
+type Runtime interface {
+	List(ctx context.Context) ([]runtime.Container, error)
+	Start(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
+	Remove(ctx context.Context, id string, grace time.Duration) error
+	CheckOnce(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
+}
+
+// Volumes makes a service's volumes and tells the free pool space.
+type Volumes interface {
+	Ensure(namespace, name string, quota uint64) (volume.Info, error)
+	FreeBytes() (uint64, error)
+}
+
+// Loopback holds the service IPs of this machine.
+type Loopback interface {
+	Set(want []netip.Addr) error
+}
+
+// Gossip carries this machine's capacity to the others.
+type Gossip interface {
+	LocalMeta() cluster.Meta
+	SetMeta(update func(*cluster.Meta)) error
+}
+
+// Config is what the reconciler needs to know of its machine.
+type Config struct {
+	Self     string        // this machine's id
+	Interval time.Duration // between rounds (2 s when zero)
+	Logger   *slog.Logger
+	// MemAvailable reports free memory (capacity).
+	MemAvailable func() uint64
+}
+
+// Reconciler turns facts into containers on this machine.
+type Reconciler struct {
+	cfg    Config
+	facts  Facts
+	rt     Runtime
+	vols   Volumes // nil: this machine holds no volumes
+	lo     Loopback
+	gossip Gossip
+	log    *slog.Logger
+
+	checks map[string]*checkState // by service key; only the loop touches it
+}
+
+// checkState is the reconciler's memory of one service's readiness.
+type checkState struct {
+	generation  uint64
+	containerID string
+	failures    int
+	reported    string // "ready" or the error last reported for generation
+}
+
+// New makes a reconciler; vols is nil on a machine without volumes.
+func New(cfg Config, facts Facts, rt Runtime, vols Volumes, lo Loopback, gossip Gossip) *Reconciler {
+	if cfg.Interval == 0 {
+		cfg.Interval = 2 * time.Second
+	}
+	if cfg.MemAvailable == nil {
+		cfg.MemAvailable = func() uint64 { return 0 }
+	}
+	return &Reconciler{cfg: cfg, facts: facts, rt: rt, vols: vols, lo: lo, gossip: gossip, log: cfg.Logger, checks: map[string]*checkState{}}
+}
+
+// Run reconciles every interval until ctx ends, once the facts have
+// caught up with the leader's: an empty store after a restart would
+// otherwise read as "own nothing" and stop workloads.
+func (r *Reconciler) Run(ctx context.Context) {
+	tick := time.NewTicker(r.cfg.Interval)
+	defer tick.Stop()
+	if !factview.WaitCaughtUp(ctx, r.facts, tick.C, r.log, "workloads") {
+		return
+	}
+	r.log.Info("fact store caught up: reconciling workloads")
+	lastCapacity := time.Time{}
+	for {
+		if time.Since(lastCapacity) > 30*time.Second {
+			r.ReportCapacity()
+			lastCapacity = time.Now()
+		}
+		if err := r.Reconcile(ctx); err != nil && ctx.Err() == nil {
+			r.log.Warn("reconciling workloads", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// capacityStep rounds capacity so small changes do not churn the facts.
+const capacityStep = 256 << 20
+
+// ReportCapacity gossips free memory and volume space, rounded.
+func (r *Reconciler) ReportCapacity() {
+	mem := r.cfg.MemAvailable() / capacityStep * capacityStep
+	var disk uint64
+	if r.vols != nil {
+		if free, err := r.vols.FreeBytes(); err == nil {
+			disk = free / capacityStep * capacityStep
+		}
+	}
+	if m := r.gossip.LocalMeta(); m.MemoryBytes == mem && m.DiskBytes == disk {
+		return
+	}
+	if err := r.gossip.SetMeta(func(m *cluster.Meta) { m.MemoryBytes, m.DiskBytes = mem, disk }); err != nil {
+		r.log.Warn("gossiping capacity", "err", err)
+	}
+}
+
+// desired is what the facts ask of this machine.
+type desired struct {
+	owned   []fsm.Service
+	volumes map[string]fsm.Volume
+	// moving: services a migration to or from this machine moves; they
+	// are the migration's, not the reconciler's.
+	moving map[string]bool
+	// ips: the service IPs this machine holds: those it owns, and those of
+	// services moving here (the target starts them before the commit).
+	ips []netip.Addr
+}
+
+// desire reads what the facts ask of machine self: a pure function.
+func desire(s *fsm.State, self string) desired {
+	d := desired{volumes: map[string]fsm.Volume{}, moving: map[string]bool{}}
+	var incoming []netip.Addr
+	for _, sv := range s.Services() {
+		if m, ok := s.ActiveMigration(sv.Namespace, sv.Spec.Name); ok && (m.SourceID == self || m.TargetID == self) {
+			d.moving[sv.Key()] = true
+			if m.TargetID == self {
+				incoming = append(incoming, sv.ServiceIP)
+			}
+		}
+		if sv.MachineID == self {
+			d.owned = append(d.owned, sv)
+		}
+	}
+	for _, v := range s.Volumes() {
+		d.volumes[v.Key()] = v
+	}
+	d.ips = incoming
+	for _, sv := range d.owned {
+		d.ips = append(d.ips, sv.ServiceIP)
+	}
+	return d
+}
+
+// Reconcile makes this machine run exactly the services it owns: it
+// starts what is missing, re-creates what changed, adopts what already
+// runs as asked (without restarting it), removes what it no longer owns,
+// and reports readiness through the fact store. It never starts a service
+// whose volume another machine owns.
+func (r *Reconciler) Reconcile(ctx context.Context) error {
+	var d desired
+	r.facts.Read(func(s *fsm.State) { d = desire(s, r.cfg.Self) })
+	containers, err := r.rt.List(ctx)
+	if err != nil {
+		return err
+	}
+	byKey := map[string]runtime.Container{}
+	for _, c := range containers {
+		byKey[c.Key()] = c
+	}
+	if err := r.lo.Set(d.ips); err != nil {
+		return err
+	}
+	wanted := map[string]bool{}
+	for _, sv := range d.owned {
+		wanted[sv.Key()] = true
+		if !d.moving[sv.Key()] {
+			r.service(ctx, sv, d.volumes, byKey[sv.Key()])
+		}
+	}
+	for _, c := range containers {
+		if !wanted[c.Key()] && !d.moving[c.Key()] {
+			r.log.Info("removing a container this machine no longer owns", "service", c.Key())
+			if err := r.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
+				r.log.Warn("removing container", "service", c.Key(), "err", err)
+			}
+			delete(r.checks, c.Key())
+		}
+	}
+	return nil
+}
+
+// service brings one owned service in line: its container runs the spec
+// of its generation, and its readiness is reported.
+func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[string]fsm.Volume, c runtime.Container) {
+	key := sv.Key()
+	st := r.checks[key]
+	if st == nil || st.generation != sv.Generation {
+		st = &checkState{generation: sv.Generation}
+		if sv.Status.Generation == sv.Generation {
+			if sv.Status.Ready {
+				st.reported = "ready"
+			} else {
+				st.reported = sv.Status.Error
+			}
+		}
+		r.checks[key] = st
+	}
+	rs, err := r.runSpec(sv, volumes)
+	if err != nil {
+		r.report(ctx, sv, st, err)
+		return
+	}
+	if c.ID == "" || c.SpecHash != rs.Hash() || !c.Running {
+		if c.ID != "" {
+			r.log.Info("re-creating container", "service", key, "generation", sv.Generation)
+			if err := r.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
+				r.report(ctx, sv, st, err)
+				return
+			}
+		}
+		started, err := r.rt.Start(ctx, rs)
+		if err != nil {
+			r.report(ctx, sv, st, err)
+			return
+		}
+		r.log.Info("started container", "service", key, "generation", sv.Generation)
+		c = started
+		st.failures, st.containerID, st.reported = 0, c.ID, ""
+	}
+	if st.reported == "ready" && st.containerID == "" {
+		st.containerID = c.ID // adopted: ready as reported before
+	}
+	if st.reported == "ready" {
+		return
+	}
+	rd := rs.Spec.Readiness
+	retries := 30
+	if rd != nil {
+		retries = rd.Retries
+		if !c.StartedAt.IsZero() && time.Since(c.StartedAt) < rd.StartPeriod {
+			return
+		}
+	}
+	if err := r.rt.CheckOnce(ctx, c, rs); err != nil {
+		st.failures++
+		if st.failures > retries {
+			r.report(ctx, sv, st, err)
+		}
+		return
+	}
+	r.report(ctx, sv, st, nil)
+}
+
+// runSpec resolves a service's volumes to datasets this machine owns.
+func (r *Reconciler) runSpec(sv fsm.Service, volumes map[string]fsm.Volume) (runtime.RunSpec, error) {
+	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP, Mounts: map[string]string{}}
+	for _, vm := range sv.Spec.Volumes {
+		v, ok := volumes[sv.Namespace+"/"+vm.Name]
+		if !ok || v.OwnerID != r.cfg.Self {
+			return rs, fmt.Errorf("volume %s/%s is not owned by this machine: not starting %s", sv.Namespace, vm.Name, sv.Key())
+		}
+		if r.vols == nil {
+			return rs, fmt.Errorf("this machine has no ZFS parent dataset (--zfs-parent): cannot hold volume %s/%s", sv.Namespace, vm.Name)
+		}
+		info, err := r.vols.Ensure(sv.Namespace, vm.Name, vm.QuotaBytes)
+		if err != nil {
+			return rs, err
+		}
+		rs.Mounts[vm.Name] = info.Mountpoint
+	}
+	return rs, nil
+}
+
+// report writes a service's readiness (err nil) or failure to the facts,
+// once per generation and outcome.
+func (r *Reconciler) report(ctx context.Context, sv fsm.Service, st *checkState, err error) {
+	outcome := "ready"
+	if err != nil {
+		outcome = err.Error()
+	}
+	if st.reported == outcome {
+		return
+	}
+	if err != nil {
+		r.log.Warn("service failed", "service", sv.Key(), "generation", sv.Generation, "err", err)
+	}
+	cmd := fsm.SetServiceStatus{Namespace: sv.Namespace, Name: sv.Spec.Name, MachineID: r.cfg.Self,
+		Generation: sv.Generation, Ready: err == nil, Error: errString(err), At: time.Now()}
+	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, aerr := r.facts.Apply(actx, cmd); aerr != nil {
+		r.log.Warn("reporting service status", "service", sv.Key(), "err", aerr)
+		return
+	}
+	st.reported = outcome
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

@@ -1,0 +1,161 @@
+package agent
+
+import (
+	"context"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/fsm"
+)
+
+// The control API's backend, delegated to the parts that own each job.
+
+// DeployPreview shows what a manifest would change. It changes nothing.
+func (a *Agent) DeployPreview(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployPlan, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.DeployPlan{}, err
+	}
+	return p.deploy.Preview(ctx, req)
+}
+
+// Deploy applies a manifest and waits until what it changed is ready.
+func (a *Agent) Deploy(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.DeployResult{}, err
+	}
+	return p.deploy.Apply(ctx, req)
+}
+
+// RenderManifest gives the manifest that moves a service.
+func (a *Agent) RenderManifest(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.RenderedManifest, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.RenderedManifest{}, err
+	}
+	return p.deploy.RenderManifest(ctx, req)
+}
+
+// Services lists every service with where it runs and whether it is ready.
+func (a *Agent) Services(context.Context) ([]ctlapi.Service, error) {
+	p, err := a.require()
+	if err != nil {
+		return nil, err
+	}
+	return p.deploy.Services(), nil
+}
+
+// Volumes lists every volume; this machine adds what its ZFS knows of the
+// volumes it owns.
+func (a *Agent) Volumes(context.Context) ([]ctlapi.Volume, error) {
+	p, err := a.require()
+	if err != nil {
+		return nil, err
+	}
+	var out []ctlapi.Volume
+	mine := map[int]bool{}
+	p.node.Read(func(s *fsm.State) {
+		for _, v := range s.Volumes() {
+			mine[len(out)] = v.OwnerID == a.machineID
+			out = append(out, ctlapi.Volume{Namespace: v.Namespace, Name: v.Name, Owner: s.NameOf(v.OwnerID), QuotaBytes: v.QuotaBytes})
+		}
+	})
+	if p.vols == nil {
+		return out, nil
+	}
+	for i, row := range out {
+		if !mine[i] {
+			continue
+		}
+		info, err := p.vols.Get(row.Namespace, row.Name)
+		if err != nil {
+			continue
+		}
+		out[i].UsedBytes, out[i].Dataset = info.ReferencedBytes, info.Dataset
+		if k := len(info.Snapshots); k > 0 {
+			out[i].NewestSnapshot = info.Snapshots[k-1].Name
+		}
+	}
+	return out, nil
+}
+
+// Migrate moves a service and its volumes to another machine.
+func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	return p.mig.Migrate(ctx, req, emit)
+}
+
+// Rollback moves a done migration's service back to its source.
+func (a *Agent) Rollback(ctx context.Context, id string, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	return p.mig.Rollback(ctx, id, emit)
+}
+
+// Migrations lists the migrations, oldest first.
+func (a *Agent) Migrations(ctx context.Context) ([]ctlapi.MigrationInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return nil, err
+	}
+	return p.mig.List(ctx)
+}
+
+// Migration describes one migration.
+func (a *Agent) Migration(ctx context.Context, id string) (ctlapi.MigrationInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	return p.mig.Show(ctx, id)
+}
+
+// MigratePreview shows what a migration would do and whether it can.
+func (a *Agent) MigratePreview(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.MigrationPlan, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MigrationPlan{}, err
+	}
+	return p.mig.Preview(ctx, req)
+}
+
+// AbortMigration aborts a migration this daemon runs, before its commit.
+func (a *Agent) AbortMigration(ctx context.Context, id string) (ctlapi.MigrationInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	return p.mig.Abort(ctx, id)
+}
+
+// PurgeSource destroys the copy a done migration kept on its source.
+func (a *Agent) PurgeSource(ctx context.Context, id string) (ctlapi.MigrationInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.MigrationInfo{}, err
+	}
+	return p.mig.PurgeSource(ctx, id)
+}
+
+// Drain starts the drain of a machine, or follows the one that runs.
+func (a *Agent) Drain(ctx context.Context, req ctlapi.DrainRequest, emit func(ctlapi.DrainEvent)) (ctlapi.DrainInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.DrainInfo{}, err
+	}
+	return p.drains.Drain(ctx, req, emit)
+}
+
+// DrainStatus gives a machine's latest drain.
+func (a *Agent) DrainStatus(ctx context.Context, machine string) (ctlapi.DrainInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.DrainInfo{}, err
+	}
+	return p.drains.Status(ctx, machine)
+}
