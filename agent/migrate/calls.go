@@ -59,7 +59,7 @@ func answerless(h func(context.Context, migrationCall) error) func(context.Conte
 func (m *Migrator) lookup(ctx context.Context, id string) (migrationCall, error) {
 	var c migrationCall
 	var ok bool
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(m.lookupWait)
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		caughtUp := m.d.Facts.CaughtUp(cctx)

@@ -65,6 +65,10 @@ type Migrator struct {
 
 	recovered chan struct{} // closed after recovery's first pass
 	wg        sync.WaitGroup
+
+	// lookupWait bounds how long a call waits for this machine to learn
+	// of the migration it names (10 s; tests shorten it).
+	lookupWait time.Duration
 }
 
 // New makes a migrator that lives as long as ctx.
@@ -72,7 +76,7 @@ func New(ctx context.Context, cfg Config, d Deps) *Migrator {
 	if cfg.MemAvailable == nil {
 		cfg.MemAvailable = func() uint64 { return 0 }
 	}
-	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, recovered: make(chan struct{})}
+	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
 }
 
 // Start registers this machine's routes and starts recovery (and the

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"time"
 
@@ -59,6 +60,9 @@ func (m *Migrator) handleReceive(ctx context.Context, from string, req streamReq
 	}
 	r := &deadlineReader{body: body, idle: m.cfg.StallTimeout, first: func() { m.cfg.Crash.Hit("target", point) }}
 	if err := m.d.Streams.ReceiveInto(staging, req.Base != "", r); err != nil {
+		if r.stalled != nil {
+			return receiveResult{}, fmt.Errorf("%w (%v)", r.stalled, err)
+		}
 		return receiveResult{}, err
 	}
 	guid, err := m.d.Streams.SnapshotGUID(staging, req.Snap)
@@ -73,6 +77,9 @@ type deadlineReader struct {
 	idle  time.Duration
 	first func()
 	once  sync.Once
+	// stalled is the stall that ended the stream, if one did: the
+	// receiving command reports only that its input broke off.
+	stalled error
 }
 
 func (d *deadlineReader) Read(p []byte) (int, error) {
@@ -80,6 +87,10 @@ func (d *deadlineReader) Read(p []byte) (int, error) {
 	k, err := d.body.Read(p)
 	if k > 0 && d.first != nil {
 		d.once.Do(d.first)
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("%w: no byte for %s: %v", ErrStalled, d.idle, err)
+		d.stalled = err
 	}
 	return k, err
 }

@@ -1,0 +1,212 @@
+package deploy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/facttest"
+)
+
+type fakeMover struct{ asked []string }
+
+func (f *fakeMover) Migrate(_ context.Context, req ctlapi.MigrateRequest, _ func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
+	f.asked = append(f.asked, req.Service+"->"+req.To)
+	return ctlapi.MigrationInfo{ID: "m1", Phase: "done"}, nil
+}
+
+type rig struct {
+	facts   *facttest.Store
+	members *facttest.Members
+	mover   *fakeMover
+	d       *Deployer
+}
+
+func newRig(t *testing.T) *rig {
+	g := &rig{facts: facttest.NewStore(), members: facttest.NewMembers("a", "a", "b", "b", "c", "c"), mover: &fakeMover{}}
+	for _, m := range []string{"a", "b", "c"} {
+		g.facts.AddMachine(t, m, m)
+	}
+	// b has the most free volume space; c is not alive.
+	g.facts.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "b", Name: "b", Capacity: fsm.Capacity{MemoryBytes: 1 << 30, DiskBytes: 50 << 30}}, At: facttest.T0})
+	g.facts.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "c", Name: "c", Capacity: fsm.Capacity{MemoryBytes: 1 << 30, DiskBytes: 90 << 30}}, At: facttest.T0})
+	g.members.Set("c", "c", cluster.LivenessFailed)
+	g.d = New(Config{Self: "a", Name: "a", ServicePrefix: facttest.ServicePrefix, LockLease: time.Minute,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, g.facts, g.members, g.mover)
+	return g
+}
+
+const webManifest = `namespace = "shop"
+
+[services.web]
+image = "img:1"
+
+[[services.web.ports]]
+port = 80
+target = 8080
+
+[[services.web.volumes]]
+name = "data"
+path = "/data"
+quota = "1GiB"
+
+[services.web.readiness]
+http = "/healthz"
+`
+
+// withMachine is webManifest placing web on machine.
+func withMachine(machine string) string {
+	return strings.Replace(webManifest, "image = \"img:1\"\n", "image = \"img:1\"\nmachine = \""+machine+"\"\n", 1)
+}
+
+func planned(p ctlapi.DeployPlan) map[string]ctlapi.PlannedService {
+	out := map[string]ctlapi.PlannedService{}
+	for _, s := range p.Services {
+		out[s.Name] = s
+	}
+	return out
+}
+
+func TestPreviewPlacesCreatesChangesAndRemoves(t *testing.T) {
+	g := newRig(t)
+	p, err := g.d.Preview(context.Background(), ctlapi.DeployRequest{File: "shop.toml", Manifest: webManifest + "\n[services.cron]\nimage = \"img:1\"\nmachine = \"a\"\n"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := planned(p)
+	if s["web"].Action != "create" || s["web"].Machine != "b" || s["web"].PlacementNote != "most free space" || len(s["web"].CreateVolumes) != 1 {
+		t.Fatalf("web %+v: want created on b, the alive machine with most space", s["web"])
+	}
+	if s["cron"].Machine != "a" || !strings.Contains(strings.Join(p.Warnings, ";"), "cron has no readiness check") {
+		t.Fatalf("cron %+v, warnings %v", s["cron"], p.Warnings)
+	}
+	if len(g.facts.Applied()) != 5 {
+		t.Fatal("a preview changed the facts")
+	}
+
+	g.facts.Deploy(t, "shop", fsm.ServiceSpec{Name: "old", Image: "img:1"}, "a")
+	web := g.facts.Deploy(t, "shop", webSpecOf(t, g), "b")
+	changed := strings.Replace(webManifest, `image = "img:1"`, `image = "img:2"`, 1)
+	p, err = g.d.Preview(context.Background(), ctlapi.DeployRequest{Manifest: changed})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s = planned(p)
+	if s["web"].Action != "change" || strings.Join(s["web"].Changes, ",") != "image" || s["web"].Generation != web.Generation+1 {
+		t.Fatalf("changed web %+v", s["web"])
+	}
+	if s["old"].Action != "remove" || !strings.Contains(strings.Join(p.Warnings, ";"), "old is not in the manifest") {
+		t.Fatalf("old %+v", s["old"])
+	}
+	if p, _ = g.d.Preview(context.Background(), ctlapi.DeployRequest{Manifest: webManifest + "\n[services.old]\nimage = \"img:1\"\n"}); planned(p)["web"].Action != "unchanged" {
+		t.Fatalf("the same manifest reads as %+v", planned(p)["web"])
+	}
+}
+
+// webSpecOf is web as the manifest has it.
+func webSpecOf(t *testing.T, g *rig) fsm.ServiceSpec {
+	p, changes, err := g.d.plan(ctlapi.DeployRequest{Manifest: webManifest})
+	if err != nil || len(changes) == 0 {
+		t.Fatalf("planning web: %+v %v", p, err)
+	}
+	return changes[0].spec
+}
+
+func TestBadManifestsNameFileAndKeyAndChangeNothing(t *testing.T) {
+	g := newRig(t)
+	g.facts.Deploy(t, "shop", webSpecOf(t, g), "b")
+	before := len(g.facts.Applied())
+	for _, c := range []struct{ manifest, want string }{
+		{"namespace = \"shop\"\n[services.web]\nimage = 3\n", "shop.toml"},
+		{withMachine("zz"), `services.web.machine: no machine named "zz"`},
+		{withMachine("a"), "moving it is a migration"},
+		{strings.Replace(withMachine("a"), `quota = "1GiB"`, "quota = \"1GiB\"\nmove = true", 1) + "\n[services.api]\nimage = \"img:1\"\n", "moves services and changes others"},
+	} {
+		_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "shop.toml", Manifest: c.manifest})
+		var apiErr *ctlapi.APIError
+		if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeBadManifest || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("manifest %q: %v; want bad_manifest naming %q", c.manifest, err, c.want)
+		}
+	}
+	if len(g.facts.Applied()) != before || len(g.mover.asked) != 0 {
+		t.Fatalf("refused manifests changed facts or moved %v", g.mover.asked)
+	}
+}
+
+func TestApplyWaitsForReadinessAndNamesAFailure(t *testing.T) {
+	g := newRig(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// The machine's reconciler, as far as readiness goes: web gets ready,
+	// api fails.
+	go func() {
+		for ctx.Err() == nil {
+			var todo []fsm.Service
+			g.facts.Read(func(s *fsm.State) {
+				for _, sv := range s.Services() {
+					if sv.Status.Generation != sv.Generation {
+						todo = append(todo, sv)
+					}
+				}
+			})
+			for _, sv := range todo {
+				ready, msg := sv.Spec.Name == "web", ""
+				if !ready {
+					msg = "exec check: exit 1"
+				}
+				g.facts.Apply(ctx, fsm.SetServiceStatus{Namespace: sv.Namespace, Name: sv.Spec.Name, MachineID: sv.MachineID,
+					Generation: sv.Generation, Ready: ready, Error: msg, At: time.Now()})
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	res, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest})
+	if err != nil || len(res.Services) != 1 || res.Services[0].State != "ready" || res.Services[0].Machine != "b" {
+		t.Fatalf("deploy %+v, %v", res, err)
+	}
+	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n"})
+	var apiErr *ctlapi.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeServiceFailed || !strings.Contains(err.Error(), "shop/api failed on a: exec check: exit 1") {
+		t.Fatalf("failing deploy: %v", err)
+	}
+	var held bool
+	g.facts.Read(func(s *fsm.State) { _, held = s.Lock("shop") })
+	if held {
+		t.Fatal("the lock is still held after the deploy")
+	}
+}
+
+func TestApplyIntoALockedNamespaceNamesTheHolder(t *testing.T) {
+	g := newRig(t)
+	g.facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "b/migrate/m9", Lease: time.Minute, At: time.Now()})
+	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: webManifest})
+	var apiErr *ctlapi.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeNamespaceLocked || !strings.Contains(err.Error(), "b/migrate/m9") || !errors.Is(err, fsm.ErrLockHeld) {
+		t.Fatalf("deploy into a locked namespace: %v", err)
+	}
+}
+
+func TestMovesByManifestGoToTheMigrationAndRenderRoundTrips(t *testing.T) {
+	g := newRig(t)
+	g.facts.Deploy(t, "shop", webSpecOf(t, g), "b")
+	r, err := g.d.RenderManifest(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"})
+	if err != nil || !strings.Contains(r.Text, `machine = "a"`) || !strings.Contains(r.Text, "move = true") {
+		t.Fatalf("rendered %q, %v", r.Text, err)
+	}
+	res, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: r.Text})
+	if err != nil || strings.Join(g.mover.asked, ",") != "shop/web->a" || len(res.Migrations) != 1 {
+		t.Fatalf("deploy of the rendered manifest: %+v %v (moves %v)", res, err, g.mover.asked)
+	}
+	for _, bad := range []ctlapi.MigrateRequest{{Service: "shopweb", To: "a"}, {Service: "shop/nope", To: "a"}, {Service: "shop/web", To: "zz"}} {
+		if _, err := g.d.RenderManifest(context.Background(), bad); err == nil {
+			t.Errorf("rendered %+v", bad)
+		}
+	}
+}

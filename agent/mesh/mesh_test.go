@@ -1,0 +1,120 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/facttest"
+	"github.com/drover-sh/drover/netmesh"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+func key(t *testing.T) wgtypes.Key {
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+type fakeDevice struct {
+	mu   sync.Mutex
+	sets []netmesh.Config
+	err  error
+}
+
+func (d *fakeDevice) Set(cfg netmesh.Config) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.sets = append(d.sets, cfg)
+	return d.err
+}
+func (d *fakeDevice) Status() (netmesh.Status, error) { return netmesh.Status{Name: "fake"}, nil }
+func (d *fakeDevice) Close() error                    { return nil }
+
+func (d *fakeDevice) last() netmesh.Config {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.sets[len(d.sets)-1]
+}
+
+func peersByKey(cfg netmesh.Config) map[string]netmesh.Peer {
+	out := map[string]netmesh.Peer{}
+	for _, p := range cfg.Peers {
+		out[p.PublicKey.String()] = p
+	}
+	return out
+}
+
+// The config computed from facts and gossip: a peer per other machine,
+// gossip fresher than facts, departed and removed machines left out, and
+// each service IP routed to the machine that owns the service.
+func TestDesiredFollowsFactsAndGossip(t *testing.T) {
+	st := facttest.NewStore()
+	kb, kc, kd, kself := key(t).PublicKey(), key(t).PublicKey(), key(t).PublicKey(), key(t)
+	keys := map[string]wgtypes.Key{"a": kself.PublicKey(), "b": kb, "c": kc, "d": kd}
+	for _, id := range []string{"a", "b", "c", "d"} { // overlay addresses in this order
+		k := keys[id]
+		st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: id, Name: id, WGPublicKey: k.String(), WGEndpoint: "192.0.2.1:51820"}, At: facttest.T0})
+		st.Must(t, fsm.AllocateOverlayIP{MachineID: id, Prefix: netip.MustParsePrefix("10.210.0.0/16"), At: facttest.T0})
+	}
+	sv := st.Deploy(t, "shop", fsm.ServiceSpec{Name: "web", Image: "img"}, "b")
+	st.Must(t, fsm.SetMachineState{ID: "d", State: fsm.MachineDrained, At: facttest.T0})
+	st.Must(t, fsm.RemoveMachine{ID: "d", At: facttest.T0})
+	gossip := []cluster.Member{
+		{Meta: cluster.Meta{MachineID: "b", WGEndpoint: "192.0.2.2:51999"}, Liveness: cluster.LivenessAlive},
+		{Meta: cluster.Meta{MachineID: "c"}, Liveness: cluster.LivenessLeft},
+	}
+	var cfg netmesh.Config
+	st.Read(func(s *fsm.State) {
+		cfg = Desired(s, gossip, Self{ID: "a", Key: kself, Port: 51820, Overlay: netip.MustParseAddr("10.210.0.1"), Prefix: netip.MustParsePrefix("10.210.0.0/16")})
+	})
+	peers := peersByKey(cfg)
+	if len(peers) != 1 {
+		t.Fatalf("peers %v: want only b (c left, d removed, a is this machine)", cfg.Peers)
+	}
+	b := peers[kb.String()]
+	if b.Endpoint.String() != "192.0.2.2:51999" || b.KeepAlive != keepAlive {
+		t.Fatalf("b's endpoint %s: gossip's should win", b.Endpoint)
+	}
+	want := []netip.Prefix{netip.MustParsePrefix("10.210.0.2/32"), netip.PrefixFrom(sv.ServiceIP, 32)}
+	if !slices.Equal(b.AllowedIPs, want) {
+		t.Fatalf("b's allowed IPs %v, want %v", b.AllowedIPs, want)
+	}
+	if cfg.Address.String() != "10.210.0.1/16" || cfg.ListenPort != 51820 {
+		t.Fatalf("device address %s port %d", cfg.Address, cfg.ListenPort)
+	}
+}
+
+func TestRunSetsTheDeviceWhenFactsChange(t *testing.T) {
+	st := facttest.NewStore()
+	dev := &fakeDevice{err: errors.New("device busy")}
+	m := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, dev, key(t))
+	m.SetOverlay(netip.MustParseAddr("10.210.0.1"))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.Run(ctx, st, facttest.NewMembers()) }()
+	time.Sleep(50 * time.Millisecond)
+	st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "b", Name: "b", WGPublicKey: key(t).PublicKey().String()}, At: facttest.T0})
+	deadline := time.Now().Add(5 * time.Second)
+	for len(dev.last().Peers) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	if len(dev.last().Peers) != 1 || m.Overlay().String() != "10.210.0.1" {
+		t.Fatalf("the device did not follow the facts: %+v", dev.last())
+	}
+	if _, err := m.Status(); err != nil || m.PublicKey() == "" {
+		t.Fatal("status or key missing")
+	}
+}

@@ -1,0 +1,170 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"io"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/fsm"
+)
+
+func phasesOf(events []ctlapi.MigrationEvent) []string {
+	var out []string
+	for _, ev := range events {
+		if ev.Kind == "phase" && (len(out) == 0 || out[len(out)-1] != ev.Phase) {
+			out = append(out, ev.Phase)
+		}
+	}
+	return out
+}
+
+func TestMigrationMovesServiceAndVolumeThenRollsBack(t *testing.T) {
+	c := newCluster(t, "a", "b", "c")
+	sv := c.deploy("a")
+	a, b := c.m["a"], c.m["b"]
+	var events []ctlapi.MigrationEvent
+	info, err := c.m["c"].mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ev ctlapi.MigrationEvent) { events = append(events, ev) })
+	if err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	if info.Phase != "done" || info.Executor != "c" || info.Source != "a" || info.Target != "b" {
+		t.Fatalf("migration %+v", info)
+	}
+	want := []string{"warm-copy", "source-stopped", "final-copy", "target-starting", "committed", "done"}
+	if got := phasesOf(events); !slices.Equal(got, want) {
+		t.Fatalf("phases %v, want %v", got, want)
+	}
+	if c.owner() != "b" || c.service().MachineID != "b" || c.lockHolder() != "" {
+		t.Fatalf("after the move: owner %s, service on %s, lock %q", c.owner(), c.service().MachineID, c.lockHolder())
+	}
+	final := finalSnapshot(info.ID)
+	// Both sides keep only the final snapshot of drover's (and the user's).
+	for _, m := range []*machine{a, b} {
+		if got := m.vols.snapNames(m.vols.Dataset("shop", "data")); !slices.Equal(got, []string{"user-snap", final}) {
+			t.Errorf("%s keeps snapshots %v, want user-snap and %s", m.id, got, final)
+		}
+	}
+	if _, ok := a.rt.container("shop", "web"); ok || a.lo.has(sv.ServiceIP) {
+		t.Error("the source still has the container or the service IP")
+	}
+	if ctr, ok := b.rt.container("shop", "web"); !ok || !ctr.Running || !b.lo.has(sv.ServiceIP) {
+		t.Error("the target does not run the service on its IP")
+	}
+	if got := b.vols.Origin("shop", "data"); got != info.ID {
+		t.Errorf("target copy marked %q, want %s", got, info.ID)
+	}
+	if staging, _ := b.vols.Staging(); len(staging) != 0 {
+		t.Errorf("staging left on the target: %v", staging)
+	}
+
+	// Rolling back sends only what changed since the kept copy.
+	back, err := c.m["c"].mig.Rollback(context.Background(), info.ID, func(ctlapi.MigrationEvent) {})
+	if err != nil {
+		t.Fatalf("rollback: %v", err)
+	}
+	if back.RollbackOf != info.ID || back.Phase != "done" || c.owner() != "a" || back.Volumes[0].Base != final {
+		t.Fatalf("rollback %+v; owner %s", back, c.owner())
+	}
+	// A rollback of the rollback's origin is refused now: it has moved.
+	if _, err := c.m["c"].mig.Rollback(context.Background(), info.ID, nil); !isCode(err, ctlapi.CodeNoRollback) || !strings.Contains(err.Error(), "has moved since") {
+		t.Fatalf("second rollback: %v", err)
+	}
+}
+
+func isCode(err error, code string) bool {
+	var apiErr *ctlapi.APIError
+	return errors.As(err, &apiErr) && apiErr.Code == code
+}
+
+func TestMigrationAbortsWhenTheTargetNeverGetsReady(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	sv := c.deploy("a")
+	a, b := c.m["a"], c.m["b"]
+	b.rt.failReady = errors.New("readiness: connection refused")
+	info, err := a.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ctlapi.MigrationEvent) {})
+	if !isCode(err, ctlapi.CodeMigrationAborted) || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("migrate: %v", err)
+	}
+	m := c.migration(info.ID)
+	if m.Phase != fsm.PhaseAborted || !strings.Contains(m.Error, "connection refused") {
+		t.Fatalf("facts say %s (%q)", m.Phase, m.Error)
+	}
+	if c.owner() != "a" || c.lockHolder() != "" {
+		t.Fatalf("owner %s, lock %q", c.owner(), c.lockHolder())
+	}
+	if ctr, ok := a.rt.container("shop", "web"); !ok || !ctr.Running || len(a.rt.stopped) != 1 {
+		t.Fatalf("the source's container is not running again (stopped %v)", a.rt.stopped)
+	}
+	if _, ok := b.rt.container("shop", "web"); ok || b.lo.has(sv.ServiceIP) {
+		t.Fatal("the target kept the container or the service IP")
+	}
+	if names := b.vols.names(); len(names) != 0 {
+		t.Fatalf("the target kept datasets %v", names)
+	}
+}
+
+func TestAbortGivesBackTheCopyAMoveBackStartedFrom(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	c.deploy("a")
+	a, b := c.m["a"], c.m["b"]
+	first, err := a.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ctlapi.MigrationEvent) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := a.vols.Dataset("shop", "data")
+	before := a.vols.snapNames(kept)
+	a.rt.failReady = errors.New("not ready")
+	_, err = b.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"}, func(ctlapi.MigrationEvent) {})
+	if !isCode(err, ctlapi.CodeMigrationAborted) {
+		t.Fatalf("move back: %v", err)
+	}
+	if got := a.vols.snapNames(kept); !a.vols.Exists(kept) || !slices.Contains(got, finalSnapshot(first.ID)) {
+		t.Fatalf("the copy kept on a is gone after the abort (had %v, has %v)", before, got)
+	}
+	if staging, _ := a.vols.Staging(); len(staging) != 0 {
+		t.Fatalf("staging left: %v", staging)
+	}
+	if c.owner() != "b" {
+		t.Fatalf("owner %s after an aborted move back", c.owner())
+	}
+}
+
+func TestStalledStreamIsNamedOnTheExecutor(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	c.deploy("a")
+	unblock := make(chan struct{})
+	defer close(unblock)
+	c.m["a"].mig.d.Streams = stallingStreams{Streams: c.m["a"].vols, unblock: unblock}
+	_, err := c.m["a"].mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ctlapi.MigrationEvent) {})
+	if !errors.Is(err, ErrStalled) || !isCode(err, ctlapi.CodeMigrationAborted) {
+		t.Fatalf("migrate: %v; want an abort for a stalled stream", err)
+	}
+}
+
+// stallingStreams sends the stream's header, then nothing until unblocked
+// or the stream is torn down.
+type stallingStreams struct {
+	Streams
+	unblock chan struct{}
+}
+
+func (s stallingStreams) Send(_, _, _, _ string, w io.Writer) error {
+	if _, err := w.Write([]byte(`{"snaps":[]}` + "\n")); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-s.unblock:
+			return nil
+		case <-time.After(20 * time.Millisecond):
+		}
+		if _, err := w.Write(nil); err != nil {
+			return err
+		}
+	}
+}

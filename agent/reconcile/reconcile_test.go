@@ -1,0 +1,264 @@
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/facttest"
+	"github.com/drover-sh/drover/volume"
+)
+
+type fakeRuntime struct {
+	mu       sync.Mutex
+	byID     map[string]runtime.Container
+	next     int
+	started  []string
+	removed  []string
+	checkErr error
+}
+
+func (r *fakeRuntime) List(context.Context) ([]runtime.Container, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []runtime.Container
+	for _, c := range r.byID {
+		out = append(out, c)
+	}
+	slices.SortFunc(out, func(a, b runtime.Container) int { return strings.Compare(a.ID, b.ID) })
+	return out, nil
+}
+
+func (r *fakeRuntime) Start(_ context.Context, rs runtime.RunSpec) (runtime.Container, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.next++
+	c := runtime.Container{ID: fmt.Sprintf("c%d", r.next), Namespace: rs.Namespace, Service: rs.Spec.Name, Generation: rs.Generation, SpecHash: rs.Hash(), Running: true}
+	r.byID[c.ID] = c
+	r.started = append(r.started, rs.Namespace+"/"+rs.Spec.Name)
+	return c, nil
+}
+
+func (r *fakeRuntime) Remove(_ context.Context, id string, _ time.Duration) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.removed = append(r.removed, r.byID[id].Key())
+	delete(r.byID, id)
+	return nil
+}
+
+func (r *fakeRuntime) CheckOnce(context.Context, runtime.Container, runtime.RunSpec) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.checkErr
+}
+
+type fakeVolumes struct{ ensured []string }
+
+func (v *fakeVolumes) Ensure(ns, name string, quota uint64) (volume.Info, error) {
+	v.ensured = append(v.ensured, fmt.Sprintf("%s/%s:%d", ns, name, quota))
+	return volume.Info{Mountpoint: "/pool/" + ns + "/" + name}, nil
+}
+func (v *fakeVolumes) FreeBytes() (uint64, error) { return 3<<30 + 12345, nil }
+
+type fakeLoopback struct{ ips []netip.Addr }
+
+func (l *fakeLoopback) Set(want []netip.Addr) error {
+	l.ips = slices.Clone(want)
+	slices.SortFunc(l.ips, netip.Addr.Compare)
+	return nil
+}
+
+type fakeGossip struct {
+	meta cluster.Meta
+	sets int
+}
+
+func (g *fakeGossip) LocalMeta() cluster.Meta { return g.meta }
+func (g *fakeGossip) SetMeta(update func(*cluster.Meta)) error {
+	update(&g.meta)
+	g.sets++
+	return nil
+}
+
+type rig struct {
+	facts *facttest.Store
+	rt    *fakeRuntime
+	vols  *fakeVolumes
+	lo    *fakeLoopback
+	gos   *fakeGossip
+	r     *Reconciler
+}
+
+func newRig(t *testing.T, withVolumes bool) *rig {
+	g := &rig{facts: facttest.NewStore(), rt: &fakeRuntime{byID: map[string]runtime.Container{}}, vols: &fakeVolumes{}, lo: &fakeLoopback{}, gos: &fakeGossip{}}
+	g.facts.AddMachine(t, "a", "a")
+	g.facts.AddMachine(t, "b", "b")
+	var vols Volumes
+	if withVolumes {
+		vols = g.vols
+	}
+	g.r = New(Config{Self: "a", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), MemAvailable: func() uint64 { return 1<<30 + 999 }}, g.facts, g.rt, vols, g.lo, g.gos)
+	return g
+}
+
+func spec(name string, volumes ...string) fsm.ServiceSpec {
+	sp := fsm.ServiceSpec{Name: name, Image: "img:1", Readiness: &fsm.Readiness{Kind: "tcp", Port: 80, Retries: 1}}
+	for _, v := range volumes {
+		sp.Volumes = append(sp.Volumes, fsm.VolumeMount{Name: v, MountPath: "/" + v, QuotaBytes: 1 << 20})
+	}
+	return sp
+}
+
+func (g *rig) status(t *testing.T, name string) fsm.ServiceStatus {
+	var sv fsm.Service
+	g.facts.Read(func(s *fsm.State) { sv, _ = s.Service("shop", name) })
+	return sv.Status
+}
+
+func (g *rig) round(t *testing.T) {
+	t.Helper()
+	if err := g.r.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func statusCommands(st *facttest.Store) int {
+	n := 0
+	for _, c := range st.Applied() {
+		if c.Type() == fsm.CmdSetServiceStatus {
+			n++
+		}
+	}
+	return n
+}
+
+func TestReconcileStartsWhatItOwnsAndReportsReadyOnce(t *testing.T) {
+	g := newRig(t, true)
+	web := g.facts.Deploy(t, "shop", spec("web", "data"), "a")
+	other := g.facts.Deploy(t, "shop", spec("api"), "b")
+	g.round(t)
+	if !slices.Equal(g.rt.started, []string{"shop/web"}) || !slices.Equal(g.vols.ensured, []string{"shop/data:1048576"}) {
+		t.Fatalf("started %v, ensured %v", g.rt.started, g.vols.ensured)
+	}
+	if st := g.status(t, "web"); !st.Ready || st.Generation != web.Generation {
+		t.Fatalf("status %+v", st)
+	}
+	if !slices.Equal(g.lo.ips, []netip.Addr{web.ServiceIP}) {
+		t.Fatalf("loopback %v, want only %s (not %s)", g.lo.ips, web.ServiceIP, other.ServiceIP)
+	}
+	g.round(t)
+	if len(g.rt.started) != 1 || statusCommands(g.facts) != 1 {
+		t.Fatalf("a second round started %v and reported %d times", g.rt.started, statusCommands(g.facts))
+	}
+}
+
+func TestReconcileAdoptsARunningContainerAndRecreatesAChangedOne(t *testing.T) {
+	g := newRig(t, true)
+	g.facts.Deploy(t, "shop", spec("web", "data"), "a")
+	g.round(t)
+	// A daemon restart: a new reconciler finds the container running as asked.
+	g.r = New(g.r.cfg, g.facts, g.rt, g.vols, g.lo, g.gos)
+	g.round(t)
+	if len(g.rt.started) != 1 || len(g.rt.removed) != 0 {
+		t.Fatalf("restart touched the workload: started %v removed %v", g.rt.started, g.rt.removed)
+	}
+	changed := spec("web", "data")
+	changed.Env = map[string]string{"A": "1"}
+	sv := g.facts.Deploy(t, "shop", changed, "a")
+	g.round(t)
+	if len(g.rt.started) != 2 || !slices.Equal(g.rt.removed, []string{"shop/web"}) {
+		t.Fatalf("a new generation: started %v removed %v", g.rt.started, g.rt.removed)
+	}
+	if st := g.status(t, "web"); !st.Ready || st.Generation != sv.Generation || sv.Generation != 2 {
+		t.Fatalf("status %+v of generation %d", st, sv.Generation)
+	}
+}
+
+func TestReconcileRemovesWhatItNoLongerOwnsButNotWhatMoves(t *testing.T) {
+	g := newRig(t, true)
+	web := g.facts.Deploy(t, "shop", spec("web", "data"), "a")
+	api := g.facts.Deploy(t, "shop", spec("api"), "a")
+	g.round(t)
+	// api moves to b: while the migration runs it is the migration's.
+	g.facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "m", Lease: time.Hour, At: time.Now()})
+	g.facts.Must(t, fsm.StartMigration{ID: "m1", Namespace: "shop", Service: "api", TargetID: "b", Holder: "m", At: time.Now()})
+	for _, p := range []fsm.MigrationPhase{fsm.PhaseWarmCopy, fsm.PhaseSourceStopped, fsm.PhaseFinalCopy, fsm.PhaseTargetStarting} {
+		g.facts.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: p, At: time.Now()})
+	}
+	g.rt.mu.Lock()
+	for id, c := range g.rt.byID {
+		if c.Service == "api" {
+			c.Running = false // the source stopped it
+			g.rt.byID[id] = c
+		}
+	}
+	g.rt.mu.Unlock()
+	g.round(t)
+	if len(g.rt.removed) != 0 || len(g.rt.started) != 2 {
+		t.Fatalf("the reconciler touched a moving service: started %v removed %v", g.rt.started, g.rt.removed)
+	}
+	g.facts.Must(t, fsm.CommitMigration{ID: "m1", Holder: "m", ReadyAt: time.Now(), At: time.Now()})
+	g.facts.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: fsm.PhaseDone, At: time.Now()})
+	g.round(t)
+	if !slices.Equal(g.rt.removed, []string{"shop/api"}) || !slices.Equal(g.lo.ips, []netip.Addr{web.ServiceIP}) {
+		t.Fatalf("after the move: removed %v, loopback %v (api had %s)", g.rt.removed, g.lo.ips, api.ServiceIP)
+	}
+}
+
+func TestReconcileReportsWhyAServiceCannotRun(t *testing.T) {
+	g := newRig(t, false)
+	g.facts.Deploy(t, "shop", spec("web", "data"), "a")
+	g.facts.Deploy(t, "shop", spec("api"), "a")
+	g.rt.checkErr = errors.New("dial tcp: connection refused")
+	for range 3 {
+		g.round(t)
+	}
+	if st := g.status(t, "web"); st.Ready || !strings.Contains(st.Error, "no ZFS parent") {
+		t.Fatalf("web status %+v: want the missing ZFS parent named", st)
+	}
+	if st := g.status(t, "api"); st.Ready || !strings.Contains(st.Error, "connection refused") {
+		t.Fatalf("api status %+v: want the failed check after its retries", st)
+	}
+	if slices.Contains(g.rt.started, "shop/web") {
+		t.Fatal("started a service whose volume this machine cannot hold")
+	}
+}
+
+func TestCapacityIsRoundedAndGossipedOnChange(t *testing.T) {
+	g := newRig(t, true)
+	g.r.ReportCapacity()
+	g.r.ReportCapacity()
+	if g.gos.meta.MemoryBytes != 1<<30 || g.gos.meta.DiskBytes != 3<<30 || g.gos.sets != 1 {
+		t.Fatalf("capacity %d/%d set %d times", g.gos.meta.MemoryBytes, g.gos.meta.DiskBytes, g.gos.sets)
+	}
+}
+
+func TestRunStopsWithItsContext(t *testing.T) {
+	g := newRig(t, true)
+	g.r.cfg.Interval = 10 * time.Millisecond
+	g.facts.Deploy(t, "shop", spec("web"), "a")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); g.r.Run(ctx) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for !g.status(t, "web").Ready && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	if !g.status(t, "web").Ready {
+		t.Fatal("Run never reconciled")
+	}
+}
