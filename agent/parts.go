@@ -13,6 +13,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/deploy"
 	"github.com/drover-sh/drover/agent/drain"
+	"github.com/drover-sh/drover/agent/membership"
 	"github.com/drover-sh/drover/agent/mesh"
 	"github.com/drover-sh/drover/agent/migrate"
 	"github.com/drover-sh/drover/agent/peer"
@@ -39,6 +40,7 @@ type parts struct {
 	drains *drain.Drainer
 	deploy *deploy.Deployer
 	recon  *reconcile.Reconciler
+	rm     *membership.Remover
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -122,7 +124,8 @@ func (a *Agent) makeParts(key []byte) (*parts, error) {
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease, Logger: a.logger}, n, n, p.mig)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
-	a.registerMachineRPC(peer.Server{Mux: n, IDs: n})
+	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
+	p.rm.Register(peer.Server{Mux: n, IDs: n})
 	return p, nil
 }
 
@@ -258,4 +261,27 @@ func (a *Agent) bringUp(ctx context.Context, p *parts, bootstrap bool, join []st
 			a.logger.Info("bootstrapped a new cluster", "overlay", overlay)
 		}
 	}
+}
+
+// forgetCluster is what a machine does when it is removed: in the
+// background (the answer to the machine that asked goes out first), it
+// leaves the cluster and forgets it — key, Raft state, known peers,
+// overlay address — so that a restart does not bring it back.
+func (a *Agent) forgetCluster(from string) {
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		time.Sleep(100 * time.Millisecond) // let the answer go out
+		a.logger.Warn("this machine was removed from the cluster: leaving and forgetting it", "asked_by", a.nameOf(from))
+		a.stopCluster(true)
+		var errs []error
+		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft"} {
+			if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, name)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			a.logger.Error("forgetting the cluster", "err", err)
+		}
+	}()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/probe"
 	"github.com/drover-sh/drover/fsm"
 )
 
@@ -158,4 +159,29 @@ func (a *Agent) DrainStatus(ctx context.Context, machine string) (ctlapi.DrainIn
 		return ctlapi.DrainInfo{}, err
 	}
 	return p.drains.Status(ctx, machine)
+}
+
+// Probe commits no-op entries through the fact store and times them.
+func (a *Agent) Probe(ctx context.Context, req ctlapi.ProbeRequest) (ctlapi.ProbeResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.ProbeResult{}, err
+	}
+	out, err := probe.Run(ctx, p.node, a.machineID, a.cfg.Name, req)
+	if err != nil {
+		return out, err
+	}
+	if st, err := p.node.Status(); err == nil {
+		out.Leader = a.nameOf(st.LeaderID)
+	}
+	return out, nil
+}
+
+// RemoveMachine removes a drained or dead machine from the cluster.
+func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineRequest) (ctlapi.RemovedMachine, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.RemovedMachine{}, err
+	}
+	return p.rm.RemoveMachine(ctx, req)
 }

@@ -79,29 +79,49 @@ func Handle[Req, Resp any](s Server, rt Route[Req, Resp], h func(ctx context.Con
 			return
 		}
 		resp, err := h(r.Context(), s.from(r), req)
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(resp)
+		answer(w, resp, err)
 	})
+}
+
+// answer writes a handler's JSON answer, or its error.
+func answer(w http.ResponseWriter, resp any, err error) {
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(resp)
 }
 
 // Call sends req to machine and decodes its answer.
 func (rt Route[Req, Resp]) Call(ctx context.Context, c Caller, machine string, req Req) (Resp, error) {
-	var out Resp
+	resp, err := post(ctx, c, machine, rt.Path, req)
+	if err != nil {
+		var zero Resp
+		return zero, err
+	}
+	return decodeAnswer[Resp](resp, rt.Path, machine)
+}
+
+// post sends req as JSON to machine's handler of path.
+func post(ctx context.Context, c Caller, machine, path string, req any) (*http.Response, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
-		return out, fmt.Errorf("%s: encoding the request: %w", rt.Path, err)
+		return nil, fmt.Errorf("%s: encoding the request: %w", path, err)
 	}
-	resp, err := c.CallRPC(ctx, machine, http.MethodPost, rt.Path, nil, bytesReader(body))
+	resp, err := c.CallRPC(ctx, machine, http.MethodPost, path, nil, bytesReader(body))
 	if err != nil {
-		return out, remoteError(rt.Path, machine, err)
+		return nil, remoteError(path, machine, err)
 	}
+	return resp, nil
+}
+
+// decodeAnswer reads and closes a JSON answer.
+func decodeAnswer[Resp any](resp *http.Response, path, machine string) (Resp, error) {
 	defer resp.Body.Close()
+	var out Resp
 	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return out, fmt.Errorf("%s on %s: decoding the answer: %w", rt.Path, machine, err)
+		return out, fmt.Errorf("%s on %s: decoding the answer: %w", path, machine, err)
 	}
 	return out, nil
 }

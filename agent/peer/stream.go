@@ -53,13 +53,9 @@ func HandleStream[Req, Line, Result any](s Server, rt Stream[Req, Line, Result],
 // gives the result or the callee's error.
 func (rt Stream[Req, Line, Result]) Call(ctx context.Context, c Caller, machine string, req Req, onLine func(Line)) (Result, error) {
 	var zero Result
-	body, err := json.Marshal(req)
+	resp, err := post(ctx, c, machine, rt.Path, req)
 	if err != nil {
-		return zero, fmt.Errorf("%s: encoding the request: %w", rt.Path, err)
-	}
-	resp, err := c.CallRPC(ctx, machine, http.MethodPost, rt.Path, nil, bytesReader(body))
-	if err != nil {
-		return zero, remoteError(rt.Path, machine, err)
+		return zero, err
 	}
 	defer resp.Body.Close()
 	dec := json.NewDecoder(resp.Body)
@@ -110,12 +106,7 @@ func HandleUpload[Req, Resp any](s Server, rt Upload[Req, Resp], h func(ctx cont
 			return
 		}
 		resp, err := h(r.Context(), s.from(r), req, uploadBody{Reader: r.Body, rc: http.NewResponseController(w)})
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(resp)
+		answer(w, resp, err)
 	})
 }
 
@@ -130,9 +121,5 @@ func (rt Upload[Req, Resp]) Call(ctx context.Context, c Caller, machine string, 
 	if err != nil {
 		return out, remoteError(rt.Path, machine, err)
 	}
-	defer resp.Body.Close()
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return out, fmt.Errorf("%s on %s: decoding the answer: %w", rt.Path, machine, err)
-	}
-	return out, nil
+	return decodeAnswer[Resp](resp, rt.Path, machine)
 }

@@ -1,13 +1,14 @@
-package agent
+// Package membership removes machines from the cluster: the asking
+// side (checks, telling a live machine to leave, its Raft seat, its
+// facts) and the removed machine's side (leave and forget the cluster).
+package membership
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -27,7 +28,39 @@ type leaveRequest struct{}
 // errLeaveRefused: a leave asked by a machine that is not in the facts.
 var errLeaveRefused = peer.NewError("leave_refused", "only a member of the cluster may tell this machine to leave")
 
-func (a *Agent) registerMachineRPC(s peer.Server) {
+// Facts is this machine's view of the fact store.
+type Facts interface {
+	Read(func(*fsm.State))
+	Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error)
+}
+
+// Cluster is what removal needs of the node: gossip's view of a machine,
+// and its Raft seat.
+type Cluster interface {
+	Member(id string) (cluster.Member, bool)
+	RemoveServer(ctx context.Context, id string) error
+}
+
+// Remover removes machines, and leaves when this machine is removed.
+type Remover struct {
+	self   string
+	facts  Facts
+	node   Cluster
+	peers  peer.Caller
+	logger *slog.Logger
+	// forget makes this machine leave the cluster for good; from is the
+	// machine that asked. It must return at once: the answer goes out
+	// before the leaving.
+	forget func(from string)
+}
+
+// New makes a remover for machine self.
+func New(self string, facts Facts, node Cluster, peers peer.Caller, logger *slog.Logger, forget func(from string)) *Remover {
+	return &Remover{self: self, facts: facts, node: node, peers: peers, logger: logger, forget: forget}
+}
+
+// Register serves the removed machine's side on s.
+func (a *Remover) Register(s peer.Server) {
 	peer.Handle(s, routeLeave, a.handleLeave)
 }
 
@@ -35,12 +68,8 @@ func (a *Agent) registerMachineRPC(s peer.Server) {
 // machine, when alive, leaves and forgets the cluster; then its Raft seat
 // and its facts go. A machine that still holds services or volumes is
 // refused unless req.Force, which forgets them (their data is lost).
-func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineRequest) (ctlapi.RemovedMachine, error) {
-	n, err := a.requireNode()
-	if err != nil {
-		return ctlapi.RemovedMachine{}, err
-	}
-	m, err := factview.MachineByName(n, a.machineID, req.Machine)
+func (a *Remover) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineRequest) (ctlapi.RemovedMachine, error) {
+	m, err := factview.MachineByName(a.facts, a.self, req.Machine)
 	if err != nil {
 		return ctlapi.RemovedMachine{}, err
 	}
@@ -48,16 +77,16 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 	refuse := func(code string, format string, args ...any) (ctlapi.RemovedMachine, error) {
 		return out, &ctlapi.APIError{Status: http.StatusConflict, Code: code, Err: fmt.Errorf(format, args...)}
 	}
-	if m.ID == a.machineID {
+	if m.ID == a.self {
 		return refuse(ctlapi.CodeSelf, "machine %s cannot remove itself: run `droverctl machine rm %s` on another machine", m.Name, m.Name)
 	}
-	g, known := n.Member(m.ID)
+	g, known := a.node.Member(m.ID)
 	alive := known && (g.Liveness == cluster.LivenessAlive || g.Liveness == cluster.LivenessSuspect)
 	if alive && m.State != fsm.MachineDrained {
 		return refuse(ctlapi.CodeNotDrained, "machine %s is %s and alive: drain it first (`droverctl machine drain %s`), or stop its daemon", m.Name, m.State, m.Name)
 	}
 	var held []string
-	n.Read(func(s *fsm.State) {
+	a.facts.Read(func(s *fsm.State) {
 		for _, sv := range s.Services() {
 			if sv.MachineID == m.ID {
 				held = append(held, "service "+sv.Key()+" (stops running)")
@@ -73,15 +102,15 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 		return refuse(ctlapi.CodeMachineHolds, "machine %s still holds %s; removing it loses them: drain it, or pass --force to remove it anyway", m.Name, strings.Join(held, ", "))
 	}
 	if alive {
-		if err := a.tellToLeave(ctx, n, m); err != nil {
+		if err := a.tellToLeave(ctx, m); err != nil {
 			return out, err
 		}
 		out.Left = true
 	}
-	if err := n.RemoveServer(ctx, m.ID); err != nil {
+	if err := a.node.RemoveServer(ctx, m.ID); err != nil {
 		return out, err
 	}
-	raw, err := n.Apply(ctx, fsm.RemoveMachine{ID: m.ID, Force: req.Force, At: time.Now()})
+	raw, err := a.facts.Apply(ctx, fsm.RemoveMachine{ID: m.ID, Force: req.Force, At: time.Now()})
 	if err != nil {
 		return out, fmt.Errorf("removing machine %s from the facts: %w", m.Name, err)
 	}
@@ -98,16 +127,16 @@ func (a *Agent) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReque
 
 // tellToLeave asks a live machine to leave the cluster for good and waits
 // until gossip sees it gone.
-func (a *Agent) tellToLeave(ctx context.Context, n *cluster.Node, m fsm.Machine) error {
+func (a *Remover) tellToLeave(ctx context.Context, m fsm.Machine) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	_, err := routeLeave.Call(cctx, n, m.ID, leaveRequest{})
+	_, err := routeLeave.Call(cctx, a.peers, m.ID, leaveRequest{})
 	cancel()
 	if err != nil {
 		return fmt.Errorf("asking %s to leave the cluster: %w", m.Name, err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if g, ok := n.Member(m.ID); !ok || (g.Liveness != cluster.LivenessAlive && g.Liveness != cluster.LivenessSuspect) {
+		if g, ok := a.node.Member(m.ID); !ok || (g.Liveness != cluster.LivenessAlive && g.Liveness != cluster.LivenessSuspect) {
 			return nil
 		}
 		select {
@@ -122,26 +151,12 @@ func (a *Agent) tellToLeave(ctx context.Context, n *cluster.Node, m fsm.Machine)
 // handleLeave is the removed machine's side: answer, then leave the
 // cluster and forget it (key, Raft state, known peers, overlay address),
 // so that a restart does not bring it back. Its daemon goes on, in no
-// cluster; workloads are not touched (a drained machine runs none).
-func (a *Agent) handleLeave(_ context.Context, from string, _ leaveRequest) (struct{}, error) {
+// cluster; workloads are not touched (a drained machine runs none). Only
+// a member may ask.
+func (a *Remover) handleLeave(_ context.Context, from string, _ leaveRequest) (struct{}, error) {
 	if from == "" {
 		return struct{}{}, errLeaveRefused
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		time.Sleep(100 * time.Millisecond) // let the answer go out
-		a.logger.Warn("this machine was removed from the cluster: leaving and forgetting it", "asked_by", a.nameOf(from))
-		a.stopCluster(true)
-		var errs []error
-		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft"} {
-			if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, name)); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		if err := errors.Join(errs...); err != nil {
-			a.logger.Error("forgetting the cluster", "err", err)
-		}
-	}()
+	a.forget(from)
 	return struct{}{}, nil
 }

@@ -1,7 +1,10 @@
-package agent
+// Package probe measures the fact store live: it commits no-op entries
+// (fsm.Probe) through the very path real commands take and times each.
+package probe
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
@@ -20,17 +23,19 @@ const (
 	maxProbeCount     = 100_000
 )
 
-// Probe commits req.Count no-op entries (fsm.Probe) through the fact store
-// from req.Proposers concurrent proposers on this machine and times each
-// one: proposal here, forwarding to the leader when this machine is not
-// it, replication over the mesh, applied here. Entries that fail (no
-// leader, timeout) are counted, not retried, so a run during an election
-// shows the election.
-func (a *Agent) Probe(ctx context.Context, req ctlapi.ProbeRequest) (ctlapi.ProbeResult, error) {
-	n, err := a.requireNode()
-	if err != nil {
-		return ctlapi.ProbeResult{}, err
-	}
+// Applier proposes commands to the fact store (cluster.Node).
+type Applier interface {
+	Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error)
+}
+
+// Run commits req.Count no-op entries (fsm.Probe) through the fact store
+// from req.Proposers concurrent proposers on this machine (self, named
+// name) and times each one: proposal here, forwarding to the leader when
+// this machine is not it, replication over the mesh, applied here.
+// Entries that fail (no leader, timeout) are counted, not retried, so a
+// run during an election shows the election. The result's Leader is the
+// caller's to fill.
+func Run(ctx context.Context, f Applier, self, name string, req ctlapi.ProbeRequest) (ctlapi.ProbeResult, error) {
 	if req.Proposers == 0 {
 		req.Proposers = 1
 	}
@@ -41,7 +46,7 @@ func (a *Agent) Probe(ctx context.Context, req ctlapi.ProbeRequest) (ctlapi.Prob
 		req.Timeout = ctlapi.Duration(5 * time.Second)
 	}
 	bad := func(format string, args ...any) (ctlapi.ProbeResult, error) {
-		return ctlapi.ProbeResult{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf(format, args...)}
+		return ctlapi.ProbeResult{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadRequest, Err: fmt.Errorf(format, args...)}
 	}
 	switch {
 	case req.Proposers < 0 || req.Proposers > maxProbeProposers:
@@ -70,7 +75,7 @@ func (a *Agent) Probe(ctx context.Context, req ctlapi.ProbeRequest) (ctlapi.Prob
 				}
 				cctx, cancel := context.WithTimeout(ctx, time.Duration(req.Timeout))
 				began := time.Now()
-				_, err := n.Apply(cctx, fsm.Probe{Machine: a.machineID, Seq: uint64(seq), At: began})
+				_, err := f.Apply(cctx, fsm.Probe{Machine: self, Seq: uint64(seq), At: began})
 				took := time.Since(began)
 				cancel()
 				mu.Lock()
@@ -93,14 +98,11 @@ func (a *Agent) Probe(ctx context.Context, req ctlapi.ProbeRequest) (ctlapi.Prob
 	}
 
 	out := ctlapi.ProbeResult{
-		Machine: a.cfg.Name, Proposers: req.Proposers, Committed: len(lat), Failed: failed,
+		Machine: name, Proposers: req.Proposers, Committed: len(lat), Failed: failed,
 		Elapsed: ctlapi.Duration(elapsed), PerSecond: float64(len(lat)) / elapsed.Seconds(),
 	}
 	if firstErr != nil {
 		out.FirstError = firstErr.Error()
-	}
-	if st, err := n.Status(); err == nil {
-		out.Leader = a.nameOf(st.LeaderID)
 	}
 	slices.Sort(lat)
 	out.P50, out.P90, out.P99 = percentile(lat, 50), percentile(lat, 90), percentile(lat, 99)
