@@ -82,6 +82,19 @@ type step struct {
 	err       error  // why it did not start, or why it aborted
 }
 
+// driver is one run of a drain on this daemon: what it keeps between
+// rounds beyond the facts.
+type driver struct {
+	d           *Drainer
+	r           *run
+	name        string                     // of the drained machine
+	starting    map[string]bool            // services whose migration goroutine runs
+	failedOn    map[string]map[string]bool // per service, targets that refused it
+	steps       chan step
+	wg          sync.WaitGroup // the migration goroutines
+	deadlineHit bool
+}
+
 // drive drives a drain from its facts until it ends. Each round it
 // brings every service's state in line with the facts (a service no
 // longer on the machine moved; one with a running migration migrates; one
@@ -91,107 +104,121 @@ type step struct {
 // Since the state is read from the facts, a restarted daemon resumes
 // where it was.
 func (d *Drainer) drive(ctx context.Context, r *run) {
-	machineID := r.machineID
-	name := d.nameOf(machineID)
-	starting := map[string]bool{} // services whose migration goroutine runs
-	failedOn := map[string]map[string]bool{}
-	steps := make(chan step)
-	var wg sync.WaitGroup
-	defer wg.Wait()
+	v := &driver{d: d, r: r, name: d.nameOf(r.machineID), starting: map[string]bool{},
+		failedOn: map[string]map[string]bool{}, steps: make(chan step)}
+	defer v.wg.Wait()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	deadlineHit := false
-	update := func(it fsm.DrainItem) {
-		if _, err := d.facts.Apply(ctx, fsm.UpdateDrainItem{MachineID: machineID, Item: it, At: time.Now()}); err != nil {
-			d.log.Warn("recording a drain step", "machine", name, "service", it.Service, "err", err)
+	for {
+		f, ok := d.fact(r.machineID)
+		if !ok || f.State != fsm.DrainRunning || f.Executor != d.cfg.Self {
+			if len(v.starting) == 0 {
+				return
+			}
+		} else if v.round(ctx, f) {
 			return
 		}
-		if it.State == fsm.ItemPending && it.Reason == "" {
-			return // bookkeeping (an attempt counted), nothing to tell
-		}
-		r.emit(ctlapi.DrainEvent{Service: it.Service, Target: d.nameOf(it.Target), State: string(it.State), Message: it.Reason})
-	}
-	for {
-		f, ok := d.fact(machineID)
-		if !ok || f.State != fsm.DrainRunning || f.Executor != d.cfg.Self {
-			if len(starting) == 0 {
-				return
-			}
-		} else {
-			if !f.Deadline.IsZero() && !time.Now().Before(f.Deadline) && !deadlineHit {
-				deadlineHit = true
-				d.log.Warn("drain deadline passed: starting no more migrations, aborting those not committed", "machine", name)
-				r.emit(ctlapi.DrainEvent{Message: "deadline passed: no new migrations; running ones abort unless committed"})
-				for _, it := range f.Items {
-					if it.State == fsm.ItemMigrating {
-						d.migs.Cancel(it.Migration, errDrainDeadline) // those of other executors end by their own leases
-					}
-				}
-			}
-			var items []fsm.DrainItem
-			d.facts.Read(func(s *fsm.State) { items = reconcileItems(s, f, starting) })
-			inflight := len(starting)
-			for _, it := range items {
-				if it.State == fsm.ItemMigrating && !starting[it.Service] {
-					inflight++
-				}
-			}
-			open := 0
-			for i, it := range items {
-				if it != f.Items[i] {
-					update(it)
-				}
-				switch it.State {
-				case fsm.ItemPending:
-					if deadlineHit {
-						it.State, it.Reason = fsm.ItemSkipped, strings.TrimSuffix("the deadline passed; "+it.Reason, "; ")
-						update(it)
-						continue
-					}
-					open++
-					if inflight < f.Parallel && !starting[it.Service] {
-						if it.Target == "" || failedOn[it.Service][it.Target] {
-							it = d.replan(ctx, machineID, it, failedOn[it.Service])
-							if it.State != fsm.ItemPending {
-								update(it)
-								open--
-								continue
-							}
-						}
-						it.Attempts++
-						update(it)
-						inflight++
-						starting[it.Service] = true
-						wg.Add(1)
-						go func(it fsm.DrainItem) {
-							defer wg.Done()
-							id, err := d.migrateOne(ctx, r, it)
-							select {
-							case steps <- step{service: it.Service, migration: id, err: err}:
-							case <-ctx.Done():
-							}
-						}(it)
-					}
-				case fsm.ItemMigrating:
-					open++
-				}
-			}
-			if open == 0 && len(starting) == 0 {
-				d.end(ctx, r, f, deadlineHit)
-				return
-			}
-		}
 		select {
-		case st := <-steps:
-			delete(starting, st.service)
+		case st := <-v.steps:
+			delete(v.starting, st.service)
 			if st.err != nil {
-				d.noteFailure(machineID, st, failedOn, update)
+				d.noteFailure(r.machineID, st, v.failedOn, func(it fsm.DrainItem) { v.update(ctx, it) })
 			}
 		case <-tick.C:
 		case <-ctx.Done():
 			return
 		}
 	}
+}
+
+// update records an item's new state and tells the followers.
+func (v *driver) update(ctx context.Context, it fsm.DrainItem) {
+	if _, err := v.d.facts.Apply(ctx, fsm.UpdateDrainItem{MachineID: v.r.machineID, Item: it, At: time.Now()}); err != nil {
+		v.d.log.Warn("recording a drain step", "machine", v.name, "service", it.Service, "err", err)
+		return
+	}
+	if it.State == fsm.ItemPending && it.Reason == "" {
+		return // bookkeeping (an attempt counted), nothing to tell
+	}
+	v.r.emit(ctlapi.DrainEvent{Service: it.Service, Target: v.d.nameOf(it.Target), State: string(it.State), Message: it.Reason})
+}
+
+// round is one pass over the drain's items; it tells whether the drain
+// ended.
+func (v *driver) round(ctx context.Context, f fsm.Drain) bool {
+	if !f.Deadline.IsZero() && !time.Now().Before(f.Deadline) && !v.deadlineHit {
+		v.deadlineHit = true
+		v.d.log.Warn("drain deadline passed: starting no more migrations, aborting those not committed", "machine", v.name)
+		v.r.emit(ctlapi.DrainEvent{Message: "deadline passed: no new migrations; running ones abort unless committed"})
+		for _, it := range f.Items {
+			if it.State == fsm.ItemMigrating {
+				v.d.migs.Cancel(it.Migration, errDrainDeadline) // those of other executors end by their own leases
+			}
+		}
+	}
+	var items []fsm.DrainItem
+	v.d.facts.Read(func(s *fsm.State) { items = reconcileItems(s, f, v.starting) })
+	inflight := len(v.starting)
+	for _, it := range items {
+		if it.State == fsm.ItemMigrating && !v.starting[it.Service] {
+			inflight++
+		}
+	}
+	open := 0
+	for i, it := range items {
+		if it != f.Items[i] {
+			v.update(ctx, it)
+		}
+		switch it.State {
+		case fsm.ItemPending:
+			if v.pending(ctx, f, it, &inflight) {
+				open++
+			}
+		case fsm.ItemMigrating:
+			open++
+		}
+	}
+	if open == 0 && len(v.starting) == 0 {
+		v.d.end(ctx, v.r, f, v.deadlineHit)
+		return true
+	}
+	return false
+}
+
+// pending handles an item not started yet: skipped after the deadline,
+// else started when the parallelism allows (re-planned first if it has
+// no target or its target refused it). It tells whether the item is still
+// open.
+func (v *driver) pending(ctx context.Context, f fsm.Drain, it fsm.DrainItem, inflight *int) bool {
+	if v.deadlineHit {
+		it.State, it.Reason = fsm.ItemSkipped, strings.TrimSuffix("the deadline passed; "+it.Reason, "; ")
+		v.update(ctx, it)
+		return false
+	}
+	if *inflight >= f.Parallel || v.starting[it.Service] {
+		return true
+	}
+	if it.Target == "" || v.failedOn[it.Service][it.Target] {
+		it = v.d.replan(ctx, f.MachineID, it, v.failedOn[it.Service])
+		if it.State != fsm.ItemPending {
+			v.update(ctx, it)
+			return false
+		}
+	}
+	it.Attempts++
+	v.update(ctx, it)
+	*inflight++
+	v.starting[it.Service] = true
+	v.wg.Add(1)
+	go func() {
+		defer v.wg.Done()
+		id, err := v.d.migrateOne(ctx, v.r, it)
+		select {
+		case v.steps <- step{service: it.Service, migration: id, err: err}:
+		case <-ctx.Done():
+		}
+	}()
+	return true
 }
 
 // reconcileItems gives each open item of a drain its state from the
