@@ -125,6 +125,7 @@ func (a *Agent) makeParts(key []byte) (*parts, error) {
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease, Logger: a.logger}, n, n, p.mig)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
+	p.mig.Register()
 	p.rm.Register(peer.Server{Mux: n, IDs: n})
 	return p, nil
 }

@@ -79,10 +79,12 @@ func New(ctx context.Context, cfg Config, d Deps) *Migrator {
 	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
 }
 
-// Start registers this machine's routes and starts recovery (and the
-// crash watch of test builds).
+// Register puts this machine's side of every migration call on the RPC
+// server; call it before the server starts.
+func (m *Migrator) Register() { m.register() }
+
+// Start starts recovery (and the crash watch of test builds).
 func (m *Migrator) Start() {
-	m.register()
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
