@@ -34,8 +34,12 @@ type Config struct {
 	RaftPort   int
 	RPCPort    int
 
-	WGInterface   string       // WireGuard interface name (unique per machine)
-	WGPort        int          // WireGuard UDP port on the underlay
+	WGInterface string // WireGuard interface name (unique per machine)
+	WGPort      int    // WireGuard UDP port on the underlay
+	// OpenOverlay lets any process that reaches the overlay address talk
+	// to Raft and RPC, not only peers of the mesh: only for machines that
+	// share one network namespace, which are each other's local processes.
+	OpenOverlay   bool
 	OverlayPrefix netip.Prefix // the mesh's address range
 
 	DockerHost    string       // the local Docker engine, e.g. unix:///var/run/docker.sock
@@ -130,7 +134,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
 	}
-	srv := &http.Server{Handler: ctlapi.NewHandler(a, a.logger), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: ctlapi.NewHandler(a, a.logger), ReadHeaderTimeout: 10 * time.Second, ConnContext: ctlapi.PeerContext}
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -142,7 +146,9 @@ func Run(ctx context.Context, cfg Config) error {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		srv.Shutdown(sctx)
-		os.Remove(cfg.Socket)
+		if err := ln.Remove(); err != nil {
+			a.logger.Warn("control socket", "err", err)
+		}
 	}()
 
 	switch {
@@ -155,7 +161,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return err
 		}
 	default:
-		a.logger.Info("this machine is in no cluster yet: run `droverctl cluster init` here, or `droverctl cluster join TOKEN`")
+		a.logger.Info("this machine is in no cluster yet: run `droverctl cluster init` here, or `droverctl cluster join --token-file FILE`")
 	}
 	defer a.stopCluster(true)
 

@@ -22,7 +22,7 @@ import (
 var errNotInCluster = &ctlapi.APIError{
 	Status: http.StatusConflict,
 	Code:   ctlapi.CodeNotInCluster,
-	Err:    errors.New("this machine is in no cluster yet: run `droverctl cluster init` or `droverctl cluster join TOKEN`"),
+	Err:    errors.New("this machine is in no cluster yet: run `droverctl cluster init` or `droverctl cluster join --token-file FILE`"),
 }
 
 func (a *Agent) requireNode() (*cluster.Node, error) {

@@ -77,9 +77,14 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 // them; their routes are registered here, before Raft and RPC start.
 func (a *Agent) makeParts(key []byte) (*parts, error) {
 	cfg := a.cfg
+	device := cfg.WGInterface
+	if cfg.OpenOverlay {
+		a.logger.Warn("--open-overlay-ports: Raft and RPC accept any process that reaches the overlay address, not only peers of the mesh")
+		device = ""
+	}
 	n, err := cluster.Start(cluster.Config{
 		MachineID: a.machineID, Name: cfg.Name, DataDir: cfg.DataDir, BindAddr: cfg.BindAddr,
-		GossipPort: cfg.GossipPort, RaftPort: cfg.RaftPort, RPCPort: cfg.RPCPort, Key: key,
+		GossipPort: cfg.GossipPort, RaftPort: cfg.RaftPort, RPCPort: cfg.RPCPort, Key: key, Device: device,
 		OverlayPrefix: cfg.OverlayPrefix, Timing: cfg.Timing, Logger: a.logger,
 	})
 	if err != nil {

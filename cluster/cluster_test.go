@@ -38,6 +38,17 @@ func TestThreeMachinesFormClusterAndForwardCommands(t *testing.T) {
 		}
 		return nil
 	})
+
+	// A command over the limit is refused on the proposer, naming the
+	// limit, and the store goes on committing: nothing cut is committed.
+	big := fsm.ServiceSpec{Name: "big", Image: "img", Env: map[string]string{"PAD": strings.Repeat("x", MaxCommandBytes)}}
+	_, err = tc.nodes[follower].Apply(ctxTimeout(t, 10*time.Second), fsm.PutService{Namespace: "web", Holder: "m-follower/deploy", Spec: big, At: time.Now()})
+	if !errors.Is(err, ErrCommandTooLarge) || !strings.Contains(err.Error(), "PutService") || !strings.Contains(err.Error(), "512 KiB") {
+		t.Fatalf("oversized command: %v", err)
+	}
+	if _, err := tc.nodes[follower].Apply(ctxTimeout(t, 10*time.Second), fsm.ReleaseLock{Namespace: "web", Holder: "m-follower/deploy", At: time.Now()}); err != nil {
+		t.Fatalf("the store stopped committing after an oversized command: %v", err)
+	}
 }
 
 func TestFiveMachinesHaveFiveVoters(t *testing.T) {

@@ -32,6 +32,11 @@ type Config struct {
 
 	Key []byte // cluster key, KeySize bytes
 
+	// Device, when set, is the WireGuard interface: Raft and the RPC
+	// server accept only connections that arrive over it from a peer of
+	// the mesh (see guard.go). Empty in tests on loopback.
+	Device string
+
 	// OverlayPrefix, when set, is the mesh range the leader allocates
 	// machines' overlay addresses from.
 	OverlayPrefix netip.Prefix

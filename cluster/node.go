@@ -37,7 +37,15 @@ var (
 	// unknown (leadership was lost or the connection broke mid-way); it
 	// may or may not have been applied.
 	ErrUncertain = errors.New("outcome of the command is unknown")
+	// ErrCommandTooLarge: a command's encoding is over MaxCommandBytes; it
+	// was not proposed.
+	ErrCommandTooLarge = errors.New("command too large")
 )
+
+// MaxCommandBytes bounds one command's encoding, checked before it is
+// proposed on any machine: well under what forwarding carries, so a
+// forwarded command is never cut.
+const MaxCommandBytes = 512 << 10
 
 // Node is one machine's membership in the cluster: gossip from Start,
 // then Raft and RPC from StartRaft. It owns every goroutine it starts;
@@ -70,6 +78,7 @@ type raftParts struct {
 	store     *raftboltdb.BoltStore
 	snaps     raft.SnapshotStore
 	http      *http.Server
+	self      *http.Client // this machine's calls to itself, in process
 	raftAddr  netip.AddrPort
 	rpcAddr   netip.AddrPort
 }
@@ -87,13 +96,13 @@ func Start(cfg Config) (*Node, error) {
 	n := &Node{
 		cfg:    cfg,
 		logger: cfg.Logger,
-		rpc:    newRPCClient(cfg.Key),
 		rpcMux: http.NewServeMux(),
 		nudge:  make(chan struct{}, 1),
 		halted: make(chan struct{}),
 		ctx:    ctx,
 		cancel: cancel,
 	}
+	n.rpc = newRPCClient(cfg.Key, n.overlaySource)
 	n.facts = newFactStore(n.haltOn)
 	g, err := startGossip(cfg, Meta{MachineID: cfg.MachineID, Name: cfg.Name}, cfg.Logger)
 	if err != nil {
@@ -209,13 +218,18 @@ func (n *Node) StartRaft(addr netip.Addr) error {
 		return fmt.Errorf("opening raft snapshots: %w", err)
 	}
 	raftAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RaftPort))
-	transport, err := raft.NewTCPTransportWithLogger(raftAddr.String(), net.TCPAddrFromAddrPort(raftAddr), 3, 10*time.Second, hlog)
+	raftLn, err := listenBound(raftAddr, n.cfg.Device, "Raft", n.logger)
 	if err != nil {
 		store.Close()
 		return fmt.Errorf("raft transport on %s: %w", raftAddr, err)
 	}
+	stream := &raftStream{Listener: raftLn, advertise: net.TCPAddrFromAddrPort(raftAddr)}
+	if n.cfg.Device != "" {
+		stream.source = &net.TCPAddr{IP: addr.AsSlice()}
+	}
+	transport := raft.NewNetworkTransportWithLogger(stream, 3, 10*time.Second, hlog)
 	rpcAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RPCPort))
-	rpcLn, err := net.Listen("tcp", rpcAddr.String())
+	rpcLn, err := listenBound(rpcAddr, n.cfg.Device, "RPC", n.logger)
 	if err != nil {
 		transport.Close()
 		store.Close()
@@ -240,24 +254,47 @@ func (n *Node) StartRaft(addr netip.Addr) error {
 		store.Close()
 		return fmt.Errorf("starting raft: %w", err)
 	}
+	self := newPipeListener()
 	parts := &raftParts{
 		raft: r, transport: transport, store: store, snaps: snaps,
-		http:     &http.Server{Handler: n.rpcHandler(), ReadHeaderTimeout: 5 * time.Second},
+		http: &http.Server{Handler: n.rpcHandler(), ReadHeaderTimeout: 5 * time.Second,
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				if _, ok := c.(*selfConn); ok {
+					return context.WithValue(ctx, selfKey{}, true)
+				}
+				return ctx
+			}},
+		self:     &http.Client{Transport: &http.Transport{DialContext: self.dial}},
 		raftAddr: raftAddr, rpcAddr: rpcAddr,
 	}
 	n.rs.Store(parts)
-	n.wg.Add(2)
-	go func() {
-		defer n.wg.Done()
-		if err := parts.http.Serve(rpcLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			n.logger.Error("rpc server stopped", "err", err)
-		}
-	}()
+	n.wg.Add(3)
+	for _, ln := range []net.Listener{rpcLn, self} {
+		go func() {
+			defer n.wg.Done()
+			if err := parts.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				n.logger.Error("rpc server stopped", "err", err)
+			}
+		}()
+	}
 	go n.runLeaderLoop(leaderCh)
 	return n.gossip.setMeta(func(m *Meta) {
 		m.RaftAddr = raftAddr.String()
 		m.RPCAddr = rpcAddr.String()
 	})
+}
+
+// overlaySource is the address this machine's calls to others come
+// from: its overlay address once Raft runs on it (the mesh would pick it
+// anyway; named, it also holds when machines share a network namespace).
+func (n *Node) overlaySource() net.Addr {
+	if n.cfg.Device == "" {
+		return nil
+	}
+	if p := n.rs.Load(); p != nil {
+		return &net.TCPAddr{IP: p.rpcAddr.Addr().AsSlice()}
+	}
+	return nil
 }
 
 func (n *Node) parts() (*raftParts, error) {
@@ -314,6 +351,9 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, err
 	data, err := fsm.Encode(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("encoding %s: %w", cmd.Type(), err)
+	}
+	if len(data) > MaxCommandBytes {
+		return nil, fmt.Errorf("%s of %d KiB: %w: the limit is %d KiB", cmd.Type(), len(data)>>10, ErrCommandTooLarge, MaxCommandBytes>>10)
 	}
 	p, err := n.parts()
 	if err != nil {

@@ -68,9 +68,14 @@ func (n *Node) rpcHandler() http.Handler {
 }
 
 func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
-	data, err := io.ReadAll(io.LimitReader(r.Body, maxRPCBody))
+	data, err := io.ReadAll(io.LimitReader(r.Body, maxRPCBody+1))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if len(data) > maxRPCBody {
+		// Never apply a command cut at the limit.
+		http.Error(w, fmt.Sprintf("command over the %d KiB a forwarded command may have", maxRPCBody>>10), http.StatusRequestEntityTooLarge)
 		return
 	}
 	res, err := n.applyLocal(r.Context(), data)
@@ -121,9 +126,17 @@ type rpcClient struct {
 	http  *http.Client
 }
 
-func newRPCClient(key []byte) *rpcClient {
+// newRPCClient makes the client of daemon-to-daemon calls; source gives
+// the local address to call from (nil: the kernel's choice).
+func newRPCClient(key []byte, source func() net.Addr) *rpcClient {
 	transport := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 3 * time.Second}).DialContext,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			d := &net.Dialer{Timeout: 3 * time.Second}
+			if a := source(); a != nil {
+				d.LocalAddr = a
+			}
+			return d.DialContext(ctx, network, addr)
+		},
 		MaxIdleConnsPerHost: 4,
 		IdleConnTimeout:     30 * time.Second,
 	}
@@ -186,11 +199,13 @@ func (n *Node) HandleRPC(pattern string, h http.HandlerFunc) {
 // returns the response for the caller to read (and close); a status other
 // than 200 is an *RPCStatusError carrying the start of the body.
 func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, header http.Header, body io.Reader) (*http.Response, error) {
-	addr := n.rpcAddrOf(machineID)
-	if addr == "" {
+	client, base := n.rpc.http, ""
+	if p := n.rs.Load(); p != nil && machineID == n.cfg.MachineID {
+		client, base = p.self, "self" // never over the network: see guard.go
+	} else if base = n.rpcAddrOf(machineID); base == "" {
 		return nil, fmt.Errorf("no RPC address known for machine %s", machineID)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+AgentRPCPrefix+strings.TrimPrefix(path, "/"), body)
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+base+AgentRPCPrefix+strings.TrimPrefix(path, "/"), body)
 	if err != nil {
 		return nil, err
 	}
@@ -198,16 +213,30 @@ func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, head
 		req.Header[k] = v
 	}
 	req.Header.Set(rpcAuthHdr, n.rpc.token)
-	resp, err := n.rpc.http.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("rpc %s %s on %s: %w", method, path, addr, err)
+		return nil, fmt.Errorf("rpc %s %s on %s: %w", method, path, base, err)
 	}
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxRPCErrorBody))
-		return nil, &RPCStatusError{Method: method, Path: path, Addr: addr, Status: resp.Status, Code: resp.StatusCode, Msg: bytes.TrimSpace(msg)}
+		return nil, &RPCStatusError{Method: method, Path: path, Addr: base, Status: resp.Status, Code: resp.StatusCode, Msg: bytes.TrimSpace(msg)}
 	}
 	return resp, nil
+}
+
+// CallerOf names the machine an agent handler's request comes from: this
+// machine for its calls to itself, else the machine whose overlay (or
+// RPC) address the connection comes from.
+func (n *Node) CallerOf(r *http.Request) (string, bool) {
+	if self, _ := r.Context().Value(selfKey{}).(bool); self {
+		return n.cfg.MachineID, true
+	}
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return "", false
+	}
+	return n.MachineByAddr(ap.Addr().Unmap())
 }
 
 // maxRPCErrorBody bounds what is read of an error answer.

@@ -210,7 +210,8 @@ func TestLabMesh(t *testing.T) {
 		return nil
 	})
 
-	// Raft and RPC listen on the overlay address only.
+	// Raft and RPC listen on the overlay address only, bound to the
+	// WireGuard device.
 	overlays := map[string]string{}
 	ms, _ := d1.machines()
 	for _, m := range ms {
@@ -228,8 +229,9 @@ func TestLabMesh(t *testing.T) {
 				if len(f) < 4 || !strings.HasSuffix(f[3], port) {
 					continue
 				}
-				if f[3] != overlays[d.host.Name]+port {
-					t.Fatalf("%s listens on %s, not on its overlay address %s", d.host.Name, f[3], overlays[d.host.Name])
+				// On the overlay address, bound to the WireGuard device.
+				if want := overlays[d.host.Name] + "%" + d.host.Name + "wg" + port; f[3] != want {
+					t.Fatalf("%s listens on %s, not on its overlay address bound to its WireGuard device (%s)", d.host.Name, f[3], want)
 				}
 				found = true
 			}
@@ -237,6 +239,36 @@ func TestLabMesh(t *testing.T) {
 				t.Fatalf("%s: nothing listens on %s:\n%s", d.host.Name, port, out)
 			}
 		}
+	}
+
+	// Only peers of the mesh reach Raft and RPC: a process on a member
+	// itself, holding the cluster key, and an underlay neighbour that
+	// routes the overlay range to the member are both refused, and the
+	// member's log says so for the local one.
+	target := overlays[h[0].Name]
+	if raftErr, rpcErr := attackOverlay(t, h[0], target, keyFile); raftErr == nil || rpcErr == nil {
+		t.Fatalf("a process on %s itself reached Raft (%v) or RPC (%v) on its overlay address", h[0].Name, raftErr, rpcErr)
+	} else {
+		t.Logf("from %s itself: raft %v; rpc %v", h[0].Name, raftErr, rpcErr)
+	}
+	testpoll.Until(t, 10*time.Second, "the refusal in the member's log", func() error {
+		b, _ := os.ReadFile(d1.proc.LogPath())
+		if !strings.Contains(string(b), "refused a connection from this host to the Raft port") {
+			return fmt.Errorf("no refusal logged")
+		}
+		return nil
+	})
+	if _, err := h[3].Run(context.Background(), "ip", "route", "add", target+"/32", "via", h[0].UnderlayIP); err != nil {
+		t.Fatal(err)
+	}
+	if raftErr, rpcErr := attackOverlay(t, h[3], target, keyFile); raftErr == nil || rpcErr == nil {
+		t.Fatalf("an underlay neighbour reached Raft (%v) or RPC (%v) on %s's overlay address", raftErr, rpcErr, h[0].Name)
+	} else {
+		t.Logf("from underlay neighbour %s: raft %v; rpc %v", h[3].Name, raftErr, rpcErr)
+	}
+	h[3].Run(context.Background(), "ip", "route", "del", target+"/32")
+	if st, err := d1.status(); err != nil || st.Term > 1<<30 {
+		t.Fatalf("the attack moved the term: %+v %v", st, err)
 	}
 
 	// A host with another cluster key never appears, and its log says why.

@@ -51,7 +51,7 @@ ctl ${prefix}1 cluster init
 token=$(ctl ${prefix}1 cluster join-token 2>/dev/null)
 
 say "joining ${prefix}2 and ${prefix}3 with the join token"
-for i in 2 3; do start $i; ctl $prefix$i cluster join "$token"; done
+for i in 2 3; do start $i; ctl $prefix$i cluster join <<<"$token"; done
 
 say "waiting for the mesh (overlay addresses, WireGuard handshakes) and three Raft voters"
 for _ in $(seq 1 120); do

@@ -75,7 +75,13 @@ func Open(name string, logger *slog.Logger) (*Device, error) {
 	}
 	d := &Device{name: name, logger: logger.With("component", "wireguard", "device", name)}
 	if old, err := netlink.LinkByName(name); err == nil {
-		d.logger.Info("removing a leftover interface of the same name")
+		// Only a leftover of droverd's own (a kernel device outlives a
+		// killed daemon) is removed; anything else is the operator's.
+		if old.Attrs().Alias != OwnAlias {
+			return nil, fmt.Errorf("interface %s exists and was not made by droverd (its alias is %q, not %q): choose another --wg-interface, or remove it yourself: %w",
+				name, old.Attrs().Alias, OwnAlias, ErrNotOurs)
+		}
+		d.logger.Info("removing a leftover interface droverd made")
 		if err := netlink.LinkDel(old); err != nil {
 			return nil, fmt.Errorf("removing leftover interface %s: %w", name, err)
 		}
@@ -97,9 +103,24 @@ func Open(name string, logger *slog.Logger) (*Device, error) {
 		return nil, fmt.Errorf("wgctrl: %w", err)
 	}
 	d.wg = wg
+	if link, err := netlink.LinkByName(name); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("reading interface %s: %w", name, err)
+	} else if err := netlink.LinkSetAlias(link, OwnAlias); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("marking interface %s as droverd's: %w", name, err)
+	}
 	d.logger.Info("WireGuard device open", "kind", d.kind)
 	return d, nil
 }
+
+// OwnAlias marks the interfaces droverd makes (the link's alias), so a
+// leftover of its own is told from an interface it must not touch.
+const OwnAlias = "droverd"
+
+// ErrNotOurs: an interface of the asked name exists and droverd did not
+// make it.
+var ErrNotOurs = errors.New("interface not made by droverd")
 
 // wgLogger adapts wireguard-go's printf logger to slog at debug level.
 func wgLogger(l *slog.Logger) *device.Logger {

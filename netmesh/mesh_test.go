@@ -345,3 +345,35 @@ func TestSamePeerAsReadBack(t *testing.T) {
 		t.Fatal("a peer with another endpoint port is seen as the same")
 	}
 }
+
+// droverd never deletes an interface it did not make; its own leftover it
+// replaces.
+func TestOpenLeavesOthersInterfacesAlone(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("no /dev/net/tun")
+	}
+	run(t, "ip", "link", "add", "dmtother0", "type", "veth", "peer", "name", "dmtother1")
+	defer exec.Command("ip", "link", "del", "dmtother0").Run()
+	if _, err := Open("dmtother0", nil); !errors.Is(err, ErrNotOurs) || !strings.Contains(err.Error(), "dmtother0") {
+		t.Fatalf("opening over another's interface: %v", err)
+	}
+	if out, err := exec.Command("ip", "link", "show", "dmtother0").CombinedOutput(); err != nil {
+		t.Fatalf("the other interface is gone: %s", out)
+	}
+	first, err := Open("dmtown0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if out, _ := exec.Command("ip", "link", "show", "dmtown0").CombinedOutput(); !strings.Contains(string(out), "alias "+OwnAlias) {
+		t.Fatalf("droverd's interface is not marked:\n%s", out)
+	}
+	second, err := Open("dmtown0", nil) // as a restarted daemon finds its own leftover
+	if err != nil {
+		t.Fatalf("replacing its own leftover: %v", err)
+	}
+	second.Close()
+}

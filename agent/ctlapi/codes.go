@@ -21,6 +21,7 @@ const (
 	CodeBadManifest     = "bad_manifest"
 	CodeNamespaceLocked = "namespace_locked"
 	CodeServiceFailed   = "service_failed"
+	CodeTooLarge        = "too_large" // a command over the fact store's limit
 
 	CodePreflightFailed  = "preflight_failed"
 	CodeMigrationAborted = "migration_aborted"

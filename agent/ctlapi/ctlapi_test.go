@@ -240,3 +240,47 @@ func TestDrainStreamsThroughTheSameLines(t *testing.T) {
 		t.Fatalf("drain: %+v %v, events %+v", info, err, events)
 	}
 }
+
+// Whoever may write the socket's directory may replace the socket: such
+// a directory is refused, and a socket somebody put in place of ours is
+// left alone at shutdown.
+func TestLooseSocketDirectoryIsRefusedAndOnlyOurSocketRemoved(t *testing.T) {
+	loose := t.TempDir()
+	os.Chmod(loose, 0o777)
+	if _, err := Listen(filepath.Join(loose, "d.sock"), ""); !errors.Is(err, ErrLooseSocketDir) || !strings.Contains(err.Error(), loose) {
+		t.Fatalf("socket in a world-writable directory: %v", err)
+	}
+	dir := t.TempDir()
+	path := filepath.Join(dir, "d.sock")
+	ln, err := Listen(path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// Someone replaced it: Remove leaves theirs.
+	os.Remove(path)
+	other, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := ln.Remove(); err == nil {
+		t.Fatal("removed a socket this daemon did not make")
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("the other socket is gone: %v", err)
+	}
+	// Its own it removes.
+	os.Remove(path)
+	ln2, err := Listen(filepath.Join(dir, "e.sock"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln2.Close()
+	if err := ln2.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "e.sock")); !os.IsNotExist(err) {
+		t.Fatalf("its own socket is still there: %v", err)
+	}
+}

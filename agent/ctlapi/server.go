@@ -13,6 +13,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"time"
 )
 
@@ -146,6 +147,11 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		writeError(w, logger, &APIError{Status: http.StatusNotFound, Code: CodeNotFound, Err: fmt.Errorf("no route %s %s", r.Method, r.URL.Path)})
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet {
+			// Every call that may change something names who made it.
+			uid, known := r.Context().Value(peerUIDKey{}).(uint32)
+			logger.Info("control API call", "method", r.Method, "path", r.URL.Path, "uid", map[bool]any{true: uid, false: "unknown"}[known])
+		}
 		w.Header().Set(VersionHeader, APIVersion)
 		if v := r.Header.Get(VersionHeader); v != "" && v != APIVersion {
 			writeError(w, logger, &APIError{Status: http.StatusBadRequest, Code: CodeVersionMismatch, Err: versionMismatch(APIVersion, v)})
@@ -237,16 +243,47 @@ func writeError(w http.ResponseWriter, logger *slog.Logger, err error) {
 	json.NewEncoder(w).Encode(ErrorBody{Error: err.Error(), Code: apiErr.Code})
 }
 
+type peerUIDKey struct{}
+
+// PeerContext is an http.Server's ConnContext for the control socket: it
+// records the calling process's uid (SO_PEERCRED), which the handler logs
+// with every call that may change something.
+func PeerContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *syscall.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, err = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	})
+	if err != nil || cred == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerUIDKey{}, cred.Uid)
+}
+
 // ErrSocketInUse: another live daemon answers on the socket path.
 var ErrSocketInUse = errors.New("another droverd is listening on the control socket")
 
 // Listen binds the control socket at path. A live socket (another daemon
 // answers) is an error; a stale file is removed. The socket is 0660 and
 // owned by group when that group exists, else 0600: never world-writable.
-// Closing the listener does not remove the socket file; the daemon does.
-func Listen(path, group string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+// Closing the listener does not remove the socket file; Remove does.
+// The socket's directory must belong to this user (or root) and be
+// writable by nobody else: whoever can write it can replace the socket
+// and receive what the next droverctl sends (a join token).
+func Listen(path, group string) (*Socket, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	if err := checkSocketDir(dir); err != nil {
+		return nil, err
 	}
 	if _, err := os.Lstat(path); err == nil {
 		c, err := net.DialTimeout("unix", path, time.Second)
@@ -271,7 +308,7 @@ func Listen(path, group string) (net.Listener, error) {
 		return nil, fmt.Errorf("binding %s: %w", path, err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	fail := func(err error) (net.Listener, error) {
+	fail := func(err error) (*Socket, error) {
 		ln.Close()
 		return nil, err
 	}
@@ -289,5 +326,54 @@ func Listen(path, group string) (net.Listener, error) {
 	if err := os.Rename(tmp, path); err != nil {
 		return fail(fmt.Errorf("moving socket to %s: %w", path, err))
 	}
-	return ln, nil
+	made, err := os.Lstat(path)
+	if err != nil {
+		return fail(fmt.Errorf("reading socket %s: %w", path, err))
+	}
+	return &Socket{Listener: ln, path: path, made: made}, nil
+}
+
+// Socket is the control socket droverd listens on.
+type Socket struct {
+	net.Listener
+	path string
+	made os.FileInfo
+}
+
+// Remove removes the socket file if it is still the one Listen made:
+// never another daemon's, nor one somebody put in its place.
+func (s *Socket) Remove() error {
+	now, err := os.Lstat(s.path)
+	if err != nil {
+		return nil // gone already
+	}
+	if !os.SameFile(now, s.made) {
+		return fmt.Errorf("%s is no longer the socket this daemon made: left in place", s.path)
+	}
+	return os.Remove(s.path)
+}
+
+// ErrLooseSocketDir: the control socket's directory may be written by
+// other users.
+var ErrLooseSocketDir = errors.New("control socket directory is writable by others")
+
+// checkSocketDir refuses a directory that another user owns or that
+// group or others may write.
+func checkSocketDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("socket directory %s: cannot read its owner", dir)
+	}
+	if uid := uint32(os.Geteuid()); st.Uid != uid && st.Uid != 0 {
+		return fmt.Errorf("socket directory %s belongs to uid %d, not to this user (%d) or root: %w", dir, st.Uid, uid, ErrLooseSocketDir)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("socket directory %s has mode %o: group or others may replace the socket (chmod go-w it, or choose another --socket): %w",
+			dir, fi.Mode().Perm(), ErrLooseSocketDir)
+	}
+	return nil
 }

@@ -118,14 +118,24 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.
 	if err != nil {
 		return ctlapi.DeployResult{Plan: p}, err
 	}
-	for _, c := range changes {
-		var cmd fsm.Command = fsm.PutService{Namespace: p.Namespace, Holder: holder, Spec: c.spec,
+	cmds := make([]fsm.Command, len(changes))
+	for i, c := range changes {
+		cmds[i] = fsm.PutService{Namespace: p.Namespace, Holder: holder, Spec: c.spec,
 			MachineID: c.machineID, ServicePrefix: d.cfg.ServicePrefix, At: time.Now()}
 		if c.remove {
-			cmd = fsm.RemoveService{Namespace: p.Namespace, Name: c.spec.Name, Holder: holder, At: time.Now()}
+			cmds[i] = fsm.RemoveService{Namespace: p.Namespace, Name: c.spec.Name, Holder: holder, At: time.Now()}
 		}
+		// Every command is checked before the first is written: a deploy
+		// with one too large changes nothing.
+		if data, err := fsm.Encode(cmds[i]); err != nil || len(data) > cluster.MaxCommandBytes {
+			return ctlapi.DeployResult{Plan: p}, &ctlapi.APIError{Status: http.StatusRequestEntityTooLarge, Code: ctlapi.CodeTooLarge, Err: fmt.Errorf(
+				"service %s/%s: its spec encodes to %d KiB, over the fact store's limit of %d KiB per command (%v): %w",
+				p.Namespace, c.spec.Name, len(data)>>10, cluster.MaxCommandBytes>>10, err, cluster.ErrCommandTooLarge)}
+		}
+	}
+	for i, cmd := range cmds {
 		if _, err := d.facts.Apply(ctx, cmd); err != nil {
-			return ctlapi.DeployResult{Plan: p}, fmt.Errorf("deploying %s/%s: %w", p.Namespace, c.spec.Name, err)
+			return ctlapi.DeployResult{Plan: p}, fmt.Errorf("deploying %s/%s: %w", p.Namespace, changes[i].spec.Name, err)
 		}
 	}
 	if err := d.waitReady(ctx, p.Namespace, changes); err != nil {

@@ -3,6 +3,7 @@ package deploy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -208,5 +209,25 @@ func TestMovesByManifestGoToTheMigrationAndRenderRoundTrips(t *testing.T) {
 		if _, err := g.d.RenderManifest(context.Background(), bad); err == nil {
 			t.Errorf("rendered %+v", bad)
 		}
+	}
+}
+
+func TestAManifestTooLargeForTheFactStoreChangesNothing(t *testing.T) {
+	g := newRig(t)
+	before := len(g.facts.Applied())
+	var ports strings.Builder
+	for i := range 20000 {
+		fmt.Fprintf(&ports, "\n[[services.api.ports]]\nport = %d\n", 1000+i)
+	}
+	m := webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n" + ports.String()
+	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "big.toml", Manifest: m})
+	var apiErr *ctlapi.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeTooLarge || !strings.Contains(err.Error(), "service shop/api") || !strings.Contains(err.Error(), "512 KiB") {
+		t.Fatalf("too large a manifest: %v", err)
+	}
+	var held bool
+	g.facts.Read(func(s *fsm.State) { _, held = s.Lock("shop") })
+	if applied := g.facts.Applied(); len(applied) != before+2 || held { // the lock, taken and given back
+		t.Fatalf("a refused deploy wrote %v", applied[before:])
 	}
 }

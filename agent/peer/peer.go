@@ -12,9 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/netip"
 )
 
 // Caller reaches the daemon of another machine (cluster.Node does): the
@@ -37,10 +35,11 @@ type Mux interface {
 	HandleRPC(pattern string, h http.HandlerFunc)
 }
 
-// Identifier names the machine whose overlay address a request came from
-// (cluster.Node does; over the mesh, WireGuard authenticates it).
+// Identifier names the machine a request came from (cluster.Node does:
+// by the overlay address WireGuard authenticated, or itself for its calls
+// to itself).
 type Identifier interface {
-	MachineByAddr(ip netip.Addr) (string, bool)
+	CallerOf(r *http.Request) (string, bool)
 }
 
 // Server is this machine's side: where handlers are registered and how a
@@ -55,15 +54,7 @@ const maxRequest = 1 << 20
 
 // from names the calling machine, "" when it is none known.
 func (s Server) from(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return ""
-	}
-	ip, err := netip.ParseAddr(host)
-	if err != nil {
-		return ""
-	}
-	id, _ := s.IDs.MachineByAddr(ip.Unmap())
+	id, _ := s.IDs.CallerOf(r)
 	return id
 }
 

@@ -1,7 +1,11 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -37,7 +41,7 @@ func (c *cli) clusterCmd() *cobra.Command {
 					return err
 				}
 				fmt.Fprintf(c.out, "cluster created; %s leads it\n", st.MachineName)
-				fmt.Fprintln(cmd.ErrOrStderr(), "add machines with: droverctl cluster join-token (here), then droverctl cluster join TOKEN (there)")
+				fmt.Fprintln(cmd.ErrOrStderr(), "add machines with: droverctl cluster join-token (here), then droverctl cluster join --token-file FILE (there, or the token on stdin)")
 				return nil
 			},
 		},
@@ -59,19 +63,7 @@ func (c *cli) clusterCmd() *cobra.Command {
 			},
 		},
 		),
-		&cobra.Command{
-			Use:   "join TOKEN",
-			Short: "Join the cluster a token names",
-			Args:  cobra.ExactArgs(1),
-			RunE: func(cmd *cobra.Command, args []string) error {
-				st, err := c.client.Join(cmd.Context(), ctlapi.JoinRequest{Token: args[0]})
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(c.out, "joined; leader is %s, this machine is %s\n", dash(st.LeaderName), st.Role)
-				return nil
-			},
-		},
+		c.joinCmd(),
 		c.probeCmd(),
 	)
 	return cmd
@@ -144,4 +136,64 @@ func (c *cli) printStatus(st ctlapi.ClusterStatus) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Name, s.Address, s.Suffrage, lead)
 	}
 	return tw.Flush()
+}
+
+// joinCmd joins the cluster a token names. The token carries the cluster
+// key, so it is read from a file or from standard input, never taken as
+// an argument: every user on the machine can read a process's argv.
+func (c *cli) joinCmd() *cobra.Command {
+	var tokenFile string
+	cmd := &cobra.Command{
+		Use:   "join [--token-file FILE]",
+		Short: "Join the cluster a token names (the token on stdin, or in --token-file)",
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return errors.New("the join token carries the cluster key: give it on standard input or with --token-file, never as an argument (every user can read a process's arguments)")
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := readToken(cmd.InOrStdin(), tokenFile)
+			if err != nil {
+				return err
+			}
+			st, err := c.client.Join(cmd.Context(), ctlapi.JoinRequest{Token: tok})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "joined; leader is %s, this machine is %s\n", dash(st.LeaderName), st.Role)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&tokenFile, "token-file", "", "read the join token from this file (\"-\" or unset: standard input)")
+	return cmd
+}
+
+// maxTokenBytes bounds what is read as a join token.
+const maxTokenBytes = 64 << 10
+
+// readToken reads a join token from file, or from in when file is "" or
+// "-": the first line, trimmed.
+func readToken(in io.Reader, file string) (string, error) {
+	src, name := in, "standard input"
+	if file != "" && file != "-" {
+		f, err := os.Open(file)
+		if err != nil {
+			return "", fmt.Errorf("reading the join token: %w", err)
+		}
+		defer f.Close()
+		src, name = f, file
+	}
+	b, err := io.ReadAll(io.LimitReader(src, maxTokenBytes+1))
+	if err != nil {
+		return "", fmt.Errorf("reading the join token from %s: %w", name, err)
+	}
+	if len(b) > maxTokenBytes {
+		return "", fmt.Errorf("the join token in %s is over %d KiB: not a token", name, maxTokenBytes>>10)
+	}
+	tok, _, _ := strings.Cut(strings.TrimSpace(string(b)), "\n")
+	if tok = strings.TrimSpace(tok); tok == "" {
+		return "", fmt.Errorf("no join token in %s (run `droverctl cluster join-token` on a member)", name)
+	}
+	return tok, nil
 }

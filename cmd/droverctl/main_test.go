@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -72,5 +73,41 @@ func TestDaemonNotRunningIsOneLine(t *testing.T) {
 	code, out, errOut := runCLI(t, "--socket", filepath.Join(t.TempDir(), "none.sock"), "machine", "ls")
 	if code != 1 || out != "" || strings.Count(errOut, "\n") != 1 || !strings.Contains(errOut, "droverd is not running") {
 		t.Fatalf("exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+}
+
+// joinBackend records the token it was given.
+type joinBackend struct {
+	stubBackend
+	got *string
+}
+
+func (b joinBackend) Join(_ context.Context, req ctlapi.JoinRequest) (ctlapi.ClusterStatus, error) {
+	*b.got = req.Token
+	return ctlapi.ClusterStatus{Initialized: true, Role: "nonvoter", LeaderName: "alpha"}, nil
+}
+
+// The join token carries the cluster key: never an argument, always a
+// file or standard input.
+func TestJoinTakesTheTokenFromAFileNeverFromArgv(t *testing.T) {
+	var got string
+	sock := socketWith(t, joinBackend{got: &got})
+	code, _, errOut := runCLI(t, "--socket", sock, "cluster", "join", "drover1.secret")
+	if code == 0 || got != "" || !strings.Contains(errOut, "never as an argument") {
+		t.Fatalf("token as an argument: exit %d, sent %q, stderr %q", code, got, errOut)
+	}
+	file := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(file, []byte("  drover1.secret\n"), 0o600)
+	code, out, errOut := runCLI(t, "--socket", sock, "cluster", "join", "--token-file", file)
+	if code != 0 || got != "drover1.secret" || !strings.Contains(out, "joined") {
+		t.Fatalf("token from a file: exit %d, sent %q, out %q, stderr %q", code, got, out, errOut)
+	}
+	empty := filepath.Join(t.TempDir(), "empty")
+	os.WriteFile(empty, nil, 0o600)
+	if code, _, errOut := runCLI(t, "--socket", sock, "cluster", "join", "--token-file", empty); code == 0 || !strings.Contains(errOut, "no join token in "+empty) {
+		t.Fatalf("empty token file: exit %d, stderr %q", code, errOut)
+	}
+	if tok, err := readToken(strings.NewReader("drover1.x\nrest"), "-"); err != nil || tok != "drover1.x" {
+		t.Fatalf("token from stdin: %q %v", tok, err)
 	}
 }

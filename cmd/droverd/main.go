@@ -49,6 +49,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.RaftPort, "raft-port", cluster.DefaultRaftPort, "Raft port")
 	fs.IntVar(&cfg.RPCPort, "rpc-port", cluster.DefaultRPCPort, "daemon-to-daemon RPC port")
 	fs.StringVar(&cfg.WGInterface, "wg-interface", "drover0", "WireGuard interface name")
+	fs.BoolVar(&cfg.OpenOverlay, "open-overlay-ports", false, "accept Raft and RPC from any process that reaches the overlay address, not only from peers of the mesh: only for machines that share one network namespace (tests)")
 	fs.IntVar(&cfg.WGPort, "wg-port", 51820, "WireGuard UDP port on the underlay")
 	fs.StringVar(&cfg.DockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine")
 	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")

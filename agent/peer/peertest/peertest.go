@@ -137,11 +137,15 @@ func (h *Host) CallRPC(ctx context.Context, machineID, method, path string, head
 	return resp, nil
 }
 
-// MachineByAddr names the machine of an address of the net.
-func (h *Host) MachineByAddr(ip netip.Addr) (string, bool) {
+// CallerOf names the machine of the address a request comes from.
+func (h *Host) CallerOf(r *http.Request) (string, bool) {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return "", false
+	}
 	h.net.mu.Lock()
 	defer h.net.mu.Unlock()
-	id, ok := h.net.byIP[ip]
+	id, ok := h.net.byIP[ap.Addr().Unmap()]
 	return id, ok
 }
 
