@@ -61,7 +61,14 @@ func (d *labDaemon) start(t testing.TB) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			b, _ := os.ReadFile(p.LogPath())
-			lines := strings.Split(string(b), "\n")
+			// The tail above debug level: WireGuard's debug lines would
+			// push out what matters.
+			var lines []string
+			for _, l := range strings.Split(string(b), "\n") {
+				if !strings.Contains(l, "level=DEBUG") {
+					lines = append(lines, l)
+				}
+			}
 			if len(lines) > 60 {
 				lines = lines[len(lines)-60:]
 			}

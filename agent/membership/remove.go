@@ -6,6 +6,7 @@ package membership
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -128,9 +129,20 @@ func (a *Remover) RemoveMachine(ctx context.Context, req ctlapi.RemoveMachineReq
 // tellToLeave asks a live machine to leave the cluster for good and waits
 // until gossip sees it gone.
 func (a *Remover) tellToLeave(ctx context.Context, m fsm.Machine) error {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	_, err := routeLeave.Call(cctx, a.peers, m.ID, leaveRequest{})
-	cancel()
+	// Leaving is idempotent: a call that failed on the way (a pooled
+	// connection to a daemon that restarted since is reset) is made once
+	// more; an answer from the machine is final.
+	var err error
+	for try := 0; try < 2; try++ {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err = routeLeave.Call(cctx, a.peers, m.ID, leaveRequest{})
+		cancel()
+		var remote *peer.RemoteError
+		if err == nil || errors.As(err, &remote) || ctx.Err() != nil {
+			break
+		}
+		a.logger.Warn("asking a machine to leave; trying again", "machine", m.Name, "err", err)
+	}
 	if err != nil {
 		return fmt.Errorf("asking %s to leave the cluster: %w", m.Name, err)
 	}
