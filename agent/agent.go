@@ -46,6 +46,10 @@ type Config struct {
 	ZFSParent     string       // parent dataset of volumes; empty: this machine holds none
 	ServicePrefix netip.Prefix // range of service IPs
 
+	// AllowBind are the host directories under which a manifest may bind
+	// host paths into containers; none: no binds.
+	AllowBind []string
+
 	Init           bool     // bootstrap a new cluster if this machine has none
 	Join           []string // gossip addresses of members to join
 	ClusterKeyFile string   // key file to use instead of the one in DataDir
@@ -122,12 +126,21 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	logger := cfg.Logger.With("machine", cfg.Name)
+	// The daemon's own goroutines end with this context, also when Run
+	// ends because the fact store halted and nobody cancelled the caller's.
+	ctx, cancel := context.WithCancel(ctx)
 	a := &Agent{cfg: cfg, logger: logger, machineID: id, ctx: ctx, crash: crashpoint.FromEnv(logger)}
 	defer a.wg.Wait()
+	defer cancel()
 
 	key, err := a.configuredKey()
 	if err != nil {
 		return err
+	}
+	if cfg.Init && key != nil {
+		if err := a.refuseReinit(); err != nil {
+			return err
+		}
 	}
 
 	ln, err := ctlapi.Listen(cfg.Socket, cfg.SocketGroup)
@@ -178,8 +191,49 @@ func Run(ctx context.Context, cfg Config) error {
 		a.logger.Info("stopping")
 		return nil
 	case <-a.halted():
-		return fmt.Errorf("fact store halted: %w", a.currentNode().HaltErr())
+		err := fmt.Errorf("fact store halted: %w", a.currentNode().HaltErr())
+		a.logger.Error("stopping: the fact store halted; restart droverd once the entry is understood", "err", err)
+		a.stopWithin(haltTeardown)
+		return err
 	}
+}
+
+// haltTeardown bounds the teardown after the fact store halted: the daemon
+// exits then, so that systemd's restart fires and the operator sees it.
+const haltTeardown = 15 * time.Second
+
+// stopWithin stops the cluster parts without leaving (a halted node hands
+// nothing over) and gives up waiting after d: a part stuck on a halted
+// store must not keep the daemon from exiting.
+func (a *Agent) stopWithin(d time.Duration) {
+	done := make(chan struct{})
+	go func() { // not the daemon's wait group's: the process may exit before it ends
+		defer close(done)
+		a.stopCluster(false)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		a.logger.Error("the teardown after the halt did not end in time; exiting anyway", "after", d)
+	}
+}
+
+// ErrReinit: --init over a data dir that was in a cluster and lost its
+// Raft state.
+var ErrReinit = errors.New("refusing to bootstrap a new cluster over an earlier one")
+
+// refuseReinit refuses --init when the data dir shows this machine was in
+// a cluster (it kept an overlay address) but its Raft state is gone: a
+// new cluster would start silently under the old key and machine id.
+func (a *Agent) refuseReinit() error {
+	if _, err := os.Stat(filepath.Join(a.cfg.DataDir, overlayIPFile)); err != nil {
+		return nil // never had an address: a first start
+	}
+	if fi, err := os.Stat(filepath.Join(a.cfg.DataDir, "raft", "raft.db")); err == nil && fi.Size() > 0 {
+		return nil // its Raft state is there: --init changes nothing
+	}
+	return fmt.Errorf("%s was in a cluster (it has %s and a cluster key) but its Raft state is gone: %w; start without --init to rejoin that cluster, or remove the data dir to start a new one",
+		a.cfg.DataDir, overlayIPFile, ErrReinit)
 }
 
 // configuredKey finds the cluster key: the --cluster-key-file, else the

@@ -2,9 +2,12 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -42,5 +45,24 @@ func TestJoinTokenRoundTrip(t *testing.T) {
 		if _, _, err := parseToken(bad); !errors.Is(err, ErrBadToken) {
 			t.Errorf("token %q: got %v, want ErrBadToken", bad, err)
 		}
+	}
+}
+
+// --init over a data dir that was in a cluster and lost its Raft state
+// is refused before anything starts: never a silent new cluster under the
+// old key and machine id.
+func TestInitRefusedOverAnEarlierCluster(t *testing.T) {
+	dir := t.TempDir()
+	if err := saveKey(dir, bytes.Repeat([]byte{7}, 32)); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, overlayIPFile), []byte("10.210.0.1\n"), 0o600)
+	cfg := Config{Name: "a", DataDir: dir, Socket: filepath.Join(dir, "d.sock"), BindAddr: netip.MustParseAddr("127.0.0.1"), Init: true}
+	err := Run(context.Background(), cfg)
+	if !errors.Is(err, ErrReinit) || !strings.Contains(err.Error(), dir) {
+		t.Fatalf("Run --init over a lost Raft state: %v", err)
+	}
+	if _, err := os.Stat(cfg.Socket); !os.IsNotExist(err) {
+		t.Fatal("the daemon started before refusing")
 	}
 }

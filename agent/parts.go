@@ -127,7 +127,8 @@ func (a *Agent) makeParts(key []byte) (*parts, error) {
 		StallTimeout: cfg.StallTimeout, SafetyWindow: cfg.SafetyWindow, JanitorInterval: cfg.JanitorInterval,
 		Logger: a.logger, Crash: a.crash, MemAvailable: hostmem.Available}, deps)
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
-	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease, Logger: a.logger}, n, n, p.mig)
+	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
+		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
 	p.mig.Register()

@@ -123,24 +123,26 @@ func (n *Node) handleStats(w http.ResponseWriter, _ *http.Request) {
 // carries a context.
 type rpcClient struct {
 	token string
-	http  *http.Client
+	http  *http.Client // the fact store's calls (apply, stats): pooled
+	// agent carries the agent's calls on a fresh connection each: they
+	// are few, and a pooled connection to a daemon that restarted since
+	// breaks a call whose body cannot be sent again (a volume stream).
+	agent *http.Client
 }
 
 // newRPCClient makes the client of daemon-to-daemon calls; source gives
 // the local address to call from (nil: the kernel's choice).
 func newRPCClient(key []byte, source func() net.Addr) *rpcClient {
-	transport := &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			d := &net.Dialer{Timeout: 3 * time.Second}
-			if a := source(); a != nil {
-				d.LocalAddr = a
-			}
-			return d.DialContext(ctx, network, addr)
-		},
-		MaxIdleConnsPerHost: 4,
-		IdleConnTimeout:     30 * time.Second,
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		d := &net.Dialer{Timeout: 3 * time.Second}
+		if a := source(); a != nil {
+			d.LocalAddr = a
+		}
+		return d.DialContext(ctx, network, addr)
 	}
-	return &rpcClient{token: rpcToken(key), http: &http.Client{Transport: transport}}
+	pooled := &http.Transport{DialContext: dial, MaxIdleConnsPerHost: 4, IdleConnTimeout: 30 * time.Second}
+	fresh := &http.Transport{DialContext: dial, DisableKeepAlives: true}
+	return &rpcClient{token: rpcToken(key), http: &http.Client{Transport: pooled}, agent: &http.Client{Transport: fresh}}
 }
 
 func (c *rpcClient) do(ctx context.Context, method, addr, path string, body []byte, out any) error {
@@ -182,7 +184,10 @@ func (c *rpcClient) stats(ctx context.Context, addr string) (serverStats, error)
 	return st, err
 }
 
-func (c *rpcClient) close() { c.http.CloseIdleConnections() }
+func (c *rpcClient) close() {
+	c.http.CloseIdleConnections()
+	c.agent.CloseIdleConnections()
+}
 
 // AgentRPCPrefix is where the agent's own daemon-to-daemon handlers live.
 const AgentRPCPrefix = "/rpc/v1/agent/"
@@ -199,7 +204,7 @@ func (n *Node) HandleRPC(pattern string, h http.HandlerFunc) {
 // returns the response for the caller to read (and close); a status other
 // than 200 is an *RPCStatusError carrying the start of the body.
 func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, header http.Header, body io.Reader) (*http.Response, error) {
-	client, base := n.rpc.http, ""
+	client, base := n.rpc.agent, ""
 	if p := n.rs.Load(); p != nil && machineID == n.cfg.MachineID {
 		client, base = p.self, "self" // never over the network: see guard.go
 	} else if base = n.rpcAddrOf(machineID); base == "" {

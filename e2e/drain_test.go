@@ -143,7 +143,7 @@ func (w *twiceWatch) Stop() ([]string, int) {
 // it is and is reported. `machine rm` of the drained A removes it from the
 // machines and the Raft configuration.
 func TestLabDrain(t *testing.T) {
-	h, daemons := workloadLabN(t, "dn", 4)
+	h, daemons := workloadLabN(t, "dn", 4, "--allow-bind", os.TempDir())
 	dA, dB := daemons[0], daemons[1]
 	bin := binaries(t)
 	mf := writeManifest(t, "shop.toml", drainManifest(h[0].Name))
@@ -156,6 +156,11 @@ func TestLabDrain(t *testing.T) {
 	bindDir := t.TempDir()
 	if out, err := dB.ctl("deploy", "-f", writeManifest(t, "tools.toml", pinnedManifest(h[3].Name, bindDir))); err != nil {
 		t.Fatalf("deploy of the pinned service: %v\n%s", err, out)
+	}
+	// A bind from outside what the daemons allow is refused, naming the key.
+	if out, err := dB.ctl("deploy", "-f", writeManifest(t, "etc.toml", pinnedManifest(h[3].Name, "/etc"))); err == nil ||
+		!strings.Contains(out, `services.pinned.binds[0].host: "/etc" is under no host directory this daemon allows binds from`) {
+		t.Fatalf("a bind of /etc: %v\n%s", err, out)
 	}
 	ips := map[string]string{}
 	for _, s := range services(t, dA) {

@@ -46,7 +46,9 @@ type Config struct {
 	Name          string // this machine's name: lock holders start with it
 	ServicePrefix netip.Prefix
 	LockLease     time.Duration
-	Logger        *slog.Logger
+	// BindPrefixes are the host directories binds may come from.
+	BindPrefixes []string
+	Logger       *slog.Logger
 }
 
 // Deployer plans and applies manifests.
@@ -79,7 +81,7 @@ func (d *Deployer) plan(req ctlapi.DeployRequest) (ctlapi.DeployPlan, []change, 
 	if file == "" {
 		file = "manifest"
 	}
-	m, err := manifest.Parse(file, []byte(req.Manifest))
+	m, err := manifest.ParseWith(file, []byte(req.Manifest), manifest.Options{BindPrefixes: d.cfg.BindPrefixes})
 	if err != nil {
 		return ctlapi.DeployPlan{}, nil, badManifest(err)
 	}

@@ -121,8 +121,20 @@ func ParseFile(file string) (*Manifest, error) {
 	return Parse(file, data)
 }
 
-// Parse parses a manifest; file names it in errors.
+// Options are what the daemon that parses a manifest allows.
+type Options struct {
+	// BindPrefixes are the host directories under which binds may be
+	// made (`droverd --allow-bind`); none: no bind is allowed.
+	BindPrefixes []string
+}
+
+// Parse parses a manifest with no binds allowed; file names it in errors.
 func Parse(file string, data []byte) (*Manifest, error) {
+	return ParseWith(file, data, Options{})
+}
+
+// ParseWith parses a manifest under the daemon's options.
+func ParseWith(file string, data []byte, opts Options) (*Manifest, error) {
 	var raw rawManifest
 	md, err := toml.Decode(string(data), &raw)
 	if err != nil {
@@ -132,7 +144,7 @@ func Parse(file string, data []byte) (*Manifest, error) {
 		}
 		return nil, Errors{{File: file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}}
 	}
-	p := &parser{file: file, lines: keyLines(string(data))}
+	p := &parser{file: file, lines: keyLines(string(data)), opts: opts}
 	for _, k := range md.Undecoded() {
 		last := k[len(k)-1]
 		msg := "unknown key"
@@ -153,6 +165,54 @@ type parser struct {
 	file  string
 	lines map[string]int
 	errs  Errors
+	opts  Options
+}
+
+// mountPath checks where a volume or bind is mounted in the container:
+// absolute and clean, not the root, not in the kernel's trees, not twice.
+func (p *parser) mountPath(key, mp string, mounted map[string]bool) {
+	switch {
+	case !strings.HasPrefix(mp, "/") || path.Clean(mp) != mp || hasControl(mp):
+		p.add(key, "%q: want an absolute, clean path in the container", mp)
+	case mp == "/":
+		p.add(key, "\"/\": a volume or bind cannot replace the container's root")
+	case underAny(mp, "/proc", "/sys", "/dev"):
+		p.add(key, "%q: not under /proc, /sys or /dev, which the kernel and the engine own", mp)
+	case mounted[mp]:
+		p.add(key, "%q is mounted twice in this service", mp)
+	}
+	mounted[mp] = true
+}
+
+// bindAllowed tells whether a host directory is under an allowed prefix.
+func (p *parser) bindAllowed(host string) bool {
+	for _, pre := range p.opts.BindPrefixes {
+		if underAny(host, path.Clean(pre)) {
+			return true
+		}
+	}
+	return false
+}
+
+// underAny tells whether p is one of dirs or below one.
+func underAny(p string, dirs ...string) bool {
+	for _, d := range dirs {
+		if p == d || strings.HasPrefix(p, strings.TrimSuffix(d, "/")+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+func hasControl(s string) bool {
+	return strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0x7f })
+}
+
+func listOrNone(xs []string) string {
+	if len(xs) == 0 {
+		return "none"
+	}
+	return strings.Join(xs, ", ")
 }
 
 func (p *parser) add(key, format string, args ...any) {
@@ -257,6 +317,7 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 		sp.Ports = append(sp.Ports, pm)
 	}
 	seenVol := map[string]bool{}
+	mounted := map[string]bool{} // container paths of volumes and binds
 	for i, rv := range rs.Volumes {
 		vk := fmt.Sprintf("%s.volumes[%d]", key, i)
 		vm := fsm.VolumeMount{Name: rv.Name, MountPath: rv.Path}
@@ -274,23 +335,25 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 		if volumeUser[rv.Name] == "" {
 			volumeUser[rv.Name] = name
 		}
-		if !strings.HasPrefix(rv.Path, "/") || path.Clean(rv.Path) != rv.Path || strings.Contains(rv.Path, "..") {
-			p.add(vk+".path", "%q: want an absolute, clean path in the container", rv.Path)
-		}
+		p.mountPath(vk+".path", rv.Path, mounted)
 		if rv.Quota == nil {
 			p.add(vk+".quota", "missing: a volume needs a quota")
 		} else {
 			vm.QuotaBytes = p.size(vk+".quota", rv.Quota)
+			if vm.QuotaBytes > maxQuota {
+				p.add(vk+".quota", "over the limit of 1 PiB")
+			}
 		}
 		sp.Volumes = append(sp.Volumes, vm)
 	}
 	for i, rb := range rs.Binds {
 		bk := fmt.Sprintf("%s.binds[%d]", key, i)
-		for _, f := range []struct{ key, path, where string }{{".host", rb.Host, "on the machine"}, {".path", rb.Path, "in the container"}} {
-			if !strings.HasPrefix(f.path, "/") || path.Clean(f.path) != f.path {
-				p.add(bk+f.key, "%q: want an absolute, clean path %s", f.path, f.where)
-			}
+		if !strings.HasPrefix(rb.Host, "/") || path.Clean(rb.Host) != rb.Host || hasControl(rb.Host) {
+			p.add(bk+".host", "%q: want an absolute, clean path on the machine", rb.Host)
+		} else if !p.bindAllowed(rb.Host) {
+			p.add(bk+".host", "%q is under no host directory this daemon allows binds from (droverd --allow-bind; allowed: %s)", rb.Host, listOrNone(p.opts.BindPrefixes))
 		}
+		p.mountPath(bk+".path", rb.Path, mounted)
 		sp.Binds = append(sp.Binds, fsm.BindMount{HostPath: rb.Host, MountPath: rb.Path, ReadOnly: rb.ReadOnly})
 	}
 	if len(rs.Binds) > 0 && rs.Machine == "" {
@@ -379,16 +442,27 @@ func (p *parser) readiness(key string, rr *rawReadiness, ports []fsm.PortMapping
 			p.add(key+"."+d.name, "%q is not a positive duration like 2s", d.text)
 			continue
 		}
+		if v > maxReadinessDuration {
+			p.add(key+"."+d.name, "%q is over the limit of %s", d.text, maxReadinessDuration)
+			continue
+		}
 		*d.dst = v
 	}
 	if rr.Retries != nil {
-		if *rr.Retries < 0 {
-			p.add(key+".retries", "%d: want 0 or more", *rr.Retries)
+		if *rr.Retries < 0 || *rr.Retries > maxReadinessRetries {
+			p.add(key+".retries", "%d: want 0 to %d", *rr.Retries, maxReadinessRetries)
 		}
 		rd.Retries = *rr.Retries
 	}
 	return rd
 }
+
+// Bounds of what a manifest may ask.
+const (
+	maxReadinessDuration = time.Hour
+	maxReadinessRetries  = 10000
+	maxQuota             = 1 << 50 // 1 PiB
+)
 
 var sizeRE = regexp.MustCompile(`^([0-9]+)\s*([KMGT]i?B?|B)?$`)
 

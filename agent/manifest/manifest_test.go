@@ -104,10 +104,31 @@ tcp = true`), `shop.toml:20: services.web.readiness: want exactly one of http, t
 command`, `command`), `shop.toml:4: services.web.image: missing`},
 		{"syntax", replace(`port = 80`, `port = = 80`), `shop.toml:12:`},
 		{"bad duration", replace(`interval = "500ms"`, `interval = "soon"`), `shop.toml:22: services.web.readiness.interval: "soon"`},
+		{"bind outside the allowed", replace(`protocol = "udp"`, `protocol = "udp"
+[[services.cache.binds]]
+host = "/srv2/x"
+path = "/x"`), `services.cache.binds[0].host: "/srv2/x" is under no host directory this daemon allows binds from (droverd --allow-bind; allowed: /srv/)`},
+		{"bind of the host's root", replace(`protocol = "udp"`, `protocol = "udp"
+[[services.cache.binds]]
+host = "/"
+path = "/host"`), `services.cache.binds[0].host: "/" is under no host directory`},
+		{"volume over the root", replace(`path = "/data"`, `path = "/"`), `services.web.volumes[0].path: "/": a volume or bind cannot replace the container's root`},
+		{"volume in /proc", replace(`path = "/data"`, `path = "/proc/sys"`), `services.web.volumes[0].path: "/proc/sys": not under /proc, /sys or /dev`},
+		{"control character", replace(`path = "/data"`, `path = "/da\tta"`), `services.web.volumes[0].path: "/da\tta": want an absolute, clean path`},
+		{"mounted twice", replace(`protocol = "udp"`, `protocol = "udp"
+[[services.cache.binds]]
+host = "/srv/a"
+path = "/a"
+[[services.cache.binds]]
+host = "/srv/b"
+path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
+		{"too many retries", replace(`retries = 10`, `retries = 99999`), `services.web.readiness.retries: 99999: want 0 to 10000`},
+		{"interval too long", replace(`interval = "500ms"`, `interval = "48h"`), `services.web.readiness.interval: "48h" is over the limit of 1h0m0s`},
+		{"quota too large", replace(`quota = "1GiB"`, `quota = "2048T"`), `services.web.volumes[0].quota: over the limit of 1 PiB`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			_, err := Parse("shop.toml", []byte(c.src))
+			_, err := ParseWith("shop.toml", []byte(c.src), Options{BindPrefixes: []string{"/srv/"}})
 			var es Errors
 			if !errors.As(err, &es) || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("got:\n%v\nwant it to contain:\n%s", err, c.want)

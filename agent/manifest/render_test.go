@@ -19,7 +19,7 @@ func TestRenderParsesBackToTheSameSpecs(t *testing.T) {
 		{Name: "cache", Image: "cache:1", Machine: "alpha", Binds: []fsm.BindMount{{HostPath: "/srv/cache", MountPath: "/cache", ReadOnly: true}, {HostPath: "/var/log", MountPath: "/log"}}, Readiness: &fsm.Readiness{Kind: "exec", Command: []string{"/check"}, Interval: time.Second, Timeout: time.Second, Retries: 3}},
 	}
 	text := Render("shop", specs, map[string]bool{"web": true})
-	m, err := Parse("rendered.toml", []byte(text))
+	m, err := ParseWith("rendered.toml", []byte(text), Options{BindPrefixes: []string{"/srv", "/var/log"}})
 	if err != nil {
 		t.Fatalf("rendered manifest does not parse: %v\n%s", err, text)
 	}

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path"
 	"strings"
 	"syscall"
 	"time"
@@ -54,6 +55,13 @@ func run(args []string) error {
 	fs.StringVar(&cfg.DockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine")
 	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")
 	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
+	fs.Func("allow-bind", "a host directory under which services may bind-mount host paths (repeat for more; none by default)", func(v string) error {
+		if !strings.HasPrefix(v, "/") || path.Clean(v) != v || v == "/" {
+			return fmt.Errorf("%q: want an absolute, clean directory other than /", v)
+		}
+		cfg.AllowBind = append(cfg.AllowBind, v)
+		return nil
+	})
 	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key (default: the one in the data dir)")
 	fs.DurationVar(&cfg.SafetyWindow, "safety-window", 72*time.Hour, "how long the source of a migration keeps its copy for a rollback")
 	if err := fs.Parse(args); err != nil {
