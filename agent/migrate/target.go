@@ -22,11 +22,14 @@ import (
 // The first stream with a base turns the copy this machine kept from an
 // earlier migration into the staging dataset, so only the difference
 // travels.
-func (m *Migrator) handleReceive(ctx context.Context, from string, req streamRequest, body peer.Body) (receiveResult, error) {
+func (m *Migrator) handleReceive(ctx context.Context, _ string, req streamRequest, body peer.Body) (receiveResult, error) {
 	c, err := m.lookup(ctx, req.ID)
 	if err != nil {
 		return receiveResult{}, err
 	}
+	// Named now that the facts have caught up: a target that just
+	// restarted may not know the machines yet when the stream comes in.
+	from := peer.From(ctx)
 	f := c.m
 	if err := m.requireRunning(f, f.TargetID, ErrNotTarget); err != nil {
 		return receiveResult{}, err

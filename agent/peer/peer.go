@@ -58,6 +58,24 @@ func (s Server) from(r *http.Request) string {
 	return id
 }
 
+type callerKey struct{}
+
+// withCaller lets a handler name its caller again later (From).
+func (s Server) withCaller(r *http.Request) context.Context {
+	return context.WithValue(r.Context(), callerKey{}, func() string { return s.from(r) })
+}
+
+// From names the machine a handler's request comes from, as this
+// machine's facts know it now: a handler that first waits until its facts
+// have caught up asks here rather than trusting its from argument, which
+// was read when the request came in.
+func From(ctx context.Context) string {
+	if f, ok := ctx.Value(callerKey{}).(func() string); ok {
+		return f()
+	}
+	return ""
+}
+
 // Route is a call with a JSON request and a JSON answer.
 type Route[Req, Resp any] struct{ Path string }
 
@@ -69,7 +87,7 @@ func Handle[Req, Resp any](s Server, rt Route[Req, Resp], h func(ctx context.Con
 			writeError(w, fmt.Errorf("%s: request: %w: %v", rt.Path, ErrBadRequest, err))
 			return
 		}
-		resp, err := h(r.Context(), s.from(r), req)
+		resp, err := h(s.withCaller(r), s.from(r), req)
 		answer(w, resp, err)
 	})
 }

@@ -33,9 +33,12 @@ func twoMachines(t *testing.T) (*peertest.Net, *peertest.Host, *peertest.Host) {
 	n := peertest.New(t)
 	a, b := n.Add("a"), n.Add("b")
 	s := peer.Server{Mux: b, IDs: b}
-	peer.Handle(s, routeEcho, func(_ context.Context, from string, req echoReq) (echoResp, error) {
+	peer.Handle(s, routeEcho, func(ctx context.Context, from string, req echoReq) (echoResp, error) {
 		if req.Word == "missing" {
 			return echoResp{}, fmt.Errorf("looking up %q: %w", req.Word, errNoSuchWord)
+		}
+		if again := peer.From(ctx); again != from {
+			return echoResp{}, fmt.Errorf("From(ctx) = %q, from = %q", again, from)
 		}
 		return echoResp{Word: req.Word, From: from}, nil
 	})

@@ -40,7 +40,7 @@ func HandleStream[Req, Line, Result any](s Server, rt Stream[Req, Line, Result],
 			enc.Encode(frame[Line, Result]{Line: &l}) // a caller gone is seen by h through ctx
 			rc.Flush()
 		}
-		res, err := h(r.Context(), s.from(r), req, emit)
+		res, err := h(s.withCaller(r), s.from(r), req, emit)
 		last := frame[Line, Result]{Error: Wire(err)}
 		if err == nil {
 			last.Result = &res
@@ -105,7 +105,7 @@ func HandleUpload[Req, Resp any](s Server, rt Upload[Req, Resp], h func(ctx cont
 			writeError(w, fmt.Errorf("%s: request header: %w: %v", rt.Path, ErrBadRequest, err))
 			return
 		}
-		resp, err := h(r.Context(), s.from(r), req, uploadBody{Reader: r.Body, rc: http.NewResponseController(w)})
+		resp, err := h(s.withCaller(r), s.from(r), req, uploadBody{Reader: r.Body, rc: http.NewResponseController(w)})
 		answer(w, resp, err)
 	})
 }
