@@ -45,8 +45,10 @@ lint: ## go vet, staticcheck, gofmt; no tracked binaries or files over 2 MiB
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 
 fuzz: ## run each fuzz target for a while (FUZZTIME, default 60s)
-	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-60s} ./fsm/
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-60s} ./agent/manifest/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $${FUZZTIME:-60s} ./fsm/
+	$(GO) test -run '^$$' -fuzz '^FuzzReadSnapshot$$' -fuzztime $${FUZZTIME:-60s} ./fsm/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $${FUZZTIME:-60s} ./agent/manifest/
+	$(GO) test -run '^$$' -fuzz '^FuzzRequestDecoding$$' -fuzztime $${FUZZTIME:-60s} ./agent/peer/
 
 bench: deps build-test ## benchmarks on a lab of real hosts, and in-process ones; results in bench/results/
 	@mkdir -p bench/results
