@@ -108,6 +108,10 @@ func (tc *testCluster) start(i int) *Node {
 	if err != nil {
 		tc.t.Fatalf("starting m%d: %v", i+1, err)
 	}
+	// Registered after the node's data dir: cleanups run last first, so
+	// the node is closed before its directory is removed (a node still
+	// writing peers.json made that removal fail).
+	tc.t.Cleanup(func() { n.Close() })
 	tc.nodes[i] = n
 	if err := n.StartRaft(tc.cfgs[i].BindAddr); err != nil {
 		tc.t.Fatalf("starting raft on m%d: %v", i+1, err)
