@@ -287,3 +287,42 @@ func TestFollowerCaughtUpAfterBarriers(t *testing.T) {
 		t.Fatalf("follower with every fact not caught up: %v", err)
 	}
 }
+
+// A machine's WireGuard key is bound when it is registered: gossip that
+// claims the machine with another key is refused by the leader, logged,
+// and changes neither its fact nor where it is called.
+func TestGossipClaimWithAnotherKeyIsRefused(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.startN(3)
+	tc.waitVoters(3, 0)
+	follower := (tc.leader() + 1) % 3
+	id := tc.cfgs[follower].MachineID
+	rpcAddr := func() string { return tc.nodes[tc.leader()].rpcAddrOf(id) }
+	if err := tc.nodes[follower].SetMeta(func(m *Meta) { m.WGPublicKey = "registered-key" }); err != nil {
+		t.Fatal(err)
+	}
+	keyIs := func(want string) func(*fsm.State) error {
+		return func(s *fsm.State) error {
+			if m, _ := s.Machine(id); m.WGPublicKey != want {
+				return fmt.Errorf("key %q, want %q", m.WGPublicKey, want)
+			}
+			return nil
+		}
+	}
+	tc.waitFacts("the key registered", keyIs("registered-key"))
+	before := rpcAddr()
+	if err := tc.nodes[follower].SetMeta(func(m *Meta) { m.WGPublicKey, m.RPCAddr = "forged-key", "192.0.2.66:7948" }); err != nil {
+		t.Fatal(err)
+	}
+	testpoll.Until(t, 10*time.Second, "the leader to refuse the claim", func() error {
+		if !strings.Contains(tc.logs[tc.leader()].String(), "refused gossip claiming a registered machine with another WireGuard key") {
+			return errors.New("no refusal logged")
+		}
+		return nil
+	})
+	time.Sleep(time.Second) // several reconcile rounds
+	tc.waitFacts("the registered key kept", keyIs("registered-key"))
+	if got := rpcAddr(); got != before {
+		t.Fatalf("calls to the machine go to %s after the forged claim, not %s", got, before)
+	}
+}

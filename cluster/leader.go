@@ -121,6 +121,13 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 		if m.Liveness != LivenessAlive {
 			continue
 		}
+		if have := facts[m.MachineID]; ImpostorOf(have, m) {
+			// Gossip claims a registered machine with another WireGuard
+			// key: a key holder pretending to be it. Nothing it says is
+			// taken, neither its registration nor its Raft address.
+			n.warnImpostor(m, have)
+			continue
+		}
 		n.registerAndAllocate(ctx, m, facts[m.MachineID])
 		if m.RaftAddr == "" {
 			continue
@@ -176,6 +183,28 @@ func (n *Node) registerAndAllocate(ctx context.Context, m Member, have fsm.Machi
 		return
 	}
 	n.logger.Info("allocated overlay address", "machine", m.Name, "overlay", string(raw))
+}
+
+// ImpostorOf tells whether gossip member m claims the id of the
+// registered machine have with another WireGuard key. A machine's key is
+// bound when it is first registered: a machine that lost its key leaves
+// (`machine rm`) and joins again.
+func ImpostorOf(have fsm.Machine, m Member) bool {
+	return have.ID != "" && have.WGPublicKey != "" && m.WGPublicKey != "" && m.WGPublicKey != have.WGPublicKey
+}
+
+// warnImpostor logs a refused identity claim once per claimed key.
+func (n *Node) warnImpostor(m Member, have fsm.Machine) {
+	n.impostorsMu.Lock()
+	defer n.impostorsMu.Unlock()
+	if n.impostors == nil {
+		n.impostors = map[string]bool{}
+	}
+	if k := m.MachineID + "/" + m.WGPublicKey; !n.impostors[k] {
+		n.impostors[k] = true
+		n.logger.Warn("refused gossip claiming a registered machine with another WireGuard key",
+			"machine", have.Name, "id", m.MachineID, "registered_key", have.WGPublicKey, "claimed_key", m.WGPublicKey, "from", m.GossipAddr.String())
+	}
 }
 
 func boolRank(b bool) int {

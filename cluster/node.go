@@ -69,6 +69,9 @@ type Node struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closed sync.Once
+
+	impostorsMu sync.Mutex
+	impostors   map[string]bool // identity claims refused and logged, by id/key
 }
 
 // raftParts is everything StartRaft creates, published at once.
@@ -493,18 +496,16 @@ func (n *Node) CaughtUp(ctx context.Context) error {
 	return nil
 }
 
-// rpcAddrOf finds a machine's RPC address: gossip first, then the facts.
+// rpcAddrOf finds a machine's RPC address: gossip first, then the facts;
+// the facts only when gossip's claim comes with another key than the one
+// registered.
 func (n *Node) rpcAddrOf(id string) string {
-	if m, ok := n.gossip.member(id); ok && m.RPCAddr != "" {
+	var have fsm.Machine
+	n.facts.read(func(s *fsm.State) { have, _ = s.Machine(id) })
+	if m, ok := n.gossip.member(id); ok && m.RPCAddr != "" && !ImpostorOf(have, m) {
 		return m.RPCAddr
 	}
-	var addr string
-	n.facts.read(func(s *fsm.State) {
-		if m, ok := s.Machine(id); ok {
-			addr = m.RPCAddr
-		}
-	})
-	return addr
+	return have.RPCAddr
 }
 
 func (n *Node) localStats() serverStats {

@@ -157,6 +157,8 @@ type Self struct {
 // from the facts or gossip, except this one, departed ones and removed
 // ones; gossip, being fresher, wins over the facts. A peer's allowed IPs
 // are its overlay address and the service IPs of the services it owns.
+// Gossip that claims a registered machine with another WireGuard key is
+// ignored: the key is bound at registration.
 func Desired(s *fsm.State, gossip []cluster.Member, self Self) netmesh.Config {
 	type peerInfo struct{ key, endpoint, overlay string }
 	infos := map[string]peerInfo{}
@@ -178,6 +180,9 @@ func Desired(s *fsm.State, gossip []cluster.Member, self Self) netmesh.Config {
 		if g.Liveness == cluster.LivenessLeft {
 			delete(infos, g.MachineID)
 			continue
+		}
+		if f, ok := s.Machine(g.MachineID); ok && cluster.ImpostorOf(f, g) {
+			continue // another key claims a registered machine: the facts' peer stays
 		}
 		pi := infos[g.MachineID]
 		if g.WGPublicKey != "" {

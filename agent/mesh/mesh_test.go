@@ -118,3 +118,21 @@ func TestRunSetsTheDeviceWhenFactsChange(t *testing.T) {
 		t.Fatal("status or key missing")
 	}
 }
+
+// A key holder announcing a registered machine's id with its own key
+// changes no peer: the key is bound when the machine is registered.
+func TestForgedGossipIdentityChangesNoPeer(t *testing.T) {
+	st := facttest.NewStore()
+	realKey, forged, self := key(t).PublicKey(), key(t).PublicKey(), key(t)
+	st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "b", Name: "b", WGPublicKey: realKey.String(), WGEndpoint: "192.0.2.2:51820"}, At: facttest.T0})
+	gossip := []cluster.Member{{Meta: cluster.Meta{MachineID: "b", WGPublicKey: forged.String(), WGEndpoint: "198.51.100.9:51820", OverlayIP: "10.210.9.9"}, Liveness: cluster.LivenessAlive}}
+	var cfg netmesh.Config
+	st.Read(func(s *fsm.State) { cfg = Desired(s, gossip, Self{ID: "a", Key: self}) })
+	peers := peersByKey(cfg)
+	if _, ok := peers[forged.String()]; ok || len(peers) != 1 {
+		t.Fatalf("peers %v: the forged key got in", cfg.Peers)
+	}
+	if p := peers[realKey.String()]; p.Endpoint.String() != "192.0.2.2:51820" || len(p.AllowedIPs) != 0 {
+		t.Fatalf("b's peer took the forged claim: %+v", p)
+	}
+}
