@@ -84,6 +84,6 @@ func (n *Node) Status() (Status, error) {
 
 // IsLeader tells whether this machine leads Raft now.
 func (n *Node) IsLeader() bool {
-	st, err := n.Status()
-	return err == nil && st.Role == RoleLeader
+	p, err := n.parts()
+	return err == nil && p.raft.State() == raft.Leader
 }

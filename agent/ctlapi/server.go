@@ -149,8 +149,11 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet {
 			// Every call that may change something names who made it.
-			uid, known := r.Context().Value(peerUIDKey{}).(uint32)
-			logger.Info("control API call", "method", r.Method, "path", r.URL.Path, "uid", map[bool]any{true: uid, false: "unknown"}[known])
+			var uid any = "unknown"
+			if v, ok := r.Context().Value(peerUIDKey{}).(uint32); ok {
+				uid = v
+			}
+			logger.Info("control API call", "method", r.Method, "path", r.URL.Path, "uid", uid)
 		}
 		w.Header().Set(VersionHeader, APIVersion)
 		if v := r.Header.Get(VersionHeader); v != "" && v != APIVersion {

@@ -31,7 +31,10 @@ type fakeMigrations struct {
 	local     map[string]migrate.LocalFacts
 	moves     []string // service -> target, as asked
 	recovered chan struct{}
-	n         int
+	// followed, when set, is waited for before a migration runs: the
+	// events a test expects reach only a follower already subscribed.
+	followed func()
+	n        int
 }
 
 func newFakeMigrations(t *testing.T, facts *facttest.Store) *fakeMigrations {
@@ -46,7 +49,11 @@ func (f *fakeMigrations) Migrate(ctx context.Context, req ctlapi.MigrateRequest,
 	id := fmt.Sprintf("m%d", f.n)
 	f.moves = append(f.moves, req.Service+"->"+req.To)
 	outcome := f.outcome[req.To]
+	followed := f.followed
 	f.mu.Unlock()
+	if followed != nil {
+		followed()
+	}
 	if outcome == "refuse" {
 		return ctlapi.MigrationInfo{}, errors.New("pre-flight failed, nothing moved: image on target: missing")
 	}
@@ -132,6 +139,7 @@ func TestDrainMovesEverythingAndEndsDrained(t *testing.T) {
 	g := newRig(t, "x", "a", "b", "c")
 	g.facts.Deploy(t, "shop", webSpec("web", "data"), "a")
 	g.facts.Deploy(t, "tools", webSpec("cron"), "a")
+	g.migs.followed = func() { waitFollowed(t, g.d, "a") }
 	var events []ctlapi.DrainEvent
 	info, err := g.d.Drain(context.Background(), ctlapi.DrainRequest{Machine: "a", Wait: true, Parallel: 2}, func(ev ctlapi.DrainEvent) { events = append(events, ev) })
 	if err != nil {
@@ -248,4 +256,25 @@ func TestResumeRunsTheDrainsOfThisMachineAndEndsThoseOfGoneExecutors(t *testing.
 	if d.State != fsm.DrainIncomplete || !strings.Contains(d.Note, "executor y has been gone") {
 		t.Fatalf("drain of a gone executor: %s %q", d.State, d.Note)
 	}
+}
+
+// waitFollowed waits until the drain of machineID running here has a
+// follower.
+func waitFollowed(t *testing.T, d *Drainer, machineID string) {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		d.mu.Lock()
+		r := d.runs[machineID]
+		d.mu.Unlock()
+		if r != nil {
+			r.mu.Lock()
+			n := len(r.subs)
+			r.mu.Unlock()
+			if n > 0 {
+				return
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Errorf("nobody followed the drain of %s", machineID)
 }

@@ -12,9 +12,9 @@ import (
 	"github.com/drover-sh/drover/volume"
 )
 
-// register puts this machine's side of every migration call on the RPC
-// server.
-func (m *Migrator) register() {
+// Register puts this machine's side of every migration call on the RPC
+// server; call it before the server starts.
+func (m *Migrator) Register() {
 	s := m.d.Server
 	peer.HandleStream(s, routeSend, m.handleSend)
 	peer.HandleUpload(s, routeReceive, m.handleReceive)

@@ -3,9 +3,12 @@ package migrate
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 
+	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/fsm"
 )
 
@@ -24,14 +27,18 @@ func TestCallsRefuseWhatTheFactsDoNotAllow(t *testing.T) {
 	if !errors.Is(err, ErrStreamRefused) {
 		t.Fatalf("stream from a third machine: %v", err)
 	}
-	// Neither may a process that is no member at all.
-	resp, err := c.net.Raw().Post(b.host.URL(routeReceive.Path), "application/octet-stream", strings.NewReader("junk"))
+	// Neither may a process that is no member at all, with a request that
+	// is otherwise well formed.
+	raw, _ := http.NewRequest(http.MethodPost, b.host.URL(routeReceive.Path), strings.NewReader("junk"))
+	raw.Header.Set(peer.RequestHeader, `{"id":"m1","volume":"data","snap":"drover-m1-2"}`)
+	resp, err := c.net.Raw().Do(raw)
 	if err != nil {
 		t.Fatal(err)
 	}
+	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode == 200 {
-		t.Fatal("a non-member's stream was taken")
+	if resp.StatusCode == 200 || !strings.Contains(string(body), `"code":"stream_refused"`) {
+		t.Fatalf("a non-member's stream: %d %s", resp.StatusCode, body)
 	}
 	if _, err := routeStartTarget.Call(ctx, x.host, "a", ref); !errors.Is(err, ErrNotTarget) {
 		t.Fatalf("start-target on the source: %v", err)

@@ -183,11 +183,12 @@ func (m *Migrator) applyRetry(ctx context.Context, cmd fsm.Command) error {
 // executor's crash point after it (if any). A step that fails is named in
 // the error.
 type step struct {
-	name  string
-	phase fsm.MigrationPhase
-	msg   string // the phase's message
-	do    func(ctx context.Context) error
-	crash string
+	name       string
+	phase      fsm.MigrationPhase
+	msg        string // the phase's message
+	recordVols bool   // the phase is recorded with the volumes' progress
+	do         func(ctx context.Context) error
+	crash      string
 }
 
 // run drives the phases up to the commit and the cleanup after. An error
@@ -202,7 +203,7 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 	}
 	var started startResult
 	steps := []step{
-		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", do: func(ctx context.Context) error {
+		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", recordVols: true, do: func(ctx context.Context) error {
 			return m.warmCopy(ctx, ex, f, vols, phase)
 		}},
 		{name: "stopping the source", do: func(ctx context.Context) error {
@@ -230,7 +231,7 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 	for _, s := range steps {
 		if s.phase != "" {
 			var record []fsm.MigrationVolume
-			if s.phase == fsm.PhaseWarmCopy {
+			if s.recordVols {
 				record = vols
 			}
 			if err := phase(s.phase, s.msg, record); err != nil {

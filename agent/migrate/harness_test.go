@@ -56,7 +56,7 @@ func newCluster(t *testing.T, names ...string) *testCluster {
 			Deps{Facts: c.facts, Members: c.members, Peers: h, Server: peer.Server{Mux: h, IDs: h},
 				Streams: mc.vols, Datasets: mc.vols, Copies: mc.vols, Containers: mc.rt, Starter: mc.rt, Loopback: mc.lo})
 		mc.mig.lookupWait = 300 * time.Millisecond
-		mc.mig.register()
+		mc.mig.Register()
 		t.Cleanup(func() {
 			cancel()
 			mc.mig.Wait()

@@ -79,10 +79,6 @@ func New(ctx context.Context, cfg Config, d Deps) *Migrator {
 	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
 }
 
-// Register puts this machine's side of every migration call on the RPC
-// server; call it before the server starts.
-func (m *Migrator) Register() { m.register() }
-
 // Start starts recovery (and the crash watch of test builds).
 func (m *Migrator) Start() {
 	m.wg.Add(1)
@@ -110,7 +106,7 @@ func (m *Migrator) Recovered() <-chan struct{} { return m.recovered }
 // holdsVolumes tells whether this machine has a ZFS parent.
 func (m *Migrator) holdsVolumes() bool { return m.d.Datasets != nil }
 
-// errNoVolumesHere is ErrNoVolumes unless the machine holds volumes.
+// requireVolumes is ErrNoVolumes unless this machine holds volumes.
 func (m *Migrator) requireVolumes() error {
 	if !m.holdsVolumes() {
 		return ErrNoVolumes
