@@ -30,7 +30,10 @@ type Config struct {
 	RaftPort   int
 	RPCPort    int
 
-	Key []byte // cluster key, KeySize bytes
+	Key []byte // cluster key, KeySize bytes: the gossip key this machine encrypts with
+	// SecondaryKeys are further gossip keys it decrypts with (during a
+	// rotation).
+	SecondaryKeys [][]byte
 
 	// Device, when set, is the WireGuard interface: Raft and the RPC
 	// server accept only connections that arrive over it from a peer of
@@ -100,6 +103,11 @@ func (c *Config) validate() error {
 	}
 	if len(c.Key) != KeySize {
 		return fmt.Errorf("cluster key must be %d bytes, got %d: %w", KeySize, len(c.Key), ErrNoKey)
+	}
+	for i, k := range c.SecondaryKeys {
+		if len(k) != KeySize {
+			return fmt.Errorf("secondary cluster key %d must be %d bytes, got %d: %w", i+1, KeySize, len(k), ErrNoKey)
+		}
 	}
 	if c.GossipPort == 0 {
 		c.GossipPort = DefaultGossipPort

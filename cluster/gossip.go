@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -44,9 +46,10 @@ var ErrKeyRefused = errors.New("the cluster refused this machine's gossip (is th
 // gossip owns the memberlist instance and a table of every machine it has
 // heard of, including failed and departed ones.
 type gossip struct {
-	ml     *memberlist.Memberlist
-	logger *slog.Logger
-	now    func() time.Time
+	ml      *memberlist.Memberlist
+	keyring *memberlist.Keyring
+	logger  *slog.Logger
+	now     func() time.Time
 
 	mu      sync.Mutex
 	local   Meta
@@ -58,6 +61,9 @@ type gossip struct {
 	// facts told it before this one has Raft.
 	overlays func() map[string]string
 	learned  netip.Addr
+	// refusal is why the cluster's leader last refused to admit this
+	// machine, as it told us; empty if it never did.
+	refusal string
 }
 
 func startGossip(cfg Config, local Meta, logger *slog.Logger) (*gossip, error) {
@@ -82,7 +88,12 @@ func startGossip(cfg Config, local Meta, logger *slog.Logger) (*gossip, error) {
 	mc.BindPort = cfg.GossipPort
 	mc.AdvertiseAddr = cfg.BindAddr.String()
 	mc.AdvertisePort = cfg.GossipPort
-	mc.SecretKey = cfg.Key
+	keyring, err := memberlist.NewKeyring(cfg.SecondaryKeys, cfg.Key)
+	if err != nil {
+		return nil, fmt.Errorf("gossip keyring: %w", err)
+	}
+	g.keyring = keyring
+	mc.Keyring = keyring
 	mc.GossipVerifyIncoming = true
 	mc.GossipVerifyOutgoing = true
 	mc.Delegate = g
@@ -246,8 +257,85 @@ func (g *gossip) NodeMeta(limit int) []byte {
 	return b
 }
 
-// NotifyMsg receives user messages; drover sends none yet.
-func (g *gossip) NotifyMsg([]byte) {}
+// userMsgVersion is the first byte of drover's gossip user messages.
+const userMsgVersion byte = 1
+
+// userMsg is a message one machine sends another over gossip: today only
+// the leader's refusal to admit a newcomer, which has no other way to
+// hear why (it is not a peer of the mesh yet).
+type userMsg struct {
+	Refused string `json:"refused,omitempty"`
+}
+
+// NotifyMsg receives user messages.
+func (g *gossip) NotifyMsg(b []byte) {
+	if len(b) == 0 || b[0] != userMsgVersion || len(b) > 4096 {
+		return
+	}
+	var m userMsg
+	if err := json.Unmarshal(b[1:], &m); err != nil || m.Refused == "" {
+		return
+	}
+	g.mu.Lock()
+	changed := g.refusal != m.Refused
+	g.refusal = m.Refused
+	g.mu.Unlock()
+	if changed {
+		g.logger.Error("the cluster refused to admit this machine", "reason", m.Refused)
+	}
+}
+
+// tell sends a user message to the machine with the given id.
+func (g *gossip) tell(id string, m userMsg) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	for _, node := range g.ml.Members() {
+		if node.Name == id {
+			return g.ml.SendReliable(node, append([]byte{userMsgVersion}, b...))
+		}
+	}
+	return fmt.Errorf("machine %s is not in gossip", id)
+}
+
+func (g *gossip) lastRefusal() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.refusal
+}
+
+// keys are the installed gossip keys, the primary first.
+func (g *gossip) keys() [][]byte {
+	primary := g.keyring.GetPrimaryKey()
+	out := [][]byte{primary}
+	for _, k := range g.keyring.GetKeys() {
+		if !bytes.Equal(k, primary) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// setKeys installs exactly keys (keys[0] the primary) in the keyring.
+func (g *gossip) setKeys(keys [][]byte) error {
+	for _, k := range keys {
+		if err := g.keyring.AddKey(k); err != nil {
+			return fmt.Errorf("installing a gossip key: %w", err)
+		}
+	}
+	if err := g.keyring.UseKey(keys[0]); err != nil {
+		return fmt.Errorf("using the new primary gossip key: %w", err)
+	}
+	for _, k := range g.keyring.GetKeys() {
+		if !slices.ContainsFunc(keys, func(want []byte) bool { return bytes.Equal(want, k) }) {
+			if err := g.keyring.RemoveKey(k); err != nil {
+				return fmt.Errorf("removing a retired gossip key: %w", err)
+			}
+		}
+	}
+	return nil
+}
 
 // GetBroadcasts has nothing to broadcast.
 func (g *gossip) GetBroadcasts(int, int) [][]byte { return nil }

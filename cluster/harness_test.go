@@ -53,6 +53,7 @@ type testCluster struct {
 	nodes []*Node
 	cfgs  []Config
 	logs  []*syncBuffer
+	grant fsm.JoinGrant // the join grant newcomers present
 }
 
 func newKey(t *testing.T) []byte {
@@ -122,11 +123,31 @@ func (tc *testCluster) start(i int) *Node {
 		}
 	}
 	if joined, _ := n.RejoinKnown(); joined == 0 && i > 0 {
+		tc.presentGrant(n)
 		if _, err := n.Join([]string{tc.gossipAddr(0)}); err != nil {
 			tc.t.Fatalf("m%d joining: %v", i+1, err)
 		}
 	}
 	return n
+}
+
+// presentGrant makes newcomer n prove it holds the test cluster's join
+// grant, issued through the first running node the first time.
+func (tc *testCluster) presentGrant(n *Node) {
+	tc.t.Helper()
+	if tc.grant.ID == "" {
+		tc.grant = fsm.JoinGrant{ID: "test-grant", Secret: newKey(tc.t), IssuedBy: "test", ExpiresAt: time.Now().Add(time.Hour)}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := tc.nodes[0].Apply(ctx, fsm.IssueJoinGrant{Grant: tc.grant, At: time.Now()}); err != nil {
+			tc.t.Fatalf("issuing the join grant: %v", err)
+		}
+	}
+	meta := n.LocalMeta()
+	proof := JoinProofFor(tc.grant.ID, tc.grant.Secret, meta.MachineID, meta.WGPublicKey)
+	if err := n.SetMeta(func(m *Meta) { m.Join = &proof }); err != nil {
+		tc.t.Fatal(err)
+	}
 }
 
 func (tc *testCluster) gossipAddr(i int) string {

@@ -121,14 +121,26 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 		if m.Liveness != LivenessAlive {
 			continue
 		}
-		if have := facts[m.MachineID]; ImpostorOf(have, m) {
+		have, known := facts[m.MachineID]
+		if known && ImpostorOf(have, m) {
 			// Gossip claims a registered machine with another WireGuard
 			// key: a key holder pretending to be it. Nothing it says is
 			// taken, neither its registration nor its Raft address.
 			n.warnImpostor(m, have)
 			continue
 		}
-		n.registerAndAllocate(ctx, m, facts[m.MachineID])
+		grant := ""
+		if !known && m.MachineID != n.cfg.MachineID {
+			var refused string
+			n.facts.read(func(s *fsm.State) { grant, refused = admission(s, m.Meta, now) })
+			if refused != "" {
+				n.refuse(m, refused)
+				continue
+			}
+		}
+		if !n.registerAndAllocate(ctx, m, have, grant) && !known {
+			continue
+		}
 		if m.RaftAddr == "" {
 			continue
 		}
@@ -164,25 +176,36 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 }
 
 // registerAndAllocate registers (or updates) a machine's fact from its
-// gossip metadata and gives it an overlay address if it has none.
-func (n *Node) registerAndAllocate(ctx context.Context, m Member, have fsm.Machine) {
+// gossip metadata, admitting a new one with grant, and gives it an
+// overlay address if it has none. It reports whether the machine is
+// registered.
+func (n *Node) registerAndAllocate(ctx context.Context, m Member, have fsm.Machine, grant string) bool {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if want := machineFromMember(m); !sameRegistration(have, want) {
-		if _, err := n.Apply(cctx, fsm.RegisterMachine{Machine: want, At: n.cfg.Now()}); err != nil {
-			n.logger.Warn("could not register machine", "machine", m.Name, "err", err)
-			return
+		if _, err := n.Apply(cctx, fsm.RegisterMachine{Machine: want, Grant: grant, At: n.cfg.Now()}); err != nil {
+			var rule *fsm.RuleError
+			if errors.As(err, &rule) && (errors.Is(err, fsm.ErrGrantRefused) || errors.Is(err, fsm.ErrMachineRevoked)) {
+				n.refuse(m, rule.Message)
+			} else {
+				n.logger.Warn("could not register machine", "machine", m.Name, "err", err)
+			}
+			return false
+		}
+		if grant != "" {
+			n.logger.Info("admitted a new machine", "machine", m.Name, "id", m.MachineID, "join_token", grant)
 		}
 	}
 	if !n.cfg.OverlayPrefix.IsValid() || (have.OverlayIP.IsValid() && n.cfg.OverlayPrefix.Contains(have.OverlayIP)) {
-		return
+		return true
 	}
 	raw, err := n.Apply(cctx, fsm.AllocateOverlayIP{MachineID: m.MachineID, Prefix: n.cfg.OverlayPrefix, At: n.cfg.Now()})
 	if err != nil {
 		n.logger.Warn("could not allocate an overlay address", "machine", m.Name, "err", err)
-		return
+		return true
 	}
 	n.logger.Info("allocated overlay address", "machine", m.Name, "overlay", string(raw))
+	return true
 }
 
 // ImpostorOf tells whether gossip member m claims the id of the

@@ -1,6 +1,9 @@
 package cluster
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,6 +29,12 @@ type Meta struct {
 	OverlayIP   string `json:"overlay,omitempty"`
 	MemoryBytes uint64 `json:"mem,omitempty"`
 	DiskBytes   uint64 `json:"disk,omitempty"`
+	// Join proves, until this machine is registered, that it holds a
+	// join grant's secret (see JoinProofFor).
+	Join *JoinProof `json:"join,omitempty"`
+	// KeyGen is the generation of the fact store's gossip keyring this
+	// machine has installed (0: none yet).
+	KeyGen uint64 `json:"kg,omitempty"`
 	// Leaving is gossiped just before a clean departure, so the others
 	// record "left" rather than "failed" (memberlist's leave event does
 	// not say which).
@@ -62,4 +71,27 @@ func decodeMeta(b []byte) (Meta, error) {
 		return m, fmt.Errorf("no machine id: %w", ErrBadMeta)
 	}
 	return m, nil
+}
+
+// JoinProof is a newcomer's claim to a join grant: the grant's id and an
+// HMAC under the grant's secret of the newcomer's machine id and
+// WireGuard key. It binds the grant to that identity: replayed by a
+// machine with another id or key, it proves nothing.
+type JoinProof struct {
+	Grant string `json:"grant"`
+	MAC   string `json:"mac"`
+}
+
+// JoinProofFor makes the proof that machine id with WireGuard key wgKey
+// holds secret, the secret of grant.
+func JoinProofFor(grant string, secret []byte, id, wgKey string) JoinProof {
+	mac := hmac.New(sha256.New, secret)
+	fmt.Fprintf(mac, "drover join v1\x00%s\x00%s\x00%s", grant, id, wgKey)
+	return JoinProof{Grant: grant, MAC: base64.RawStdEncoding.EncodeToString(mac.Sum(nil))}
+}
+
+// verifyJoinProof tells whether p proves that m holds secret.
+func verifyJoinProof(p JoinProof, secret []byte, m Meta) bool {
+	want := JoinProofFor(p.Grant, secret, m.MachineID, m.WGPublicKey)
+	return hmac.Equal([]byte(p.MAC), []byte(want.MAC))
 }

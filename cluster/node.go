@@ -71,7 +71,8 @@ type Node struct {
 	closed sync.Once
 
 	impostorsMu sync.Mutex
-	impostors   map[string]bool // identity claims refused and logged, by id/key
+	impostors   map[string]bool   // identity claims refused and logged, by id/key
+	refused     map[string]string // admissions refused and logged: the reason, by machine id
 }
 
 // raftParts is everything StartRaft creates, published at once.
@@ -105,7 +106,7 @@ func Start(cfg Config) (*Node, error) {
 		ctx:    ctx,
 		cancel: cancel,
 	}
-	n.rpc = newRPCClient(cfg.Key, n.overlaySource)
+	n.rpc = newRPCClient(n.token, n.overlaySource)
 	n.facts = newFactStore(n.haltOn)
 	g, err := startGossip(cfg, Meta{MachineID: cfg.MachineID, Name: cfg.Name}, cfg.Logger)
 	if err != nil {
@@ -397,7 +398,7 @@ func (n *Node) applyOnce(ctx context.Context, p *raftParts, data []byte) (applyR
 	if addr == "" {
 		return applyResult{}, errNoLeaderYet
 	}
-	res, err := n.rpc.apply(ctx, addr, data)
+	res, err := n.forward(ctx, p, leaderID, addr, data)
 	var opErr *net.OpError
 	if errors.As(err, &opErr) && opErr.Op == "dial" {
 		// Nothing was sent: safe to try again once the leader is known.
@@ -405,6 +406,41 @@ func (n *Node) applyOnce(ctx context.Context, p *raftParts, data []byte) (applyR
 	}
 	if err != nil && !errors.Is(err, errRemoteNotLeader) {
 		return res, fmt.Errorf("%w: %v", ErrUncertain, err)
+	}
+	return res, err
+}
+
+// forwardTimeout bounds one forwarded command: the leader gives up on
+// its own apply after 10 s, so an answer later than this will not come.
+const forwardTimeout = 12 * time.Second
+
+// forward sends data to the leader at addr. The call ends when the
+// leader answers, after forwardTimeout, or as soon as this machine sees
+// another leader than leaderID: a connection to a leader that is gone may
+// hang until TCP gives up, long after a new leader serves commands.
+func (n *Node) forward(ctx context.Context, p *raftParts, leaderID raft.ServerID, addr string, data []byte) (applyResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, forwardTimeout)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if _, id := p.raft.LeaderWithID(); id != leaderID {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	defer func() { cancel(); <-watched }()
+	res, err := n.rpc.apply(ctx, addr, data)
+	if err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("the leader %s did not answer before it was replaced or %v passed: %w", leaderID, forwardTimeout, err)
 	}
 	return res, err
 }

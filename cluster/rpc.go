@@ -57,15 +57,29 @@ func (n *Node) rpcHandler() http.Handler {
 	mux.HandleFunc("POST "+rpcApplyPath, n.handleApply)
 	mux.HandleFunc("GET "+rpcStatsPath, n.handleStats)
 	mux.HandleFunc("POST "+rpcRemovePath, n.handleRemoveServer)
-	token := rpcToken(n.cfg.Key)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !hmac.Equal([]byte(r.Header.Get(rpcAuthHdr)), []byte(token)) {
+		if !n.validToken(r.Header.Get(rpcAuthHdr)) {
 			http.Error(w, "cluster key required", http.StatusUnauthorized)
 			return
 		}
 		mux.ServeHTTP(w, r)
 	})
 }
+
+// validToken tells whether tok derives from a gossip key this machine
+// has installed: during a key rotation, callers may still sign with the
+// old key or already with the new one.
+func (n *Node) validToken(tok string) bool {
+	for _, k := range n.gossip.keys() {
+		if hmac.Equal([]byte(tok), []byte(rpcToken(k))) {
+			return true
+		}
+	}
+	return false
+}
+
+// token is what this machine's calls carry: derived from its primary key.
+func (n *Node) token() string { return rpcToken(n.gossip.keys()[0]) }
 
 func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 	data, err := io.ReadAll(io.LimitReader(r.Body, maxRPCBody+1))
@@ -122,7 +136,7 @@ func (n *Node) handleStats(w http.ResponseWriter, _ *http.Request) {
 // rpcClient has no overall timeout (volume streams run long); every call
 // carries a context.
 type rpcClient struct {
-	token string
+	token func() string
 	http  *http.Client // the fact store's calls (apply, stats): pooled
 	// agent carries the agent's calls on a fresh connection each: they
 	// are few, and a pooled connection to a daemon that restarted since
@@ -132,7 +146,7 @@ type rpcClient struct {
 
 // newRPCClient makes the client of daemon-to-daemon calls; source gives
 // the local address to call from (nil: the kernel's choice).
-func newRPCClient(key []byte, source func() net.Addr) *rpcClient {
+func newRPCClient(token func() string, source func() net.Addr) *rpcClient {
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		d := &net.Dialer{Timeout: 3 * time.Second}
 		if a := source(); a != nil {
@@ -142,7 +156,7 @@ func newRPCClient(key []byte, source func() net.Addr) *rpcClient {
 	}
 	pooled := &http.Transport{DialContext: dial, MaxIdleConnsPerHost: 4, IdleConnTimeout: 30 * time.Second}
 	fresh := &http.Transport{DialContext: dial, DisableKeepAlives: true}
-	return &rpcClient{token: rpcToken(key), http: &http.Client{Transport: pooled}, agent: &http.Client{Transport: fresh}}
+	return &rpcClient{token: token, http: &http.Client{Transport: pooled}, agent: &http.Client{Transport: fresh}}
 }
 
 func (c *rpcClient) do(ctx context.Context, method, addr, path string, body []byte, out any) error {
@@ -150,7 +164,7 @@ func (c *rpcClient) do(ctx context.Context, method, addr, path string, body []by
 	if err != nil {
 		return err
 	}
-	req.Header.Set(rpcAuthHdr, c.token)
+	req.Header.Set(rpcAuthHdr, c.token())
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return fmt.Errorf("rpc %s %s: %w", method, addr, err)
@@ -217,7 +231,7 @@ func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, head
 	for k, v := range header {
 		req.Header[k] = v
 	}
-	req.Header.Set(rpcAuthHdr, n.rpc.token)
+	req.Header.Set(rpcAuthHdr, n.token())
 	resp, err := client.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("rpc %s %s on %s: %w", method, path, base, err)

@@ -36,6 +36,8 @@ const (
 	CmdUpdateDrainItem   CommandType = 17
 	CmdEndDrain          CommandType = 18
 	CmdProbe             CommandType = 19
+	CmdIssueJoinGrant    CommandType = 20
+	CmdSetKeyring        CommandType = 21
 )
 
 // Command is one typed change of the facts.
@@ -96,6 +98,8 @@ func init() {
 	register(CmdUpdateDrainItem, "UpdateDrainItem", (*State).updateDrainItem)
 	register(CmdEndDrain, "EndDrain", (*State).endDrain)
 	register(CmdProbe, "Probe", (*State).probe)
+	register(CmdIssueJoinGrant, "IssueJoinGrant", (*State).issueJoinGrant)
+	register(CmdSetKeyring, "SetKeyring", (*State).setKeyring)
 }
 
 // String names the command type.

@@ -49,9 +49,13 @@ type Machine struct {
 
 // RegisterMachine adds a machine or updates what it reports about itself
 // (addresses, key, endpoint, capacity, name). State, overlay IP and
-// registration time are kept. Result: the stored Machine.
+// registration time are kept. A machine the facts do not hold yet is
+// admitted with Grant, the join grant it proved it holds: the grant must
+// be usable and the machine not revoked. Entries without Grant predate
+// join grants and are applied as they were. Result: the stored Machine.
 type RegisterMachine struct {
 	Machine Machine   `json:"machine"`
+	Grant   string    `json:"grant,omitempty"`
 	At      time.Time `json:"at"`
 }
 
@@ -63,7 +67,8 @@ type SetMachineState struct {
 	At    time.Time    `json:"at"`
 }
 
-// RemoveMachine forgets a machine and frees its overlay IP. It is refused
+// RemoveMachine forgets a machine, frees its overlay IP and revokes its
+// id and WireGuard key: it is never admitted again. It is refused
 // while a migration to or from the machine runs, and while the machine
 // holds services or volumes unless Force, which forgets those too (their
 // data is lost with the machine). Result: []string, what was forgotten
@@ -125,6 +130,11 @@ func (s *State) registerMachine(c RegisterMachine) (any, *RuleError) {
 		return nil, ruleErr(ErrNameTaken, "machine name %q is taken by machine %s", m.Name, other.ID)
 	}
 	old, exists := s.machines[m.ID]
+	if !exists && c.Grant != "" {
+		if err := s.admitWithGrant(m, c.Grant, c.At); err != nil {
+			return nil, err
+		}
+	}
 	if exists {
 		m.State, m.OverlayIP, m.RegisteredAt = old.State, old.OverlayIP, old.RegisteredAt
 	} else {
@@ -178,6 +188,7 @@ func (s *State) removeMachine(c RemoveMachine) (any, *RuleError) {
 	}
 	delete(s.drains, c.ID)
 	delete(s.machines, c.ID)
+	s.revoked[c.ID] = Revoked{MachineID: m.ID, Name: m.Name, WGPublicKey: m.WGPublicKey, At: c.At}
 	if held == nil {
 		held = []string{}
 	}

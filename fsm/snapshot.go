@@ -32,6 +32,9 @@ const (
 	recordVolume    recordKind = 4
 	recordMigration recordKind = 5
 	recordDrain     recordKind = 6
+	recordJoinGrant recordKind = 7
+	recordRevoked   recordKind = 8
+	recordKeyring   recordKind = 9
 )
 
 // ErrBadSnapshot marks a snapshot that cannot be restored.
@@ -69,6 +72,21 @@ func (s *State) WriteSnapshot(w io.Writer) error {
 	}
 	for _, d := range s.Drains() {
 		if err := writeRecord(bw, recordDrain, d); err != nil {
+			return err
+		}
+	}
+	for _, g := range s.JoinGrants() {
+		if err := writeRecord(bw, recordJoinGrant, g); err != nil {
+			return err
+		}
+	}
+	for _, r := range s.RevokedMachines() {
+		if err := writeRecord(bw, recordRevoked, r); err != nil {
+			return err
+		}
+	}
+	if s.keyring.Generation > 0 {
+		if err := writeRecord(bw, recordKeyring, s.keyring); err != nil {
 			return err
 		}
 	}
@@ -169,6 +187,22 @@ func (s *State) restoreRecord(kind recordKind, body []byte) error {
 			return fmt.Errorf("drain: %v", err)
 		}
 		s.drains[d.MachineID] = d
+	case recordJoinGrant:
+		var g JoinGrant
+		if err := dec.Decode(&g); err != nil {
+			return fmt.Errorf("join grant: %v", err)
+		}
+		s.grants[g.ID] = g
+	case recordRevoked:
+		var r Revoked
+		if err := dec.Decode(&r); err != nil {
+			return fmt.Errorf("revoked machine: %v", err)
+		}
+		s.revoked[r.MachineID] = r
+	case recordKeyring:
+		if err := dec.Decode(&s.keyring); err != nil {
+			return fmt.Errorf("keyring: %v", err)
+		}
 	default:
 		return fmt.Errorf("unknown record kind %d", kind)
 	}

@@ -15,11 +15,15 @@ type State struct {
 	volumes    map[string]Volume    // by namespace/name
 	migrations map[string]Migration // by id
 	drains     map[string]Drain     // by machine id: its latest drain
+	grants     map[string]JoinGrant // by id
+	revoked    map[string]Revoked   // by machine id
+	keyring    Keyring
 }
 
 // NewState returns an empty state.
 func NewState() *State {
-	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}, drains: map[string]Drain{}}
+	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}, drains: map[string]Drain{},
+		grants: map[string]JoinGrant{}, revoked: map[string]Revoked{}}
 }
 
 // Apply decodes and applies one log entry. Time comes only from the
@@ -52,7 +56,8 @@ func (s *State) Clone() *State {
 	// Values are copied; a spec's slices and map are shared, which is
 	// safe because nothing mutates a stored spec in place.
 	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks),
-		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations), drains: maps.Clone(s.drains)}
+		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations), drains: maps.Clone(s.drains),
+		grants: maps.Clone(s.grants), revoked: maps.Clone(s.revoked), keyring: s.keyring}
 }
 
 // sortedValues returns a map's values sorted by key(v).

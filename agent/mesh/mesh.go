@@ -153,12 +153,15 @@ type Self struct {
 	Prefix  netip.Prefix
 }
 
-// Desired computes the device's config: a peer for every machine known
-// from the facts or gossip, except this one, departed ones and removed
-// ones; gossip, being fresher, wins over the facts. A peer's allowed IPs
-// are its overlay address and the service IPs of the services it owns.
-// Gossip that claims a registered machine with another WireGuard key is
-// ignored: the key is bound at registration.
+// Desired computes the device's config: a peer for every machine the
+// facts register, except this one, departed ones and removed ones. Gossip
+// gives a registered machine's endpoint only: its key is bound at
+// registration and its overlay address allocated by the facts, so a key
+// holder gossiping a made-up machine or address becomes no peer. Only a
+// newcomer whose own registration has not reached it yet (it has no
+// Raft, which runs over the mesh) takes its first peers from gossip. A
+// peer's allowed IPs are its overlay address and the service IPs of the
+// services it owns.
 func Desired(s *fsm.State, gossip []cluster.Member, self Self) netmesh.Config {
 	type peerInfo struct{ key, endpoint, overlay string }
 	infos := map[string]peerInfo{}
@@ -176,25 +179,29 @@ func Desired(s *fsm.State, gossip []cluster.Member, self Self) netmesh.Config {
 		}
 		infos[f.ID] = pi
 	}
+	_, member := s.Machine(self.ID)
 	for _, g := range gossip {
 		if g.Liveness == cluster.LivenessLeft {
 			delete(infos, g.MachineID)
 			continue
 		}
-		if f, ok := s.Machine(g.MachineID); ok && cluster.ImpostorOf(f, g) {
+		f, registered := s.Machine(g.MachineID)
+		switch {
+		case registered && cluster.ImpostorOf(f, g):
 			continue // another key claims a registered machine: the facts' peer stays
+		case !registered && member:
+			continue // not admitted: no peer of a member
 		}
-		pi := infos[g.MachineID]
-		if g.WGPublicKey != "" {
-			pi.key = g.WGPublicKey
+		pi, known := infos[g.MachineID]
+		if !registered {
+			pi.key, pi.overlay = g.WGPublicKey, g.OverlayIP
 		}
 		if g.WGEndpoint != "" {
 			pi.endpoint = g.WGEndpoint
 		}
-		if g.OverlayIP != "" {
-			pi.overlay = g.OverlayIP
+		if known || !registered {
+			infos[g.MachineID] = pi
 		}
-		infos[g.MachineID] = pi
 	}
 	cfg := netmesh.Config{PrivateKey: self.Key, ListenPort: self.Port}
 	if self.Overlay.IsValid() {

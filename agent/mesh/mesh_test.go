@@ -136,3 +136,26 @@ func TestForgedGossipIdentityChangesNoPeer(t *testing.T) {
 		t.Fatalf("b's peer took the forged claim: %+v", p)
 	}
 }
+
+// A key holder that gossips a machine the facts never admitted, with an
+// overlay address of its choosing, becomes no peer of a member; a
+// newcomer, whose facts do not hold it yet, takes its first peers from
+// gossip (it has no other way to reach Raft).
+func TestUnadmittedGossipMachineIsNoPeerOfAMember(t *testing.T) {
+	st := facttest.NewStore()
+	kb, stranger, self := key(t).PublicKey(), key(t).PublicKey(), key(t)
+	st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "a", Name: "a", WGPublicKey: self.PublicKey().String()}, At: facttest.T0})
+	st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "b", Name: "b", WGPublicKey: kb.String(), WGEndpoint: "192.0.2.2:51820"}, At: facttest.T0})
+	gossip := []cluster.Member{{Meta: cluster.Meta{MachineID: "x", WGPublicKey: stranger.String(), WGEndpoint: "198.51.100.9:51820", OverlayIP: "10.210.0.2"}, Liveness: cluster.LivenessAlive}}
+	var cfg netmesh.Config
+	st.Read(func(s *fsm.State) { cfg = Desired(s, gossip, Self{ID: "a", Key: self}) })
+	if peers := peersByKey(cfg); len(peers) != 1 || peers[kb.String()].PublicKey != kb {
+		t.Fatalf("a member's peers %v: want b only", cfg.Peers)
+	}
+
+	empty := facttest.NewStore()
+	empty.Read(func(s *fsm.State) { cfg = Desired(s, gossip, Self{ID: "n", Key: key(t)}) })
+	if p := peersByKey(cfg)[stranger.String()]; len(p.AllowedIPs) != 1 || p.AllowedIPs[0].String() != "10.210.0.2/32" {
+		t.Fatalf("a newcomer's peers %v: want the gossiped machine", cfg.Peers)
+	}
+}
