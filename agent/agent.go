@@ -52,7 +52,10 @@ type Config struct {
 
 	Init           bool     // bootstrap a new cluster if this machine has none
 	Join           []string // gossip addresses of members to join
-	ClusterKeyFile string   // key file to use instead of the one in DataDir
+	ClusterKeyFile string   // key file to use when DataDir holds none
+	// JoinTokenFile holds a join token this machine joins with at start
+	// when it is in no cluster yet (as `droverctl cluster join` would).
+	JoinTokenFile string
 
 	// LockLease is the lease of a namespace lock held by a deploy or a
 	// migration (renewed while it runs; 60 s when zero).
@@ -94,8 +97,9 @@ type Agent struct {
 	machineID string
 	crash     *crashpoint.Points
 
-	mu    sync.Mutex
-	parts *parts // nil until this machine is in a cluster
+	mu        sync.Mutex
+	parts     *parts // nil until this machine is in a cluster
+	forgotten bool   // removed from its cluster: init and join wait for a restart
 
 	ctx context.Context // the daemon's lifetime
 	wg  sync.WaitGroup  // goroutines of the daemon itself
@@ -133,11 +137,11 @@ func Run(ctx context.Context, cfg Config) error {
 	defer a.wg.Wait()
 	defer cancel()
 
-	key, err := a.configuredKey()
+	keys, err := a.configuredKeys()
 	if err != nil {
 		return err
 	}
-	if cfg.Init && key != nil {
+	if cfg.Init && keys != nil {
 		if err := a.refuseReinit(); err != nil {
 			return err
 		}
@@ -165,12 +169,19 @@ func Run(ctx context.Context, cfg Config) error {
 	}()
 
 	switch {
-	case key != nil:
-		if err := a.startCluster(key, cfg.Init, cfg.Join); err != nil {
+	case keys != nil:
+		if cfg.JoinTokenFile != "" {
+			a.logger.Info("this machine is in a cluster already: --join-token-file is not used", "file", cfg.JoinTokenFile)
+		}
+		if err := a.startCluster(keys, cfg.Init, cfg.Join); err != nil {
 			return err
 		}
 	case cfg.Init:
 		if _, err := a.initCluster(); err != nil {
+			return err
+		}
+	case cfg.JoinTokenFile != "":
+		if err := a.joinFromFile(ctx, cfg.JoinTokenFile); err != nil {
 			return err
 		}
 	default:
@@ -236,17 +247,19 @@ func (a *Agent) refuseReinit() error {
 		a.cfg.DataDir, overlayIPFile, ErrReinit)
 }
 
-// configuredKey finds the cluster key: the --cluster-key-file, else the
-// one kept in the data dir; nil when this machine has none yet.
-func (a *Agent) configuredKey() ([]byte, error) {
-	if a.cfg.ClusterKeyFile != "" {
-		key, err := readKeyFile(a.cfg.ClusterKeyFile)
-		if err == nil && key == nil {
-			err = fmt.Errorf("cluster key file %s does not exist", a.cfg.ClusterKeyFile)
-		}
-		return key, err
+// configuredKeys finds the gossip keys, the primary first: those kept in
+// the data dir (they follow key rotations), else the --cluster-key-file;
+// nil when this machine has none yet.
+func (a *Agent) configuredKeys() ([][]byte, error) {
+	keys, err := readKeyFile(filepath.Join(a.cfg.DataDir, clusterKeyFile))
+	if err != nil || keys != nil || a.cfg.ClusterKeyFile == "" {
+		return keys, err
 	}
-	return readKeyFile(filepath.Join(a.cfg.DataDir, clusterKeyFile))
+	keys, err = readKeyFile(a.cfg.ClusterKeyFile)
+	if err == nil && keys == nil {
+		err = fmt.Errorf("cluster key file %s does not exist", a.cfg.ClusterKeyFile)
+	}
+	return keys, err
 }
 
 func (a *Agent) current() *parts {

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/keyring"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
@@ -64,6 +67,9 @@ func (a *Agent) Status(context.Context) (ctlapi.ClusterStatus, error) {
 		return out, nil
 	}
 	out.Initialized = true
+	for _, k := range n.GossipKeys() {
+		out.GossipKeys = append(out.GossipKeys, keyring.Fingerprint(k))
+	}
 	st, err := n.Status()
 	if err != nil {
 		return out, err
@@ -240,6 +246,9 @@ func (a *Agent) Init(ctx context.Context) (ctlapi.ClusterStatus, error) {
 }
 
 func (a *Agent) initCluster() (bool, error) {
+	if err := a.refuseForgotten(); err != nil {
+		return false, err
+	}
 	if a.currentNode() != nil {
 		return false, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeAlreadyInCluster, Err: errors.New("this machine is already in a cluster")}
 	}
@@ -247,24 +256,46 @@ func (a *Agent) initCluster() (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if err := saveKey(a.cfg.DataDir, key); err != nil {
+	if err := saveKeys(a.cfg.DataDir, [][]byte{key}); err != nil {
 		return false, err
 	}
-	if err := a.startCluster(key, true, nil); err != nil {
+	if err := a.startCluster([][]byte{key}, true, nil); err != nil {
 		return false, err
 	}
 	return true, nil
 }
 
-// JoinToken gives a token with which another machine joins this cluster.
-func (a *Agent) JoinToken(context.Context) (ctlapi.JoinToken, error) {
+// Join tokens are valid for an hour unless asked otherwise.
+const defaultTokenTTL = time.Hour
+
+// JoinToken issues a join grant in the facts and gives the token that
+// carries it: another machine joins with it until it expires (once, if
+// single-use).
+func (a *Agent) JoinToken(ctx context.Context, req ctlapi.JoinTokenRequest) (ctlapi.JoinToken, error) {
 	n, err := a.requireNode()
 	if err != nil {
 		return ctlapi.JoinToken{}, err
 	}
-	key, err := a.configuredKey()
-	if err != nil {
+	ttl := req.TTL
+	if ttl == 0 {
+		ttl = defaultTokenTTL
+	}
+	if ttl < 0 || ttl > fsm.MaxGrantLifetime {
+		return ctlapi.JoinToken{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadRequest,
+			Err: fmt.Errorf("token lifetime %s: want more than 0 and at most %s", ttl, fsm.MaxGrantLifetime)}
+	}
+	id := make([]byte, 8)
+	secret := make([]byte, 32)
+	if _, err := rand.Read(id); err != nil {
 		return ctlapi.JoinToken{}, err
+	}
+	if _, err := rand.Read(secret); err != nil {
+		return ctlapi.JoinToken{}, err
+	}
+	now := time.Now()
+	g := fsm.JoinGrant{ID: hex.EncodeToString(id), Secret: secret, IssuedBy: a.machineID, ExpiresAt: now.Add(ttl), SingleUse: req.SingleUse}
+	if _, err := n.Apply(ctx, fsm.IssueJoinGrant{Grant: g, At: now}); err != nil {
+		return ctlapi.JoinToken{}, fmt.Errorf("issuing a join grant: %w", err)
 	}
 	addrs := []string{}
 	self, _ := n.Member(a.machineID)
@@ -276,40 +307,116 @@ func (a *Agent) JoinToken(context.Context) (ctlapi.JoinToken, error) {
 			addrs = append(addrs, m.GossipAddr.String())
 		}
 	}
-	tok, err := makeToken(key, addrs)
+	tok, err := makeToken(n.GossipKeys()[0], addrs, g)
 	if err != nil {
 		return ctlapi.JoinToken{}, err
 	}
-	return ctlapi.JoinToken{Token: tok}, nil
+	a.logger.Info("issued a join token", "id", g.ID, "expires", g.ExpiresAt.UTC().Format(time.RFC3339), "single_use", g.SingleUse)
+	return ctlapi.JoinToken{Token: tok, ID: g.ID, ExpiresAt: g.ExpiresAt, SingleUse: g.SingleUse}, nil
 }
 
-// Join makes this machine join the cluster named by a token. It fails,
-// and keeps nothing, when no machine of the cluster accepts it.
+// Join makes this machine join the cluster named by a token: it proves
+// to the leader that it holds the token's grant, bound to its own id and
+// WireGuard key, and waits until Raft takes it in. It fails, and keeps
+// nothing, when no machine answers or the leader refuses it (the error
+// says why).
 func (a *Agent) Join(ctx context.Context, req ctlapi.JoinRequest) (ctlapi.ClusterStatus, error) {
+	if err := a.refuseForgotten(); err != nil {
+		return ctlapi.ClusterStatus{}, err
+	}
 	if a.currentNode() != nil {
 		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeAlreadyInCluster, Err: errors.New("this machine is already in a cluster")}
 	}
-	key, addrs, err := parseToken(req.Token)
+	tok, err := parseToken(req.Token, time.Now())
 	if err != nil {
 		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadToken, Err: err}
 	}
-	if err := saveKey(a.cfg.DataDir, key); err != nil {
+	if err := saveKeys(a.cfg.DataDir, [][]byte{tok.key}); err != nil {
 		return ctlapi.ClusterStatus{}, err
 	}
-	if err := a.startCluster(key, false, nil); err != nil {
-		os.Remove(filepath.Join(a.cfg.DataDir, clusterKeyFile))
-		return ctlapi.ClusterStatus{}, err
-	}
-	if _, err := a.currentNode().Join(addrs); err != nil {
-		// Nobody took us in: forget the key so a later join starts clean.
+	forget := func() {
 		a.stopCluster(false)
 		os.Remove(filepath.Join(a.cfg.DataDir, clusterKeyFile))
+	}
+	if err := a.startCluster([][]byte{tok.key}, false, nil); err != nil {
+		os.Remove(filepath.Join(a.cfg.DataDir, clusterKeyFile))
+		return ctlapi.ClusterStatus{}, err
+	}
+	n := a.currentNode()
+	if err := n.SetMeta(func(m *cluster.Meta) {
+		proof := cluster.JoinProofFor(tok.grant, tok.secret, a.machineID, m.WGPublicKey)
+		m.Join = &proof
+	}); err != nil {
+		forget()
+		return ctlapi.ClusterStatus{}, err
+	}
+	if _, err := n.Join(tok.addrs); err != nil {
+		// Nobody took us in: forget the key so a later join starts clean.
+		forget()
 		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadGateway, Code: ctlapi.CodeJoinFailed, Err: err}
 	}
-	if err := a.waitFor(ctx, func(st cluster.Status) bool { return st.Role != cluster.RoleNone }); err != nil {
+	var refused string
+	err = a.waitFor(ctx, func(st cluster.Status) bool {
+		refused = n.JoinRefusal()
+		return st.Role != cluster.RoleNone || refused != ""
+	})
+	if refused != "" {
+		forget()
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusForbidden, Code: ctlapi.CodeJoinRefused, Err: fmt.Errorf("the cluster refused this machine: %s", refused)}
+	}
+	if err != nil {
 		return ctlapi.ClusterStatus{}, fmt.Errorf("joined gossip but Raft did not take this machine in: %w", err)
 	}
 	return a.Status(ctx)
+}
+
+// joinFromFile joins with the token in file, at start (--join-token-file).
+func (a *Agent) joinFromFile(ctx context.Context, file string) error {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("--join-token-file: %w", err)
+	}
+	_, err = a.Join(ctx, ctlapi.JoinRequest{Token: string(b)})
+	var refused *ctlapi.APIError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &refused):
+		return fmt.Errorf("joining with the token in %s: %w", file, err)
+	default:
+		// Admitted to gossip, Raft slower than the wait: it goes on.
+		a.logger.Warn("still joining the cluster", "err", err)
+		return nil
+	}
+}
+
+// RotateKey replaces the cluster's gossip key on every machine (see
+// agent/keyring).
+func (a *Agent) RotateKey(ctx context.Context) (ctlapi.KeyRotation, error) {
+	n, err := a.requireNode()
+	if err != nil {
+		return ctlapi.KeyRotation{}, err
+	}
+	a.logger.Info("rotating the cluster's gossip key")
+	r := keyring.Rotator{Facts: n, Gossip: n, Logger: a.logger}
+	out, err := r.Rotate(ctx)
+	res := ctlapi.KeyRotation{Generation: out.Generation, OldKey: out.OldKey, NewKey: out.NewKey, Confirmed: out.Confirmed, NotAlive: out.NotAlive}
+	if errors.Is(err, keyring.ErrNotConfirmed) {
+		return res, &ctlapi.APIError{Status: http.StatusGatewayTimeout, Code: ctlapi.CodeRotationStalled, Err: err}
+	}
+	return res, err
+}
+
+// refuseForgotten refuses to init or join after this machine was removed
+// from its cluster: its id and key are revoked, a restart makes new ones.
+func (a *Agent) refuseForgotten() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.forgotten {
+		return &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeRemoved,
+			Err: errors.New("this machine was removed from its cluster, which revoked its id and WireGuard key: restart droverd to get new ones, then join")}
+	}
+	return nil
 }
 
 // waitFor polls the Raft status until cond holds, within ctx and 30s.

@@ -51,11 +51,11 @@ func TestHaltedFactStoreEndsRun(t *testing.T) {
 		return err
 	})
 	// An entry no droverd can decode, sent as a holder of the key would.
-	key, err := readKeyFile(filepath.Join(cfg.DataDir, clusterKeyFile))
+	keys, err := readKeyFile(filepath.Join(cfg.DataDir, clusterKeyFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	mac := hmac.New(sha256.New, key)
+	mac := hmac.New(sha256.New, keys[0])
 	mac.Write([]byte("drover rpc v1"))
 	req, _ := http.NewRequest(http.MethodPost, "http://10.219.0.1:17948/rpc/v1/apply", bytes.NewReader([]byte{0xff, '{', '}'}))
 	req.Header.Set("Drover-Cluster-Auth", hex.EncodeToString(mac.Sum(nil)))

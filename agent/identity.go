@@ -11,8 +11,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/drover-sh/drover/cluster"
+	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/atomicfile"
 )
 
@@ -61,8 +63,10 @@ func decodeKey(text, source string) ([]byte, error) {
 	return key, nil
 }
 
-// readKeyFile reads a cluster key file; a missing file is (nil, nil).
-func readKeyFile(path string) ([]byte, error) {
+// readKeyFile reads a cluster key file: one base64 key a line, the key
+// gossip encrypts with first, then keys it also decrypts with (during a
+// rotation). A missing file is (nil, nil).
+func readKeyFile(path string) ([][]byte, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -70,7 +74,21 @@ func readKeyFile(path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading cluster key: %w", err)
 	}
-	return decodeKey(string(b), path)
+	var keys [][]byte
+	for i, line := range strings.Split(string(b), "\n") {
+		if strings.TrimSpace(line) == "" {
+			continue
+		}
+		key, err := decodeKey(line, fmt.Sprintf("%s line %d", path, i+1))
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, key)
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("cluster key file %s holds no key: %w", path, cluster.ErrNoKey)
+	}
+	return keys, nil
 }
 
 func newClusterKey() ([]byte, error) {
@@ -81,50 +99,81 @@ func newClusterKey() ([]byte, error) {
 	return key, nil
 }
 
-func saveKey(dataDir string, key []byte) error {
-	return atomicfile.Write(filepath.Join(dataDir, clusterKeyFile), []byte(encodeKey(key)+"\n"), 0o600)
+// saveKeys keeps the gossip keys in the data dir, the primary first.
+func saveKeys(dataDir string, keys [][]byte) error {
+	var b strings.Builder
+	for _, k := range keys {
+		b.WriteString(encodeKey(k) + "\n")
+	}
+	return atomicfile.Write(filepath.Join(dataDir, clusterKeyFile), []byte(b.String()), 0o600)
 }
 
 // A join token carries what a new machine needs to join with one command:
-// the cluster key and gossip addresses of members. It is a secret.
-const tokenPrefix = "drover1."
+// the cluster key, gossip addresses of members, and a join grant (its id,
+// secret and expiry) that the leader checks before it admits the
+// machine. It is a secret.
+const tokenPrefix = "drover2."
 
 type joinToken struct {
-	Key   string   `json:"key"`
-	Addrs []string `json:"addrs"`
+	Key     string    `json:"key"`
+	Addrs   []string  `json:"addrs"`
+	Grant   string    `json:"grant"`
+	Secret  string    `json:"secret"`
+	Expires time.Time `json:"expires"`
 }
 
-func makeToken(key []byte, addrs []string) (string, error) {
-	b, err := json.Marshal(joinToken{Key: encodeKey(key), Addrs: addrs})
+// parsedToken is a join token read.
+type parsedToken struct {
+	key     []byte
+	addrs   []string
+	grant   string
+	secret  []byte
+	expires time.Time
+}
+
+func makeToken(key []byte, addrs []string, g fsm.JoinGrant) (string, error) {
+	b, err := json.Marshal(joinToken{Key: encodeKey(key), Addrs: addrs, Grant: g.ID,
+		Secret: base64.RawURLEncoding.EncodeToString(g.Secret), Expires: g.ExpiresAt.UTC()})
 	if err != nil {
 		return "", err
 	}
 	return tokenPrefix + base64.RawURLEncoding.EncodeToString(b), nil
 }
 
-// ErrBadToken marks a join token that cannot be read.
+// ErrBadToken marks a join token that cannot be read, or has expired.
 var ErrBadToken = errors.New("bad join token")
 
-func parseToken(tok string) (key []byte, addrs []string, err error) {
-	body, ok := strings.CutPrefix(strings.TrimSpace(tok), tokenPrefix)
+func parseToken(tok string, now time.Time) (parsedToken, error) {
+	tok = strings.TrimSpace(tok)
+	if strings.HasPrefix(tok, "drover1.") {
+		return parsedToken{}, fmt.Errorf("%w: it is of the older kind, without a join grant: make a new one with `droverctl cluster join-token`", ErrBadToken)
+	}
+	body, ok := strings.CutPrefix(tok, tokenPrefix)
 	if !ok {
-		return nil, nil, fmt.Errorf("%w: it does not start with %q", ErrBadToken, tokenPrefix)
+		return parsedToken{}, fmt.Errorf("%w: it does not start with %q", ErrBadToken, tokenPrefix)
 	}
 	raw, err := base64.RawURLEncoding.DecodeString(body)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: %v", ErrBadToken, err)
+		return parsedToken{}, fmt.Errorf("%w: %v", ErrBadToken, err)
 	}
 	var jt joinToken
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&jt); err != nil {
-		return nil, nil, fmt.Errorf("%w: %v", ErrBadToken, err)
+		return parsedToken{}, fmt.Errorf("%w: %v", ErrBadToken, err)
 	}
-	if key, err = decodeKey(jt.Key, "the join token"); err != nil {
-		return nil, nil, fmt.Errorf("%w: %v", ErrBadToken, err)
+	out := parsedToken{addrs: jt.Addrs, grant: jt.Grant, expires: jt.Expires}
+	if out.key, err = decodeKey(jt.Key, "the join token"); err != nil {
+		return parsedToken{}, fmt.Errorf("%w: %v", ErrBadToken, err)
 	}
 	if len(jt.Addrs) == 0 {
-		return nil, nil, fmt.Errorf("%w: it names no machine to join", ErrBadToken)
+		return parsedToken{}, fmt.Errorf("%w: it names no machine to join", ErrBadToken)
 	}
-	return key, jt.Addrs, nil
+	if out.secret, err = base64.RawURLEncoding.DecodeString(jt.Secret); err != nil || jt.Grant == "" || len(out.secret) == 0 {
+		return parsedToken{}, fmt.Errorf("%w: its join grant is missing or unreadable", ErrBadToken)
+	}
+	if !jt.Expires.After(now) {
+		return parsedToken{}, fmt.Errorf("%w: join token %s expired at %s: make a new one with `droverctl cluster join-token` on a member", ErrBadToken, jt.Grant, jt.Expires.UTC().Format(time.RFC3339))
+	}
+	return out, nil
 }

@@ -9,6 +9,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/fsm"
 )
 
 func TestMachineIDIsMadeOnceAndKept(t *testing.T) {
@@ -33,18 +36,41 @@ func TestMachineIDIsMadeOnceAndKept(t *testing.T) {
 
 func TestJoinTokenRoundTrip(t *testing.T) {
 	key, _ := newClusterKey()
-	tok, err := makeToken(key, []string{"10.0.0.1:7946"})
+	now := time.Now()
+	g := fsm.JoinGrant{ID: "0123abcd", Secret: bytes.Repeat([]byte{9}, 32), ExpiresAt: now.Add(time.Hour)}
+	tok, err := makeToken(key, []string{"10.0.0.1:7946"}, g)
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, addrs, err := parseToken(tok)
-	if err != nil || !bytes.Equal(k, key) || len(addrs) != 1 || addrs[0] != "10.0.0.1:7946" {
-		t.Fatalf("parse: %v %v %v", k, addrs, err)
+	got, err := parseToken(tok, now)
+	if err != nil || !bytes.Equal(got.key, key) || len(got.addrs) != 1 || got.addrs[0] != "10.0.0.1:7946" ||
+		got.grant != g.ID || !bytes.Equal(got.secret, g.Secret) || !got.expires.Equal(g.ExpiresAt) {
+		t.Fatalf("parse: %+v %v", got, err)
 	}
-	for _, bad := range []string{"", "drover1.", "drover1.!!!", "other." + tok[len(tokenPrefix):], tok[:len(tok)-4]} {
-		if _, _, err := parseToken(bad); !errors.Is(err, ErrBadToken) {
+	for _, bad := range []string{"", "drover2.", "drover2.!!!", "drover1.e30", "other." + tok[len(tokenPrefix):], tok[:len(tok)-4]} {
+		if _, err := parseToken(bad, now); !errors.Is(err, ErrBadToken) {
 			t.Errorf("token %q: got %v, want ErrBadToken", bad, err)
 		}
+	}
+	// An expired token is refused before anything starts, naming its expiry.
+	if _, err := parseToken(tok, now.Add(2*time.Hour)); !errors.Is(err, ErrBadToken) || !strings.Contains(err.Error(), "expired at") {
+		t.Fatalf("expired token: %v", err)
+	}
+}
+
+func TestKeyFileHoldsTheKeyringPrimaryFirst(t *testing.T) {
+	dir := t.TempDir()
+	k1, k2 := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
+	if err := saveKeys(dir, [][]byte{k2, k1}); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := readKeyFile(filepath.Join(dir, clusterKeyFile))
+	if err != nil || len(keys) != 2 || !bytes.Equal(keys[0], k2) || !bytes.Equal(keys[1], k1) {
+		t.Fatalf("read back %v %v", keys, err)
+	}
+	os.WriteFile(filepath.Join(dir, clusterKeyFile), []byte(encodeKey(k1)+"\nnot-a-key\n"), 0o600)
+	if _, err := readKeyFile(filepath.Join(dir, clusterKeyFile)); err == nil || !strings.Contains(err.Error(), "line 2") {
+		t.Fatalf("a bad second line: %v", err)
 	}
 }
 
@@ -53,7 +79,7 @@ func TestJoinTokenRoundTrip(t *testing.T) {
 // old key and machine id.
 func TestInitRefusedOverAnEarlierCluster(t *testing.T) {
 	dir := t.TempDir()
-	if err := saveKey(dir, bytes.Repeat([]byte{7}, 32)); err != nil {
+	if err := saveKeys(dir, [][]byte{bytes.Repeat([]byte{7}, 32)}); err != nil {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(dir, overlayIPFile), []byte("10.210.0.1\n"), 0o600)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/deploy"
 	"github.com/drover-sh/drover/agent/drain"
+	"github.com/drover-sh/drover/agent/keyring"
 	"github.com/drover-sh/drover/agent/membership"
 	"github.com/drover-sh/drover/agent/mesh"
 	"github.com/drover-sh/drover/agent/migrate"
@@ -41,6 +42,7 @@ type parts struct {
 	deploy *deploy.Deployer
 	recon  *reconcile.Reconciler
 	rm     *membership.Remover
+	keys   *keyring.Keeper
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -51,20 +53,21 @@ type parts struct {
 // joins the cluster: the machines it knew before, then the given
 // addresses. Joining goes on in the background until some machine
 // answers.
-func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
+func (a *Agent) startCluster(keys [][]byte, bootstrap bool, join []string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.parts != nil {
 		return errors.New("this machine is already in a cluster")
 	}
-	p, err := a.makeParts(key)
+	p, err := a.makeParts(keys)
 	if err != nil {
 		return err
 	}
 	a.parts = p
 	// Raft and RPC start on the overlay address once it is known (bringUp).
-	p.wg.Add(4)
+	p.wg.Add(5)
 	go func() { defer p.wg.Done(); a.keepJoining(p.ctx, p.node, join) }()
+	go func() { defer p.wg.Done(); p.keys.Run(p.ctx) }()
 	go func() { defer p.wg.Done(); a.bringUp(p.ctx, p, bootstrap, join) }()
 	go func() { defer p.wg.Done(); p.mesh.Run(p.ctx, p.node, p.node) }()
 	go func() { defer p.wg.Done(); p.recon.Run(p.ctx) }()
@@ -75,7 +78,7 @@ func (a *Agent) startCluster(key []byte, bootstrap bool, join []string) error {
 
 // makeParts opens node, mesh, runtime and volumes, and wires the parts on
 // them; their routes are registered here, before Raft and RPC start.
-func (a *Agent) makeParts(key []byte) (*parts, error) {
+func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	cfg := a.cfg
 	device := cfg.WGInterface
 	if cfg.OpenOverlay {
@@ -84,7 +87,7 @@ func (a *Agent) makeParts(key []byte) (*parts, error) {
 	}
 	n, err := cluster.Start(cluster.Config{
 		MachineID: a.machineID, Name: cfg.Name, DataDir: cfg.DataDir, BindAddr: cfg.BindAddr,
-		GossipPort: cfg.GossipPort, RaftPort: cfg.RaftPort, RPCPort: cfg.RPCPort, Key: key, Device: device,
+		GossipPort: cfg.GossipPort, RaftPort: cfg.RaftPort, RPCPort: cfg.RPCPort, Key: keys[0], SecondaryKeys: keys[1:], Device: device,
 		OverlayPrefix: cfg.OverlayPrefix, Timing: cfg.Timing, Logger: a.logger,
 	})
 	if err != nil {
@@ -130,6 +133,8 @@ func (a *Agent) makeParts(key []byte) (*parts, error) {
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
 		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
+	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
+		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
 	p.mig.Register()
 	p.rm.Register(peer.Server{Mux: n, IDs: n})
@@ -273,7 +278,8 @@ func (a *Agent) bringUp(ctx context.Context, p *parts, bootstrap bool, join []st
 // forgetCluster is what a machine does when it is removed: in the
 // background (the answer to the machine that asked goes out first), it
 // leaves the cluster and forgets it — key, Raft state, known peers,
-// overlay address — so that a restart does not bring it back.
+// overlay address, its machine id and WireGuard key — so that a restart
+// does not bring it back: it comes up as a new machine in no cluster.
 func (a *Agent) forgetCluster(from string) {
 	a.wg.Add(1)
 	go func() {
@@ -281,8 +287,13 @@ func (a *Agent) forgetCluster(from string) {
 		time.Sleep(100 * time.Millisecond) // let the answer go out
 		a.logger.Warn("this machine was removed from the cluster: leaving and forgetting it", "asked_by", a.nameOf(from))
 		a.stopCluster(true)
+		a.mu.Lock()
+		a.forgotten = true
+		a.mu.Unlock()
+		// The cluster revoked this machine's id and WireGuard key: a
+		// restart makes new ones, under which it may join again.
 		var errs []error
-		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft"} {
+		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft", machineIDFile, mesh.KeyFile} {
 			if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, name)); err != nil {
 				errs = append(errs, err)
 			}

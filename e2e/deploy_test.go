@@ -263,11 +263,10 @@ func workloadLabN(t testing.TB, prefix string, hosts int, extra ...string) ([]*l
 		return append([]string{"--docker-host", "unix://" + host.DockerSock, "--zfs-parent", host.Pool + "/drover"}, extra...)
 	}
 	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
-	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
-	testpoll.Until(t, 20*time.Second, "cluster key", func() error { _, err := os.Stat(keyFile); return err })
+	tokenFile := joinTokenFile(t, d1)
 	daemons := []*labDaemon{d1}
 	for _, host := range h[1:] {
-		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile)...))
+		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join-token-file", tokenFile)...))
 	}
 	testpoll.Until(t, 90*time.Second, fmt.Sprintf("%d machines with overlay addresses", hosts), func() error {
 		for _, d := range daemons {

@@ -156,10 +156,10 @@ func TestLabMesh(t *testing.T) {
 
 	d1 := startLabDaemon(t, bin, h[0], "--init")
 	keyFile := filepath.Join(h[0].Dir, "drover", "cluster.key")
-	testpoll.Until(t, 20*time.Second, "cluster key on the first host", func() error { _, err := os.Stat(keyFile); return err })
+	tokenFile := joinTokenFile(t, d1)
 	daemons := []*labDaemon{d1}
 	for _, host := range h[1:3] {
-		daemons = append(daemons, startLabDaemon(t, bin, host, "--join", h[0].UnderlayIP, "--cluster-key-file", keyFile))
+		daemons = append(daemons, startLabDaemon(t, bin, host, "--join-token-file", tokenFile))
 	}
 
 	// One cluster, every machine with an overlay address, every pair
@@ -409,6 +409,23 @@ func TestLabMesh(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// joinTokenFile writes a join token of d's cluster (valid for an hour,
+// any number of machines) to a file for --join-token-file, once d leads.
+func joinTokenFile(t testing.TB, d *labDaemon, flags ...string) string {
+	t.Helper()
+	var tok string
+	testpoll.Until(t, 30*time.Second, "a join token from "+d.host.Name, func() error {
+		out, err := d.ctl(append([]string{"cluster", "join-token"}, flags...)...)
+		tok = strings.TrimSpace(out)
+		return err
+	})
+	file := filepath.Join(t.TempDir(), "join-token")
+	if err := os.WriteFile(file, []byte(tok+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return file
 }
 
 func mustMachines(t *testing.T, d *labDaemon) []ctlapi.Machine {

@@ -145,9 +145,15 @@ func (c *Client) Init(ctx context.Context) (ClusterStatus, error) {
 }
 
 // JoinToken gets a token for another machine to join with.
-func (c *Client) JoinToken(ctx context.Context) (JoinToken, error) {
+func (c *Client) JoinToken(ctx context.Context, req JoinTokenRequest) (JoinToken, error) {
 	var v JoinToken
-	return v, c.do(ctx, http.MethodGet, "/v1/cluster/join-token", nil, &v)
+	return v, c.do(ctx, http.MethodPost, "/v1/cluster/join-token", req, &v)
+}
+
+// RotateKey replaces the cluster's gossip key on every machine.
+func (c *Client) RotateKey(ctx context.Context) (KeyRotation, error) {
+	var v KeyRotation
+	return v, c.do(ctx, http.MethodPost, "/v1/cluster/rotate-key", struct{}{}, &v)
 }
 
 // Join joins the cluster named by a token.

@@ -14,6 +14,9 @@ const (
 	CodeAlreadyInCluster = "already_in_cluster"
 	CodeBadToken         = "bad_token"
 	CodeJoinFailed       = "join_failed"
+	CodeJoinRefused      = "join_refused"     // the leader did not admit this machine
+	CodeRemoved          = "removed"          // this machine was removed from its cluster
+	CodeRotationStalled  = "rotation_stalled" // a live machine did not confirm a key rotation step
 	CodeUnknownMachine   = "unknown_machine"
 	CodeUnknownService   = "unknown_service"
 	CodeUnknownMigration = "unknown_migration"

@@ -29,9 +29,10 @@ func (f *fakeBackend) Machines(context.Context) ([]Machine, error) {
 func (f *fakeBackend) Init(context.Context) (ClusterStatus, error) {
 	return ClusterStatus{}, &APIError{Status: http.StatusConflict, Code: "already_in_cluster", Err: errors.New("already in a cluster")}
 }
-func (f *fakeBackend) JoinToken(context.Context) (JoinToken, error) {
+func (f *fakeBackend) JoinToken(context.Context, JoinTokenRequest) (JoinToken, error) {
 	return JoinToken{}, errors.New("disk on fire")
 }
+func (f *fakeBackend) RotateKey(context.Context) (KeyRotation, error) { return KeyRotation{}, nil }
 func (f *fakeBackend) Join(_ context.Context, r JoinRequest) (ClusterStatus, error) {
 	f.joined = r.Token
 	return ClusterStatus{Initialized: true}, nil
@@ -145,7 +146,7 @@ func TestRoutesAndErrors(t *testing.T) {
 	if _, err := c.Init(ctx); !errors.As(err, &apiErr) || apiErr.Status != http.StatusConflict || apiErr.Code != "already_in_cluster" {
 		t.Fatalf("init: %v", err)
 	}
-	if _, err := c.JoinToken(ctx); !errors.As(err, &apiErr) || apiErr.Status != 500 || !strings.Contains(err.Error(), "disk on fire") {
+	if _, err := c.JoinToken(ctx, JoinTokenRequest{}); !errors.As(err, &apiErr) || apiErr.Status != 500 || !strings.Contains(err.Error(), "disk on fire") {
 		t.Fatalf("join-token: %v", err)
 	}
 	raw := func(method, p, version, body string) (int, string) {

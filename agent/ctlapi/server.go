@@ -23,7 +23,8 @@ type Backend interface {
 	Status(context.Context) (ClusterStatus, error)
 	Machines(context.Context) ([]Machine, error)
 	Init(context.Context) (ClusterStatus, error)
-	JoinToken(context.Context) (JoinToken, error)
+	JoinToken(context.Context, JoinTokenRequest) (JoinToken, error)
+	RotateKey(context.Context) (KeyRotation, error)
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
@@ -135,7 +136,14 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		}
 		return b.Probe(r.Context(), req)
 	})
-	get("/v1/cluster/join-token", func(r *http.Request) (any, error) { return b.JoinToken(r.Context()) })
+	post("/v1/cluster/join-token", func(r *http.Request) (any, error) {
+		var req JoinTokenRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.JoinToken(r.Context(), req)
+	})
+	post("/v1/cluster/rotate-key", func(r *http.Request) (any, error) { return b.RotateKey(r.Context()) })
 	post("/v1/cluster/join", func(r *http.Request) (any, error) {
 		var req JoinRequest
 		if err := decodeBody(r, &req); err != nil {

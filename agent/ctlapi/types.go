@@ -82,11 +82,34 @@ type ClusterStatus struct {
 	LastIndex    uint64       `json:"last_index"`
 	Voters       []RaftServer `json:"voters"`
 	NonVoters    []RaftServer `json:"nonvoters"`
+	// GossipKeys are the fingerprints of the gossip keys this machine has
+	// installed, the one it encrypts with first.
+	GossipKeys []string `json:"gossip_keys,omitempty"`
 }
 
-// JoinToken lets another machine join; it carries the cluster key.
+// JoinTokenRequest asks for a join token.
+type JoinTokenRequest struct {
+	TTL       time.Duration `json:"ttl_ns,omitempty"` // how long it admits machines; 1 h when zero
+	SingleUse bool          `json:"single_use,omitempty"`
+}
+
+// JoinToken lets another machine join; it carries the cluster key and a
+// join grant's secret.
 type JoinToken struct {
-	Token string `json:"token"`
+	Token     string    `json:"token"`
+	ID        string    `json:"id"` // the grant's id, as logs and refusals name it
+	ExpiresAt time.Time `json:"expires_at"`
+	SingleUse bool      `json:"single_use,omitempty"`
+}
+
+// KeyRotation is the outcome of `cluster rotate-key`. Keys are named by
+// fingerprint, never shown.
+type KeyRotation struct {
+	Generation uint64   `json:"generation"`
+	OldKey     string   `json:"old_key"`
+	NewKey     string   `json:"new_key"`
+	Confirmed  []string `json:"confirmed"`
+	NotAlive   []string `json:"not_alive"`
 }
 
 // JoinRequest asks the daemon to join the cluster a token names.

@@ -45,28 +45,77 @@ func (c *cli) clusterCmd() *cobra.Command {
 				return nil
 			},
 		},
-		c.addJSON(&cobra.Command{
-			Use:   "join-token",
-			Short: "Print a token another machine joins with (a secret: it holds the cluster key)",
-			Args:  cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, _ []string) error {
-				tok, err := c.client.JoinToken(cmd.Context())
-				if err != nil {
-					return err
-				}
-				if c.json {
-					return c.printJSON(tok)
-				}
-				fmt.Fprintln(c.out, tok.Token)
-				fmt.Fprintln(cmd.ErrOrStderr(), "keep this token secret: it carries the cluster key")
-				return nil
-			},
-		},
-		),
+		c.joinTokenCmd(),
+		c.rotateKeyCmd(),
 		c.joinCmd(),
 		c.probeCmd(),
 	)
 	return cmd
+}
+
+// joinTokenCmd issues a join token: a grant in the facts, and the token
+// that carries its secret and the cluster key.
+func (c *cli) joinTokenCmd() *cobra.Command {
+	var req ctlapi.JoinTokenRequest
+	cmd := &cobra.Command{
+		Use:   "join-token [--ttl 1h] [--single-use]",
+		Short: "Print a token another machine joins with (a secret: it holds the cluster key)",
+		Long: `Print a token another machine joins with. The token carries the cluster
+key and a join grant recorded in the facts: the leader admits a machine
+it has never seen only while the grant is valid (--ttl, one hour by
+default), and only once with --single-use. Keep it secret.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := c.client.JoinToken(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(tok)
+			}
+			fmt.Fprintln(c.out, tok.Token)
+			use := "any number of machines"
+			if tok.SingleUse {
+				use = "one machine"
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "keep this token secret: it carries the cluster key. Token %s admits %s until %s.\n",
+				tok.ID, use, tok.ExpiresAt.Local().Format(time.RFC3339))
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&req.TTL, "ttl", time.Hour, "how long the token admits new machines")
+	cmd.Flags().BoolVar(&req.SingleUse, "single-use", false, "admit one machine only")
+	return c.addJSON(cmd)
+}
+
+// rotateKeyCmd replaces the cluster's gossip key everywhere.
+func (c *cli) rotateKeyCmd() *cobra.Command {
+	return c.addJSON(&cobra.Command{
+		Use:   "rotate-key",
+		Short: "Replace the cluster's gossip key on every machine, with no gap in membership",
+		Long: `Replace the cluster's gossip key on every machine: the new key is
+installed beside the old everywhere, then every machine encrypts with it,
+then the old key is retired. Each step waits until every live machine
+has confirmed the one before; a machine that is down takes the new key
+from the facts when it returns. Join tokens made before carry the old
+key and no longer work.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := c.client.RotateKey(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(r)
+			}
+			fmt.Fprintf(c.out, "gossip key rotated: %s -> %s (keyring generation %d)\n", r.OldKey, r.NewKey, r.Generation)
+			fmt.Fprintf(c.out, "confirmed by: %s\n", strings.Join(r.Confirmed, ", "))
+			if len(r.NotAlive) > 0 {
+				fmt.Fprintf(c.out, "not alive now, they take the new key from the facts when back: %s\n", strings.Join(r.NotAlive, ", "))
+			}
+			return nil
+		},
+	})
 }
 
 // probeCmd measures the fact store as it runs: no-op entries committed
@@ -125,7 +174,8 @@ func (c *cli) printStatus(st ctlapi.ClusterStatus) error {
 	fmt.Fprintf(c.out, "leader:        %s %s\n", dash(st.LeaderName), st.LeaderAddr)
 	fmt.Fprintf(c.out, "term:          %d\n", st.Term)
 	fmt.Fprintf(c.out, "commit index:  %d\n", st.CommitIndex)
-	fmt.Fprintf(c.out, "applied index: %d\n\n", st.AppliedIndex)
+	fmt.Fprintf(c.out, "applied index: %d\n", st.AppliedIndex)
+	fmt.Fprintf(c.out, "gossip keys:   %s\n\n", strings.Join(st.GossipKeys, " "))
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "SERVER\tADDRESS\tSUFFRAGE\tLEADER")
 	for _, s := range append(append([]ctlapi.RaftServer{}, st.Voters...), st.NonVoters...) {

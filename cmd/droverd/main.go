@@ -62,7 +62,8 @@ func run(args []string) error {
 		cfg.AllowBind = append(cfg.AllowBind, v)
 		return nil
 	})
-	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key (default: the one in the data dir)")
+	fs.StringVar(&cfg.ClusterKeyFile, "cluster-key-file", "", "file holding the base64 cluster key, used when the data dir holds none (with --init: the new cluster's key)")
+	fs.StringVar(&cfg.JoinTokenFile, "join-token-file", "", "join the cluster this token names at start, when this machine is in none (as `droverctl cluster join --token-file`)")
 	fs.DurationVar(&cfg.SafetyWindow, "safety-window", 72*time.Hour, "how long the source of a migration keeps its copy for a rollback")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
