@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
@@ -350,15 +352,25 @@ func (a *Agent) Join(ctx context.Context, req ctlapi.JoinRequest) (ctlapi.Cluste
 		forget()
 		return ctlapi.ClusterStatus{}, err
 	}
-	if _, err := n.Join(tok.addrs); err != nil {
+	// Never this machine itself (a machine joining again at the address
+	// it had): memberlist counts a join to itself as a success.
+	self := netip.AddrPortFrom(a.cfg.BindAddr, uint16(cmp.Or(a.cfg.GossipPort, cluster.DefaultGossipPort))).String()
+	addrs := slices.DeleteFunc(slices.Clone(tok.addrs), func(s string) bool { return s == self })
+	if len(addrs) == 0 {
+		forget()
+		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadToken,
+			Err: fmt.Errorf("%w: it names only this machine (%s) to join", ErrBadToken, self)}
+	}
+	if _, err := n.Join(addrs); err != nil {
 		// Nobody took us in: forget the key so a later join starts clean.
 		forget()
 		return ctlapi.ClusterStatus{}, &ctlapi.APIError{Status: http.StatusBadGateway, Code: ctlapi.CodeJoinFailed, Err: err}
 	}
 	var refused string
-	err = a.waitFor(ctx, func(st cluster.Status) bool {
+	err = a.waitUntil(ctx, func() bool {
 		refused = n.JoinRefusal()
-		return st.Role != cluster.RoleNone || refused != ""
+		st, err := n.Status()
+		return refused != "" || (err == nil && st.Role != cluster.RoleNone)
 	})
 	if refused != "" {
 		forget()
@@ -421,13 +433,22 @@ func (a *Agent) refuseForgotten() error {
 
 // waitFor polls the Raft status until cond holds, within ctx and 30s.
 func (a *Agent) waitFor(ctx context.Context, cond func(cluster.Status) bool) error {
+	return a.waitUntil(ctx, func() bool {
+		if n := a.currentNode(); n != nil {
+			st, err := n.Status()
+			return err == nil && cond(st)
+		}
+		return false
+	})
+}
+
+// waitUntil polls cond until it holds, within ctx and 30s.
+func (a *Agent) waitUntil(ctx context.Context, cond func() bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for {
-		if n := a.currentNode(); n != nil {
-			if st, err := n.Status(); err == nil && cond(st) {
-				return nil
-			}
+		if cond() {
+			return nil
 		}
 		select {
 		case <-ctx.Done():

@@ -247,6 +247,13 @@ func workloadLab(t testing.TB, prefix string, extra ...string) ([]*lab.Host, []*
 // workloadLabN is workloadLab with n hosts.
 func workloadLabN(t testing.TB, prefix string, hosts int, extra ...string) ([]*lab.Host, []*labDaemon) {
 	t.Helper()
+	return workloadLabJoined(t, prefix, hosts, hosts, extra...)
+}
+
+// workloadLabJoined is a workload lab of hosts hosts where droverd runs,
+// in the cluster, on the first joined only: the others are spare.
+func workloadLabJoined(t testing.TB, prefix string, hosts, joined int, extra ...string) ([]*lab.Host, []*labDaemon) {
+	t.Helper()
 	requireLab(t)
 	bin := binaries(t)
 	l := lab.New(t, lab.Options{Hosts: hosts, Prefix: prefix, Docker: true, ZFS: true})
@@ -265,10 +272,10 @@ func workloadLabN(t testing.TB, prefix string, hosts int, extra ...string) ([]*l
 	d1 := startLabDaemon(t, bin, h[0], append(work(h[0]), "--init")...)
 	tokenFile := joinTokenFile(t, d1)
 	daemons := []*labDaemon{d1}
-	for _, host := range h[1:] {
+	for _, host := range h[1:joined] {
 		daemons = append(daemons, startLabDaemon(t, bin, host, append(work(host), "--join-token-file", tokenFile)...))
 	}
-	testpoll.Until(t, 90*time.Second, fmt.Sprintf("%d machines with overlay addresses", hosts), func() error {
+	testpoll.Until(t, 90*time.Second, fmt.Sprintf("%d machines with overlay addresses", joined), func() error {
 		for _, d := range daemons {
 			ms, err := d.machines()
 			if err != nil {
@@ -280,8 +287,8 @@ func workloadLabN(t testing.TB, prefix string, hosts int, extra ...string) ([]*l
 					n++
 				}
 			}
-			if n != hosts {
-				return fmt.Errorf("%s: %d of %d ready", d.host.Name, n, hosts)
+			if n != joined {
+				return fmt.Errorf("%s: %d of %d ready", d.host.Name, n, joined)
 			}
 		}
 		return nil

@@ -60,10 +60,11 @@ func dataDir(h *lab.Host) string { return filepath.Join(h.PoolMount, "drover", "
 // writer is a client that writes to the service every interval, keeping
 // the writes the service acknowledged.
 type writer struct {
-	mu    sync.Mutex
-	acked map[string]string
-	stop  chan struct{}
-	done  chan struct{}
+	mu     sync.Mutex
+	acked  map[string]string
+	failed int // writes that got no acknowledgement
+	stop   chan struct{}
+	done   chan struct{}
 }
 
 func startWriter(from *lab.Host, ip string, every time.Duration) *writer {
@@ -81,6 +82,10 @@ func startWriter(from *lab.Host, ip string, every time.Duration) *writer {
 				w.mu.Lock()
 				w.acked[key] = body
 				w.mu.Unlock()
+			} else {
+				w.mu.Lock()
+				w.failed++
+				w.mu.Unlock()
 			}
 		}
 	}()
@@ -92,6 +97,13 @@ func (w *writer) Stop() map[string]string {
 	close(w.stop)
 	<-w.done
 	return w.snapshot()
+}
+
+// Failed counts the writes that got no acknowledgement so far.
+func (w *writer) Failed() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.failed
 }
 
 func (w *writer) snapshot() map[string]string {

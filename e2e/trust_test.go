@@ -3,23 +3,30 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/raft"
 
+	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/testpoll"
 	"github.com/drover-sh/drover/lab"
 )
 
@@ -90,7 +97,7 @@ func readClusterKey(t *testing.T, file string) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0]))
 	if err != nil {
 		t.Fatalf("cluster key %s: %v", file, err)
 	}
@@ -101,4 +108,237 @@ func readClusterKey(t *testing.T, file string) []byte {
 func connectionFailed(err error) bool {
 	var op *net.OpError
 	return errors.As(err, &op) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// machineNamed finds a machine in d's `machine ls`.
+func machineNamed(t *testing.T, d *labDaemon, name string) (ctlapi.Machine, bool) {
+	t.Helper()
+	ms, err := d.machines()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, ok := byName(ms)[name]
+	return m, ok
+}
+
+// TestLabTrust: membership is granted, never just taken. On four real
+// hosts: an expired token is refused before anything starts; a
+// single-use token admits one machine; a removed machine coming back with
+// its old identity (data dir intact) is refused and gets no mesh peer or
+// Raft seat, and a fresh machine cannot reuse the spent single-use token;
+// a 379 KB manifest sent through a follower is refused with the limit
+// named while the cluster keeps committing; the gossip key is rotated
+// while clients on three hosts write to a service, with no failed write,
+// no machine ever seen other than alive, every machine on the new key
+// alone, and a token made before the rotation refused afterwards.
+func TestLabTrust(t *testing.T) {
+	h, daemons := workloadLabJoined(t, "dt", 4, 3)
+	bin := binaries(t)
+	d1, d3 := daemons[0], daemons[2]
+	spare := h[3]
+	spareArgs := []string{"--docker-host", "unix://" + spare.DockerSock, "--zfs-parent", spare.Pool + "/drover"}
+
+	// An expired token: refused by the joiner itself, naming the expiry.
+	expired := joinTokenFile(t, d1, "--ttl", "1s")
+	time.Sleep(1500 * time.Millisecond)
+	dn := startLabDaemon(t, bin, spare, spareArgs...)
+	if out, err := dn.ctl("cluster", "join", "--token-file", expired); err == nil || !strings.Contains(out, "expired at") {
+		t.Fatalf("join with an expired token: %v\n%s", err, out)
+	}
+
+	// A single-use token admits this machine.
+	once := joinTokenFile(t, d1, "--single-use")
+	if out, err := dn.ctlWithin(60*time.Second, "cluster", "join", "--token-file", once); err != nil {
+		t.Fatalf("join with a single-use token: %v\n%s", err, out)
+	}
+	var admitted ctlapi.Machine
+	testpoll.Until(t, 60*time.Second, spare.Name+" admitted, with an overlay address and a Raft seat", func() error {
+		m, ok := machineNamed(t, d1, spare.Name)
+		if !ok || m.OverlayIP == "" || m.RaftRole == "none" || m.Liveness != "alive" {
+			return fmt.Errorf("%+v", m)
+		}
+		admitted = m
+		return nil
+	})
+
+	// Removed while its daemon is down, it comes back with its old
+	// identity (the data dir kept): refused, no mesh peer, no Raft seat.
+	if err := dn.proc.Stop(20 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	testpoll.Until(t, 30*time.Second, spare.Name+" gone from gossip", func() error {
+		if m, _ := machineNamed(t, d1, spare.Name); m.Liveness == "alive" || m.Liveness == "suspect" {
+			return fmt.Errorf("%s", m.Liveness)
+		}
+		return nil
+	})
+	if out, err := d1.ctl("machine", "rm", spare.Name); err != nil {
+		t.Fatalf("machine rm: %v\n%s", err, out)
+	}
+	dn.start(t)
+	testpoll.Until(t, 60*time.Second, "the leader refusing the removed machine", func() error {
+		for _, d := range daemons {
+			b, _ := os.ReadFile(d.proc.LogPath())
+			if strings.Contains(string(b), "refused to admit a machine") && strings.Contains(string(b), "was removed from the cluster") {
+				return nil
+			}
+		}
+		return errors.New("no refusal logged")
+	})
+	time.Sleep(3 * time.Second) // reconcile rounds in which it could have got in
+	for _, d := range daemons {
+		if m, ok := machineNamed(t, d, spare.Name); ok && (m.OverlayIP != "" || m.RaftRole != "none") {
+			t.Fatalf("%s lists the removed machine as a member: %+v", d.host.Name, m)
+		}
+		out, err := d.ctl("mesh", "status", "--json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(out, admitted.WGPublicKey) {
+			t.Fatalf("%s keeps the removed machine's WireGuard key as a peer:\n%s", d.host.Name, out)
+		}
+	}
+	if err := dn.proc.Stop(20 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// A fresh machine there (new id and key) cannot reuse the spent
+	// single-use token; a new token admits it.
+	if err := os.RemoveAll(filepath.Join(spare.Dir, "drover")); err != nil {
+		t.Fatal(err)
+	}
+	dn.start(t)
+	if out, err := dn.ctlWithin(60*time.Second, "cluster", "join", "--token-file", once); err == nil || !strings.Contains(out, "single-use") {
+		t.Fatalf("a second join with a single-use token: %v\n%s", err, out)
+	}
+	preRotation := joinTokenFile(t, d1)
+	if out, err := dn.ctlWithin(60*time.Second, "cluster", "join", "--token-file", preRotation); err != nil {
+		t.Fatalf("join as a new machine: %v\n%s", err, out)
+	}
+	testpoll.Until(t, 60*time.Second, spare.Name+" a member again under a new id", func() error {
+		m, ok := machineNamed(t, d1, spare.Name)
+		if !ok || m.ID == admitted.ID || m.OverlayIP == "" || m.RaftRole == "none" {
+			return fmt.Errorf("%+v", m)
+		}
+		return nil
+	})
+	daemons = append(daemons, dn)
+
+	// A manifest of 379 KB through a follower: refused, the limit named;
+	// nothing committed, and the cluster keeps committing.
+	var follower *labDaemon
+	for _, d := range daemons {
+		if st, err := d.status(); err == nil && st.Role != "leader" {
+			follower = d
+			break
+		}
+	}
+	// Many ports, written tersely: the command's encoding is some four
+	// times the manifest's size.
+	var big strings.Builder
+	big.WriteString("namespace = \"huge\"\n\n[services.web]\nimage = \"drover-test:latest\"\nports = [")
+	for port := 1; big.Len() < 379<<10; port++ {
+		fmt.Fprintf(&big, "{port=%d},", port)
+	}
+	big.WriteString("]\n")
+	out, err := follower.ctl("deploy", "-f", writeManifest(t, "huge.toml", big.String()))
+	if err == nil || !strings.Contains(out, "KiB") {
+		t.Fatalf("a 379 KB manifest through %s: %v\n%s", follower.host.Name, err, out)
+	}
+	t.Logf("379 KB manifest through follower %s: %s", follower.host.Name, strings.TrimSpace(out))
+	if ss := services(t, d1); len(ss) != 0 {
+		t.Fatalf("the refused manifest left services: %+v", ss)
+	}
+
+	// A service, and clients writing to it from three hosts.
+	mf := writeManifest(t, "shop.toml", fmt.Sprintf(shopManifest, "a", h[1].Name, "0s"))
+	testpoll.Until(t, 60*time.Second, "deploy", func() error {
+		out, err := d1.ctl("deploy", "-f", mf)
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	ip := services(t, d1)[0].ServiceIP
+	var writers []*writer
+	for _, host := range h[:3] {
+		testpoll.Until(t, 30*time.Second, "the service from "+host.Name, func() error {
+			_, err := host.Run(context.Background(), "curl", "-sf", "-m", "2", "http://"+ip+":80/healthz")
+			return err
+		})
+		writers = append(writers, startWriter(host, ip, 100*time.Millisecond))
+	}
+	// Membership as the first host sees it, all along the rotation.
+	blips := map[string]bool{}
+	var blipMu sync.Mutex
+	watchDone, stopWatch := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		for {
+			select {
+			case <-stopWatch:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			ms, err := d1.machines()
+			if err != nil {
+				continue
+			}
+			for _, m := range ms {
+				if m.Liveness != "alive" {
+					blipMu.Lock()
+					blips[m.Name+" "+m.Liveness] = true
+					blipMu.Unlock()
+				}
+			}
+		}
+	}()
+	time.Sleep(2 * time.Second)
+	before, _ := d1.status()
+	rotated, err := d3.ctlWithin(3*time.Minute, "cluster", "rotate-key", "--json")
+	if err != nil {
+		t.Fatalf("rotate-key: %v\n%s", err, rotated)
+	}
+	var rot ctlapi.KeyRotation
+	if err := json.Unmarshal([]byte(rotated), &rot); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	close(stopWatch)
+	<-watchDone
+	for i, w := range writers {
+		acked := w.Stop()
+		if w.Failed() > 0 || len(acked) == 0 {
+			t.Errorf("client on %s: %d writes acknowledged, %d failed during the rotation", h[i].Name, len(acked), w.Failed())
+		}
+		requireAcked(t, dataDir(h[1]), acked)
+	}
+	if len(blips) > 0 {
+		t.Errorf("membership changed during the rotation: %v", blips)
+	}
+	if len(rot.Confirmed) != 4 || rot.OldKey != before.GossipKeys[0] || rot.NewKey == rot.OldKey {
+		t.Fatalf("rotation %+v (keys before %v)", rot, before.GossipKeys)
+	}
+	for _, d := range daemons {
+		st, err := d.status()
+		if err != nil || len(st.GossipKeys) != 1 || st.GossipKeys[0] != rot.NewKey {
+			t.Fatalf("%s after the rotation holds keys %v (want only %s): %v", d.host.Name, st.GossipKeys, rot.NewKey, err)
+		}
+	}
+	t.Logf("rotation %s -> %s confirmed by %v", rot.OldKey, rot.NewKey, rot.Confirmed)
+
+	// The old key is refused: a new machine with a token from before.
+	if err := dn.proc.Stop(20 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := d1.ctl("machine", "rm", spare.Name); err != nil {
+		t.Fatalf("machine rm: %v\n%s", err, out)
+	}
+	os.RemoveAll(filepath.Join(spare.Dir, "drover"))
+	dn.start(t)
+	if out, err := dn.ctlWithin(60*time.Second, "cluster", "join", "--token-file", preRotation); err == nil || !strings.Contains(out, "cluster key") {
+		t.Fatalf("join with a token from before the rotation: %v\n%s", err, out)
+	} else {
+		t.Logf("token from before the rotation: %s", strings.TrimSpace(out))
+	}
 }

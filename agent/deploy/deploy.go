@@ -129,10 +129,15 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.
 		}
 		// Every command is checked before the first is written: a deploy
 		// with one too large changes nothing.
-		if data, err := fsm.Encode(cmds[i]); err != nil || len(data) > cluster.MaxCommandBytes {
+		data, err := fsm.Encode(cmds[i])
+		if err != nil {
+			return ctlapi.DeployResult{Plan: p}, fmt.Errorf("service %s/%s: %w", p.Namespace, c.spec.Name, err)
+		}
+		if len(data) > cluster.MaxCommandBytes {
+			field, size := largestField(c.spec)
 			return ctlapi.DeployResult{Plan: p}, &ctlapi.APIError{Status: http.StatusRequestEntityTooLarge, Code: ctlapi.CodeTooLarge, Err: fmt.Errorf(
-				"service %s/%s: its spec encodes to %d KiB, over the fact store's limit of %d KiB per command (%v): %w",
-				p.Namespace, c.spec.Name, len(data)>>10, cluster.MaxCommandBytes>>10, err, cluster.ErrCommandTooLarge)}
+				"service %s/%s: its spec encodes to %d KiB (%s alone %d KiB), over the fact store's limit of %d KiB per command: %w",
+				p.Namespace, c.spec.Name, len(data)>>10, field, size>>10, cluster.MaxCommandBytes>>10, cluster.ErrCommandTooLarge)}
 		}
 	}
 	for i, cmd := range cmds {
@@ -276,4 +281,24 @@ func (d *Deployer) RenderManifest(_ context.Context, req ctlapi.MigrateRequest) 
 		return ctlapi.RenderedManifest{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService, Err: fmt.Errorf("no service %s", req.Service)}
 	}
 	return ctlapi.RenderedManifest{Namespace: ns, Text: manifest.Render(ns, specs, map[string]bool{name: true})}, nil
+}
+
+// largestField names the field of a spec whose encoding is the largest,
+// and its size: what an operator trims when a spec is too large.
+func largestField(spec fsm.ServiceSpec) (string, int) {
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		return "?", 0
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil {
+		return "?", 0
+	}
+	name, size := "?", 0
+	for k, v := range fields {
+		if len(v) > size || len(v) == size && k < name {
+			name, size = k, len(v)
+		}
+	}
+	return name, size
 }

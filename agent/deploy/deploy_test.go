@@ -222,7 +222,7 @@ func TestAManifestTooLargeForTheFactStoreChangesNothing(t *testing.T) {
 	m := webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n" + ports.String()
 	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "big.toml", Manifest: m})
 	var apiErr *ctlapi.APIError
-	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeTooLarge || !strings.Contains(err.Error(), "service shop/api") || !strings.Contains(err.Error(), "512 KiB") {
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeTooLarge || !strings.Contains(err.Error(), "service shop/api") || !strings.Contains(err.Error(), "512 KiB") || !strings.Contains(err.Error(), "ports alone") {
 		t.Fatalf("too large a manifest: %v", err)
 	}
 	var held bool
