@@ -31,7 +31,8 @@ import (
 // cheaper ones run at least 5 times. DROVER_BENCH_SIZES (MiB, default
 // "64,256,1024") are the volume sizes of the downtime comparison.
 // DROVER_BENCH_ONLY picks sections: factstore, throughput, downtime,
-// failover, footprint (comma-separated; default all).
+// failover, trust (with factstore and failover), footprint
+// (comma-separated; default all).
 func BenchmarkLab(b *testing.B) {
 	if os.Getenv("DROVER_BENCH") == "" {
 		b.Skip("the lab benchmarks run with DROVER_BENCH=1 (make bench)")
@@ -57,6 +58,7 @@ func BenchmarkLab(b *testing.B) {
 		How:    "`droverd` resident memory (VmRSS) and CPU (user+system, with the commands it runs such as `zfs`, over 3 windows of 10 s, % of one core) of every host's daemon, after the cluster formed and settled, no services running; median of the hosts, (min–max) over hosts.",
 		Header: []string{"lab", "RSS per host (MiB)", "CPU per host (% of one core)"},
 	}
+	var guarded, open trustRun
 	b.Run("3-hosts", func(b *testing.B) {
 		// Room for a 1 GiB volume, its writes, and a second copy while it moves.
 		b.Setenv("LAB_POOL_SIZE", "6G")
@@ -69,16 +71,30 @@ func BenchmarkLab(b *testing.B) {
 			name string
 			run  func() *table
 		}{
-			{"factstore", func() *table { return benchFactStore(b, daemons, max(runs, 5)) }},
+			{"factstore", func() *table { guarded.facts = benchFactStore(b, daemons, max(runs, 5)); return guarded.facts }},
 			{"throughput", func() *table { return benchThroughput(b, h, daemons, runs) }},
 			{"downtime", func() *table { return benchDowntime(b, h, daemons, sizes, runs) }},
-			{"failover", func() *table { return benchFailover(b, h, daemons, max(runs, 5)) }},
+			{"failover", func() *table { guarded.failover = benchFailover(b, h, daemons, max(runs, 5)); return guarded.failover }},
 		} {
 			if want(s.name) {
 				report.Sections = append(report.Sections, s.run())
 			}
 		}
 	})
+	if want("trust") {
+		// The same measurements on daemons whose Raft and RPC accept any
+		// process that reaches the overlay address (the guard off), side
+		// by side with the guarded ones above.
+		b.Run("3-hosts-open", func(b *testing.B) {
+			h, daemons := workloadLab(b, "bo", append(productionFlags, "--open-overlay-ports")...)
+			waitSettled(b, daemons, 3)
+			open.facts = benchFactStore(b, daemons, max(runs, 5))
+			open.failover = benchFailover(b, h, daemons, max(runs, 5))
+		})
+		if guarded.facts != nil && guarded.failover != nil {
+			report.Sections = append(report.Sections, costOfTrust(guarded, open))
+		}
+	}
 	if want("footprint") {
 		b.Run("10-hosts", func(b *testing.B) {
 			_, daemons := workloadLabN(b, "bx", 10, productionFlags...)
@@ -621,4 +637,34 @@ func cpuSeconds(b testing.TB, pid int) float64 {
 		ticks += v
 	}
 	return ticks / 100 // USER_HZ is 100 on Linux
+}
+
+// trustRun holds the fact store and failover tables of one lab.
+type trustRun struct{ facts, failover *table }
+
+// costOfTrust compares the guarded daemons (Raft and RPC only for peers
+// of the mesh) with open ones, measured in the same run.
+func costOfTrust(guarded, open trustRun) *table {
+	t := &table{
+		Title: "The cost of trust",
+		How: "The fact store and failover measurements above, run again on a second 3-host lab whose daemons have the guard off (`--open-overlay-ports`: Raft and RPC accept any process that reaches the overlay address, as before issue 14), in the same run. " +
+			"Guarded: Raft and RPC bound to the WireGuard device, connections from the host itself refused, callers named by their overlay address, machines admitted by join grants.",
+		Header: []string{"measure", "guarded", "open", "guarded / open"},
+	}
+	rows := []struct{ name, key, format string }{
+		{"commit p50 on the leader, 1 proposer (ms)", "leader/proposers=1/p50_ms", "%.2f"},
+		{"commit p50 on a follower, 1 proposer (ms)", "follower/proposers=1/p50_ms", "%.2f"},
+		{"entries/s on the leader, 32 proposers", "leader/proposers=32/entries_per_s", "%.0f"},
+		{"entries/s on a follower, 32 proposers", "follower/proposers=32/entries_per_s", "%.0f"},
+		{"leader's daemon killed → next entry committed (s)", "leader_killed_to_commit_s", "%.2f"},
+		{"host cut off → shown failed (s)", "cut_to_failed_s", "%.2f"},
+	}
+	for _, r := range rows {
+		g, o := guarded.facts.Figures[r.key], open.facts.Figures[r.key]
+		if len(g.Runs) == 0 {
+			g, o = guarded.failover.Figures[r.key], open.failover.Figures[r.key]
+		}
+		t.add(r.name, g.cell(r.format), o.cell(r.format), fmt.Sprintf("**%.2f**", t.ratio(r.key, ratio(g, o))))
+	}
+	return t
 }

@@ -202,6 +202,65 @@ func TestLabTrust(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// A key holder claiming a member's id (dt2's, copied) with its own
+	// WireGuard key changes no peer: the member stays alive and reachable
+	// at its own endpoint everywhere.
+	claimed := h[1]
+	peerOf := func(d *labDaemon) ctlapi.MeshPeer {
+		out, err := d.ctl("mesh", "status", "--json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ms ctlapi.MeshStatus
+		if err := json.Unmarshal([]byte(out), &ms); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range ms.Peers {
+			if p.Machine == claimed.Name {
+				return p
+			}
+		}
+		t.Fatalf("%s has no peer for %s: %s", d.host.Name, claimed.Name, out)
+		return ctlapi.MeshPeer{}
+	}
+	want := map[string]ctlapi.MeshPeer{}
+	for _, d := range []*labDaemon{daemons[0], daemons[2]} {
+		want[d.host.Name] = peerOf(d)
+	}
+	idOf, err := os.ReadFile(filepath.Join(claimed.Dir, "drover", "machine-id"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(spare.Dir, "drover")); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(spare.Dir, "drover"), 0o700)
+	if err := os.WriteFile(filepath.Join(spare.Dir, "drover", "machine-id"), idOf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	impostor := startLabDaemon(t, bin, spare, append(spareArgs, "--join-token-file", joinTokenFile(t, d1))...)
+	time.Sleep(8 * time.Second) // gossip rounds and reconciles in which it could take over
+	for _, d := range []*labDaemon{daemons[0], daemons[2]} {
+		if got := peerOf(d); got.PublicKey != want[d.host.Name].PublicKey || got.Endpoint != want[d.host.Name].Endpoint {
+			t.Fatalf("%s's peer for %s changed under a forged claim: %+v, was %+v", d.host.Name, claimed.Name, got, want[d.host.Name])
+		}
+		if m, _ := machineNamed(t, d, claimed.Name); m.Liveness != "alive" {
+			t.Fatalf("%s sees %s %s under a forged claim", d.host.Name, claimed.Name, m.Liveness)
+		}
+	}
+	for _, d := range daemons[:3] {
+		b, _ := os.ReadFile(d.proc.LogPath())
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, "another WireGuard key") || strings.Contains(line, "Conflicting address") {
+				t.Logf("%s: %s", d.host.Name, line)
+				break
+			}
+		}
+	}
+	if err := impostor.proc.Stop(20 * time.Second); err != nil {
+		t.Logf("impostor: %v", err)
+	}
+
 	// A fresh machine there (new id and key) cannot reuse the spent
 	// single-use token; a new token admits it.
 	if err := os.RemoveAll(filepath.Join(spare.Dir, "drover")); err != nil {
