@@ -56,6 +56,11 @@ type ServiceSpec struct {
 	Readiness   *Readiness        `json:"readiness,omitempty"`
 	MemoryBytes uint64            `json:"memory_bytes,omitempty"` // reserved for placement
 	Machine     string            `json:"machine,omitempty"`      // placement asked for; empty: drover chooses
+	// StopSignal replaces the image's STOPSIGNAL (empty: the image's, else
+	// SIGTERM); StopTimeout is how long a stop waits before SIGKILL (zero:
+	// drover's default grace).
+	StopSignal  string        `json:"stop_signal,omitempty"`
+	StopTimeout time.Duration `json:"stop_timeout,omitempty"`
 }
 
 // Service is a service as the store holds it.

@@ -74,6 +74,9 @@ type rawService struct {
 	Volumes   []rawVolume       `toml:"volumes"`
 	Binds     []rawBind         `toml:"binds"`
 	Readiness *rawReadiness     `toml:"readiness"`
+	// StopSignal and StopTimeout: how the container is asked to stop.
+	StopSignal  string `toml:"stop_signal"`
+	StopTimeout string `toml:"stop_timeout"`
 }
 
 type rawPort struct {
@@ -362,6 +365,7 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 	if rs.Readiness != nil {
 		sp.Readiness = p.readiness(key+".readiness", rs.Readiness, sp.Ports)
 	}
+	p.stopping(key, rs, &sp)
 	if len(p.errs) > before {
 		return sp, false
 	}
@@ -457,8 +461,40 @@ func (p *parser) readiness(key string, rr *rawReadiness, ports []fsm.PortMapping
 	return rd
 }
 
+// stopSignals are the signals a manifest may name to stop a container.
+var stopSignals = map[string]bool{"SIGTERM": true, "SIGINT": true, "SIGQUIT": true, "SIGHUP": true,
+	"SIGUSR1": true, "SIGUSR2": true, "SIGWINCH": true, "SIGPWR": true, "SIGKILL": true}
+
+// stopping reads stop_signal and stop_timeout.
+func (p *parser) stopping(key string, rs rawService, sp *fsm.ServiceSpec) {
+	if rs.StopSignal != "" {
+		sig := strings.ToUpper(rs.StopSignal)
+		if !strings.HasPrefix(sig, "SIG") {
+			sig = "SIG" + sig
+		}
+		if !stopSignals[sig] {
+			p.add(key+".stop_signal", "%q: want one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGPWR, SIGKILL", rs.StopSignal)
+		}
+		sp.StopSignal = sig
+	}
+	if rs.StopTimeout != "" {
+		v, err := time.ParseDuration(rs.StopTimeout)
+		switch {
+		case err != nil || v <= 0:
+			p.add(key+".stop_timeout", "%q is not a positive duration like 30s", rs.StopTimeout)
+		case v > maxStopTimeout:
+			p.add(key+".stop_timeout", "%q is over the limit of %s", rs.StopTimeout, maxStopTimeout)
+		case v < time.Second:
+			p.add(key+".stop_timeout", "%q: want at least 1s (Docker counts whole seconds)", rs.StopTimeout)
+		default:
+			sp.StopTimeout = v.Truncate(time.Second)
+		}
+	}
+}
+
 // Bounds of what a manifest may ask.
 const (
+	maxStopTimeout       = time.Hour
 	maxReadinessDuration = time.Hour
 	maxReadinessRetries  = 10000
 	maxQuota             = 1 << 50 // 1 PiB

@@ -36,6 +36,8 @@ retries = 10
 
 [services.cache]
 image = "drover-test:latest"
+stop_signal = "int"
+stop_timeout = "30s"
 [[services.cache.ports]]
 port = 6379
 protocol = "udp"
@@ -47,7 +49,7 @@ func TestParseGood(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := &Manifest{Namespace: "shop", Services: []fsm.ServiceSpec{
-		{Name: "cache", Image: "drover-test:latest", Ports: []fsm.PortMapping{{Port: 6379, Target: 6379, Protocol: "udp"}}},
+		{Name: "cache", Image: "drover-test:latest", StopSignal: "SIGINT", StopTimeout: 30 * time.Second, Ports: []fsm.PortMapping{{Port: 6379, Target: 6379, Protocol: "udp"}}},
 		{Name: "web", Image: "drover-test:latest", Command: []string{"/testimage"}, Machine: "dl2",
 			Env: map[string]string{"PORT": "8080", "MODE": "prod"}, MemoryBytes: 256 << 20,
 			Ports:     []fsm.PortMapping{{Port: 80, Target: 8080, Protocol: "tcp"}},
@@ -71,6 +73,9 @@ func TestParseBad(t *testing.T) {
 	cases := []struct {
 		name, src, want string
 	}{
+		{"bad stop signal", replace(`stop_signal = "int"`, `stop_signal = "SIGSEGV"`), `shop.toml:27: services.cache.stop_signal: "SIGSEGV": want one of`},
+		{"bad stop timeout", replace(`stop_timeout = "30s"`, `stop_timeout = "2h"`), `shop.toml:28: services.cache.stop_timeout: "2h" is over the limit of 1h0m0s`},
+		{"sub-second stop timeout", replace(`stop_timeout = "30s"`, `stop_timeout = "500ms"`), `services.cache.stop_timeout: "500ms": want at least 1s`},
 		{"unknown key", replace(`machine = "dl2"`, `machine = "dl2"
 colour = "blue"`), `shop.toml:10: services.web.colour: unknown key`},
 		{"bad quota", replace(`quota = "1GiB"`, `quota = "10XB"`), `shop.toml:18: services.web.volumes[0].quota: "10XB" is not a size`},

@@ -18,7 +18,7 @@ func (m *Migrator) Register() {
 	s := m.d.Server
 	peer.HandleStream(s, routeSend, m.handleSend)
 	peer.HandleUpload(s, routeReceive, m.handleReceive)
-	peer.Handle(s, routeStopSource, withMigration(m, answerless(m.handleStopSource)))
+	peer.Handle(s, routeStopSource, withMigration(m, m.handleStopSource))
 	peer.Handle(s, routeStartTarget, withMigration(m, m.handleStartTarget))
 	peer.Handle(s, routeAbort, withMigration(m, answerless(m.handleAbort)))
 	peer.Handle(s, routeCleanupSource, withMigration(m, answerless(m.handleCleanupSource)))

@@ -61,7 +61,7 @@ type Copies interface {
 // Containers finds and stops the containers of this machine.
 type Containers interface {
 	List(ctx context.Context) ([]runtime.Container, error)
-	Stop(ctx context.Context, id string, grace time.Duration) error
+	Stop(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, error)
 	Restart(ctx context.Context, id string) error
 	Remove(ctx context.Context, id string, grace time.Duration) error
 }

@@ -197,6 +197,8 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 	id := ex.id
 	f, _ := m.fact(id)
 	vols := f.Volumes
+	var sv fsm.Service
+	m.d.Facts.Read(func(s *fsm.State) { sv, _ = s.Service(f.Namespace, f.Service) })
 	phase := func(p fsm.MigrationPhase, msg string, vols []fsm.MigrationVolume) error {
 		ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(p), Message: msg})
 		return m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: p, Volumes: vols, At: time.Now()})
@@ -207,7 +209,10 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 			return m.warmCopy(ctx, ex, f, vols, phase)
 		}},
 		{name: "stopping the source", do: func(ctx context.Context) error {
-			_, err := call(ctx, m, f.SourceID, time.Minute, routeStopSource, migrationRef{ID: id})
+			st, err := call(ctx, m, f.SourceID, time.Minute+stopGrace(sv.Spec), routeStopSource, migrationRef{ID: id})
+			if err == nil && st.Killed {
+				ex.emit(ctlapi.MigrationEvent{Kind: "warning", Message: fmt.Sprintf("the source container did not stop on its signal within %s and was killed", st.Grace)})
+			}
 			return err
 		}},
 		{name: "source stopped", phase: fsm.PhaseSourceStopped, msg: "source stopped: writes stopped", crash: "source-stopped"},

@@ -284,8 +284,10 @@ type fakeRuntime struct {
 	next      int
 	byID      map[string]*runtime.Container
 	images    map[string]bool
-	failReady error // WaitReady fails with it when set
-	stopped   []string
+	failReady  error // WaitReady fails with it when set
+	stopped    []string
+	graces     []time.Duration // the grace of every Stop
+	killOnStop bool            // Stop reports the container killed
 }
 
 func newFakeRuntime(images ...string) *fakeRuntime {
@@ -345,16 +347,17 @@ func (r *fakeRuntime) HasImage(_ context.Context, image string) (bool, error) {
 	return r.images[image], nil
 }
 
-func (r *fakeRuntime) Stop(_ context.Context, id string, _ time.Duration) error {
+func (r *fakeRuntime) Stop(_ context.Context, id string, grace time.Duration) (runtime.Stopped, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	c := r.byID[id]
 	if c == nil {
-		return errors.New("no such container " + id)
+		return runtime.Stopped{}, errors.New("no such container " + id)
 	}
 	c.Running = false
 	r.stopped = append(r.stopped, id)
-	return nil
+	r.graces = append(r.graces, grace)
+	return runtime.Stopped{Killed: r.killOnStop}, nil
 }
 
 func (r *fakeRuntime) Restart(_ context.Context, id string) error {

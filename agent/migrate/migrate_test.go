@@ -168,3 +168,32 @@ func (s stallingStreams) Send(_, _, _, _ string, w io.Writer) error {
 		}
 	}
 }
+
+// The source is stopped with the service's stop_timeout as its grace,
+// and a container that had to be killed at its end is reported.
+func TestSourceStopsWithTheServiceGraceAndAKillIsReported(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	spec := webSpec()
+	spec.StopTimeout = 42 * time.Second
+	sv := c.facts.Deploy(t, "shop", spec, "a")
+	a := c.m["a"]
+	a.vols.create(a.vols.Dataset("shop", "data"), "user-snap")
+	if _, err := a.rt.Start(context.Background(), runtimeSpec(sv)); err != nil {
+		t.Fatal(err)
+	}
+	a.lo.Add(sv.ServiceIP)
+	a.rt.killOnStop = true
+	var events []ctlapi.MigrationEvent
+	if _, err := c.m["b"].mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ev ctlapi.MigrationEvent) { events = append(events, ev) }); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(a.rt.graces, []time.Duration{42 * time.Second}) {
+		t.Fatalf("the source was stopped with graces %v, want the service's 42s", a.rt.graces)
+	}
+	warned := slices.ContainsFunc(events, func(ev ctlapi.MigrationEvent) bool {
+		return ev.Kind == "warning" && strings.Contains(ev.Message, "was killed") && strings.Contains(ev.Message, "42s")
+	})
+	if !warned {
+		t.Fatalf("no warning that the source was killed in %+v", events)
+	}
+}

@@ -111,22 +111,40 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 }
 
 // handleStopSource (source): stop the container; writes stop here.
-func (m *Migrator) handleStopSource(ctx context.Context, c migrationCall) error {
+func (m *Migrator) handleStopSource(ctx context.Context, c migrationCall) (stopResult, error) {
 	if err := m.requireRunning(c.m, c.m.SourceID, ErrNotSource); err != nil {
-		return err
+		return stopResult{}, err
 	}
 	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
 	if err != nil {
-		return fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
+		return stopResult{}, fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
 	}
 	if ctr.ID == "" {
-		return fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
+		return stopResult{}, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
 	}
-	if err := m.d.Containers.Stop(ctx, ctr.ID, 10*time.Second); err != nil {
-		return err
+	grace := stopGrace(c.sv.Spec)
+	st, err := m.d.Containers.Stop(ctx, ctr.ID, grace)
+	if err != nil {
+		return stopResult{}, err
+	}
+	if st.Killed {
+		m.cfg.Logger.Warn("the source container did not stop on its signal within its grace period and was killed",
+			"migration", c.m.ID, "service", c.m.Namespace+"/"+c.m.Service, "grace", grace)
 	}
 	m.cfg.Crash.Hit("source", "source-stopped")
-	return nil
+	return stopResult{Killed: st.Killed, Grace: grace}, nil
+}
+
+// defaultStopGrace is how long a stop waits for a container without a
+// stop_timeout of its own before it kills it.
+const defaultStopGrace = 10 * time.Second
+
+// stopGrace is the service's stop_timeout, or drover's default.
+func stopGrace(spec fsm.ServiceSpec) time.Duration {
+	if spec.StopTimeout > 0 {
+		return spec.StopTimeout
+	}
+	return defaultStopGrace
 }
 
 // undoSource starts the source's stopped container again, if this machine

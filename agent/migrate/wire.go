@@ -17,7 +17,7 @@ var (
 	// target: receive a stream from the source
 	routeReceive = peer.Upload[streamRequest, receiveResult]{Path: "migrate/v2/receive"}
 	// source: stop the service's container (kept)
-	routeStopSource = peer.Route[migrationRef, done]{Path: "migrate/v2/stop-source"}
+	routeStopSource = peer.Route[migrationRef, stopResult]{Path: "migrate/v2/stop-source"}
 	// target: adopt the copies, start, wait ready
 	routeStartTarget = peer.Route[migrationRef, startResult]{Path: "migrate/v2/start-target"}
 	// both: undo before the commit
@@ -71,6 +71,14 @@ type receiveResult struct {
 }
 
 // startResult is the target's answer to start-target.
+// stopResult is the source's answer to a stop: whether the container had
+// to be killed at the end of its grace period (its stop signal did not
+// end it in time). Older daemons answer {} (not killed).
+type stopResult struct {
+	Killed bool          `json:"killed,omitempty"`
+	Grace  time.Duration `json:"grace_ns,omitempty"`
+}
+
 type startResult struct {
 	ReadyAt time.Time `json:"ready_at"`
 }

@@ -204,7 +204,7 @@ func (r *Reconciler) Reconcile(ctx context.Context) error {
 	for _, c := range containers {
 		if !wanted[c.Key()] && !d.moving[c.Key()] {
 			r.log.Info("removing a container this machine no longer owns", "service", c.Key())
-			if err := r.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
+			if err := r.rt.Remove(ctx, c.ID, 0); err != nil {
 				r.log.Warn("removing container", "service", c.Key(), "err", err)
 			}
 			delete(r.checks, c.Key())
@@ -237,7 +237,7 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 	if c.ID == "" || c.SpecHash != rs.Hash() || !c.Running {
 		if c.ID != "" {
 			r.log.Info("re-creating container", "service", key, "generation", sv.Generation)
-			if err := r.rt.Remove(ctx, c.ID, 10*time.Second); err != nil {
+			if err := r.rt.Remove(ctx, c.ID, 0); err != nil {
 				r.report(ctx, sv, st, err)
 				return
 			}

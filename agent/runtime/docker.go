@@ -164,9 +164,13 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 	if r.Spec.MemoryBytes > 0 {
 		hc.Resources.Memory = int64(r.Spec.MemoryBytes)
 	}
-	created, err := d.cli.ContainerCreate(ctx, &container.Config{
-		Image: r.Spec.Image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
-	}, hc, nil, nil, name)
+	cfg := &container.Config{Image: r.Spec.Image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
+		StopSignal: r.Spec.StopSignal}
+	if r.Spec.StopTimeout > 0 {
+		secs := int(r.Spec.StopTimeout.Seconds())
+		cfg.StopTimeout = &secs
+	}
+	created, err := d.cli.ContainerCreate(ctx, cfg, hc, nil, nil, name)
 	if err != nil {
 		return Container{}, fmt.Errorf("creating container %s: %w", name, err)
 	}
@@ -178,10 +182,15 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 		Generation: r.Generation, SpecHash: r.Hash(), Running: true}, nil
 }
 
-// Remove stops (SIGTERM, then SIGKILL after grace) and removes a container.
+// Remove stops (its stop signal, then SIGKILL after grace; with grace 0,
+// after the container's own stop timeout) and removes a container.
 func (d *Docker) Remove(ctx context.Context, id string, grace time.Duration) error {
-	secs := int(grace.Seconds())
-	if err := d.cli.ContainerStop(ctx, id, container.StopOptions{Timeout: &secs}); err != nil && !client.IsErrNotFound(err) {
+	var opts container.StopOptions
+	if grace > 0 {
+		secs := int(grace.Seconds())
+		opts.Timeout = &secs
+	}
+	if err := d.cli.ContainerStop(ctx, id, opts); err != nil && !client.IsErrNotFound(err) {
 		return fmt.Errorf("stopping container %s: %w", id, err)
 	}
 	if err := d.cli.ContainerRemove(ctx, id, container.RemoveOptions{}); err != nil && !client.IsErrNotFound(err) {
@@ -312,13 +321,26 @@ func (d *Docker) WaitReady(ctx context.Context, c Container, r RunSpec) error {
 	return fmt.Errorf("service %s/%s not ready after %d checks: %w", r.Namespace, r.Spec.Name, retries+1, err)
 }
 
-// Stop stops a container and keeps it, so it can be started again.
-func (d *Docker) Stop(ctx context.Context, id string, grace time.Duration) error {
+// Stopped says how a container stopped.
+type Stopped struct {
+	// Killed: its stop signal did not end it within the grace period, and
+	// it was killed (or its process exited on SIGKILL).
+	Killed bool
+}
+
+// Stop stops a container and keeps it, so it can be started again: its
+// stop signal (the service's stop_signal, else the image's STOPSIGNAL,
+// else SIGTERM), then SIGKILL after grace.
+func (d *Docker) Stop(ctx context.Context, id string, grace time.Duration) (Stopped, error) {
 	secs := int(grace.Seconds())
 	if err := d.cli.ContainerStop(ctx, id, container.StopOptions{Timeout: &secs}); err != nil {
-		return fmt.Errorf("stopping container %s: %w", id, err)
+		return Stopped{}, fmt.Errorf("stopping container %s: %w", id, err)
 	}
-	return nil
+	insp, err := d.cli.ContainerInspect(ctx, id)
+	if err != nil {
+		return Stopped{}, fmt.Errorf("inspecting stopped container %s: %w", id, err)
+	}
+	return Stopped{Killed: insp.State != nil && insp.State.ExitCode == 137 && !insp.State.OOMKilled}, nil
 }
 
 // Restart starts a stopped container again.
