@@ -280,10 +280,10 @@ func (f *fakeVolumes) FreeBytes() (uint64, error) { return f.free, nil }
 
 // fakeRuntime is a machine's container engine in memory.
 type fakeRuntime struct {
-	mu        sync.Mutex
-	next      int
-	byID      map[string]*runtime.Container
-	images    map[string]bool
+	mu         sync.Mutex
+	next       int
+	byID       map[string]*runtime.Container
+	images     map[string]bool
 	failReady  error // WaitReady fails with it when set
 	stopped    []string
 	graces     []time.Duration // the grace of every Stop
