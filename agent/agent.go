@@ -42,9 +42,12 @@ type Config struct {
 	OpenOverlay   bool
 	OverlayPrefix netip.Prefix // the mesh's address range
 
-	DockerHost    string       // the local Docker engine, e.g. unix:///var/run/docker.sock
-	ZFSParent     string       // parent dataset of volumes; empty: this machine holds none
-	ServicePrefix netip.Prefix // range of service IPs
+	DockerHost string // the local Docker engine, e.g. unix:///var/run/docker.sock
+	// RegistryAuthFile holds registry logins in Docker's config.json form;
+	// read at each pull, never put in the facts.
+	RegistryAuthFile string
+	ZFSParent        string       // parent dataset of volumes; empty: this machine holds none
+	ServicePrefix    netip.Prefix // range of service IPs
 
 	// AllowBind are the host directories under which a manifest may bind
 	// host paths into containers; none: no binds.

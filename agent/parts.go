@@ -108,7 +108,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	}); err != nil {
 		return fail(err)
 	}
-	if p.rt, err = runtime.NewDocker(cfg.DockerHost, a.machineID); err != nil {
+	if p.rt, err = runtime.NewDocker(cfg.DockerHost, a.machineID, cfg.Name, runtime.Credentials{File: cfg.RegistryAuthFile}); err != nil {
 		return fail(err)
 	}
 	if cfg.ZFSParent != "" {
@@ -131,7 +131,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		Logger: a.logger, Crash: a.crash, MemAvailable: hostmem.Available}, deps)
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
-		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig)
+		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}

@@ -61,6 +61,19 @@ type ServiceSpec struct {
 	// drover's default grace).
 	StopSignal  string        `json:"stop_signal,omitempty"`
 	StopTimeout time.Duration `json:"stop_timeout,omitempty"`
+	// ImageRef is Image pinned by the deploy: NAME@sha256:... (the digest
+	// its registry gave) or sha256:... (the local image's id, for an
+	// image that is in no registry). Every machine runs exactly it.
+	ImageRef string `json:"image_ref,omitempty"`
+}
+
+// RunImage is the reference a machine runs: the pinned one when the
+// deploy pinned it.
+func (sp ServiceSpec) RunImage() string {
+	if sp.ImageRef != "" {
+		return sp.ImageRef
+	}
+	return sp.Image
 }
 
 // Service is a service as the store holds it.

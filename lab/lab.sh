@@ -117,7 +117,7 @@ up() {
       nsenter --net=/var/run/netns/"$ns" dockerd \
         --data-root "$dir/docker" --exec-root "$RUN/$ns/exec" \
         --pidfile "$RUN/$ns/docker.pid" -H "unix://$RUN/$ns/docker.sock" \
-        --storage-driver="${LAB_STORAGE_DRIVER:-vfs}" \
+        --storage-driver="${LAB_STORAGE_DRIVER:-vfs}" --insecure-registry "$SUBNET.0/24" \
         >"$dir/dockerd.log" 2>&1 &
     fi
   done

@@ -22,6 +22,7 @@ const (
 	CodeUnknownMigration = "unknown_migration"
 
 	CodeBadManifest     = "bad_manifest"
+	CodeBadImage        = "bad_image" // an image that cannot be pinned: unknown, registry unreachable, login refused
 	CodeNamespaceLocked = "namespace_locked"
 	CodeServiceFailed   = "service_failed"
 	CodeTooLarge        = "too_large" // a command over the fact store's limit

@@ -164,7 +164,9 @@ type DeployRequest struct {
 // PlannedService is what a deploy does to one service.
 type PlannedService struct {
 	Name          string   `json:"name"`
-	Action        string   `json:"action"` // create, change, unchanged, remove, migrate
+	Image         string   `json:"image"`
+	ImageRef      string   `json:"image_ref,omitempty"` // what every machine runs: NAME@sha256:..., or a local image's id
+	Action        string   `json:"action"`              // create, change, unchanged, remove, migrate
 	Machine       string   `json:"machine"`
 	ServiceIP     string   `json:"service_ip,omitempty"` // empty until allocated
 	Generation    uint64   `json:"generation"`           // after the deploy

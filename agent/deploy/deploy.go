@@ -35,6 +35,12 @@ type Members interface {
 	Member(id string) (cluster.Member, bool)
 }
 
+// Images pins an image reference to the exact image every machine runs
+// (runtime.Docker.Resolve).
+type Images interface {
+	Resolve(ctx context.Context, image string) (string, error)
+}
+
 // Mover runs one migration, as `migrate apply` does.
 type Mover interface {
 	Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error)
@@ -53,16 +59,17 @@ type Config struct {
 
 // Deployer plans and applies manifests.
 type Deployer struct {
-	cfg   Config
-	facts Facts
-	gos   Members
-	mover Mover
-	log   *slog.Logger
+	cfg    Config
+	facts  Facts
+	gos    Members
+	mover  Mover
+	images Images // nil: images are not pinned
+	log    *slog.Logger
 }
 
 // New makes a deployer.
-func New(cfg Config, facts Facts, members Members, mover Mover) *Deployer {
-	return &Deployer{cfg: cfg, facts: facts, gos: members, mover: mover, log: cfg.Logger}
+func New(cfg Config, facts Facts, members Members, mover Mover, images Images) *Deployer {
+	return &Deployer{cfg: cfg, facts: facts, gos: members, mover: mover, images: images, log: cfg.Logger}
 }
 
 func badManifest(err error) error {
@@ -70,13 +77,14 @@ func badManifest(err error) error {
 }
 
 // Preview shows what a manifest would change. It changes nothing.
-func (d *Deployer) Preview(_ context.Context, req ctlapi.DeployRequest) (ctlapi.DeployPlan, error) {
-	p, _, err := d.plan(req)
+func (d *Deployer) Preview(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployPlan, error) {
+	p, _, err := d.plan(ctx, req, map[string]string{})
 	return p, err
 }
 
-// plan parses the manifest and plans it against the current facts.
-func (d *Deployer) plan(req ctlapi.DeployRequest) (ctlapi.DeployPlan, []change, error) {
+// plan parses the manifest, pins its images (pinned caches them across
+// the plans of one request) and plans it against the current facts.
+func (d *Deployer) plan(ctx context.Context, req ctlapi.DeployRequest, pinned map[string]string) (ctlapi.DeployPlan, []change, error) {
 	file := req.File
 	if file == "" {
 		file = "manifest"
@@ -84,6 +92,9 @@ func (d *Deployer) plan(req ctlapi.DeployRequest) (ctlapi.DeployPlan, []change, 
 	m, err := manifest.ParseWith(file, []byte(req.Manifest), manifest.Options{BindPrefixes: d.cfg.BindPrefixes})
 	if err != nil {
 		return ctlapi.DeployPlan{}, nil, badManifest(err)
+	}
+	if err := d.pin(ctx, file, m, pinned); err != nil {
+		return ctlapi.DeployPlan{}, nil, err
 	}
 	alive := map[string]bool{}
 	for _, g := range d.gos.Members() {
@@ -98,7 +109,8 @@ func (d *Deployer) plan(req ctlapi.DeployRequest) (ctlapi.DeployPlan, []change, 
 // Apply applies a manifest under the namespace lock and waits until every
 // service it changed is ready, or one failed.
 func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployResult, error) {
-	p, changes, err := d.plan(req)
+	pinned := map[string]string{}
+	p, changes, err := d.plan(ctx, req, pinned)
 	if err != nil {
 		return ctlapi.DeployResult{}, err
 	}
@@ -116,7 +128,7 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.
 	}
 	defer lock.Release()
 	// Plan again under the lock: the facts may have changed meanwhile.
-	p, changes, err = d.plan(req)
+	p, changes, err = d.plan(ctx, req, pinned)
 	if err != nil {
 		return ctlapi.DeployResult{Plan: p}, err
 	}
@@ -301,4 +313,31 @@ func largestField(spec fsm.ServiceSpec) (string, int) {
 		}
 	}
 	return name, size
+}
+
+// pin sets each service's ImageRef: the digest its registry has for the
+// image, or the id of the local image for one in no registry. An image
+// that cannot be pinned fails the deploy before anything changes, naming
+// the file, the service, the image and the registry.
+func (d *Deployer) pin(ctx context.Context, file string, m *manifest.Manifest, pinned map[string]string) error {
+	if d.images == nil {
+		return nil
+	}
+	var problems manifest.Errors
+	for i, sp := range m.Services {
+		ref, ok := pinned[sp.Image]
+		if !ok {
+			var err error
+			if ref, err = d.images.Resolve(ctx, sp.Image); err != nil {
+				problems = append(problems, &manifest.Error{File: file, Key: "services." + sp.Name + ".image", Msg: err.Error()})
+				continue
+			}
+			pinned[sp.Image] = ref
+		}
+		m.Services[i].ImageRef = ref
+	}
+	if len(problems) > 0 {
+		return &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadImage, Err: problems}
+	}
+	return nil
 }

@@ -23,15 +23,30 @@ func (f *fakeMover) Migrate(_ context.Context, req ctlapi.MigrateRequest, _ func
 	return ctlapi.MigrationInfo{ID: "m1", Phase: "done"}, nil
 }
 
+// fakeImages pins every image to a digest, except the ones it refuses.
+type fakeImages struct {
+	refuse   map[string]error
+	resolved []string
+}
+
+func (f *fakeImages) Resolve(_ context.Context, image string) (string, error) {
+	f.resolved = append(f.resolved, image)
+	if err := f.refuse[image]; err != nil {
+		return "", err
+	}
+	return "reg.example/" + image + "@sha256:abcd", nil
+}
+
 type rig struct {
 	facts   *facttest.Store
 	members *facttest.Members
 	mover   *fakeMover
+	images  *fakeImages
 	d       *Deployer
 }
 
 func newRig(t *testing.T) *rig {
-	g := &rig{facts: facttest.NewStore(), members: facttest.NewMembers("a", "a", "b", "b", "c", "c"), mover: &fakeMover{}}
+	g := &rig{facts: facttest.NewStore(), members: facttest.NewMembers("a", "a", "b", "b", "c", "c"), mover: &fakeMover{}, images: &fakeImages{refuse: map[string]error{}}}
 	for _, m := range []string{"a", "b", "c"} {
 		g.facts.AddMachine(t, m, m)
 	}
@@ -40,8 +55,34 @@ func newRig(t *testing.T) *rig {
 	g.facts.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "c", Name: "c", Capacity: fsm.Capacity{MemoryBytes: 1 << 30, DiskBytes: 90 << 30}}, At: facttest.T0})
 	g.members.Set("c", "c", cluster.LivenessFailed)
 	g.d = New(Config{Self: "a", Name: "a", ServicePrefix: facttest.ServicePrefix, LockLease: time.Minute,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, g.facts, g.members, g.mover)
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, g.facts, g.members, g.mover, g.images)
 	return g
+}
+
+// reportStatus plays the owning machines' reconcilers until ctx ends:
+// each new generation is reported ready when ready(name), else failed.
+func (g *rig) reportStatus(ctx context.Context, ready func(name string) bool) {
+	go func() {
+		for ctx.Err() == nil {
+			var todo []fsm.Service
+			g.facts.Read(func(s *fsm.State) {
+				for _, sv := range s.Services() {
+					if sv.Status.Generation != sv.Generation {
+						todo = append(todo, sv)
+					}
+				}
+			})
+			for _, sv := range todo {
+				ok, msg := ready(sv.Spec.Name), ""
+				if !ok {
+					msg = "exec check: exit 1"
+				}
+				g.facts.Apply(ctx, fsm.SetServiceStatus{Namespace: sv.Namespace, Name: sv.Spec.Name, MachineID: sv.MachineID,
+					Generation: sv.Generation, Ready: ok, Error: msg, At: time.Now()})
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
 }
 
 const webManifest = `namespace = "shop"
@@ -113,7 +154,7 @@ func TestPreviewPlacesCreatesChangesAndRemoves(t *testing.T) {
 
 // webSpecOf is web as the manifest has it.
 func webSpecOf(t *testing.T, g *rig) fsm.ServiceSpec {
-	p, changes, err := g.d.plan(ctlapi.DeployRequest{Manifest: webManifest})
+	p, changes, err := g.d.plan(context.Background(), ctlapi.DeployRequest{Manifest: webManifest}, map[string]string{})
 	if err != nil || len(changes) == 0 {
 		t.Fatalf("planning web: %+v %v", p, err)
 	}
@@ -147,27 +188,7 @@ func TestApplyWaitsForReadinessAndNamesAFailure(t *testing.T) {
 	defer cancel()
 	// The machine's reconciler, as far as readiness goes: web gets ready,
 	// api fails.
-	go func() {
-		for ctx.Err() == nil {
-			var todo []fsm.Service
-			g.facts.Read(func(s *fsm.State) {
-				for _, sv := range s.Services() {
-					if sv.Status.Generation != sv.Generation {
-						todo = append(todo, sv)
-					}
-				}
-			})
-			for _, sv := range todo {
-				ready, msg := sv.Spec.Name == "web", ""
-				if !ready {
-					msg = "exec check: exit 1"
-				}
-				g.facts.Apply(ctx, fsm.SetServiceStatus{Namespace: sv.Namespace, Name: sv.Spec.Name, MachineID: sv.MachineID,
-					Generation: sv.Generation, Ready: ready, Error: msg, At: time.Now()})
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}()
+	g.reportStatus(ctx, func(name string) bool { return name == "web" })
 	res, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest})
 	if err != nil || len(res.Services) != 1 || res.Services[0].State != "ready" || res.Services[0].Machine != "b" {
 		t.Fatalf("deploy %+v, %v", res, err)
@@ -229,5 +250,46 @@ func TestAManifestTooLargeForTheFactStoreChangesNothing(t *testing.T) {
 	g.facts.Read(func(s *fsm.State) { _, held = s.Lock("shop") })
 	if applied := g.facts.Applied(); len(applied) != before+2 || held { // the lock, taken and given back
 		t.Fatalf("a refused deploy wrote %v", applied[before:])
+	}
+}
+
+// A deploy pins each image once, shows tag -> digest in its plan and
+// stores the pin; an image that cannot be pinned changes nothing and
+// names the file, the service and the image's error.
+func TestDeployPinsImagesAndRefusesOnesItCannotPin(t *testing.T) {
+	g := newRig(t)
+	p, err := g.d.Preview(context.Background(), ctlapi.DeployRequest{File: "shop.toml", Manifest: webManifest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Services[0].Image != "img:1" || p.Services[0].ImageRef != "reg.example/img:1@sha256:abcd" {
+		t.Fatalf("plan %+v", p.Services[0])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	g.reportStatus(ctx, func(string) bool { return true })
+	g.images.resolved = nil
+	if _, err := g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: webManifest}); err != nil {
+		t.Fatal(err)
+	}
+	if len(g.images.resolved) != 1 {
+		t.Fatalf("one deploy resolved %v", g.images.resolved)
+	}
+	var sv fsm.Service
+	g.facts.Read(func(s *fsm.State) { sv, _ = s.Service("shop", "web") })
+	if sv.Spec.RunImage() != "reg.example/img:1@sha256:abcd" {
+		t.Fatalf("stored spec runs %q", sv.Spec.RunImage())
+	}
+
+	before := len(g.facts.Applied())
+	g.images.refuse["img:2"] = errors.New("image cannot be resolved to a digest: image img:2, registry docker.io, from machine a: unauthorized")
+	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: strings.Replace(webManifest, "img:1", "img:2", 1)})
+	var apiErr *ctlapi.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeBadImage || !strings.Contains(err.Error(), "shop.toml") ||
+		!strings.Contains(err.Error(), "services.web.image") || !strings.Contains(err.Error(), "unauthorized") {
+		t.Fatalf("an image that cannot be pinned: %v", err)
+	}
+	if len(g.facts.Applied()) != before {
+		t.Fatalf("a refused deploy wrote %v", g.facts.Applied()[before:])
 	}
 }

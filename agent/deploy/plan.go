@@ -42,7 +42,7 @@ func planChanges(s *fsm.State, alive map[string]bool, file string, m *manifest.M
 	inManifest := map[string]bool{}
 	for _, sp := range m.Services {
 		inManifest[sp.Name] = true
-		ps := ctlapi.PlannedService{Name: sp.Name}
+		ps := ctlapi.PlannedService{Name: sp.Name, Image: sp.Image, ImageRef: sp.ImageRef}
 		old, exists := s.Service(m.Namespace, sp.Name)
 		machineID, note, err := place(s, alive, m.Namespace, sp, old, exists, m.Move[sp.Name])
 		if err != nil {
@@ -158,6 +158,12 @@ func specChanges(a, b fsm.ServiceSpec) []string {
 		}
 	}
 	diff("image", a.Image, b.Image)
+	if a.Image == b.Image {
+		diff("image digest", a.ImageRef, b.ImageRef) // the tag now names other bits
+	}
+	diff("binds", a.Binds, b.Binds)
+	diff("stop signal", a.StopSignal, b.StopSignal)
+	diff("stop timeout", a.StopTimeout, b.StopTimeout)
 	diff("command", a.Command, b.Command)
 	diff("env", a.Env, b.Env)
 	diff("ports", a.Ports, b.Ports)

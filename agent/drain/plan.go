@@ -19,9 +19,9 @@ type candidate struct {
 	m        fsm.Machine
 	free     uint64 // pool space
 	mem      uint64
-	volumes  bool // it holds volumes
-	images   map[string]bool
-	problems string // why it cannot take anything, when it cannot
+	volumes  bool               // it holds volumes
+	images   migrate.LocalFacts // what it said of the images
+	problems string             // why it cannot take anything, when it cannot
 }
 
 // sized is a service of the drained machine with the pool space it needs
@@ -100,8 +100,8 @@ func pickTarget(cands []*candidate, sv fsm.Service, need uint64, exclude map[str
 			lack = fmt.Sprintf("%s has %s of pool space, needs %s", c.m.Name, mibs(c.free), mibs(need))
 		case c.mem < sv.Spec.MemoryBytes:
 			lack = fmt.Sprintf("%s has %s of memory, needs %s", c.m.Name, mibs(c.mem), mibs(sv.Spec.MemoryBytes))
-		case !c.images[sv.Spec.Image]:
-			lack = fmt.Sprintf("%s lacks image %s", c.m.Name, sv.Spec.Image)
+		case !c.images.CanRun(sv.Spec.RunImage()):
+			lack = fmt.Sprintf("%s lacks image %s (%s)", c.m.Name, sv.Spec.RunImage(), c.images.HowImage(sv.Spec.RunImage()))
 		}
 		if lack != "" {
 			why = append(why, lack)
@@ -150,8 +150,8 @@ func (d *Drainer) plan(ctx context.Context, machine fsm.Machine, only map[string
 	in.live = live[machine.ID]
 	var images []string
 	for _, sv := range services {
-		if !slices.Contains(images, sv.Spec.Image) {
-			images = append(images, sv.Spec.Image)
+		if !slices.Contains(images, sv.Spec.RunImage()) {
+			images = append(images, sv.Spec.RunImage())
 		}
 	}
 	for _, m := range machines {
@@ -171,7 +171,7 @@ func (d *Drainer) plan(ctx context.Context, machine fsm.Machine, only map[string
 			if err != nil {
 				c.problems = fmt.Sprintf("%s does not answer: %v", m.Name, err)
 			}
-			c.free, c.mem, c.volumes, c.images = lf.VolumeFreeBytes, lf.MemoryBytes, lf.HoldsVolumes, lf.Images
+			c.free, c.mem, c.volumes, c.images = lf.VolumeFreeBytes, lf.MemoryBytes, lf.HoldsVolumes, lf
 		}
 		in.cands = append(in.cands, c)
 	}

@@ -5,13 +5,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/drover-sh/drover/agent/migrate"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 )
 
 func TestPickTargetSpreadsByRoomLeft(t *testing.T) {
 	cand := func(name string, free, mem uint64) *candidate {
-		return &candidate{m: fsm.Machine{ID: name, Name: name}, free: free, mem: mem, volumes: true, images: map[string]bool{"img": true}}
+		return &candidate{m: fsm.Machine{ID: name, Name: name}, free: free, mem: mem, volumes: true, images: migrate.LocalFacts{Images: map[string]bool{"img": true}}}
 	}
 	cands := []*candidate{cand("b", 1000<<20, 4<<30), cand("c", 1000<<20, 4<<30), cand("d", 900<<20, 4<<30)}
 	sv := fsm.Service{Spec: fsm.ServiceSpec{Image: "img", Volumes: []fsm.VolumeMount{{Name: "data"}}, MemoryBytes: 1 << 30}}
@@ -30,7 +31,7 @@ func TestPickTargetSpreadsByRoomLeft(t *testing.T) {
 	}
 	// Full pools, a missing image, an excluded machine: none fits, each says why.
 	cands[0].free = 10 << 20
-	delete(cands[1].images, "img")
+	delete(cands[1].images.Images, "img")
 	best, why := pickTarget(cands, sv, 200<<20, map[string]bool{"d": true})
 	if best != nil {
 		t.Fatalf("picked %s", best.m.Name)
@@ -58,8 +59,8 @@ func TestPlanPlacesLargestFirstAndSaysWhatStays(t *testing.T) {
 			{sv: svc("unsized", 1), err: errors.New("a does not say how large its volumes are")}},
 		idle: []fsm.Volume{{Namespace: "ns", Name: "orphan"}},
 		cands: []*candidate{
-			{m: fsm.Machine{ID: "b", Name: "b"}, free: 750 << 20, mem: 1 << 30, volumes: true, images: map[string]bool{"img": true}},
-			{m: fsm.Machine{ID: "c", Name: "c"}, free: 500 << 20, mem: 1 << 30, volumes: true, images: map[string]bool{"img": true}},
+			{m: fsm.Machine{ID: "b", Name: "b"}, free: 750 << 20, mem: 1 << 30, volumes: true, images: migrate.LocalFacts{Images: map[string]bool{"img": true}}},
+			{m: fsm.Machine{ID: "c", Name: "c"}, free: 500 << 20, mem: 1 << 30, volumes: true, images: migrate.LocalFacts{Images: map[string]bool{"img": true}}},
 		},
 	}
 	got := map[string]fsm.DrainItem{}

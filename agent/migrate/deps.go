@@ -71,6 +71,10 @@ type Starter interface {
 	Start(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
 	WaitReady(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
 	HasImage(ctx context.Context, image string) (bool, error)
+	// CanPull tells why the image cannot be pulled here, or nil.
+	CanPull(ctx context.Context, image string) error
+	// EnsureImage pulls the image when the engine lacks it.
+	EnsureImage(ctx context.Context, image string, progress func(runtime.PullProgress)) error
 }
 
 // Loopback puts service IPs on this machine's loopback.

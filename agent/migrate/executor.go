@@ -205,6 +205,13 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 	}
 	var started startResult
 	steps := []step{
+		{name: "image on the target", do: func(ctx context.Context) error {
+			r, err := call(ctx, m, f.TargetID, 30*time.Minute, routePrepareImage, migrationRef{ID: id})
+			if err == nil && r.Pulled {
+				ex.emit(ctlapi.MigrationEvent{Kind: "image", Message: fmt.Sprintf("image %s pulled on the target in %s", sv.Spec.RunImage(), r.Took.Round(time.Millisecond))})
+			}
+			return err
+		}},
 		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", recordVols: true, do: func(ctx context.Context) error {
 			return m.warmCopy(ctx, ex, f, vols, phase)
 		}},

@@ -288,10 +288,12 @@ type fakeRuntime struct {
 	stopped    []string
 	graces     []time.Duration // the grace of every Stop
 	killOnStop bool            // Stop reports the container killed
+	pullable   map[string]bool // images its registry holds
+	pulled     []string
 }
 
 func newFakeRuntime(images ...string) *fakeRuntime {
-	r := &fakeRuntime{byID: map[string]*runtime.Container{}, images: map[string]bool{}}
+	r := &fakeRuntime{byID: map[string]*runtime.Container{}, images: map[string]bool{}, pullable: map[string]bool{}}
 	for _, i := range images {
 		r.images[i] = true
 	}
@@ -345,6 +347,30 @@ func (r *fakeRuntime) HasImage(_ context.Context, image string) (bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.images[image], nil
+}
+
+// CanPull: the fake's registry holds the images named in pullable.
+func (r *fakeRuntime) CanPull(_ context.Context, image string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.pullable[image] {
+		return errors.New("image cannot be resolved to a digest: " + image + ": manifest unknown")
+	}
+	return nil
+}
+
+func (r *fakeRuntime) EnsureImage(ctx context.Context, image string, _ func(runtime.PullProgress)) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.images[image] {
+		return nil
+	}
+	if !r.pullable[image] {
+		return errors.New("image pull failed: " + image + ": manifest unknown")
+	}
+	r.images[image] = true
+	r.pulled = append(r.pulled, image)
+	return nil
 }
 
 func (r *fakeRuntime) Stop(_ context.Context, id string, grace time.Duration) (runtime.Stopped, error) {

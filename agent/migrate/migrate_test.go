@@ -197,3 +197,42 @@ func TestSourceStopsWithTheServiceGraceAndAKillIsReported(t *testing.T) {
 		t.Fatalf("no warning that the source was killed in %+v", events)
 	}
 }
+
+// A target without the service's pinned image pulls it before the source
+// stops; one that cannot get it fails pre-flight, saying why.
+func TestTargetPullsThePinnedImageBeforeTheSourceStops(t *testing.T) {
+	c := newCluster(t, "a", "b", "c")
+	spec := webSpec()
+	spec.ImageRef = "reg.example:5000/web@sha256:" + strings.Repeat("1", 64)
+	sv := c.facts.Deploy(t, "shop", spec, "a")
+	a := c.m["a"]
+	a.vols.create(a.vols.Dataset("shop", "data"), "user-snap")
+	if _, err := a.rt.Start(context.Background(), runtimeSpec(sv)); err != nil {
+		t.Fatal(err)
+	}
+	a.lo.Add(sv.ServiceIP)
+
+	plan, err := c.m["a"].mig.Preview(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "c"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if plan.OK || !slices.ContainsFunc(plan.Checks, func(ch ctlapi.MigrationCheck) bool {
+		return ch.Name == "image on target" && !ch.OK && strings.Contains(ch.Detail, "manifest unknown")
+	}) {
+		t.Fatalf("pre-flight to a target that cannot get the image: %+v", plan.Checks)
+	}
+
+	c.m["b"].rt.pullable[spec.ImageRef] = true
+	var events []ctlapi.MigrationEvent
+	if _, err := c.m["a"].mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ev ctlapi.MigrationEvent) { events = append(events, ev) }); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.m["b"].rt.pulled, []string{spec.ImageRef}) {
+		t.Fatalf("the target pulled %v", c.m["b"].rt.pulled)
+	}
+	pulled := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Kind == "image" })
+	stopped := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Phase == string(fsm.PhaseSourceStopped) })
+	if pulled < 0 || stopped < 0 || pulled > stopped {
+		t.Fatalf("the pull (event %d) did not come before the source stopped (event %d): %+v", pulled, stopped, events)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
@@ -19,9 +20,16 @@ func (m *Migrator) handleLocalFacts(ctx context.Context, _ string, q LocalQuery)
 	out := LocalFacts{MemoryBytes: m.cfg.MemAvailable(), Volumes: map[string]volume.Info{}}
 	for _, image := range q.Images {
 		if out.Images == nil {
-			out.Images = map[string]bool{}
+			out.Images, out.ImageFrom = map[string]bool{}, map[string]string{}
 		}
 		out.Images[image], _ = m.d.Starter.HasImage(ctx, image)
+		if !out.Images[image] {
+			if err := m.d.Starter.CanPull(ctx, image); err != nil {
+				out.ImageFrom[image] = err.Error()
+			} else if host, err := runtime.RegistryOf(image); err == nil {
+				out.ImageFrom[image] = "registry " + host
+			}
+		}
 	}
 	if m.holdsVolumes() {
 		out.HoldsVolumes = true
@@ -42,7 +50,7 @@ func (m *Migrator) LocalFacts(ctx context.Context, machineID string, q LocalQuer
 
 // ServiceQuery asks for a service's volumes and image.
 func ServiceQuery(sv fsm.Service) LocalQuery {
-	q := LocalQuery{Namespace: sv.Namespace, Images: []string{sv.Spec.Image}}
+	q := LocalQuery{Namespace: sv.Namespace, Images: []string{sv.Spec.RunImage()}}
 	for _, v := range sv.Spec.Volumes {
 		q.Volumes = append(q.Volumes, v.Name)
 	}
@@ -140,8 +148,8 @@ func checkPreflight(service string, in preflightInput) ctlapi.MigrationPlan {
 			"free %d MiB, need 1.1 x %d MiB referenced = %d MiB", tgt.VolumeFreeBytes>>20, referenced>>20, need>>20)
 		check("target memory headroom", tgt.MemoryBytes >= sv.Spec.MemoryBytes,
 			"available %d MiB, service reserves %d MiB", tgt.MemoryBytes>>20, sv.Spec.MemoryBytes>>20)
-		has := tgt.Images[sv.Spec.Image]
-		check("image on target", has, "%s %s on %s", sv.Spec.Image, map[bool]string{true: "present", false: "missing (docker load it there)"}[has], target.Name)
+		image := sv.Spec.RunImage()
+		check("image on target", tgt.CanRun(image), "%s %s on %s", image, tgt.HowImage(image), target.Name)
 	}
 	plan.OK = true
 	for _, c := range plan.Checks {

@@ -225,3 +225,21 @@ func (m *Migrator) handleCleanupTarget(_ context.Context, c migrationCall) error
 	m.cfg.Crash.Hit("target", "cleanup")
 	return err
 }
+
+// handlePrepareImage (target, before the source stops): have the
+// service's image, pulling it from its registry when missing.
+func (m *Migrator) handlePrepareImage(ctx context.Context, c migrationCall) (prepareResult, error) {
+	if err := m.requireRunning(c.m, c.m.TargetID, ErrNotTarget); err != nil {
+		return prepareResult{}, err
+	}
+	image := c.sv.Spec.RunImage()
+	if has, err := m.d.Starter.HasImage(ctx, image); err != nil || has {
+		return prepareResult{}, err
+	}
+	began := time.Now()
+	if err := m.d.Starter.EnsureImage(ctx, image, nil); err != nil {
+		return prepareResult{}, err
+	}
+	m.cfg.Logger.Info("pulled the image of a migrating service", "migration", c.m.ID, "image", image, "took", time.Since(began))
+	return prepareResult{Pulled: true, Took: time.Since(began)}, nil
+}

@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"strings"
 	"time"
 
 	"github.com/drover-sh/drover/agent/peer"
@@ -17,7 +18,8 @@ var (
 	// target: receive a stream from the source
 	routeReceive = peer.Upload[streamRequest, receiveResult]{Path: "migrate/v2/receive"}
 	// source: stop the service's container (kept)
-	routeStopSource = peer.Route[migrationRef, stopResult]{Path: "migrate/v2/stop-source"}
+	routeStopSource   = peer.Route[migrationRef, stopResult]{Path: "migrate/v2/stop-source"}
+	routePrepareImage = peer.Route[migrationRef, prepareResult]{Path: "migrate/v2/prepare-image"}
 	// target: adopt the copies, start, wait ready
 	routeStartTarget = peer.Route[migrationRef, startResult]{Path: "migrate/v2/start-target"}
 	// both: undo before the commit
@@ -97,6 +99,35 @@ type LocalFacts struct {
 	HoldsVolumes    bool                   `json:"holds_volumes"`
 	Images          map[string]bool        `json:"images,omitempty"` // of the asked images, which it has
 	Volumes         map[string]volume.Info `json:"volumes"`          // those of the asked names it has
+	// ImageFrom says, of each asked image it lacks, where it would get
+	// it: "registry HOST" (it can pull it), or why it cannot.
+	ImageFrom map[string]string `json:"image_from,omitempty"`
+}
+
+// CanRun tells whether the machine has the image or can pull it.
+func (lf LocalFacts) CanRun(image string) bool {
+	return lf.Images[image] || strings.HasPrefix(lf.ImageFrom[image], "registry ")
+}
+
+// HowImage says how the machine would get the image, for pre-flight.
+func (lf LocalFacts) HowImage(image string) string {
+	if lf.Images[image] {
+		return "present"
+	}
+	if from := lf.ImageFrom[image]; from != "" {
+		if strings.HasPrefix(from, "registry ") {
+			return "pulled from " + from + " during the warm copy"
+		}
+		return "missing: " + from
+	}
+	return "missing (docker load it there)"
+}
+
+// prepareImage asks the target to have the service's image before the
+// source stops.
+type prepareResult struct {
+	Pulled bool          `json:"pulled,omitempty"`
+	Took   time.Duration `json:"took_ns,omitempty"`
 }
 
 // Errors a migration's calls answer with; their codes cross machines, so

@@ -30,6 +30,8 @@ type Runtime interface {
 	List(ctx context.Context) ([]runtime.Container, error)
 	Start(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
 	Remove(ctx context.Context, id string, grace time.Duration) error
+	// EnsureImage pulls an image the engine lacks (progress may be nil).
+	EnsureImage(ctx context.Context, ref string, progress func(runtime.PullProgress)) error
 	CheckOnce(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
 }
 
@@ -235,6 +237,12 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 		return
 	}
 	if c.ID == "" || c.SpecHash != rs.Hash() || !c.Running {
+		// The image first: a container being replaced serves on while
+		// its successor's image is pulled.
+		if err := r.rt.EnsureImage(ctx, rs.Spec.RunImage(), nil); err != nil {
+			r.report(ctx, sv, st, err)
+			return
+		}
 		if c.ID != "" {
 			r.log.Info("re-creating container", "service", key, "generation", sv.Generation)
 			if err := r.rt.Remove(ctx, c.ID, 0); err != nil {

@@ -27,6 +27,15 @@ type fakeRuntime struct {
 	started  []string
 	removed  []string
 	checkErr error
+	pulled   []string
+	pullErr  error // EnsureImage fails with it when set
+}
+
+func (r *fakeRuntime) EnsureImage(_ context.Context, ref string, _ func(runtime.PullProgress)) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.pulled = append(r.pulled, ref)
+	return r.pullErr
 }
 
 func (r *fakeRuntime) List(context.Context) ([]runtime.Container, error) {
@@ -260,5 +269,28 @@ func TestRunStopsWithItsContext(t *testing.T) {
 	<-done
 	if !g.status(t, "web").Ready {
 		t.Fatal("Run never reconciled")
+	}
+}
+
+// The pinned image is pulled before anything is started or replaced; a
+// pull that fails leaves the running container alone and is reported.
+func TestReconcilePullsThePinnedImageBeforeReplacing(t *testing.T) {
+	g := newRig(t, true)
+	sp := spec("web", "data")
+	sp.ImageRef = "reg.example:5000/img@sha256:1111"
+	g.facts.Deploy(t, "shop", sp, "a")
+	g.round(t)
+	if !slices.Equal(g.rt.pulled, []string{"reg.example:5000/img@sha256:1111"}) || len(g.rt.started) != 1 {
+		t.Fatalf("pulled %v, started %v", g.rt.pulled, g.rt.started)
+	}
+	g.rt.pullErr = errors.New("image pull failed: unauthorized")
+	sp.ImageRef = "reg.example:5000/img@sha256:2222"
+	g.facts.Deploy(t, "shop", sp, "a")
+	g.round(t)
+	if len(g.rt.removed) != 0 || len(g.rt.started) != 1 {
+		t.Fatalf("a failed pull replaced the container: removed %v started %v", g.rt.removed, g.rt.started)
+	}
+	if st := g.status(t, "web"); st.Ready || !strings.Contains(st.Error, "unauthorized") {
+		t.Fatalf("status %+v does not say why", st)
 	}
 }

@@ -36,17 +36,19 @@ const (
 
 // Docker talks to one Docker engine, negotiating the API version.
 type Docker struct {
-	cli       *client.Client
-	machineID string
+	cli         *client.Client
+	machineID   string
+	machineName string      // named in errors
+	creds       Credentials // registry logins, for pulls and digests
 }
 
 // NewDocker connects to the engine at host (e.g. unix:///var/run/docker.sock).
-func NewDocker(host, machineID string) (*Docker, error) {
+func NewDocker(host, machineID, machineName string, creds Credentials) (*Docker, error) {
 	cli, err := client.NewClientWithOpts(client.WithHost(host), client.WithAPIVersionNegotiation())
 	if err != nil {
 		return nil, fmt.Errorf("docker client for %s: %w", host, err)
 	}
-	return &Docker{cli: cli, machineID: machineID}, nil
+	return &Docker{cli: cli, machineID: machineID, machineName: machineName, creds: creds}, nil
 }
 
 // Close releases the client.
@@ -164,7 +166,7 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 	if r.Spec.MemoryBytes > 0 {
 		hc.Resources.Memory = int64(r.Spec.MemoryBytes)
 	}
-	cfg := &container.Config{Image: r.Spec.Image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
+	cfg := &container.Config{Image: r.Spec.RunImage(), Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
 		StopSignal: r.Spec.StopSignal}
 	if r.Spec.StopTimeout > 0 {
 		secs := int(r.Spec.StopTimeout.Seconds())

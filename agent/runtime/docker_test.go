@@ -46,7 +46,7 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	dataDir := t.TempDir()
-	d, err := NewDocker("unix://"+sock, "machine-1")
+	d, err := NewDocker("unix://"+sock, "machine-1", "m1", Credentials{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -83,6 +83,11 @@ func (c *cli) printPlan(p ctlapi.DeployPlan) {
 			dash(strings.Join(s.CreateVolumes, ", ")), dash(strings.Join(s.Changes, ",")))
 	}
 	tw.Flush()
+	for _, s := range p.Services {
+		if s.ImageRef != "" && s.ImageRef != s.Image {
+			fmt.Fprintf(c.out, "image of %s: %s -> %s\n", s.Name, s.Image, s.ImageRef)
+		}
+	}
 	for _, w := range p.Warnings {
 		fmt.Fprintf(c.out, "warning: %s\n", w)
 	}

@@ -53,6 +53,7 @@ func run(args []string) error {
 	fs.BoolVar(&cfg.OpenOverlay, "open-overlay-ports", false, "accept Raft and RPC from any process that reaches the overlay address, not only from peers of the mesh: only for machines that share one network namespace (tests)")
 	fs.IntVar(&cfg.WGPort, "wg-port", 51820, "WireGuard UDP port on the underlay")
 	fs.StringVar(&cfg.DockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine")
+	fs.StringVar(&cfg.RegistryAuthFile, "registry-auth", "", "registry logins in Docker's config.json form, for pulls (read at each use; never replicated)")
 	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")
 	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
 	fs.Func("allow-bind", "a host directory under which services may bind-mount host paths (repeat for more; none by default)", func(v string) error {

@@ -1,0 +1,250 @@
+package runtime
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/distribution/reference"
+	"github.com/docker/docker/api/types/image"
+	"github.com/docker/docker/api/types/registry"
+)
+
+// Credentials are registry logins from a file in Docker's config.json
+// form ({"auths": {"HOST[:PORT]": {"auth": base64("user:pass")}}}, or
+// "username" and "password"). The daemon reads the file at each use, so
+// an operator changes a login without a restart; nothing of it ever goes
+// through the facts.
+type Credentials struct {
+	File string // empty: no logins
+}
+
+// ErrBadCredentialsFile marks a credentials file that cannot be read.
+var ErrBadCredentialsFile = errors.New("bad registry credentials file")
+
+type dockerConfig struct {
+	Auths map[string]struct {
+		Auth     string `json:"auth"`
+		Username string `json:"username"`
+		Password string `json:"password"`
+	} `json:"auths"`
+}
+
+// maxCredentialsFile bounds what is read as a credentials file.
+const maxCredentialsFile = 1 << 20
+
+// For gives the login for a registry host, if the file has one.
+func (c Credentials) For(host string) (registry.AuthConfig, bool, error) {
+	if c.File == "" {
+		return registry.AuthConfig{}, false, nil
+	}
+	f, err := os.Open(c.File)
+	if err != nil {
+		return registry.AuthConfig{}, false, fmt.Errorf("%w %s: %v", ErrBadCredentialsFile, c.File, err)
+	}
+	defer f.Close()
+	var cfg dockerConfig
+	if err := json.NewDecoder(io.LimitReader(f, maxCredentialsFile)).Decode(&cfg); err != nil {
+		return registry.AuthConfig{}, false, fmt.Errorf("%w %s: %v", ErrBadCredentialsFile, c.File, err)
+	}
+	for key, a := range cfg.Auths {
+		if registryKey(key) != host {
+			continue
+		}
+		out := registry.AuthConfig{Username: a.Username, Password: a.Password, ServerAddress: host}
+		if a.Auth != "" {
+			raw, err := base64.StdEncoding.DecodeString(a.Auth)
+			user, pass, ok := strings.Cut(string(raw), ":")
+			if err != nil || !ok {
+				return registry.AuthConfig{}, false, fmt.Errorf("%w %s: the auth of %s is not base64 of user:password", ErrBadCredentialsFile, c.File, key)
+			}
+			out.Username, out.Password = user, pass
+		}
+		return out, true, nil
+	}
+	return registry.AuthConfig{}, false, nil
+}
+
+// registryKey reduces a config.json key ("https://host:5000/v1/") to the
+// host as an image reference names it.
+func registryKey(key string) string {
+	key = strings.TrimPrefix(strings.TrimPrefix(key, "https://"), "http://")
+	key, _, _ = strings.Cut(key, "/")
+	if key == "index.docker.io" || key == "registry-1.docker.io" {
+		return "docker.io"
+	}
+	return key
+}
+
+// RegistryOf is the registry host an image reference names ("docker.io"
+// when it names none).
+func RegistryOf(image string) (string, error) {
+	named, err := reference.ParseNormalizedNamed(image)
+	if err != nil {
+		return "", fmt.Errorf("image %q is not a valid reference: %w", image, err)
+	}
+	return reference.Domain(named), nil
+}
+
+// explicitRegistry tells whether an image names its registry host.
+func explicitRegistry(image string) bool {
+	first, _, found := strings.Cut(image, "/")
+	return found && (strings.ContainsAny(first, ".:") || first == "localhost")
+}
+
+// encodedAuth is the X-Registry-Auth value for an image, "" without a
+// login for its registry.
+func (c Credentials) encodedAuth(image string) (string, error) {
+	host, err := RegistryOf(image)
+	if err != nil {
+		return "", err
+	}
+	a, ok, err := c.For(host)
+	if err != nil || !ok {
+		return "", err
+	}
+	return registry.EncodeAuthConfig(a)
+}
+
+// Errors of resolving and pulling images, to match with errors.Is.
+var (
+	ErrImageUnresolved = errors.New("image cannot be resolved to a digest")
+	ErrPull            = errors.New("image pull failed")
+	ErrLocalImageOnly  = errors.New("image is in no registry and not on this machine")
+)
+
+// Resolve pins an image reference. An image that names its registry is
+// asked of that registry: NAME@sha256:... of what the tag names now; a
+// registry that is unreachable, a login that is refused or an unknown tag
+// is an error naming the image, the registry and this machine. An image
+// that names none (the default registry) is taken from this machine's
+// engine when it has it — the digest it was pulled at, or, for an image
+// built or loaded here and in no registry, its id (sha256:...) — and
+// asked of the default registry otherwise.
+func (d *Docker) Resolve(ctx context.Context, image string) (string, error) {
+	host, err := RegistryOf(image)
+	if err != nil {
+		return "", err
+	}
+	named, _ := reference.ParseNormalizedNamed(image)
+	if !explicitRegistry(image) {
+		if local, _, err := d.cli.ImageInspectWithRaw(ctx, image); err == nil {
+			for _, rd := range local.RepoDigests {
+				if pinned, err := reference.ParseNormalizedNamed(rd); err == nil && reference.TrimNamed(pinned).Name() == reference.TrimNamed(named).Name() {
+					return pinned.String(), nil
+				}
+			}
+			return local.ID, nil
+		}
+	}
+	auth, err := d.creds.encodedAuth(image)
+	if err != nil {
+		return "", err
+	}
+	insp, err := d.cli.DistributionInspect(ctx, image, auth)
+	if err != nil {
+		return "", fmt.Errorf("%w: image %s, registry %s, from machine %s: %v", ErrImageUnresolved, image, host, d.machineName, err)
+	}
+	pinned, err := reference.WithDigest(reference.TrimNamed(named), insp.Descriptor.Digest)
+	if err != nil {
+		return "", fmt.Errorf("pinning %s: %w", image, err)
+	}
+	return pinned.String(), nil
+}
+
+// pullMessage is one line of the engine's pull stream.
+type pullMessage struct {
+	ID       string `json:"id"`
+	Status   string `json:"status"`
+	Progress *struct {
+		Current int64 `json:"current"`
+		Total   int64 `json:"total"`
+	} `json:"progressDetail"`
+	Error *struct {
+		Message string `json:"message"`
+	} `json:"errorDetail"`
+}
+
+// PullProgress is one step of a pull, as the engine reports it.
+type PullProgress struct {
+	Layer   string
+	Status  string
+	Current int64
+	Total   int64
+}
+
+// EnsureImage makes sure the engine has ref (as Resolve gave it): present,
+// or pulled from its registry with this machine's login. progress, when
+// not nil, gets the engine's reports.
+func (d *Docker) EnsureImage(ctx context.Context, ref string, progress func(PullProgress)) error {
+	if ok, err := d.HasImage(ctx, ref); err != nil || ok {
+		return err
+	}
+	if strings.HasPrefix(ref, "sha256:") {
+		return fmt.Errorf("%w: image %s is not on machine %s: it was pinned to an image that no registry holds; put it there with `droverctl image push` or `docker load`", ErrLocalImageOnly, ref, d.machineName)
+	}
+	host, err := RegistryOf(ref)
+	if err != nil {
+		return err
+	}
+	fail := func(err error) error {
+		return fmt.Errorf("%w: image %s from registry %s on machine %s: %v", ErrPull, ref, host, d.machineName, err)
+	}
+	auth, err := d.creds.encodedAuth(ref)
+	if err != nil {
+		return err
+	}
+	rc, err := d.cli.ImagePull(ctx, ref, image.PullOptions{RegistryAuth: auth})
+	if err != nil {
+		return fail(err)
+	}
+	defer rc.Close()
+	dec := json.NewDecoder(rc)
+	for {
+		var msg pullMessage
+		if err := dec.Decode(&msg); err == io.EOF {
+			break
+		} else if err != nil {
+			return fail(err)
+		}
+		if msg.Error != nil {
+			return fail(errors.New(msg.Error.Message))
+		}
+		if progress != nil {
+			p := PullProgress{Layer: msg.ID, Status: msg.Status}
+			if msg.Progress != nil {
+				p.Current, p.Total = msg.Progress.Current, msg.Progress.Total
+			}
+			progress(p)
+		}
+	}
+	if ok, err := d.HasImage(ctx, ref); err != nil || !ok {
+		return fail(fmt.Errorf("the engine does not have it after the pull (%v)", err))
+	}
+	return nil
+}
+
+// CanPull tells why this machine could not pull image, or nil: its
+// registry answers for it with this machine's login.
+func (d *Docker) CanPull(ctx context.Context, image string) error {
+	if strings.HasPrefix(image, "sha256:") {
+		return fmt.Errorf("%w: %s is a local image's id", ErrLocalImageOnly, image)
+	}
+	host, err := RegistryOf(image)
+	if err != nil {
+		return err
+	}
+	auth, err := d.creds.encodedAuth(image)
+	if err != nil {
+		return err
+	}
+	if _, err := d.cli.DistributionInspect(ctx, image, auth); err != nil {
+		return fmt.Errorf("%w: image %s, registry %s, from machine %s: %v", ErrImageUnresolved, image, host, d.machineName, err)
+	}
+	return nil
+}
