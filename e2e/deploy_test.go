@@ -188,14 +188,40 @@ func TestLabDeploy(t *testing.T) {
 		t.Fatalf("bad manifests changed services:\n%+v\n%+v", before, after)
 	}
 
+	// An image that cannot be pinned is refused before anything changes,
+	// naming the file, the service, the image, its registry and the
+	// machine that asked (a registry on the engine's own loopback: nothing
+	// answers there, and nothing leaves the lab).
+	unknown := writeManifest(t, "unknown.toml", `namespace = "lab"
+[services.ghost]
+image = "localhost:1/no-such-image:1"
+`)
+	out, err = d1.ctl("deploy", "-f", unknown)
+	for _, want := range []string{"unknown.toml", "services.ghost.image", "localhost:1/no-such-image:1", "registry localhost:1", "machine " + h[0].Name} {
+		if err == nil || !strings.Contains(out, want) {
+			t.Fatalf("deploy of an unknown image: %v; the output does not name %q:\n%s", err, want, out)
+		}
+	}
+	if after := services(t, d1); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Fatalf("a refused image changed services:\n%+v\n%+v", before, after)
+	}
+
 	// A deploy whose service cannot start says which, where and why.
 	broken := writeManifest(t, "broken.toml", fmt.Sprintf(`namespace = "lab"
 [services.broken]
-image = "no-such-image:1"
+image = "drover-test:latest"
+env = { PORT = "8080" }
 machine = "%s"
+[[services.broken.ports]]
+port = 80
+target = 8080
+[services.broken.readiness]
+http = "/no-such-page"
+interval = "200ms"
+retries = 2
 `, h[2].Name))
 	out, err = d1.ctl("deploy", "-f", broken)
-	if err == nil || !strings.Contains(out, "lab/broken failed on "+h[2].Name) || !strings.Contains(out, "no-such-image") {
+	if err == nil || !strings.Contains(out, "lab/broken failed on "+h[2].Name) || !strings.Contains(out, "GET /no-such-page: 404") {
 		t.Fatalf("failing deploy: %v\n%s", err, out)
 	}
 }

@@ -84,6 +84,7 @@ down() {
     ip netns del "$ns" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  while iptables -D FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP 2>/dev/null; do :; done
   rm -rf "$STATE" "$RUN"
   # wireguard-go UAPI sockets of the lab's devices (PREFIX<n>wg, see
   # e2e/lab_test.go), which outlive a killed daemon
@@ -98,6 +99,9 @@ up() {
   ip link add "$BRIDGE" type bridge
   ip addr add "$SUBNET.254/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
+  # Nothing a lab host sends leaves through this machine, even where it
+  # forwards packets (a Docker engine on the host turns that on).
+  iptables -I FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP 2>/dev/null || log "iptables: could not fence the bridge"
   for i in $(seq 1 "$n"); do
     local ns=$PREFIX$i dir=$STATE/$PREFIX$i
     mkdir -p "$dir" "$RUN/$ns"
