@@ -3,11 +3,14 @@
 # packages) on the first engine and loads it into the others. The root
 # filesystem is made once with `debootstrap --variant=minbase` and kept,
 # as a tarball, under /var/lib/drover-lab/cache: later labs only import it.
+# `build.sh --rootfs-only` makes that tarball and nothing else.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: build.sh ENGINE_SOCK..." >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${DROVER_LAB_CACHE:-/var/lib/drover-lab/cache}
 rootfs=$cache/postgres15-rootfs.tar
+# The same files unpacked: clients (psql, pgbench) run from it in a lab host.
+root=$cache/postgres15-root
 mkdir -p "$cache"
 if [ ! -s "$rootfs" ]; then
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
@@ -22,6 +25,10 @@ if [ ! -s "$rootfs" ]; then
   tar -C "$work/root" -cf "$rootfs.tmp" . && mv "$rootfs.tmp" "$rootfs"
   rm -rf "$work"
 fi
+if [ ! -x "$root/usr/lib/postgresql/15/bin/pgbench" ]; then
+  rm -rf "$root.tmp" && mkdir -p "$root.tmp" && tar -C "$root.tmp" -xf "$rootfs" && rm -rf "$root" && mv "$root.tmp" "$root"
+fi
+[ "$1" = --rootfs-only ] && exit 0
 first=$1; shift
 docker -H "unix://$first" import "$rootfs" drover-postgres-rootfs:15 >/dev/null
 ctx=$(mktemp -d)

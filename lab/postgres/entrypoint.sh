@@ -13,5 +13,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   setpriv --reuid postgres --regid postgres --init-groups "$bin/initdb" -D "$PGDATA" -U postgres --auth=trust --no-sync >/dev/null
   echo "host all all 0.0.0.0/0 trust" >>"$PGDATA/pg_hba.conf"
 fi
+# The server's log goes to $PGDATA/log/postgresql.log: on the volume, so
+# it moves with the data and tells, on the final owner, how every start
+# and stop went.
 exec setpriv --reuid postgres --regid postgres --init-groups "$bin/postgres" -D "$PGDATA" \
-  -c listen_addresses='*' -c logging_collector=off -c log_min_messages=info
+  -c listen_addresses='*' -c logging_collector=on -c log_directory=log \
+  -c log_filename=postgresql.log -c log_rotation_age=0 -c log_rotation_size=0
