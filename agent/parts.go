@@ -108,7 +108,8 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	}); err != nil {
 		return fail(err)
 	}
-	if p.rt, err = runtime.NewDocker(cfg.DockerHost, a.machineID, cfg.Name, runtime.Credentials{File: cfg.RegistryAuthFile}); err != nil {
+	if p.rt, err = runtime.NewDocker(runtime.DockerConfig{Host: cfg.DockerHost, MachineID: a.machineID, MachineName: cfg.Name,
+		Credentials: runtime.Credentials{File: cfg.RegistryAuthFile}, AliasFile: filepath.Join(cfg.DataDir, "image-aliases.json")}); err != nil {
 		return fail(err)
 	}
 	if cfg.ZFSParent != "" {
@@ -120,7 +121,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.ctx, p.end = ctx, cancel
 	lo := loopback.Addresses{Prefix: cfg.ServicePrefix}
 	deps := migrate.Deps{Facts: n, Members: n, Peers: n, Server: peer.Server{Mux: n, IDs: n},
-		Containers: p.rt, Starter: p.rt, Loopback: lo}
+		Containers: p.rt, Starter: p.rt, Images: p.rt, Loopback: lo}
 	var reconVols reconcile.Volumes
 	if p.vols != nil {
 		deps.Streams, deps.Datasets, deps.Copies = p.vols, p.vols, p.vols

@@ -20,7 +20,6 @@ type candidate struct {
 	free     uint64 // pool space
 	mem      uint64
 	volumes  bool               // it holds volumes
-	images   migrate.LocalFacts // what it said of the images
 	problems string             // why it cannot take anything, when it cannot
 }
 
@@ -100,8 +99,6 @@ func pickTarget(cands []*candidate, sv fsm.Service, need uint64, exclude map[str
 			lack = fmt.Sprintf("%s has %s of pool space, needs %s", c.m.Name, mibs(c.free), mibs(need))
 		case c.mem < sv.Spec.MemoryBytes:
 			lack = fmt.Sprintf("%s has %s of memory, needs %s", c.m.Name, mibs(c.mem), mibs(sv.Spec.MemoryBytes))
-		case !c.images.CanRun(sv.Spec.RunImage()):
-			lack = fmt.Sprintf("%s lacks image %s (%s)", c.m.Name, sv.Spec.RunImage(), c.images.HowImage(sv.Spec.RunImage()))
 		}
 		if lack != "" {
 			why = append(why, lack)
@@ -148,12 +145,8 @@ func (d *Drainer) plan(ctx context.Context, machine fsm.Machine, only map[string
 		live[g.MachineID] = g.Liveness
 	}
 	in.live = live[machine.ID]
-	var images []string
-	for _, sv := range services {
-		if !slices.Contains(images, sv.Spec.RunImage()) {
-			images = append(images, sv.Spec.RunImage())
-		}
-	}
+	// Images do not limit the targets: the draining machine runs every
+	// service it holds, so it streams an image a target cannot pull.
 	for _, m := range machines {
 		if m.ID == machine.ID {
 			continue
@@ -166,12 +159,12 @@ func (d *Drainer) plan(ctx context.Context, machine fsm.Machine, only map[string
 			c.problems = fmt.Sprintf("%s is %s", m.Name, cmp.Or(string(live[m.ID]), "unknown"))
 		default:
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			lf, err := d.migs.LocalFacts(cctx, m.ID, migrate.LocalQuery{Images: images})
+			lf, err := d.migs.LocalFacts(cctx, m.ID, migrate.LocalQuery{})
 			cancel()
 			if err != nil {
 				c.problems = fmt.Sprintf("%s does not answer: %v", m.Name, err)
 			}
-			c.free, c.mem, c.volumes, c.images = lf.VolumeFreeBytes, lf.MemoryBytes, lf.HoldsVolumes, lf
+			c.free, c.mem, c.volumes = lf.VolumeFreeBytes, lf.MemoryBytes, lf.HoldsVolumes
 		}
 		in.cands = append(in.cands, c)
 	}

@@ -5,14 +5,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/drover-sh/drover/agent/migrate"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 )
 
 func TestPickTargetSpreadsByRoomLeft(t *testing.T) {
 	cand := func(name string, free, mem uint64) *candidate {
-		return &candidate{m: fsm.Machine{ID: name, Name: name}, free: free, mem: mem, volumes: true, images: migrate.LocalFacts{Images: map[string]bool{"img": true}}}
+		return &candidate{m: fsm.Machine{ID: name, Name: name}, free: free, mem: mem, volumes: true}
 	}
 	cands := []*candidate{cand("b", 1000<<20, 4<<30), cand("c", 1000<<20, 4<<30), cand("d", 900<<20, 4<<30)}
 	sv := fsm.Service{Spec: fsm.ServiceSpec{Image: "img", Volumes: []fsm.VolumeMount{{Name: "data"}}, MemoryBytes: 1 << 30}}
@@ -29,14 +28,14 @@ func TestPickTargetSpreadsByRoomLeft(t *testing.T) {
 	if strings.Join(got, ",") != "b,c,d" {
 		t.Fatalf("three equal services went to %v, want one each on b, c, d", got)
 	}
-	// Full pools, a missing image, an excluded machine: none fits, each says why.
+	// Full pools, too little memory, an excluded machine: none fits, each says why.
 	cands[0].free = 10 << 20
-	delete(cands[1].images.Images, "img")
+	cands[1].mem = 1 << 20
 	best, why := pickTarget(cands, sv, 200<<20, map[string]bool{"d": true})
 	if best != nil {
 		t.Fatalf("picked %s", best.m.Name)
 	}
-	for _, want := range []string{"b has 10.0 MiB of pool space, needs 200.0 MiB", "c lacks image img", "d failed to take it already"} {
+	for _, want := range []string{"b has 10.0 MiB of pool space, needs 200.0 MiB", "c has 1.0 MiB of memory, needs 1024.0 MiB", "d failed to take it already"} {
 		if !strings.Contains(why, want) {
 			t.Errorf("reason %q lacks %q", why, want)
 		}
@@ -59,8 +58,8 @@ func TestPlanPlacesLargestFirstAndSaysWhatStays(t *testing.T) {
 			{sv: svc("unsized", 1), err: errors.New("a does not say how large its volumes are")}},
 		idle: []fsm.Volume{{Namespace: "ns", Name: "orphan"}},
 		cands: []*candidate{
-			{m: fsm.Machine{ID: "b", Name: "b"}, free: 750 << 20, mem: 1 << 30, volumes: true, images: migrate.LocalFacts{Images: map[string]bool{"img": true}}},
-			{m: fsm.Machine{ID: "c", Name: "c"}, free: 500 << 20, mem: 1 << 30, volumes: true, images: migrate.LocalFacts{Images: map[string]bool{"img": true}}},
+			{m: fsm.Machine{ID: "b", Name: "b"}, free: 750 << 20, mem: 1 << 30, volumes: true},
+			{m: fsm.Machine{ID: "c", Name: "c"}, free: 500 << 20, mem: 1 << 30, volumes: true},
 		},
 	}
 	got := map[string]fsm.DrainItem{}

@@ -21,6 +21,8 @@ func (m *Migrator) Register() {
 	peer.Handle(s, routeStopSource, withMigration(m, m.handleStopSource))
 	peer.Handle(s, routeStartTarget, withMigration(m, m.handleStartTarget))
 	peer.Handle(s, routePrepareImage, withMigration(m, m.handlePrepareImage))
+	peer.HandleStream(s, routeSendImage, m.handleSendImage)
+	peer.HandleUpload(s, routeLoadImage, m.handleLoadImage)
 	peer.Handle(s, routeAbort, withMigration(m, answerless(m.handleAbort)))
 	peer.Handle(s, routeCleanupSource, withMigration(m, answerless(m.handleCleanupSource)))
 	peer.Handle(s, routeCleanupTarget, withMigration(m, answerless(m.handleCleanupTarget)))

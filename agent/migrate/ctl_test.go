@@ -13,7 +13,10 @@ import (
 func TestPreviewSaysWhichChecksFail(t *testing.T) {
 	c := newCluster(t, "a", "b")
 	c.deploy("a")
+	// Neither the target nor the source has the image any more (its
+	// registry has none): nothing could bring it.
 	delete(c.m["b"].rt.images, testImage)
+	delete(c.m["a"].rt.images, testImage)
 	c.facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "a/deploy/x", Lease: time.Minute, At: time.Now()})
 	plan, err := c.m["a"].mig.Preview(context.Background(), migrateTo("b"))
 	if err != nil || plan.OK {

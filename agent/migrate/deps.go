@@ -71,10 +71,17 @@ type Starter interface {
 	Start(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
 	WaitReady(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
 	HasImage(ctx context.Context, image string) (bool, error)
+}
+
+// Images brings a service's image to a machine: from its registry, or
+// from another machine's engine over the mesh.
+type Images interface {
 	// CanPull tells why the image cannot be pulled here, or nil.
 	CanPull(ctx context.Context, image string) error
 	// EnsureImage pulls the image when the engine lacks it.
 	EnsureImage(ctx context.Context, image string, progress func(runtime.PullProgress)) error
+	SaveImage(ctx context.Context, image string) (io.ReadCloser, error)
+	LoadImage(ctx context.Context, image string, r io.Reader) error
 }
 
 // Loopback puts service IPs on this machine's loopback.

@@ -206,11 +206,7 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 	var started startResult
 	steps := []step{
 		{name: "image on the target", do: func(ctx context.Context) error {
-			r, err := call(ctx, m, f.TargetID, 30*time.Minute, routePrepareImage, migrationRef{ID: id})
-			if err == nil && r.Pulled {
-				ex.emit(ctlapi.MigrationEvent{Kind: "image", Message: fmt.Sprintf("image %s pulled on the target in %s", sv.Spec.RunImage(), r.Took.Round(time.Millisecond))})
-			}
-			return err
+			return m.imageOnTarget(ctx, ex, f, sv.Spec.RunImage())
 		}},
 		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", recordVols: true, do: func(ctx context.Context) error {
 			return m.warmCopy(ctx, ex, f, vols, phase)
@@ -453,3 +449,31 @@ func goneCause(ctx context.Context, err error) error {
 }
 
 func mibs(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+// imageOnTarget has the target get the service's image before the source
+// stops: it pulls it, or, when it cannot, the source streams it over the
+// mesh.
+func (m *Migrator) imageOnTarget(ctx context.Context, ex *execution, f fsm.Migration, image string) error {
+	r, err := call(ctx, m, f.TargetID, 30*time.Minute, routePrepareImage, migrationRef{ID: f.ID})
+	switch {
+	case err != nil:
+		return err
+	case r.Pulled:
+		ex.emit(ctlapi.MigrationEvent{Kind: "image", Message: fmt.Sprintf("image %s pulled on the target in %s", image, r.Took.Round(time.Millisecond))})
+		return nil
+	case r.Missing == "":
+		return nil // the target has it
+	}
+	ex.emit(ctlapi.MigrationEvent{Kind: "image", Message: fmt.Sprintf("the target cannot pull image %s (%s): streaming it from the source", image, r.Missing)})
+	began := time.Now()
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	sent, err := routeSendImage.Call(cctx, m.d.Peers, f.SourceID, migrationRef{ID: f.ID}, func(p imageProgress) {
+		ex.emit(ctlapi.MigrationEvent{Kind: "progress", Phase: "image", Volume: "image", Bytes: p.Bytes})
+	})
+	if err != nil {
+		return fmt.Errorf("the target cannot pull image %s (%s), and the source could not stream it: %w", image, r.Missing, err)
+	}
+	ex.emit(ctlapi.MigrationEvent{Kind: "image", Message: fmt.Sprintf("image %s streamed from the source to the target: %d MiB in %s", image, sent.Bytes>>20, time.Since(began).Round(time.Millisecond))})
+	return nil
+}

@@ -290,6 +290,7 @@ type fakeRuntime struct {
 	killOnStop bool            // Stop reports the container killed
 	pullable   map[string]bool // images its registry holds
 	pulled     []string
+	loaded     []string // images streamed in from another machine
 }
 
 func newFakeRuntime(images ...string) *fakeRuntime {
@@ -370,6 +371,31 @@ func (r *fakeRuntime) EnsureImage(ctx context.Context, image string, _ func(runt
 	}
 	r.images[image] = true
 	r.pulled = append(r.pulled, image)
+	return nil
+}
+
+// SaveImage gives "image:" and the image's name as its bytes.
+func (r *fakeRuntime) SaveImage(_ context.Context, image string) (io.ReadCloser, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.images[image] {
+		return nil, errors.New("image " + image + " is not on this machine")
+	}
+	return io.NopCloser(strings.NewReader("image:" + image)), nil
+}
+
+func (r *fakeRuntime) LoadImage(_ context.Context, image string, body io.Reader) error {
+	b, err := io.ReadAll(body)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if string(b) != "image:"+image {
+		return errors.New("the stream is not the image " + image)
+	}
+	r.images[image] = true
+	r.loaded = append(r.loaded, image)
 	return nil
 }
 

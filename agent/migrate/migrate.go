@@ -48,6 +48,7 @@ type Deps struct {
 	Copies     Copies
 	Containers Containers
 	Starter    Starter
+	Images     Images
 	Loopback   Loopback
 }
 

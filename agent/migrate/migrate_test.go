@@ -236,3 +236,64 @@ func TestTargetPullsThePinnedImageBeforeTheSourceStops(t *testing.T) {
 		t.Fatalf("the pull (event %d) did not come before the source stopped (event %d): %+v", pulled, stopped, events)
 	}
 }
+
+// A target that cannot pull the image gets it from the source over the
+// mesh before the source stops; pre-flight says so. A target with
+// neither fails pre-flight.
+func TestSourceStreamsTheImageATargetCannotPull(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	spec := webSpec()
+	spec.ImageRef = "sha256:" + strings.Repeat("2", 64) // a local image, in no registry
+	sv := c.facts.Deploy(t, "shop", spec, "a")
+	a, b := c.m["a"], c.m["b"]
+	a.vols.create(a.vols.Dataset("shop", "data"), "user-snap")
+	a.rt.images[spec.ImageRef] = true
+	if _, err := a.rt.Start(context.Background(), runtimeSpec(sv)); err != nil {
+		t.Fatal(err)
+	}
+	a.lo.Add(sv.ServiceIP)
+
+	plan, err := a.mig.Preview(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !plan.OK || !slices.ContainsFunc(plan.Checks, func(ch ctlapi.MigrationCheck) bool {
+		return ch.Name == "image on target" && ch.OK && strings.Contains(ch.Detail, "streamed from a over the mesh")
+	}) {
+		t.Fatalf("pre-flight: %+v", plan.Checks)
+	}
+	var events []ctlapi.MigrationEvent
+	if _, err := a.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ev ctlapi.MigrationEvent) { events = append(events, ev) }); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(b.rt.loaded, []string{spec.ImageRef}) || len(b.rt.pulled) != 0 {
+		t.Fatalf("the target loaded %v and pulled %v", b.rt.loaded, b.rt.pulled)
+	}
+	streamed := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Kind == "image" && strings.Contains(ev.Message, "streamed from the source") })
+	stopped := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Phase == string(fsm.PhaseSourceStopped) })
+	if streamed < 0 || stopped < 0 || streamed > stopped {
+		t.Fatalf("the stream (event %d) did not come before the source stopped (event %d)", streamed, stopped)
+	}
+
+	// Back to a, which has it; then to c, which has it nowhere to come from.
+	delete(b.rt.images, spec.ImageRef)
+	plan, _ = b.mig.Preview(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"})
+	if !plan.OK {
+		t.Fatalf("a move back to a that has the image: %+v", plan.Checks)
+	}
+}
+
+// A stream of an image into a target is accepted from the migration's
+// source only.
+func TestImageStreamFromAnotherMachineIsRefused(t *testing.T) {
+	c := newCluster(t, "a", "b", "c")
+	c.deploy("a")
+	c.orphan("m1", "b", "a/migrate/m1", fsm.PhaseWarmCopy)
+	_, err := routeLoadImage.Call(context.Background(), c.m["c"].host, "b", migrationRef{ID: "m1"}, strings.NewReader("image:"+testImage))
+	if !errors.Is(err, ErrStreamRefused) {
+		t.Fatalf("an image stream from c (not the source): %v", err)
+	}
+	if len(c.m["b"].rt.loaded) != 0 {
+		t.Fatal("the target loaded what c sent")
+	}
+}

@@ -24,7 +24,7 @@ func (m *Migrator) handleLocalFacts(ctx context.Context, _ string, q LocalQuery)
 		}
 		out.Images[image], _ = m.d.Starter.HasImage(ctx, image)
 		if !out.Images[image] {
-			if err := m.d.Starter.CanPull(ctx, image); err != nil {
+			if err := m.d.Images.CanPull(ctx, image); err != nil {
 				out.ImageFrom[image] = err.Error()
 			} else if host, err := runtime.RegistryOf(image); err == nil {
 				out.ImageFrom[image] = "registry " + host
@@ -149,7 +149,12 @@ func checkPreflight(service string, in preflightInput) ctlapi.MigrationPlan {
 		check("target memory headroom", tgt.MemoryBytes >= sv.Spec.MemoryBytes,
 			"available %d MiB, service reserves %d MiB", tgt.MemoryBytes>>20, sv.Spec.MemoryBytes>>20)
 		image := sv.Spec.RunImage()
-		check("image on target", tgt.CanRun(image), "%s %s on %s", image, tgt.HowImage(image), target.Name)
+		how := tgt.HowImage(image)
+		streamed := !tgt.CanRun(image) && in.srcErr == nil && in.src.Images[image]
+		if streamed {
+			how = fmt.Sprintf("streamed from %s over the mesh during the warm copy (%s)", in.source, strings.TrimPrefix(how, "missing: "))
+		}
+		check("image on target", tgt.CanRun(image) || streamed, "%s %s on %s", image, how, target.Name)
 	}
 	plan.OK = true
 	for _, c := range plan.Checks {

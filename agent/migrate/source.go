@@ -219,3 +219,56 @@ func (m *Migrator) purgeLocal(c migrationCall) error {
 	}
 	return nil
 }
+
+// handleSendImage (source, asked by the executor when the target cannot
+// pull the image): stream the service's image from this machine's engine
+// into the target's, with a progress line every half second.
+func (m *Migrator) handleSendImage(ctx context.Context, from string, req migrationRef, emit func(imageProgress)) (imageSent, error) {
+	c, err := m.lookup(ctx, req.ID)
+	if err != nil {
+		return imageSent{}, err
+	}
+	if err := m.requireRunning(c.m, c.m.SourceID, ErrNotSource); err != nil {
+		return imageSent{}, err
+	}
+	if from == "" {
+		return imageSent{}, fmt.Errorf("image send asked by a caller that is no member: %w", ErrStreamRefused)
+	}
+	image := c.sv.Spec.RunImage()
+	saved, err := m.d.Images.SaveImage(ctx, image)
+	if err != nil {
+		return imageSent{}, err
+	}
+	defer saved.Close()
+	var sent atomic.Uint64
+	done := make(chan error, 1)
+	go func() {
+		_, err := routeLoadImage.Call(ctx, m.d.Peers, c.m.TargetID, req, &countingReader{r: saved, n: &sent})
+		done <- err
+	}()
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				return imageSent{}, fmt.Errorf("streaming image %s to the target: %w", image, err)
+			}
+			return imageSent{Bytes: sent.Load()}, nil
+		case <-tick.C:
+			emit(imageProgress{Bytes: sent.Load()})
+		}
+	}
+}
+
+// countingReader counts what is read through it.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Uint64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n.Add(uint64(k))
+	return k, err
+}

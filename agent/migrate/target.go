@@ -227,7 +227,8 @@ func (m *Migrator) handleCleanupTarget(_ context.Context, c migrationCall) error
 }
 
 // handlePrepareImage (target, before the source stops): have the
-// service's image, pulling it from its registry when missing.
+// service's image, pulling it from its registry when missing; when it
+// cannot be pulled, say why, and the source streams it.
 func (m *Migrator) handlePrepareImage(ctx context.Context, c migrationCall) (prepareResult, error) {
 	if err := m.requireRunning(c.m, c.m.TargetID, ErrNotTarget); err != nil {
 		return prepareResult{}, err
@@ -236,10 +237,34 @@ func (m *Migrator) handlePrepareImage(ctx context.Context, c migrationCall) (pre
 	if has, err := m.d.Starter.HasImage(ctx, image); err != nil || has {
 		return prepareResult{}, err
 	}
+	if err := m.d.Images.CanPull(ctx, image); err != nil {
+		return prepareResult{Missing: err.Error()}, nil
+	}
 	began := time.Now()
-	if err := m.d.Starter.EnsureImage(ctx, image, nil); err != nil {
+	if err := m.d.Images.EnsureImage(ctx, image, nil); err != nil {
 		return prepareResult{}, err
 	}
 	m.cfg.Logger.Info("pulled the image of a migrating service", "migration", c.m.ID, "image", image, "took", time.Since(began))
 	return prepareResult{Pulled: true, Took: time.Since(began)}, nil
+}
+
+// handleLoadImage (target): load the service's image as the migration's
+// source streams it; from nobody else.
+func (m *Migrator) handleLoadImage(ctx context.Context, _ string, req migrationRef, body peer.Body) (done, error) {
+	c, err := m.lookup(ctx, req.ID)
+	if err != nil {
+		return done{}, err
+	}
+	if err := m.requireRunning(c.m, c.m.TargetID, ErrNotTarget); err != nil {
+		return done{}, err
+	}
+	if from := peer.From(ctx); from == "" || from != c.m.SourceID {
+		return done{}, fmt.Errorf("image stream from %s refused: %w (migration %s)", m.nameOf(from), ErrStreamRefused, c.m.ID)
+	}
+	image := c.sv.Spec.RunImage()
+	if err := m.d.Images.LoadImage(ctx, image, &deadlineReader{body: body, idle: m.cfg.StallTimeout}); err != nil {
+		return done{}, err
+	}
+	m.cfg.Logger.Info("loaded the image of a migrating service from its source", "migration", c.m.ID, "image", image)
+	return done{}, nil
 }

@@ -20,6 +20,8 @@ var (
 	// source: stop the service's container (kept)
 	routeStopSource   = peer.Route[migrationRef, stopResult]{Path: "migrate/v2/stop-source"}
 	routePrepareImage = peer.Route[migrationRef, prepareResult]{Path: "migrate/v2/prepare-image"}
+	routeSendImage    = peer.Stream[migrationRef, imageProgress, imageSent]{Path: "migrate/v2/send-image"}
+	routeLoadImage    = peer.Upload[migrationRef, done]{Path: "migrate/v2/load-image"}
 	// target: adopt the copies, start, wait ready
 	routeStartTarget = peer.Route[migrationRef, startResult]{Path: "migrate/v2/start-target"}
 	// both: undo before the commit
@@ -128,6 +130,19 @@ func (lf LocalFacts) HowImage(image string) string {
 type prepareResult struct {
 	Pulled bool          `json:"pulled,omitempty"`
 	Took   time.Duration `json:"took_ns,omitempty"`
+	// Missing says why the target could not pull it; the source then
+	// streams it over the mesh.
+	Missing string `json:"missing,omitempty"`
+}
+
+// imageProgress and imageSent are the lines and the result of a source
+// streaming an image to the target.
+type imageProgress struct {
+	Bytes uint64 `json:"bytes"`
+}
+
+type imageSent struct {
+	Bytes uint64 `json:"bytes"`
 }
 
 // Errors a migration's calls answer with; their codes cross machines, so

@@ -40,15 +40,27 @@ type Docker struct {
 	machineID   string
 	machineName string      // named in errors
 	creds       Credentials // registry logins, for pulls and digests
+	aliases     aliases     // references of loaded images
 }
 
-// NewDocker connects to the engine at host (e.g. unix:///var/run/docker.sock).
-func NewDocker(host, machineID, machineName string, creds Credentials) (*Docker, error) {
-	cli, err := client.NewClientWithOpts(client.WithHost(host), client.WithAPIVersionNegotiation())
+// DockerConfig is what NewDocker needs.
+type DockerConfig struct {
+	Host        string // the engine, e.g. unix:///var/run/docker.sock
+	MachineID   string
+	MachineName string
+	Credentials Credentials
+	// AliasFile keeps which loaded image a pinned reference names (in the
+	// daemon's data dir); empty: images cannot be loaded.
+	AliasFile string
+}
+
+// NewDocker connects to the engine.
+func NewDocker(cfg DockerConfig) (*Docker, error) {
+	cli, err := client.NewClientWithOpts(client.WithHost(cfg.Host), client.WithAPIVersionNegotiation())
 	if err != nil {
-		return nil, fmt.Errorf("docker client for %s: %w", host, err)
+		return nil, fmt.Errorf("docker client for %s: %w", cfg.Host, err)
 	}
-	return &Docker{cli: cli, machineID: machineID, machineName: machineName, creds: creds}, nil
+	return &Docker{cli: cli, machineID: cfg.MachineID, machineName: cfg.MachineName, creds: cfg.Credentials, aliases: aliases{file: cfg.AliasFile}}, nil
 }
 
 // Close releases the client.
@@ -122,13 +134,10 @@ func (d *Docker) List(ctx context.Context) ([]Container, error) {
 	return out, nil
 }
 
-// HasImage tells whether the engine has the image.
+// HasImage tells whether the engine has the image (loaded ones too).
 func (d *Docker) HasImage(ctx context.Context, image string) (bool, error) {
-	_, _, err := d.cli.ImageInspectWithRaw(ctx, image)
-	if client.IsErrNotFound(err) {
-		return false, nil
-	}
-	return err == nil, err
+	local, err := d.local(ctx, image)
+	return local != "", err
 }
 
 // Start creates and starts the service's container.
@@ -166,7 +175,14 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 	if r.Spec.MemoryBytes > 0 {
 		hc.Resources.Memory = int64(r.Spec.MemoryBytes)
 	}
-	cfg := &container.Config{Image: r.Spec.RunImage(), Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
+	image, err := d.local(ctx, r.Spec.RunImage())
+	if err != nil {
+		return Container{}, err
+	}
+	if image == "" {
+		image = r.Spec.RunImage() // the engine's own error names it
+	}
+	cfg := &container.Config{Image: image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
 		StopSignal: r.Spec.StopSignal}
 	if r.Spec.StopTimeout > 0 {
 		secs := int(r.Spec.StopTimeout.Seconds())

@@ -1,7 +1,9 @@
 package runtime
 
 import (
+	"bytes"
 	"context"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -46,7 +48,7 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	dataDir := t.TempDir()
-	d, err := NewDocker("unix://"+sock, "machine-1", "m1", Credentials{})
+	d, err := NewDocker(DockerConfig{Host: "unix://" + sock, MachineID: "machine-1", MachineName: "m1", AliasFile: filepath.Join(t.TempDir(), "aliases.json")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,5 +94,49 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 	}
 	if list, _ := d.List(ctx); len(list) != 0 {
 		t.Fatalf("after remove: %+v", list)
+	}
+
+	// An image saved and loaded under a pinned reference the engine
+	// cannot know (a registry's digest): found through the alias, and a
+	// service pinned to it starts, and stops on its stop signal without
+	// being killed.
+	saved, err := d.SaveImage(ctx, "drover-test:latest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tarball, err := io.ReadAll(saved)
+	saved.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("docker", "-H", "unix://"+sock, "rmi", "drover-test:latest").CombinedOutput(); err != nil {
+		t.Fatalf("rmi: %v %s", err, out)
+	}
+	pinned := "reg.example:5000/drover/test@sha256:" + strings.Repeat("ab", 32)
+	if has, _ := d.HasImage(ctx, pinned); has {
+		t.Fatal("the engine has the pinned image before the load")
+	}
+	if err := d.LoadImage(ctx, pinned, bytes.NewReader(tarball)); err != nil {
+		t.Fatal(err)
+	}
+	if has, err := d.HasImage(ctx, pinned); !has || err != nil {
+		t.Fatalf("after the load the pinned image is not found: %v", err)
+	}
+	if err := d.EnsureImage(ctx, pinned, nil); err != nil {
+		t.Fatalf("EnsureImage tried to pull a loaded image: %v", err)
+	}
+	rs.Spec.ImageRef, rs.Spec.StopSignal, rs.Spec.StopTimeout = pinned, "SIGINT", 20*time.Second
+	c, err = d.Start(ctx, rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WaitReady(ctx, c, rs); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := d.Stop(ctx, c.ID, rs.Spec.StopTimeout); err != nil || st.Killed {
+		t.Fatalf("stop: killed %v, %v", st.Killed, err)
+	}
+	if err := d.Remove(ctx, c.ID, 0); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -9,10 +9,13 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/distribution/reference"
 	"github.com/docker/docker/api/types/image"
 	"github.com/docker/docker/api/types/registry"
+	"github.com/docker/docker/client"
+	"github.com/drover-sh/drover/internal/atomicfile"
 )
 
 // Credentials are registry logins from a file in Docker's config.json
@@ -182,7 +185,7 @@ type PullProgress struct {
 // or pulled from its registry with this machine's login. progress, when
 // not nil, gets the engine's reports.
 func (d *Docker) EnsureImage(ctx context.Context, ref string, progress func(PullProgress)) error {
-	if ok, err := d.HasImage(ctx, ref); err != nil || ok {
+	if local, err := d.local(ctx, ref); err != nil || local != "" {
 		return err
 	}
 	if strings.HasPrefix(ref, "sha256:") {
@@ -247,4 +250,115 @@ func (d *Docker) CanPull(ctx context.Context, image string) error {
 		return fmt.Errorf("%w: image %s, registry %s, from machine %s: %v", ErrImageUnresolved, image, host, d.machineName, err)
 	}
 	return nil
+}
+
+// Loaded images are known by id only: `docker save` of NAME@sha256:...
+// keeps no digest, so after a load the engine cannot find the image by
+// the reference the service is pinned to. An alias file in the data dir
+// maps such a reference to the id the load gave; every lookup of an image
+// (HasImage, Start, EnsureImage) goes through it.
+type aliases struct {
+	mu   sync.Mutex
+	file string // empty: none kept
+}
+
+func (a *aliases) read() map[string]string {
+	out := map[string]string{}
+	if a.file == "" {
+		return out
+	}
+	if b, err := os.ReadFile(a.file); err == nil {
+		json.Unmarshal(b, &out)
+	}
+	return out
+}
+
+func (a *aliases) lookup(ref string) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.read()[ref]
+}
+
+func (a *aliases) add(ref, id string) error {
+	if a.file == "" {
+		return errors.New("no alias file for loaded images")
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.read()
+	m[ref] = id
+	b, _ := json.Marshal(m)
+	return atomicfile.Write(a.file, b, 0o600)
+}
+
+// local is the reference under which this engine has ref: ref itself, or
+// the id of the image a load gave it; "" when it has neither.
+func (d *Docker) local(ctx context.Context, ref string) (string, error) {
+	_, _, err := d.cli.ImageInspectWithRaw(ctx, ref)
+	if err == nil {
+		return ref, nil
+	}
+	if !client.IsErrNotFound(err) {
+		return "", fmt.Errorf("inspecting image %s: %w", ref, err)
+	}
+	if id := d.aliases.lookup(ref); id != "" {
+		if _, _, err := d.cli.ImageInspectWithRaw(ctx, id); err == nil {
+			return id, nil
+		}
+	}
+	return "", nil
+}
+
+// SaveImage gives the image as `docker save` writes it.
+func (d *Docker) SaveImage(ctx context.Context, ref string) (io.ReadCloser, error) {
+	local, err := d.local(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	if local == "" {
+		return nil, fmt.Errorf("image %s is not on machine %s", ref, d.machineName)
+	}
+	rc, err := d.cli.ImageSave(ctx, []string{local})
+	if err != nil {
+		return nil, fmt.Errorf("saving image %s on machine %s: %w", ref, d.machineName, err)
+	}
+	return rc, nil
+}
+
+// LoadImage loads a `docker save` stream of ref, and makes ref name the
+// loaded image on this machine.
+func (d *Docker) LoadImage(ctx context.Context, ref string, r io.Reader) error {
+	resp, err := d.cli.ImageLoad(ctx, r, true)
+	if err != nil {
+		return fmt.Errorf("loading image %s on machine %s: %w", ref, d.machineName, err)
+	}
+	defer resp.Body.Close()
+	var id string
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var msg struct {
+			Stream string `json:"stream"`
+			Error  *struct {
+				Message string `json:"message"`
+			} `json:"errorDetail"`
+		}
+		if err := dec.Decode(&msg); err == io.EOF {
+			break
+		} else if err != nil {
+			return fmt.Errorf("loading image %s on machine %s: reading the engine's answer: %w", ref, d.machineName, err)
+		}
+		if msg.Error != nil {
+			return fmt.Errorf("loading image %s on machine %s: %s", ref, d.machineName, msg.Error.Message)
+		}
+		if v, ok := strings.CutPrefix(strings.TrimSpace(msg.Stream), "Loaded image ID: "); ok {
+			id = v
+		}
+	}
+	if local, err := d.local(ctx, ref); err != nil || local != "" {
+		return err // loaded under its own name (an id, or a tag)
+	}
+	if id == "" {
+		return fmt.Errorf("loading image %s on machine %s: the engine named no image", ref, d.machineName)
+	}
+	return d.aliases.add(ref, id)
 }
