@@ -137,7 +137,9 @@ func TestLabRegistry(t *testing.T) {
 	if err != nil || info.Phase != "done" {
 		t.Fatalf("migrate: %v %+v\n%s", err, info, out)
 	}
-	pulled := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Kind == "image" && strings.Contains(ev.Message, "pulled on the target") })
+	pulled := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool {
+		return ev.Kind == "image" && strings.Contains(ev.Message, "pulled on the target")
+	})
 	stopped := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Phase == string(fsm.PhaseSourceStopped) })
 	if pulled < 0 || stopped < 0 || pulled > stopped {
 		t.Fatalf("the pull (event %d) did not come before the source stopped (event %d): %+v", pulled, stopped, events)

@@ -19,8 +19,8 @@ type candidate struct {
 	m        fsm.Machine
 	free     uint64 // pool space
 	mem      uint64
-	volumes  bool               // it holds volumes
-	problems string             // why it cannot take anything, when it cannot
+	volumes  bool   // it holds volumes
+	problems string // why it cannot take anything, when it cannot
 }
 
 // sized is a service of the drained machine with the pool space it needs

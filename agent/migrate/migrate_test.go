@@ -269,7 +269,9 @@ func TestSourceStreamsTheImageATargetCannotPull(t *testing.T) {
 	if !slices.Equal(b.rt.loaded, []string{spec.ImageRef}) || len(b.rt.pulled) != 0 {
 		t.Fatalf("the target loaded %v and pulled %v", b.rt.loaded, b.rt.pulled)
 	}
-	streamed := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Kind == "image" && strings.Contains(ev.Message, "streamed from the source") })
+	streamed := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool {
+		return ev.Kind == "image" && strings.Contains(ev.Message, "streamed from the source")
+	})
 	stopped := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Phase == string(fsm.PhaseSourceStopped) })
 	if streamed < 0 || stopped < 0 || streamed > stopped {
 		t.Fatalf("the stream (event %d) did not come before the source stopped (event %d)", streamed, stopped)
