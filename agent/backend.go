@@ -457,3 +457,12 @@ func (a *Agent) waitUntil(ctx context.Context, cond func() bool) error {
 		}
 	}
 }
+
+// PushImage puts an image of this machine's engine on other machines.
+func (a *Agent) PushImage(ctx context.Context, req ctlapi.ImagePushRequest) (ctlapi.ImagePushResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.ImagePushResult{}, err
+	}
+	return p.images.Push(ctx, req)
+}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/deploy"
 	"github.com/drover-sh/drover/agent/drain"
+	"github.com/drover-sh/drover/agent/images"
 	"github.com/drover-sh/drover/agent/keyring"
 	"github.com/drover-sh/drover/agent/membership"
 	"github.com/drover-sh/drover/agent/mesh"
@@ -43,6 +44,7 @@ type parts struct {
 	recon  *reconcile.Reconciler
 	rm     *membership.Remover
 	keys   *keyring.Keeper
+	images *images.Pusher
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -136,6 +138,8 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}
+	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
+	p.images.Register(peer.Server{Mux: n, IDs: n})
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
 	p.mig.Register()
 	p.rm.Register(peer.Server{Mux: n, IDs: n})

@@ -67,24 +67,27 @@ interval = "300ms"
 // daemon's login; a wrong login, an unknown tag or an unreachable
 // registry is refused before anything changes, naming the image, the
 // registry and the machine; a migration's target pulls the image before
-// the source stops.
+// the source stops, and a target with no route to the registry gets it
+// from the source over the mesh; `image push` puts an image that is in no
+// registry on other machines. The registry runs on a fourth host that
+// runs no droverd.
 func TestLabRegistry(t *testing.T) {
 	requireLab(t)
 	authFile := filepath.Join(t.TempDir(), "registry-auth.json")
-	h, daemons := workloadLab(t, "dg", "--registry-auth", authFile)
+	h, daemons := workloadLabJoined(t, "dg", 4, 3, "--registry-auth", authFile)
 	d1 := daemons[0]
-	reg, err := h[0].StartRegistry("drover", "s3cret")
+	reg, err := h[3].StartRegistry("drover", "s3cret")
 	if err != nil {
 		t.Fatal(err)
 	}
 	writeRegistryAuth(t, authFile, reg.Addr, "drover", "s3cret")
 
-	// Push the test image into it from the first host's engine.
+	// Push the test image into it from the registry host's engine.
 	image := reg.Addr + "/drover/web:1"
-	dockerOn(t, h[0], "s3cret", "login", "-u", "drover", "--password-stdin", reg.Addr)
-	dockerOn(t, h[0], "", "tag", "drover-test:latest", image)
-	dockerOn(t, h[0], "", "push", image)
-	digest := strings.TrimSpace(dockerOn(t, h[0], "", "image", "inspect", "--format", "{{index .RepoDigests 0}}", image))
+	dockerOn(t, h[3], "s3cret", "login", "-u", "drover", "--password-stdin", reg.Addr)
+	dockerOn(t, h[3], "", "tag", "drover-test:latest", image)
+	dockerOn(t, h[3], "", "push", image)
+	digest := strings.TrimSpace(dockerOn(t, h[3], "", "image", "inspect", "--format", "{{index .RepoDigests 0}}", image))
 	if !strings.HasPrefix(digest, reg.Addr+"/drover/web@sha256:") {
 		t.Fatalf("pushed image's digest %q", digest)
 	}
@@ -133,21 +136,53 @@ func TestLabRegistry(t *testing.T) {
 
 	// A migration to a host without the image pulls it there before the
 	// source stops.
-	info, events, out, err := migrateJSON(d1, "migrate", "apply", "reg/web", "--to", h[2].Name)
-	if err != nil || info.Phase != "done" {
-		t.Fatalf("migrate: %v %+v\n%s", err, info, out)
+	moveTo := func(to *lab.Host) []ctlapi.MigrationEvent {
+		t.Helper()
+		info, events, out, err := migrateJSON(d1, "migrate", "apply", "reg/web", "--to", to.Name)
+		if err != nil || info.Phase != "done" {
+			t.Fatalf("migrate to %s: %v %+v\n%s", to.Name, err, info, out)
+		}
+		ip := services(t, d1)[0].ServiceIP
+		for _, from := range h[:3] {
+			if _, err := from.Run(context.Background(), "curl", "-sf", "-m", "5", "http://"+ip+":80/healthz"); err != nil {
+				t.Fatalf("the service moved to %s does not answer %s: %v", to.Name, from.Name, err)
+			}
+		}
+		return events
 	}
-	pulled := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool {
-		return ev.Kind == "image" && strings.Contains(ev.Message, "pulled on the target")
-	})
-	stopped := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Phase == string(fsm.PhaseSourceStopped) })
-	if pulled < 0 || stopped < 0 || pulled > stopped {
-		t.Fatalf("the pull (event %d) did not come before the source stopped (event %d): %+v", pulled, stopped, events)
+	beforeStop := func(events []ctlapi.MigrationEvent, what string) {
+		t.Helper()
+		at := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Kind == "image" && strings.Contains(ev.Message, what) })
+		stopped := slices.IndexFunc(events, func(ev ctlapi.MigrationEvent) bool { return ev.Phase == string(fsm.PhaseSourceStopped) })
+		if at < 0 || stopped < 0 || at > stopped {
+			t.Fatalf("%q (event %d) did not come before the source stopped (event %d): %+v", what, at, stopped, events)
+		}
+		t.Logf("%s", events[at].Message)
 	}
-	t.Logf("%s", events[pulled].Message)
-	dockerOn(t, h[2], "", "image", "inspect", digest)
-	ip := services(t, d1)[0].ServiceIP
-	if _, err := h[0].Run(context.Background(), "curl", "-sf", "-m", "5", "http://"+ip+":80/healthz"); err != nil {
-		t.Fatalf("the moved service does not answer: %v", err)
+	beforeStop(moveTo(h[0]), "pulled on the target")
+	dockerOn(t, h[0], "", "image", "inspect", digest)
+
+	// A target with no route to the registry gets it from the source.
+	if _, err := h[2].Run(context.Background(), "ip", "route", "add", "blackhole", h[3].UnderlayIP+"/32"); err != nil {
+		t.Fatal(err)
+	}
+	plan, err := d1.ctl("migrate", "preview", "reg/web", "--to", h[2].Name)
+	if err != nil || !strings.Contains(plan, "streamed from "+h[0].Name+" over the mesh") {
+		t.Fatalf("preview to a host that cannot reach the registry: %v\n%s", err, plan)
+	}
+	beforeStop(moveTo(h[2]), "streamed from the source")
+
+	// An image in no registry, pushed from one engine to the others.
+	dockerOn(t, h[0], "", "tag", "drover-test:latest", "local/only:1")
+	out, err = d1.ctlWithin(2*time.Minute, "image", "push", "local/only:1", "--to", h[1].Name+","+h[2].Name)
+	if err != nil {
+		t.Fatalf("image push: %v\n%s", err, out)
+	}
+	t.Logf("image push:\n%s", out)
+	for _, host := range h[1:3] {
+		dockerOn(t, host, "", "image", "inspect", "local/only:1")
+	}
+	if out, err := d1.ctl("image", "push", "local/only:1", "--to", h[0].Name); err == nil || !strings.Contains(out, "this machine") {
+		t.Fatalf("a push to itself: %v\n%s", err, out)
 	}
 }

@@ -304,3 +304,9 @@ func (c *Client) MigratePreview(ctx context.Context, req MigrateRequest) (Migrat
 	var v MigrationPlan
 	return v, c.do(ctx, http.MethodPost, "/v1/migrate/preview", req, &v)
 }
+
+// PushImage puts an image of the local engine on other machines.
+func (c *Client) PushImage(ctx context.Context, req ImagePushRequest) (ImagePushResult, error) {
+	var v ImagePushResult
+	return v, c.do(ctx, http.MethodPost, "/v1/images/push", req, &v)
+}

@@ -33,6 +33,9 @@ func (f *fakeBackend) JoinToken(context.Context, JoinTokenRequest) (JoinToken, e
 	return JoinToken{}, errors.New("disk on fire")
 }
 func (f *fakeBackend) RotateKey(context.Context) (KeyRotation, error) { return KeyRotation{}, nil }
+func (f *fakeBackend) PushImage(context.Context, ImagePushRequest) (ImagePushResult, error) {
+	return ImagePushResult{}, nil
+}
 func (f *fakeBackend) Join(_ context.Context, r JoinRequest) (ClusterStatus, error) {
 	f.joined = r.Token
 	return ClusterStatus{Initialized: true}, nil

@@ -25,6 +25,7 @@ type Backend interface {
 	Init(context.Context) (ClusterStatus, error)
 	JoinToken(context.Context, JoinTokenRequest) (JoinToken, error)
 	RotateKey(context.Context) (KeyRotation, error)
+	PushImage(context.Context, ImagePushRequest) (ImagePushResult, error)
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
@@ -144,6 +145,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		return b.JoinToken(r.Context(), req)
 	})
 	post("/v1/cluster/rotate-key", func(r *http.Request) (any, error) { return b.RotateKey(r.Context()) })
+	post("/v1/images/push", func(r *http.Request) (any, error) {
+		var req ImagePushRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.PushImage(r.Context(), req)
+	})
 	post("/v1/cluster/join", func(r *http.Request) (any, error) {
 		var req JoinRequest
 		if err := decodeBody(r, &req); err != nil {

@@ -412,3 +412,25 @@ type ProbeResult struct {
 	P99        Duration `json:"p99"`
 	Max        Duration `json:"max"`
 }
+
+// ImagePushRequest is `image push`: an image of this machine's engine to
+// the named machines, or to all others.
+type ImagePushRequest struct {
+	Image string   `json:"image"`
+	To    []string `json:"to,omitempty"`
+	All   bool     `json:"all,omitempty"`
+}
+
+// ImagePushed is one machine's outcome of a push.
+type ImagePushed struct {
+	Machine string   `json:"machine"`
+	Bytes   uint64   `json:"bytes"`
+	Took    Duration `json:"took"`
+	Error   string   `json:"error,omitempty"`
+}
+
+// ImagePushResult is `image push`'s outcome.
+type ImagePushResult struct {
+	Image    string        `json:"image"`
+	Machines []ImagePushed `json:"machines"`
+}
