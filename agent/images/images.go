@@ -11,13 +11,13 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"sync/atomic"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
+	"github.com/drover-sh/drover/internal/iocount"
 )
 
 // routeLoad loads an image into the callee's engine under a name.
@@ -142,19 +142,7 @@ func (p *Pusher) pushTo(ctx context.Context, image, machineID string) (uint64, e
 		return 0, err
 	}
 	defer saved.Close()
-	var n atomic.Uint64
-	_, err = routeLoad.Call(ctx, p.peers, machineID, loadRequest{Image: image}, &counter{r: saved, n: &n})
-	return n.Load(), err
-}
-
-// counter counts what is read through it.
-type counter struct {
-	r io.Reader
-	n *atomic.Uint64
-}
-
-func (c *counter) Read(b []byte) (int, error) {
-	k, err := c.r.Read(b)
-	c.n.Add(uint64(k))
-	return k, err
+	counted := &iocount.Reader{R: saved}
+	_, err = routeLoad.Call(ctx, p.peers, machineID, loadRequest{Image: image}, counted)
+	return counted.N(), err
 }

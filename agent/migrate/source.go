@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/iocount"
 )
 
 // The source's side of a migration: it sends snapshots, stops its
@@ -240,10 +241,10 @@ func (m *Migrator) handleSendImage(ctx context.Context, from string, req migrati
 		return imageSent{}, err
 	}
 	defer saved.Close()
-	var sent atomic.Uint64
+	sent := &iocount.Reader{R: saved}
 	done := make(chan error, 1)
 	go func() {
-		_, err := routeLoadImage.Call(ctx, m.d.Peers, c.m.TargetID, req, &countingReader{r: saved, n: &sent})
+		_, err := routeLoadImage.Call(ctx, m.d.Peers, c.m.TargetID, req, sent)
 		done <- err
 	}()
 	tick := time.NewTicker(500 * time.Millisecond)
@@ -254,21 +255,9 @@ func (m *Migrator) handleSendImage(ctx context.Context, from string, req migrati
 			if err != nil {
 				return imageSent{}, fmt.Errorf("streaming image %s to the target: %w", image, err)
 			}
-			return imageSent{Bytes: sent.Load()}, nil
+			return imageSent{Bytes: sent.N()}, nil
 		case <-tick.C:
-			emit(imageProgress{Bytes: sent.Load()})
+			emit(imageProgress{Bytes: sent.N()})
 		}
 	}
-}
-
-// countingReader counts what is read through it.
-type countingReader struct {
-	r io.Reader
-	n *atomic.Uint64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	k, err := c.r.Read(p)
-	c.n.Add(uint64(k))
-	return k, err
 }
