@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/lab"
 )
 
@@ -306,7 +307,12 @@ func TestLabPostgres(t *testing.T) {
 		requireAckedRows(t, h[0], ip, acked)
 		requireCleanHandover(t, pgLog(t, owner), n)
 		before, during, after, gap := pgbenchFigures(runs, moveStart, moveEnd)
-		vol := volumes(t, d1)[0]
+		var vol ctlapi.Volume
+		for i, host := range h {
+			if host == owner {
+				vol = volumes(t, daemons[i])[0] // the owner knows its size
+			}
+		}
 		fmt.Fprintf(&report, "| %s | %d MiB | %.2f | %.0f | %.0f | %.0f | %.1f | %.1f |\n", what, vol.UsedBytes>>20, downtime.Seconds(), before, during, after, gap.Seconds(), insertGap.Seconds())
 		t.Logf("%s to %s: downtime %v; pgbench TPS before %.0f, during %.0f, after %.0f; longest pgbench gap %v, longest insert gap %v",
 			what, ownerName, downtime, before, during, after, gap.Round(100*time.Millisecond), insertGap.Round(100*time.Millisecond))

@@ -390,6 +390,12 @@ func TestLabTrust(t *testing.T) {
 	if err := dn.proc.Stop(20 * time.Second); err != nil {
 		t.Fatal(err)
 	}
+	testpoll.Until(t, 30*time.Second, spare.Name+" gone from gossip again", func() error {
+		if m, _ := machineNamed(t, d1, spare.Name); m.Liveness == "alive" || m.Liveness == "suspect" {
+			return fmt.Errorf("%s", m.Liveness)
+		}
+		return nil
+	})
 	if out, err := d1.ctl("machine", "rm", spare.Name); err != nil {
 		t.Fatalf("machine rm: %v\n%s", err, out)
 	}
