@@ -133,12 +133,12 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		StallTimeout: cfg.StallTimeout, SafetyWindow: cfg.SafetyWindow, JanitorInterval: cfg.JanitorInterval,
 		Logger: a.logger, Crash: a.crash, MemAvailable: hostmem.Available}, deps)
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
+	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
-		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt)
+		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt, p.images)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}
-	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
 	p.images.Register(peer.Server{Mux: n, IDs: n})
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
 	p.mig.Register()

@@ -20,12 +20,12 @@ func (a *Agent) DeployPreview(ctx context.Context, req ctlapi.DeployRequest) (ct
 }
 
 // Deploy applies a manifest and waits until what it changed is ready.
-func (a *Agent) Deploy(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployResult, error) {
+func (a *Agent) Deploy(ctx context.Context, req ctlapi.DeployRequest, emit func(ctlapi.DeployEvent)) (ctlapi.DeployResult, error) {
 	p, err := a.require()
 	if err != nil {
 		return ctlapi.DeployResult{}, err
 	}
-	return p.deploy.Apply(ctx, req)
+	return p.deploy.Apply(ctx, req, emit)
 }
 
 // RenderManifest gives the manifest that moves a service.

@@ -102,11 +102,12 @@ func (w *inserter) Stop() []int {
 type gapMeter struct {
 	last    time.Time
 	longest time.Duration
+	from    time.Time // when the longest gap began
 }
 
 func (g *gapMeter) answer(at time.Time) {
 	if !g.last.IsZero() && at.Sub(g.last) > g.longest {
-		g.longest = at.Sub(g.last)
+		g.longest, g.from = at.Sub(g.last), g.last
 	}
 	g.last = at
 }
@@ -290,6 +291,7 @@ func TestLabPostgres(t *testing.T) {
 		moveStart := time.Now()
 		ownerName, downtime := run()
 		moveEnd := time.Now()
+		t.Logf("%s ran from %s to %s", what, moveStart.Format("15:04:05.0"), moveEnd.Format("15:04:05.0"))
 		time.Sleep(8 * time.Second)
 		close(stop)
 		runs := <-bench
@@ -297,6 +299,7 @@ func TestLabPostgres(t *testing.T) {
 		for i, w := range ins {
 			acked[h[i].Name] = append(acked[h[i].Name], w.Stop()...)
 			insertGap = max(insertGap, w.gaps.longest)
+			t.Logf("%s: inserts from %s: longest gap %v from %s", what, h[i].Name, w.gaps.longest.Round(100*time.Millisecond), w.gaps.from.Format("15:04:05.0"))
 		}
 		var owner *lab.Host
 		for _, host := range h {
@@ -334,8 +337,13 @@ func TestLabPostgres(t *testing.T) {
 			t.Fatalf("drain: %v\n%s", err, out)
 		}
 		ss := services(t, d1)
-		ms := migrationsOf(t, d1)
-		last := ms[len(ms)-1]
+		var last ctlapi.MigrationInfo
+		for _, m := range migrationsOf(t, d1) {
+			if m.StartedAt.After(last.StartedAt) {
+				last = m
+			}
+		}
+		t.Logf("drain's move %s: source stopped %s, target ready %s", last.ID, last.SourceStopped.Format("15:04:05.000"), last.TargetReady.Format("15:04:05.000"))
 		return ss[0].Machine, time.Duration(last.Downtime)
 	})
 

@@ -38,6 +38,17 @@ container_pids() {
   return 0
 }
 
+# storage_driver is overlay2 where the state dir's filesystem carries it
+# (ext4, xfs: a container of a large image starts in a moment), else vfs,
+# which copies every layer into every container; LAB_STORAGE_DRIVER wins.
+storage_driver() {
+  if [ -n "${LAB_STORAGE_DRIVER:-}" ]; then echo "$LAB_STORAGE_DRIVER"; return; fi
+  case "$(stat -f -c %T "$(dirname "$STATE")" 2>/dev/null)" in
+    ext2/ext3|xfs|btrfs) echo overlay2 ;;
+    *) echo vfs ;;
+  esac
+}
+
 down() {
   # Containers first, through their engines while those still run.
   for ns in $(host_names); do
@@ -121,7 +132,7 @@ up() {
       nsenter --net=/var/run/netns/"$ns" dockerd \
         --data-root "$dir/docker" --exec-root "$RUN/$ns/exec" \
         --pidfile "$RUN/$ns/docker.pid" -H "unix://$RUN/$ns/docker.sock" \
-        --storage-driver="${LAB_STORAGE_DRIVER:-vfs}" --insecure-registry "$SUBNET.0/24" \
+        --storage-driver="$(storage_driver)" --insecure-registry "$SUBNET.0/24" \
         >"$dir/dockerd.log" 2>&1 &
     fi
   done

@@ -187,9 +187,8 @@ func (c *Client) DeployPreview(ctx context.Context, req DeployRequest) (DeployPl
 }
 
 // Deploy applies a manifest and waits until its services are ready.
-func (c *Client) Deploy(ctx context.Context, req DeployRequest) (DeployResult, error) {
-	var v DeployResult
-	return v, c.do(ctx, http.MethodPost, "/v1/deploy", req, &v)
+func (c *Client) Deploy(ctx context.Context, req DeployRequest, onEvent func(DeployEvent)) (DeployResult, error) {
+	return stream[DeployEvent, DeployResult](ctx, c, "/v1/deploy", req, "deploy", onEvent)
 }
 
 // Services lists the services.

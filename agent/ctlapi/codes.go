@@ -24,6 +24,7 @@ const (
 	CodeBadManifest     = "bad_manifest"
 	CodeBadImage        = "bad_image" // an image that cannot be pinned: unknown, registry unreachable, login refused
 	CodeImagePushFailed = "image_push_failed"
+	CodePullFailed      = "pull_failed" // a machine could not get a service's image
 	CodeNamespaceLocked = "namespace_locked"
 	CodeServiceFailed   = "service_failed"
 	CodeTooLarge        = "too_large" // a command over the fact store's limit

@@ -52,7 +52,7 @@ func (f *fakeBackend) Activate(_ context.Context, name string) (Machine, error) 
 func (f *fakeBackend) DeployPreview(context.Context, DeployRequest) (DeployPlan, error) {
 	return DeployPlan{}, nil
 }
-func (f *fakeBackend) Deploy(context.Context, DeployRequest) (DeployResult, error) {
+func (f *fakeBackend) Deploy(context.Context, DeployRequest, func(DeployEvent)) (DeployResult, error) {
 	return DeployResult{}, nil
 }
 func (f *fakeBackend) Services(context.Context) ([]Service, error) { return nil, nil }

@@ -30,7 +30,7 @@ type Backend interface {
 	Mesh(context.Context) (MeshStatus, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
 	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
-	Deploy(context.Context, DeployRequest) (DeployResult, error)
+	Deploy(ctx context.Context, req DeployRequest, emit func(DeployEvent)) (DeployResult, error)
 	Services(context.Context) ([]Service, error)
 	Volumes(context.Context) ([]Volume, error)
 	// Migrate and Rollback block until the migration ends, calling emit
@@ -75,13 +75,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		}
 		return b.DeployPreview(r.Context(), req)
 	})
-	post("/v1/deploy", func(r *http.Request) (any, error) {
+	streamed(mux, logger, "/v1/deploy", func(r *http.Request, emit func(DeployEvent)) (DeployResult, error) {
 		var req DeployRequest
 		if err := decodeBody(r, &req); err != nil {
-			return nil, err
+			return DeployResult{}, err
 		}
-		return b.Deploy(r.Context(), req)
-	})
+		return b.Deploy(r.Context(), req, emit)
+	}, func(r DeployResult) bool { return r.Plan.Namespace != "" })
 	streamed(mux, logger, "/v1/migrate", func(r *http.Request, emit func(MigrationEvent)) (MigrationInfo, error) {
 		var req MigrateRequest
 		if err := decodeBody(r, &req); err != nil {

@@ -195,6 +195,22 @@ type Service struct {
 }
 
 // DeployResult is what `deploy` did.
+// DeployEvent is one step of a deploy as it runs: today the pulls of the
+// machines that will run its services.
+type DeployEvent struct {
+	Time    time.Time `json:"time"`
+	Service string    `json:"service"`
+	Machine string    `json:"machine"`
+	Kind    string    `json:"kind"` // pull
+	Message string    `json:"message,omitempty"`
+	Layer   string    `json:"layer,omitempty"`
+	Bytes   int64     `json:"bytes,omitempty"`
+	Total   int64     `json:"total,omitempty"`
+}
+
+// DeployStreamLine is one line of the answer to a deploy.
+type DeployStreamLine = StreamLine[DeployEvent, DeployResult]
+
 type DeployResult struct {
 	Plan       DeployPlan      `json:"plan"`
 	Services   []Service       `json:"services"`

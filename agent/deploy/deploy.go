@@ -17,6 +17,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/manifest"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
@@ -39,6 +40,11 @@ type Members interface {
 // (runtime.Docker.Resolve).
 type Images interface {
 	Resolve(ctx context.Context, image string) (string, error)
+}
+
+// Puller has a machine's engine pull an image it lacks (images.Pusher).
+type Puller interface {
+	Pull(ctx context.Context, machineID, image string, onProgress func(runtime.PullProgress)) error
 }
 
 // Mover runs one migration, as `migrate apply` does.
@@ -64,12 +70,13 @@ type Deployer struct {
 	gos    Members
 	mover  Mover
 	images Images // nil: images are not pinned
+	puller Puller // nil: machines pull when they start a service
 	log    *slog.Logger
 }
 
 // New makes a deployer.
-func New(cfg Config, facts Facts, members Members, mover Mover, images Images) *Deployer {
-	return &Deployer{cfg: cfg, facts: facts, gos: members, mover: mover, images: images, log: cfg.Logger}
+func New(cfg Config, facts Facts, members Members, mover Mover, images Images, puller Puller) *Deployer {
+	return &Deployer{cfg: cfg, facts: facts, gos: members, mover: mover, images: images, puller: puller, log: cfg.Logger}
 }
 
 func badManifest(err error) error {
@@ -108,7 +115,10 @@ func (d *Deployer) plan(ctx context.Context, req ctlapi.DeployRequest, pinned ma
 
 // Apply applies a manifest under the namespace lock and waits until every
 // service it changed is ready, or one failed.
-func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.DeployResult, error) {
+func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest, emit func(ctlapi.DeployEvent)) (ctlapi.DeployResult, error) {
+	if emit == nil {
+		emit = func(ctlapi.DeployEvent) {}
+	}
 	pinned := map[string]string{}
 	p, changes, err := d.plan(ctx, req, pinned)
 	if err != nil {
@@ -151,6 +161,9 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest) (ctlapi.
 				"service %s/%s: its spec encodes to %d KiB (%s alone %d KiB), over the fact store's limit of %d KiB per command: %w",
 				p.Namespace, c.spec.Name, len(data)>>10, field, size>>10, cluster.MaxCommandBytes>>10, cluster.ErrCommandTooLarge)}
 		}
+	}
+	if err := d.pullImages(ctx, p.Namespace, changes, emit); err != nil {
+		return ctlapi.DeployResult{Plan: p}, err
 	}
 	for i, cmd := range cmds {
 		if _, err := d.facts.Apply(ctx, cmd); err != nil {
@@ -340,4 +353,35 @@ func (d *Deployer) pin(ctx context.Context, file string, m *manifest.Manifest, p
 		return &ctlapi.APIError{Status: http.StatusBadRequest, Code: ctlapi.CodeBadImage, Err: problems}
 	}
 	return nil
+}
+
+// pullImages has each machine that will run a changed service get its
+// pinned image before any fact is written, passing the engines' progress
+// on: a deploy whose image a machine cannot get fails naming both, and
+// changes nothing; the container then starts without waiting for a pull.
+func (d *Deployer) pullImages(ctx context.Context, ns string, changes []change, emit func(ctlapi.DeployEvent)) error {
+	if d.puller == nil {
+		return nil
+	}
+	for _, c := range changes {
+		if c.remove || c.migrate {
+			continue
+		}
+		image, machine := c.spec.RunImage(), d.nameOf(c.machineID)
+		err := d.puller.Pull(ctx, c.machineID, image, func(pp runtime.PullProgress) {
+			emit(ctlapi.DeployEvent{Time: time.Now(), Service: ns + "/" + c.spec.Name, Machine: machine, Kind: "pull",
+				Message: pp.Status, Layer: pp.Layer, Bytes: pp.Current, Total: pp.Total})
+		})
+		if err != nil {
+			return &ctlapi.APIError{Status: http.StatusBadGateway, Code: ctlapi.CodePullFailed,
+				Err: fmt.Errorf("service %s/%s: machine %s cannot get image %s: %w", ns, c.spec.Name, machine, image, err)}
+		}
+	}
+	return nil
+}
+
+func (d *Deployer) nameOf(id string) string {
+	name := id
+	d.facts.Read(func(s *fsm.State) { name = s.NameOf(id) })
+	return name
 }

@@ -7,10 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/facttest"
@@ -21,6 +23,24 @@ type fakeMover struct{ asked []string }
 func (f *fakeMover) Migrate(_ context.Context, req ctlapi.MigrateRequest, _ func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
 	f.asked = append(f.asked, req.Service+"->"+req.To)
 	return ctlapi.MigrationInfo{ID: "m1", Phase: "done"}, nil
+}
+
+// fakePuller records pulls and fails the images it is told to.
+type fakePuller struct {
+	mu     sync.Mutex
+	pulled []string
+	fail   map[string]error
+}
+
+func (f *fakePuller) Pull(_ context.Context, machineID, image string, onProgress func(runtime.PullProgress)) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.fail[image]; err != nil {
+		return err
+	}
+	onProgress(runtime.PullProgress{Layer: "l1", Status: "Downloading", Current: 5, Total: 10})
+	f.pulled = append(f.pulled, machineID+":"+image)
+	return nil
 }
 
 // fakeImages pins every image to a digest, except the ones it refuses.
@@ -42,11 +62,12 @@ type rig struct {
 	members *facttest.Members
 	mover   *fakeMover
 	images  *fakeImages
+	puller  *fakePuller
 	d       *Deployer
 }
 
 func newRig(t *testing.T) *rig {
-	g := &rig{facts: facttest.NewStore(), members: facttest.NewMembers("a", "a", "b", "b", "c", "c"), mover: &fakeMover{}, images: &fakeImages{refuse: map[string]error{}}}
+	g := &rig{facts: facttest.NewStore(), members: facttest.NewMembers("a", "a", "b", "b", "c", "c"), mover: &fakeMover{}, images: &fakeImages{refuse: map[string]error{}}, puller: &fakePuller{fail: map[string]error{}}}
 	for _, m := range []string{"a", "b", "c"} {
 		g.facts.AddMachine(t, m, m)
 	}
@@ -55,7 +76,7 @@ func newRig(t *testing.T) *rig {
 	g.facts.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "c", Name: "c", Capacity: fsm.Capacity{MemoryBytes: 1 << 30, DiskBytes: 90 << 30}}, At: facttest.T0})
 	g.members.Set("c", "c", cluster.LivenessFailed)
 	g.d = New(Config{Self: "a", Name: "a", ServicePrefix: facttest.ServicePrefix, LockLease: time.Minute,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, g.facts, g.members, g.mover, g.images)
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, g.facts, g.members, g.mover, g.images, g.puller)
 	return g
 }
 
@@ -171,7 +192,7 @@ func TestBadManifestsNameFileAndKeyAndChangeNothing(t *testing.T) {
 		{withMachine("a"), "moving it is a migration"},
 		{strings.Replace(withMachine("a"), `quota = "1GiB"`, "quota = \"1GiB\"\nmove = true", 1) + "\n[services.api]\nimage = \"img:1\"\n", "moves services and changes others"},
 	} {
-		_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "shop.toml", Manifest: c.manifest})
+		_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "shop.toml", Manifest: c.manifest}, nil)
 		var apiErr *ctlapi.APIError
 		if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeBadManifest || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("manifest %q: %v; want bad_manifest naming %q", c.manifest, err, c.want)
@@ -189,11 +210,11 @@ func TestApplyWaitsForReadinessAndNamesAFailure(t *testing.T) {
 	// The machine's reconciler, as far as readiness goes: web gets ready,
 	// api fails.
 	g.reportStatus(ctx, func(name string) bool { return name == "web" })
-	res, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest})
+	res, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest}, nil)
 	if err != nil || len(res.Services) != 1 || res.Services[0].State != "ready" || res.Services[0].Machine != "b" {
 		t.Fatalf("deploy %+v, %v", res, err)
 	}
-	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n"})
+	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n"}, nil)
 	var apiErr *ctlapi.APIError
 	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeServiceFailed || !strings.Contains(err.Error(), "shop/api failed on a: exec check: exit 1") {
 		t.Fatalf("failing deploy: %v", err)
@@ -208,7 +229,7 @@ func TestApplyWaitsForReadinessAndNamesAFailure(t *testing.T) {
 func TestApplyIntoALockedNamespaceNamesTheHolder(t *testing.T) {
 	g := newRig(t)
 	g.facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "b/migrate/m9", Lease: time.Minute, At: time.Now()})
-	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: webManifest})
+	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: webManifest}, nil)
 	var apiErr *ctlapi.APIError
 	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeNamespaceLocked || !strings.Contains(err.Error(), "b/migrate/m9") || !errors.Is(err, fsm.ErrLockHeld) {
 		t.Fatalf("deploy into a locked namespace: %v", err)
@@ -222,7 +243,7 @@ func TestMovesByManifestGoToTheMigrationAndRenderRoundTrips(t *testing.T) {
 	if err != nil || !strings.Contains(r.Text, `machine = "a"`) || !strings.Contains(r.Text, "move = true") {
 		t.Fatalf("rendered %q, %v", r.Text, err)
 	}
-	res, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: r.Text})
+	res, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: r.Text}, nil)
 	if err != nil || strings.Join(g.mover.asked, ",") != "shop/web->a" || len(res.Migrations) != 1 {
 		t.Fatalf("deploy of the rendered manifest: %+v %v (moves %v)", res, err, g.mover.asked)
 	}
@@ -241,7 +262,7 @@ func TestAManifestTooLargeForTheFactStoreChangesNothing(t *testing.T) {
 		fmt.Fprintf(&ports, "\n[[services.api.ports]]\nport = %d\n", 1000+i)
 	}
 	m := webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n" + ports.String()
-	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "big.toml", Manifest: m})
+	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{File: "big.toml", Manifest: m}, nil)
 	var apiErr *ctlapi.APIError
 	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeTooLarge || !strings.Contains(err.Error(), "service shop/api") || !strings.Contains(err.Error(), "512 KiB") || !strings.Contains(err.Error(), "ports alone") {
 		t.Fatalf("too large a manifest: %v", err)
@@ -269,7 +290,7 @@ func TestDeployPinsImagesAndRefusesOnesItCannotPin(t *testing.T) {
 	defer cancel()
 	g.reportStatus(ctx, func(string) bool { return true })
 	g.images.resolved = nil
-	if _, err := g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: webManifest}); err != nil {
+	if _, err := g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: webManifest}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if len(g.images.resolved) != 1 {
@@ -283,7 +304,7 @@ func TestDeployPinsImagesAndRefusesOnesItCannotPin(t *testing.T) {
 
 	before := len(g.facts.Applied())
 	g.images.refuse["img:2"] = errors.New("image cannot be resolved to a digest: image img:2, registry docker.io, from machine a: unauthorized")
-	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: strings.Replace(webManifest, "img:1", "img:2", 1)})
+	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: strings.Replace(webManifest, "img:1", "img:2", 1)}, nil)
 	var apiErr *ctlapi.APIError
 	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeBadImage || !strings.Contains(err.Error(), "shop.toml") ||
 		!strings.Contains(err.Error(), "services.web.image") || !strings.Contains(err.Error(), "unauthorized") {
@@ -291,5 +312,36 @@ func TestDeployPinsImagesAndRefusesOnesItCannotPin(t *testing.T) {
 	}
 	if len(g.facts.Applied()) != before {
 		t.Fatalf("a refused deploy wrote %v", g.facts.Applied()[before:])
+	}
+}
+
+// The machine that will run a service gets its image before any fact is
+// written, and the deploy passes its progress on; a machine that cannot
+// get it fails the deploy naming both, and nothing changes.
+func TestDeployPullsOnTheMachineFirst(t *testing.T) {
+	g := newRig(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	g.reportStatus(ctx, func(string) bool { return true })
+	var events []ctlapi.DeployEvent
+	if _, err := g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: webManifest}, func(ev ctlapi.DeployEvent) { events = append(events, ev) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(g.puller.pulled) != 1 || g.puller.pulled[0] != "b:reg.example/img:1@sha256:abcd" {
+		t.Fatalf("pulled %v", g.puller.pulled)
+	}
+	if len(events) == 0 || events[0].Kind != "pull" || events[0].Machine != "b" || events[0].Service != "shop/web" || events[0].Total != 10 {
+		t.Fatalf("events %+v", events)
+	}
+
+	before := len(g.facts.Applied())
+	g.puller.fail["reg.example/img:3@sha256:abcd"] = errors.New("image pull failed: unauthorized")
+	_, err := g.d.Apply(ctx, ctlapi.DeployRequest{File: "shop.toml", Manifest: strings.Replace(webManifest, "img:1", "img:3", 1)}, nil)
+	var apiErr *ctlapi.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodePullFailed || !strings.Contains(err.Error(), "machine b") || !strings.Contains(err.Error(), "unauthorized") {
+		t.Fatalf("a pull that fails: %v", err)
+	}
+	if applied := g.facts.Applied(); len(applied) != before+2 { // the lock, taken and given back
+		t.Fatalf("a deploy whose pull failed wrote %v", applied[before:])
 	}
 }

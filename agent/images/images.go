@@ -15,6 +15,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
 	"github.com/drover-sh/drover/internal/iocount"
@@ -22,6 +23,16 @@ import (
 
 // routeLoad loads an image into the callee's engine under a name.
 var routeLoad = peer.Upload[loadRequest, loadResult]{Path: "images/v1/load"}
+
+// routePull has the callee's engine pull an image it lacks, answering
+// with the engine's progress.
+var routePull = peer.Stream[pullRequest, runtime.PullProgress, pullResult]{Path: "images/v1/pull"}
+
+type pullRequest struct {
+	Image string `json:"image"`
+}
+
+type pullResult struct{}
 
 type loadRequest struct {
 	Image string `json:"image"`
@@ -35,6 +46,7 @@ var errNotMember = peer.NewError("push_refused", "only a member of the cluster m
 // Engine is this machine's Docker engine as pushing needs it.
 type Engine interface {
 	HasImage(ctx context.Context, image string) (bool, error)
+	EnsureImage(ctx context.Context, image string, progress func(runtime.PullProgress)) error
 	SaveImage(ctx context.Context, image string) (io.ReadCloser, error)
 	LoadImage(ctx context.Context, image string, r io.Reader) error
 }
@@ -61,6 +73,41 @@ func New(self string, engine Engine, facts Facts, peers peer.Caller, logger *slo
 // Register serves the loading side on s.
 func (p *Pusher) Register(s peer.Server) {
 	peer.HandleUpload(s, routeLoad, p.handleLoad)
+	peer.HandleStream(s, routePull, p.handlePull)
+}
+
+// progressEvery is how often a pull's progress is passed on.
+const progressEvery = 500 * time.Millisecond
+
+func (p *Pusher) handlePull(ctx context.Context, from string, req pullRequest, emit func(runtime.PullProgress)) (pullResult, error) {
+	if from == "" {
+		return pullResult{}, errNotMember
+	}
+	return pullResult{}, p.engine.EnsureImage(ctx, req.Image, throttle(emit))
+}
+
+// Pull has machine's engine get image from its registry if it lacks it,
+// passing the engine's progress to onProgress (every half second at most).
+func (p *Pusher) Pull(ctx context.Context, machineID, image string, onProgress func(runtime.PullProgress)) error {
+	if machineID == p.self {
+		return p.engine.EnsureImage(ctx, image, throttle(onProgress))
+	}
+	_, err := routePull.Call(ctx, p.peers, machineID, pullRequest{Image: image}, onProgress)
+	return err
+}
+
+// throttle passes on at most one report per progressEvery, and every
+// change of status (a layer done).
+func throttle(f func(runtime.PullProgress)) func(runtime.PullProgress) {
+	var last time.Time
+	var status string
+	return func(pp runtime.PullProgress) {
+		if time.Since(last) < progressEvery && pp.Status == status {
+			return
+		}
+		last, status = time.Now(), pp.Status
+		f(pp)
+	}
 }
 
 func (p *Pusher) handleLoad(ctx context.Context, from string, req loadRequest, body peer.Body) (loadResult, error) {

@@ -13,6 +13,7 @@ import (
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/agent/peer/peertest"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/internal/facttest"
 )
 
@@ -27,6 +28,21 @@ func (e *fakeEngine) HasImage(_ context.Context, image string) (bool, error) {
 	defer e.mu.Unlock()
 	_, ok := e.images[image]
 	return ok, nil
+}
+
+func (e *fakeEngine) EnsureImage(_ context.Context, image string, progress func(runtime.PullProgress)) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.images[image]; ok {
+		return nil
+	}
+	if !strings.HasPrefix(image, "reg/") {
+		return errors.New("image pull failed: " + image + ": manifest unknown")
+	}
+	progress(runtime.PullProgress{Layer: "l1", Status: "Downloading", Current: 1, Total: 2})
+	progress(runtime.PullProgress{Layer: "l1", Status: "Pull complete"})
+	e.images[image] = "pulled " + image
+	return nil
 }
 
 func (e *fakeEngine) SaveImage(_ context.Context, image string) (io.ReadCloser, error) {
@@ -100,5 +116,33 @@ func TestPushLoadsTheImageIntoEachTarget(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode == http.StatusOK || !strings.Contains(string(body), `"code":"push_refused"`) || engines["b"].images["app:1"] != "the bits of app:1" {
 		t.Fatalf("a non-member's push: status %d %s, b has %q", resp.StatusCode, body, engines["b"].images["app:1"])
+	}
+}
+
+// A pull on another machine passes its engine's progress back; a failed
+// pull keeps its cause.
+func TestPullOnAnotherMachineReportsProgress(t *testing.T) {
+	net := peertest.New(t)
+	facts := facttest.NewStore()
+	var pushers []*Pusher
+	var engines []*fakeEngine
+	for _, id := range []string{"a", "b"} {
+		facts.AddMachine(t, id, id)
+		h := net.Add(id)
+		e := &fakeEngine{images: map[string]string{}}
+		p := New(id, e, facts, h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		p.Register(peer.Server{Mux: h, IDs: h})
+		pushers, engines = append(pushers, p), append(engines, e)
+	}
+	var seen []string
+	if err := pushers[0].Pull(context.Background(), "b", "reg/app:1", func(pp runtime.PullProgress) { seen = append(seen, pp.Status) }); err != nil {
+		t.Fatal(err)
+	}
+	if engines[1].images["reg/app:1"] == "" || len(seen) == 0 || seen[len(seen)-1] != "Pull complete" {
+		t.Fatalf("b has %v; progress seen %v", engines[1].images, seen)
+	}
+	err := pushers[0].Pull(context.Background(), "b", "other/app:1", func(runtime.PullProgress) {})
+	if err == nil || !strings.Contains(err.Error(), "manifest unknown") {
+		t.Fatalf("a failed pull: %v", err)
 	}
 }

@@ -20,7 +20,7 @@ func (m *Migrator) Register() {
 	peer.HandleUpload(s, routeReceive, m.handleReceive)
 	peer.Handle(s, routeStopSource, withMigration(m, m.handleStopSource))
 	peer.Handle(s, routeStartTarget, withMigration(m, m.handleStartTarget))
-	peer.Handle(s, routePrepareImage, withMigration(m, m.handlePrepareImage))
+	peer.HandleStream(s, routePrepareImage, m.handlePrepareImage)
 	peer.HandleStream(s, routeSendImage, m.handleSendImage)
 	peer.HandleUpload(s, routeLoadImage, m.handleLoadImage)
 	peer.Handle(s, routeAbort, withMigration(m, answerless(m.handleAbort)))

@@ -13,6 +13,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/nslock"
@@ -454,7 +455,12 @@ func mibs(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) 
 // stops: it pulls it, or, when it cannot, the source streams it over the
 // mesh.
 func (m *Migrator) imageOnTarget(ctx context.Context, ex *execution, f fsm.Migration, image string) error {
-	r, err := call(ctx, m, f.TargetID, 30*time.Minute, routePrepareImage, migrationRef{ID: f.ID})
+	pctx, cancelPull := context.WithTimeout(ctx, 30*time.Minute)
+	r, err := routePrepareImage.Call(pctx, m.d.Peers, f.TargetID, migrationRef{ID: f.ID}, func(pp runtime.PullProgress) {
+		ex.emit(ctlapi.MigrationEvent{Kind: "progress", Phase: "image", Volume: "pull " + pp.Layer + " " + pp.Status,
+			Bytes: uint64(max(pp.Current, 0)), Total: uint64(max(pp.Total, 0))})
+	})
+	cancelPull()
 	switch {
 	case err != nil:
 		return err

@@ -229,7 +229,11 @@ func (m *Migrator) handleCleanupTarget(_ context.Context, c migrationCall) error
 // handlePrepareImage (target, before the source stops): have the
 // service's image, pulling it from its registry when missing; when it
 // cannot be pulled, say why, and the source streams it.
-func (m *Migrator) handlePrepareImage(ctx context.Context, c migrationCall) (prepareResult, error) {
+func (m *Migrator) handlePrepareImage(ctx context.Context, _ string, req migrationRef, emit func(runtime.PullProgress)) (prepareResult, error) {
+	c, err := m.lookup(ctx, req.ID)
+	if err != nil {
+		return prepareResult{}, err
+	}
 	if err := m.requireRunning(c.m, c.m.TargetID, ErrNotTarget); err != nil {
 		return prepareResult{}, err
 	}
@@ -241,7 +245,14 @@ func (m *Migrator) handlePrepareImage(ctx context.Context, c migrationCall) (pre
 		return prepareResult{Missing: err.Error()}, nil
 	}
 	began := time.Now()
-	if err := m.d.Images.EnsureImage(ctx, image, nil); err != nil {
+	var last time.Time
+	progress := func(pp runtime.PullProgress) { // every half second at most
+		if time.Since(last) >= 500*time.Millisecond {
+			last = time.Now()
+			emit(pp)
+		}
+	}
+	if err := m.d.Images.EnsureImage(ctx, image, progress); err != nil {
 		return prepareResult{}, err
 	}
 	m.cfg.Logger.Info("pulled the image of a migrating service", "migration", c.m.ID, "image", image, "took", time.Since(began))

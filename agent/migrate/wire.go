@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/volume"
 )
 
@@ -19,7 +20,7 @@ var (
 	routeReceive = peer.Upload[streamRequest, receiveResult]{Path: "migrate/v2/receive"}
 	// source: stop the service's container (kept)
 	routeStopSource   = peer.Route[migrationRef, stopResult]{Path: "migrate/v2/stop-source"}
-	routePrepareImage = peer.Route[migrationRef, prepareResult]{Path: "migrate/v2/prepare-image"}
+	routePrepareImage = peer.Stream[migrationRef, runtime.PullProgress, prepareResult]{Path: "migrate/v2/prepare-image"}
 	routeSendImage    = peer.Stream[migrationRef, imageProgress, imageSent]{Path: "migrate/v2/send-image"}
 	routeLoadImage    = peer.Upload[migrationRef, done]{Path: "migrate/v2/load-image"}
 	// target: adopt the copies, start, wait ready

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -32,7 +33,7 @@ func (c *cli) deployCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			res, err := c.client.Deploy(cmd.Context(), req)
+			res, err := c.client.Deploy(cmd.Context(), req, c.deployProgress(cmd.ErrOrStderr()))
 			if err != nil {
 				return err
 			}
@@ -152,3 +153,19 @@ func (c *cli) volumeCmd() *cobra.Command {
 }
 
 func mib(b uint64) string { return fmt.Sprintf("%.1fMiB", float64(b)/(1<<20)) }
+
+// deployProgress shows a deploy's pulls on w: a line per layer step, the
+// bytes when the engine counts them.
+func (c *cli) deployProgress(w io.Writer) func(ctlapi.DeployEvent) {
+	return func(ev ctlapi.DeployEvent) {
+		line := fmt.Sprintf("%s  %s on %s: pulling", ev.Time.Local().Format("15:04:05.000"), ev.Service, ev.Machine)
+		if ev.Layer != "" {
+			line += " " + ev.Layer
+		}
+		line += " " + ev.Message
+		if ev.Total > 0 {
+			line += fmt.Sprintf(" %s / %s", mib(uint64(ev.Bytes)), mib(uint64(ev.Total)))
+		}
+		fmt.Fprintln(w, line)
+	}
+}

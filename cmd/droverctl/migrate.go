@@ -272,11 +272,14 @@ func (p *progress) event(ev ctlapi.MigrationEvent) {
 		fmt.Fprintf(p.w, "%s  %-15s %s\n", stamp, ev.Phase, ev.Message)
 		return
 	}
-	round := fmt.Sprintf("round %d", ev.Round)
-	if ev.Round == 0 {
-		round = "final"
+	round := fmt.Sprintf("round %d ", ev.Round)
+	switch {
+	case ev.Phase == "image": // a pull's layer, or the image streamed from the source
+		round = ""
+	case ev.Round == 0:
+		round = "final "
 	}
-	line := fmt.Sprintf("%-15s %s %s: %s", ev.Phase, round, ev.Volume, mib(ev.Bytes))
+	line := fmt.Sprintf("%-15s %s%s: %s", ev.Phase, round, ev.Volume, mib(ev.Bytes))
 	if ev.Total > 0 {
 		line += " / " + mib(ev.Total)
 	}

@@ -15,7 +15,10 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
 fi
 # The server's log goes to $PGDATA/log/postgresql.log: on the volume, so
 # it moves with the data and tells, on the final owner, how every start
-# and stop went.
+# and stop went. Written by the server itself (no logging collector, whose
+# last lines die with the container), so "database system is shut down"
+# is on disk before the container stops.
+mkdir -p "$PGDATA/log"
+chown postgres:postgres "$PGDATA/log"
 exec setpriv --reuid postgres --regid postgres --init-groups "$bin/postgres" -D "$PGDATA" \
-  -c listen_addresses='*' -c logging_collector=on -c log_directory=log \
-  -c log_filename=postgresql.log -c log_rotation_age=0 -c log_rotation_size=0
+  -c listen_addresses='*' -c logging_collector=off 2>>"$PGDATA/log/postgresql.log"
