@@ -177,6 +177,20 @@ func (g *gossip) leave(timeout time.Duration) error {
 	if err := g.setMeta(func(m *Meta) { m.Leaving = true }); err != nil {
 		g.logger.Warn("could not announce leaving", "err", err)
 	}
+	// A full state exchange with every live member carries the Leaving
+	// flag over TCP before the departure itself: gossip alone may bring
+	// the departure first, and a machine then records "failed".
+	var addrs []string
+	for _, n := range g.ml.Members() {
+		if n.Name != g.ml.LocalNode().Name && n.State == memberlist.StateAlive {
+			addrs = append(addrs, n.Address())
+		}
+	}
+	if len(addrs) > 0 {
+		if _, err := g.ml.Join(addrs); err != nil {
+			g.logger.Debug("pushing the leaving flag", "err", err)
+		}
+	}
 	return g.ml.Leave(timeout)
 }
 

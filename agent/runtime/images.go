@@ -352,6 +352,10 @@ func (d *Docker) LoadImage(ctx context.Context, ref string, r io.Reader) error {
 		}
 		if v, ok := strings.CutPrefix(strings.TrimSpace(msg.Stream), "Loaded image ID: "); ok {
 			id = v
+		} else if name, ok := strings.CutPrefix(strings.TrimSpace(msg.Stream), "Loaded image: "); ok {
+			if insp, _, err := d.cli.ImageInspectWithRaw(ctx, name); err == nil {
+				id = insp.ID // saved by name: the engine names the tag
+			}
 		}
 	}
 	if local, err := d.local(ctx, ref); err != nil || local != "" {
