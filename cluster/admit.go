@@ -41,7 +41,11 @@ func (n *Node) refuse(m Member, reason string) {
 	if first {
 		n.logger.Warn("refused to admit a machine", "machine", m.Name, "id", m.MachineID, "from", m.GossipAddr.String(), "reason", reason)
 	}
-	if err := n.gossip.tell(m.MachineID, userMsg{Refused: reason}); err != nil {
+	msg := userMsg{Refused: reason}
+	if m.Join != nil {
+		msg.Grant = m.Join.Grant
+	}
+	if err := n.gossip.tell(m.MachineID, msg); err != nil {
 		n.logger.Debug("could not tell a refused machine why", "machine", m.Name, "err", err)
 	}
 }

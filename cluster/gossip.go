@@ -279,6 +279,10 @@ const userMsgVersion byte = 1
 // hear why (it is not a peer of the mesh yet).
 type userMsg struct {
 	Refused string `json:"refused,omitempty"`
+	// Grant is the join grant the refused metadata presented ("" for
+	// none): a machine that joins again with another token ignores a
+	// refusal of its earlier attempt still on its way.
+	Grant string `json:"grant,omitempty"`
 }
 
 // NotifyMsg receives user messages.
@@ -291,6 +295,14 @@ func (g *gossip) NotifyMsg(b []byte) {
 		return
 	}
 	g.mu.Lock()
+	presented := ""
+	if g.local.Join != nil {
+		presented = g.local.Join.Grant
+	}
+	if m.Grant != presented {
+		g.mu.Unlock()
+		return
+	}
 	changed := g.refusal != m.Refused
 	g.refusal = m.Refused
 	g.mu.Unlock()

@@ -65,11 +65,11 @@ type inserter struct {
 	done  chan struct{}
 }
 
-func startInserter(h *lab.Host, ip string) *inserter {
+func startInserter(h *lab.Host, ip string, firstID int) *inserter {
 	w := &inserter{host: h, stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(w.done)
-		for id := 1; ; id++ {
+		for id := firstID; ; id++ {
 			select {
 			case <-w.stop:
 				return
@@ -283,7 +283,8 @@ func TestLabPostgres(t *testing.T) {
 	move := func(what string, n int, run func() (string, time.Duration)) *lab.Host {
 		var ins []*inserter
 		for _, host := range h {
-			ins = append(ins, startInserter(host, ip))
+			// Ids of their own per move: an id is inserted once.
+			ins = append(ins, startInserter(host, ip, n*1_000_000))
 		}
 		stop := make(chan struct{})
 		bench := pgbenchLoop(h[0], ip, stop)
