@@ -35,6 +35,10 @@ type fakeMigrations struct {
 	// events a test expects reach only a follower already subscribed.
 	followed func()
 	n        int
+	// hold keeps each move's namespace lock this long; lockRefused counts
+	// the moves refused because another held it.
+	hold        time.Duration
+	lockRefused int
 }
 
 func newFakeMigrations(t *testing.T, facts *facttest.Store) *fakeMigrations {
@@ -63,8 +67,12 @@ func (f *fakeMigrations) Migrate(ctx context.Context, req ctlapi.MigrateRequest,
 	holder := "x/migrate/" + id
 	apply := func(c fsm.Command) error { _, err := f.facts.Apply(ctx, c); return err }
 	if err := apply(fsm.AcquireLock{Namespace: ns, Holder: holder, Lease: time.Hour, At: time.Now()}); err != nil {
+		f.mu.Lock()
+		f.lockRefused++
+		f.mu.Unlock()
 		return ctlapi.MigrationInfo{}, err
 	}
+	time.Sleep(f.hold)
 	defer apply(fsm.ReleaseLock{Namespace: ns, Holder: holder, At: time.Now()})
 	apply(fsm.StartMigration{ID: id, Namespace: ns, Service: svc, TargetID: target.ID, Holder: holder, At: time.Now()})
 	emit(ctlapi.MigrationEvent{Kind: "phase", Phase: "warm-copy"})
@@ -277,4 +285,21 @@ func waitFollowed(t *testing.T, d *Drainer, machineID string) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Errorf("nobody followed the drain of %s", machineID)
+}
+
+// Two services of one namespace on a drained machine, with room for two
+// moves at once: they move one after the other (each move holds the
+// namespace's lock), none is refused for the drain's own lock.
+func TestDrainMovesOneNamespaceOneAtATime(t *testing.T) {
+	g := newRig(t, "x", "a", "b", "c")
+	g.facts.Deploy(t, "shop", webSpec("web", "data"), "a")
+	g.facts.Deploy(t, "shop", webSpec("api", "cache"), "a")
+	g.migs.hold = 50 * time.Millisecond
+	info, err := g.d.Drain(context.Background(), ctlapi.DrainRequest{Machine: "a", Wait: true, Parallel: 2}, func(ctlapi.DrainEvent) {})
+	if err != nil || info.State != "drained" || info.Moved != 2 {
+		t.Fatalf("drain %+v, %v", info, err)
+	}
+	if g.migs.lockRefused != 0 || len(g.migs.moves) != 2 {
+		t.Fatalf("%d moves refused for the namespace lock; moves %v", g.migs.lockRefused, g.migs.moves)
+	}
 }

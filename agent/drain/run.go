@@ -195,7 +195,7 @@ func (v *driver) pending(ctx context.Context, f fsm.Drain, it fsm.DrainItem, inf
 		v.update(ctx, it)
 		return false
 	}
-	if *inflight >= f.Parallel || v.starting[it.Service] {
+	if *inflight >= f.Parallel || v.starting[it.Service] || v.namespaceBusy(it.Service) {
 		return true
 	}
 	if it.Target == "" || v.failedOn[it.Service][it.Target] {
@@ -219,6 +219,19 @@ func (v *driver) pending(ctx context.Context, f fsm.Drain, it fsm.DrainItem, inf
 		}
 	}()
 	return true
+}
+
+// namespaceBusy tells whether a move of this drain already runs in the
+// namespace of service: a move holds its namespace's lock, so a second
+// one there would be refused, and waits its turn instead.
+func (v *driver) namespaceBusy(service string) bool {
+	ns, _, _ := strings.Cut(service, "/")
+	for other, on := range v.starting {
+		if on && strings.HasPrefix(other, ns+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 // reconcileItems gives each open item of a drain its state from the

@@ -93,6 +93,36 @@ func (m *Migrator) finishOrphans(ctx context.Context) {
 		}
 		nslock.Release(ctx, m.d.Facts, o.m.Namespace, o.m.Holder, m.log)
 	}
+	// The facts first, then what runs: a migration that starts between
+	// the two runs already (it registers before it takes its lock).
+	var stale []fsm.Lock
+	m.d.Facts.Read(func(s *fsm.State) { stale = staleLocks(s, nil, m.cfg.Name+"/migrate/") })
+	running = m.running()
+	for _, l := range stale {
+		if running[strings.TrimPrefix(l.Holder, m.cfg.Name+"/migrate/")] {
+			continue
+		}
+		m.log.Info("releasing the lock of a migration that ended while this daemon was away", "namespace", l.Namespace, "holder", l.Holder)
+		nslock.Release(ctx, m.d.Facts, l.Namespace, l.Holder, m.log)
+	}
+}
+
+// staleLocks are the namespace locks this daemon took for migrations
+// that have ended (or are gone) and that it no longer runs: a daemon
+// killed just as its migration ended left them held until their lease
+// ran out, and the next move of the namespace was refused meanwhile.
+func staleLocks(s *fsm.State, running map[string]bool, holderPrefix string) []fsm.Lock {
+	var out []fsm.Lock
+	for _, l := range s.Locks() {
+		id, ok := strings.CutPrefix(l.Holder, holderPrefix)
+		if !ok || running[id] {
+			continue
+		}
+		if mg, known := s.Migration(id); !known || mg.Phase.Terminal() {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // undoLeftovers removes, on this machine, what aborted migrations left

@@ -3,11 +3,13 @@ package migrate
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/facttest"
 )
 
 var allPhases = []fsm.MigrationPhase{fsm.PhasePlanned, fsm.PhaseWarmCopy, fsm.PhaseSourceStopped, fsm.PhaseFinalCopy, fsm.PhaseTargetStarting, fsm.PhaseCommitted}
@@ -136,5 +138,34 @@ func TestExpiredSourceCopiesArePurged(t *testing.T) {
 	a.mig.purgeExpired(context.Background())
 	if a.vols.Exists(a.vols.Dataset("shop", "data")) || c.migration(info.ID).SourcePurgedAt.IsZero() {
 		t.Fatal("the expired copy was not purged and recorded")
+	}
+}
+
+// A lock this daemon took for a migration that ended (or is gone) and
+// that it no longer runs is stale; one of a migration it runs, one of an
+// unfinished migration and another daemon's are not.
+func TestStaleLocks(t *testing.T) {
+	st := facttest.NewStore()
+	st.AddMachine(t, "a", "a")
+	st.AddMachine(t, "b", "b")
+	for _, ns := range []string{"done", "gone", "live", "mine", "other"} {
+		st.Deploy(t, ns, fsm.ServiceSpec{Name: "web", Image: "img"}, "a")
+	}
+	now := time.Now()
+	for ns, holder := range map[string]string{"done": "a/migrate/m1", "gone": "a/migrate/m2", "live": "a/migrate/m3", "mine": "a/migrate/m4", "other": "b/migrate/m5"} {
+		st.Must(t, fsm.AcquireLock{Namespace: ns, Holder: holder, Lease: time.Minute, At: now})
+	}
+	st.Must(t, fsm.StartMigration{ID: "m1", Namespace: "done", Service: "web", TargetID: "b", Holder: "a/migrate/m1", At: now})
+	st.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: fsm.PhaseAborting, At: now})
+	st.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: fsm.PhaseAborted, At: now})
+	st.Must(t, fsm.StartMigration{ID: "m3", Namespace: "live", Service: "web", TargetID: "b", Holder: "a/migrate/m3", At: now})
+	var got []string
+	st.Read(func(s *fsm.State) {
+		for _, l := range staleLocks(s, map[string]bool{"m4": true}, "a/migrate/") {
+			got = append(got, l.Namespace)
+		}
+	})
+	if !slices.Equal(got, []string{"done", "gone"}) {
+		t.Fatalf("stale locks %v, want done and gone", got)
 	}
 }

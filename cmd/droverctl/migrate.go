@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strings"
 	"sync"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -28,7 +29,7 @@ func (c *cli) migrateCmd() *cobra.Command {
 		Long: `Move a service and its volumes to another machine and wait for the outcome.
 
 On a terminal the progress is shown live; otherwise one line per event, or
-JSON lines with --json. Ctrl-C asks whether to abort (before the commit the
+JSON lines with --json. Ctrl-C asks whether to abort, SIGTERM aborts (before the commit the
 service goes back to its source; after it the move only goes forward).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -199,16 +200,17 @@ func (c *cli) followMigration(cmd *cobra.Command, run func(context.Context, func
 	// drop the request, only ask the daemon to abort.
 	ctx := context.WithoutCancel(cmd.Context())
 	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(sigs)
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
 		for {
+			var sig os.Signal
 			select {
 			case <-stop:
 				return
-			case <-sigs:
+			case sig = <-sigs:
 			}
 			mu.Lock()
 			current := id
@@ -216,7 +218,9 @@ func (c *cli) followMigration(cmd *cobra.Command, run func(context.Context, func
 			if current == "" {
 				continue
 			}
-			if tty && !confirm(stderr, fmt.Sprintf("\nabort migration %s? [y/N] ", current)) {
+			// SIGTERM (a `timeout`, a service manager) aborts without
+			// asking; Ctrl-C on a terminal asks.
+			if sig == os.Interrupt && tty && !confirm(stderr, fmt.Sprintf("\nabort migration %s? [y/N] ", current)) {
 				continue
 			}
 			if _, err := c.client.AbortMigration(ctx, current); err != nil {
