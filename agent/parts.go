@@ -122,6 +122,13 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	ctx, cancel := context.WithCancel(a.ctx)
 	p.ctx, p.end = ctx, cancel
 	lo := loopback.Addresses{Prefix: cfg.ServicePrefix}
+	if cfg.ServicePrefix.IsValid() {
+		// A migration's target publishes ports on a service IP it holds
+		// only from the commit on (see agent/migrate).
+		if err := loopback.AllowNonlocalBind(); err != nil {
+			return fail(err)
+		}
+	}
 	deps := migrate.Deps{Facts: n, Members: n, Peers: n, Server: peer.Server{Mux: n, IDs: n},
 		Containers: p.rt, Starter: p.rt, Images: p.rt, Loopback: lo}
 	var reconVols reconcile.Volumes

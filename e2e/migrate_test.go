@@ -77,7 +77,7 @@ func startWriter(from *lab.Host, ip string, every time.Duration) *writer {
 				return
 			case <-time.After(every):
 			}
-			key, body := fmt.Sprintf("w%06d", i), fmt.Sprintf("write %d", i)
+			key, body := fmt.Sprintf("%s-w%06d", from.Name, i), fmt.Sprintf("write %d from %s", i, from.Name)
 			if _, err := from.Run(context.Background(), "curl", "-sf", "-m", "2", "-XPOST", "--data", body, "http://"+ip+":80/write?key="+key); err == nil {
 				w.mu.Lock()
 				w.acked[key] = body

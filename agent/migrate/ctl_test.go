@@ -3,6 +3,7 @@ package migrate
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,7 +56,8 @@ func TestAbortAndPurgeAnswerByPhase(t *testing.T) {
 	unblock := make(chan struct{})
 	defer close(unblock)
 	a.mig.cfg.StallTimeout = time.Hour
-	a.mig.d.Streams = stallingStreams{Streams: a.vols, unblock: unblock}
+	var healed atomic.Bool // swapping the dependency would race a handler still starting
+	a.mig.d.Streams = stallingStreams{Streams: a.vols, unblock: unblock, healed: &healed}
 	done := make(chan error, 1)
 	var id string
 	started := make(chan struct{})
@@ -86,7 +88,7 @@ func TestAbortAndPurgeAnswerByPhase(t *testing.T) {
 		t.Fatalf("purge of an aborted migration: %v", err)
 	}
 
-	a.mig.d.Streams = a.vols
+	healed.Store(true)
 	moved, err := a.mig.Migrate(ctx, migrateTo("b"), func(ctlapi.MigrationEvent) {})
 	if err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -147,13 +148,17 @@ func TestStalledStreamIsNamedOnTheExecutor(t *testing.T) {
 }
 
 // stallingStreams sends the stream's header, then nothing until unblocked
-// or the stream is torn down.
+// or the stream is torn down; with healed set, it sends as the volumes do.
 type stallingStreams struct {
 	Streams
 	unblock chan struct{}
+	healed  *atomic.Bool
 }
 
-func (s stallingStreams) Send(_, _, _, _ string, w io.Writer) error {
+func (s stallingStreams) Send(ns, vol, snap, base string, w io.Writer) error {
+	if s.healed != nil && s.healed.Load() {
+		return s.Streams.Send(ns, vol, snap, base, w)
+	}
 	if _, err := w.Write([]byte(`{"snaps":[]}` + "\n")); err != nil {
 		return err
 	}

@@ -123,9 +123,10 @@ func (m *Migrator) handleStartTarget(ctx context.Context, c migrationCall) (star
 		rs.Mounts[v.Name] = mountpoint
 	}
 	adopted := time.Now()
-	if err := m.d.Loopback.Add(sv.ServiceIP); err != nil {
-		return startResult{}, err
-	}
+	// The service IP stays the source's until the commit, on this host
+	// too: the container's ports are published on it (the host allows
+	// binds to addresses it does not hold), but clients here reach the
+	// owner until the commit; an abort throws away a copy nobody used.
 	ctr, err := m.d.Starter.Start(ctx, rs)
 	if err != nil {
 		return startResult{}, err
@@ -221,6 +222,10 @@ func (m *Migrator) handleCleanupTarget(_ context.Context, c migrationCall) error
 		return fmt.Errorf("migration %s is %s: no target cleanup here: %w", c.m.ID, c.m.Phase, ErrNotCommitted)
 	}
 	m.cfg.Crash.Hit("target", "committed")
+	// Committed: this machine owns the service IP now, on its own host too.
+	if err := m.d.Loopback.Add(c.sv.ServiceIP); err != nil {
+		return err
+	}
 	err := m.pruneSnapshots(c)
 	m.cfg.Crash.Hit("target", "cleanup")
 	return err

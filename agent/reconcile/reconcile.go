@@ -147,21 +147,17 @@ type desired struct {
 	// moving: services a migration to or from this machine moves; they
 	// are the migration's, not the reconciler's.
 	moving map[string]bool
-	// ips: the service IPs this machine holds: those it owns, and those of
-	// services moving here (the target starts them before the commit).
+	// ips: the service IPs this machine holds: those it owns, and no
+	// other (a service moving here gets its IP at the commit).
 	ips []netip.Addr
 }
 
 // desire reads what the facts ask of machine self: a pure function.
 func desire(s *fsm.State, self string) desired {
 	d := desired{volumes: map[string]fsm.Volume{}, moving: map[string]bool{}}
-	var incoming []netip.Addr
 	for _, sv := range s.Services() {
 		if m, ok := s.ActiveMigration(sv.Namespace, sv.Spec.Name); ok && (m.SourceID == self || m.TargetID == self) {
 			d.moving[sv.Key()] = true
-			if m.TargetID == self {
-				incoming = append(incoming, sv.ServiceIP)
-			}
 		}
 		if sv.MachineID == self {
 			d.owned = append(d.owned, sv)
@@ -170,7 +166,6 @@ func desire(s *fsm.State, self string) desired {
 	for _, v := range s.Volumes() {
 		d.volumes[v.Key()] = v
 	}
-	d.ips = incoming
 	for _, sv := range d.owned {
 		d.ips = append(d.ips, sv.ServiceIP)
 	}

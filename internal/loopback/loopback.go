@@ -83,3 +83,22 @@ func (a Addresses) Set(want []netip.Addr) error {
 func hostAddr(ip netip.Addr) *netlink.Addr {
 	return &netlink.Addr{IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}}
 }
+
+// nonlocalBindSysctl lets a process bind an address the host does not
+// (yet) hold.
+const nonlocalBindSysctl = "/proc/sys/net/ipv4/ip_nonlocal_bind"
+
+// AllowNonlocalBind lets Docker publish a service's ports on its service
+// IP before this machine holds that IP: a migration's target starts the
+// service before the commit, and only the owner may hold the address —
+// a client on the target's own host must reach the owner, not a copy
+// that may yet be thrown away.
+func AllowNonlocalBind() error {
+	if b, err := os.ReadFile(nonlocalBindSysctl); err == nil && len(b) > 0 && b[0] == '1' {
+		return nil
+	}
+	if err := os.WriteFile(nonlocalBindSysctl, []byte("1\n"), 0o644); err != nil {
+		return fmt.Errorf("allowing binds to service IPs not held yet (%s): %w", nonlocalBindSysctl, err)
+	}
+	return nil
+}
