@@ -150,7 +150,13 @@ service goes back to its source; after it the move only goes forward).`,
 			}
 			fmt.Fprintf(c.out, "\nafter: %s\n", p.After)
 			if !p.OK {
-				return fmt.Errorf("pre-flight fails: apply would refuse")
+				var failed []string
+				for _, ch := range p.Checks {
+					if !ch.OK {
+						failed = append(failed, ch.Name+" ("+ch.Detail+")")
+					}
+				}
+				return fmt.Errorf("pre-flight fails, apply would refuse: %s", strings.Join(failed, "; "))
 			}
 			return nil
 		},
