@@ -181,9 +181,10 @@ func (g *gossip) leave(timeout time.Duration) error {
 	// flag over TCP before the departure itself: gossip alone may bring
 	// the departure first, and a machine then records "failed".
 	var addrs []string
-	for _, n := range g.ml.Members() {
-		if n.Name != g.ml.LocalNode().Name && n.State == memberlist.StateAlive {
-			addrs = append(addrs, n.Address())
+	self := g.localMeta().MachineID
+	for _, m := range g.snapshot() {
+		if m.MachineID != self && m.Liveness == LivenessAlive && m.GossipAddr.IsValid() {
+			addrs = append(addrs, m.GossipAddr.String())
 		}
 	}
 	if len(addrs) > 0 {
@@ -317,12 +318,14 @@ func (g *gossip) tell(id string, m userMsg) error {
 	if err != nil {
 		return err
 	}
-	for _, node := range g.ml.Members() {
-		if node.Name == id {
-			return g.ml.SendReliable(node, append([]byte{userMsgVersion}, b...))
-		}
+	// A node of our own: memberlist's Members() points into its state,
+	// which its handlers write while we would read it.
+	member, ok := g.member(id)
+	if !ok || !member.GossipAddr.IsValid() {
+		return fmt.Errorf("machine %s is not in gossip", id)
 	}
-	return fmt.Errorf("machine %s is not in gossip", id)
+	to := &memberlist.Node{Name: id, Addr: member.GossipAddr.Addr().AsSlice(), Port: member.GossipAddr.Port()}
+	return g.ml.SendReliable(to, append([]byte{userMsgVersion}, b...))
 }
 
 func (g *gossip) lastRefusal() string {
