@@ -18,7 +18,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -102,12 +101,6 @@ func readClusterKey(t *testing.T, file string) []byte {
 		t.Fatalf("cluster key %s: %v", file, err)
 	}
 	return key
-}
-
-// connectionFailed tells a refused or dropped connection from an answer.
-func connectionFailed(err error) bool {
-	var op *net.OpError
-	return errors.As(err, &op) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // machineNamed finds a machine in d's `machine ls`.
