@@ -76,38 +76,21 @@ func (p *Pusher) Register(s peer.Server) {
 	peer.HandleStream(s, routePull, p.handlePull)
 }
 
-// progressEvery is how often a pull's progress is passed on.
-const progressEvery = 500 * time.Millisecond
-
 func (p *Pusher) handlePull(ctx context.Context, from string, req pullRequest, emit func(runtime.PullProgress)) (pullResult, error) {
 	if from == "" {
 		return pullResult{}, errNotMember
 	}
-	return pullResult{}, p.engine.EnsureImage(ctx, req.Image, throttle(emit))
+	return pullResult{}, p.engine.EnsureImage(ctx, req.Image, runtime.ThrottleProgress(emit))
 }
 
 // Pull has machine's engine get image from its registry if it lacks it,
-// passing the engine's progress to onProgress (every half second at most).
+// passing the engine's progress to onProgress (runtime.ThrottleProgress).
 func (p *Pusher) Pull(ctx context.Context, machineID, image string, onProgress func(runtime.PullProgress)) error {
 	if machineID == p.self {
-		return p.engine.EnsureImage(ctx, image, throttle(onProgress))
+		return p.engine.EnsureImage(ctx, image, runtime.ThrottleProgress(onProgress))
 	}
 	_, err := routePull.Call(ctx, p.peers, machineID, pullRequest{Image: image}, onProgress)
 	return err
-}
-
-// throttle passes on at most one report per progressEvery, and every
-// change of status (a layer done).
-func throttle(f func(runtime.PullProgress)) func(runtime.PullProgress) {
-	var last time.Time
-	var status string
-	return func(pp runtime.PullProgress) {
-		if time.Since(last) < progressEvery && pp.Status == status {
-			return
-		}
-		last, status = time.Now(), pp.Status
-		f(pp)
-	}
 }
 
 func (p *Pusher) handleLoad(ctx context.Context, from string, req loadRequest, body peer.Body) (loadResult, error) {

@@ -250,14 +250,7 @@ func (m *Migrator) handlePrepareImage(ctx context.Context, _ string, req migrati
 		return prepareResult{Missing: err.Error()}, nil
 	}
 	began := time.Now()
-	var last time.Time
-	progress := func(pp runtime.PullProgress) { // every half second at most
-		if time.Since(last) >= 500*time.Millisecond {
-			last = time.Now()
-			emit(pp)
-		}
-	}
-	if err := m.d.Images.EnsureImage(ctx, image, progress); err != nil {
+	if err := m.d.Images.EnsureImage(ctx, image, runtime.ThrottleProgress(emit)); err != nil {
 		return prepareResult{}, err
 	}
 	m.cfg.Logger.Info("pulled the image of a migrating service", "migration", c.m.ID, "image", image, "took", time.Since(began))

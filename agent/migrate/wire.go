@@ -126,8 +126,8 @@ func (lf LocalFacts) HowImage(image string) string {
 	return "missing (docker load it there)"
 }
 
-// prepareImage asks the target to have the service's image before the
-// source stops.
+// prepareResult is the target's answer when asked to have the service's
+// image before the source stops.
 type prepareResult struct {
 	Pulled bool          `json:"pulled,omitempty"`
 	Took   time.Duration `json:"took_ns,omitempty"`

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/distribution/reference"
 	"github.com/docker/docker/api/types/image"
@@ -179,6 +180,24 @@ type PullProgress struct {
 	Status  string
 	Current int64
 	Total   int64
+}
+
+// progressEvery is how often ThrottleProgress passes a pull's progress on.
+const progressEvery = 500 * time.Millisecond
+
+// ThrottleProgress passes on at most one report per half second, and
+// every change of status (a layer done), so that a pull's progress can
+// cross machines and reach a terminal without flooding either.
+func ThrottleProgress(f func(PullProgress)) func(PullProgress) {
+	var last time.Time
+	var status string
+	return func(pp PullProgress) {
+		if time.Since(last) < progressEvery && pp.Status == status {
+			return
+		}
+		last, status = time.Now(), pp.Status
+		f(pp)
+	}
 }
 
 // EnsureImage makes sure the engine has ref (as Resolve gave it): present,
