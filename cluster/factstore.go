@@ -45,15 +45,36 @@ type factStore struct {
 	onHalt func(error)
 
 	applied atomic.Uint64
+	// appliedMu guards appliedCh, closed and replaced after every entry.
+	appliedMu sync.Mutex
+	appliedCh chan struct{}
 }
 
 func newFactStore(onHalt func(error)) *factStore {
-	return &factStore{state: fsm.NewState(), onHalt: onHalt}
+	return &factStore{state: fsm.NewState(), onHalt: onHalt, appliedCh: make(chan struct{})}
+}
+
+// appliedChanged is closed when the store applies its next entry: read
+// it before applied, then wait on it.
+func (f *factStore) appliedChanged() <-chan struct{} {
+	f.appliedMu.Lock()
+	defer f.appliedMu.Unlock()
+	return f.appliedCh
+}
+
+// markApplied records the index of the entry just applied and wakes its
+// waiters.
+func (f *factStore) markApplied(index uint64) {
+	f.applied.Store(index)
+	f.appliedMu.Lock()
+	close(f.appliedCh)
+	f.appliedCh = make(chan struct{})
+	f.appliedMu.Unlock()
 }
 
 // Apply applies one committed log entry.
 func (f *factStore) Apply(l *raft.Log) any {
-	defer f.applied.Store(l.Index)
+	defer f.markApplied(l.Index)
 	if l.Type != raft.LogCommand {
 		return applyResult{}
 	}

@@ -60,10 +60,13 @@ type Node struct {
 	rs     atomic.Pointer[raftParts]
 	rpcMux *http.ServeMux
 	nudge  chan struct{} // gossip changed; consumed by the leader's loop
-	halted chan struct{}
-	halt   sync.Once
-	haltMu sync.Mutex
-	hErr   error
+	// committed: this machine, leading, committed a command; consumed by
+	// announceCommits.
+	committed chan struct{}
+	halted    chan struct{}
+	halt      sync.Once
+	haltMu    sync.Mutex
+	hErr      error
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -98,13 +101,14 @@ func Start(cfg Config) (*Node, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n := &Node{
-		cfg:    cfg,
-		logger: cfg.Logger,
-		rpcMux: http.NewServeMux(),
-		nudge:  make(chan struct{}, 1),
-		halted: make(chan struct{}),
-		ctx:    ctx,
-		cancel: cancel,
+		cfg:       cfg,
+		logger:    cfg.Logger,
+		rpcMux:    http.NewServeMux(),
+		nudge:     make(chan struct{}, 1),
+		committed: make(chan struct{}, 1),
+		halted:    make(chan struct{}),
+		ctx:       ctx,
+		cancel:    cancel,
 	}
 	n.rpc = newRPCClient(n.token, n.overlaySource)
 	n.facts = newFactStore(n.haltOn)
@@ -272,7 +276,8 @@ func (n *Node) StartRaft(addr netip.Addr) error {
 		raftAddr: raftAddr, rpcAddr: rpcAddr,
 	}
 	n.rs.Store(parts)
-	n.wg.Add(3)
+	n.wg.Add(4)
+	go n.announceCommits(parts)
 	for _, ln := range []net.Listener{rpcLn, self} {
 		go func() {
 			defer n.wg.Done()
@@ -467,7 +472,37 @@ func (n *Node) applyLocal(ctx context.Context, data []byte) (applyResult, error)
 	}
 	res, _ := f.Response().(applyResult)
 	res.Index = f.Index()
+	select {
+	case n.committed <- struct{}{}:
+	default: // an announcement is due already; it covers this command
+	}
 	return res, nil
+}
+
+// announceCommits tells the followers at once that commands committed.
+// A follower learns an entry committed only from the leader's next
+// AppendEntries, which hashicorp/raft sends for a new entry or after its
+// commit timeout (50 ms in production): a command proposed through a
+// follower waited that long, on average 75 ms, to be in the proposer's
+// own facts. A barrier is a new entry: replicating it carries the commit
+// index to every follower within a round trip. Commands that commit
+// while a barrier is on its way share the next one, so there is at most
+// one barrier per burst of commands.
+func (n *Node) announceCommits(p *raftParts) {
+	defer n.wg.Done()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.committed:
+		}
+		if p.raft.State() != raft.Leader {
+			continue
+		}
+		if err := p.raft.Barrier(5 * time.Second).Error(); err != nil && n.ctx.Err() == nil {
+			n.logger.Debug("announcing commits to the followers", "err", err)
+		}
+	}
 }
 
 // FactsIndex is the log index of the last command this machine's fact
@@ -478,12 +513,19 @@ func (n *Node) FactsIndex() uint64 { return n.facts.applied.Load() }
 // waitApplied waits, within ctx and a few seconds, until this machine's
 // facts include log index idx.
 func (n *Node) waitApplied(ctx context.Context, idx uint64) {
-	deadline := time.Now().Add(5 * time.Second)
-	for n.facts.applied.Load() < idx && time.Now().Before(deadline) {
+	deadline := time.NewTimer(5 * time.Second)
+	defer deadline.Stop()
+	for {
+		changed := n.facts.appliedChanged()
+		if n.facts.applied.Load() >= idx {
+			return
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(5 * time.Millisecond):
+		case <-deadline.C:
+			return
+		case <-changed:
 		}
 	}
 }
