@@ -100,7 +100,12 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		p.close()
 		return nil, err
 	}
-	if p.mesh, err = mesh.Open(mesh.Config{Self: a.machineID, Port: cfg.WGPort, Prefix: cfg.OverlayPrefix, Logger: a.logger}, cfg.DataDir, cfg.WGInterface); err != nil {
+	lo := loopback.Addresses{Prefix: cfg.ServicePrefix}
+	meshCfg := mesh.Config{Self: a.machineID, Port: cfg.WGPort, Prefix: cfg.OverlayPrefix, Logger: a.logger}
+	if cfg.ServicePrefix.IsValid() {
+		meshCfg.Local = lo
+	}
+	if p.mesh, err = mesh.Open(meshCfg, cfg.DataDir, cfg.WGInterface); err != nil {
 		return fail(err)
 	}
 	endpoint := netip.AddrPortFrom(cfg.BindAddr, uint16(cfg.WGPort))
@@ -121,7 +126,6 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	}
 	ctx, cancel := context.WithCancel(a.ctx)
 	p.ctx, p.end = ctx, cancel
-	lo := loopback.Addresses{Prefix: cfg.ServicePrefix}
 	if cfg.ServicePrefix.IsValid() {
 		// A migration's target publishes ports on a service IP it holds
 		// only from the commit on (see agent/migrate).

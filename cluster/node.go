@@ -510,6 +510,10 @@ func (n *Node) announceCommits(p *raftParts) {
 // to poll.
 func (n *Node) FactsIndex() uint64 { return n.facts.applied.Load() }
 
+// FactsChanged is closed when the fact store applies its next entry:
+// read it, read the facts, then wait on it, and no change is missed.
+func (n *Node) FactsChanged() <-chan struct{} { return n.facts.appliedChanged() }
+
 // waitApplied waits, within ctx and a few seconds, until this machine's
 // facts include log index idx.
 func (n *Node) waitApplied(ctx context.Context, idx uint64) {

@@ -317,6 +317,18 @@ func (s *State) removeService(c RemoveService) (any, *RuleError) {
 // Services lists the services, sorted by namespace/name.
 func (s *State) Services() []Service { return sortedValues(s.services, Service.Key) }
 
+// ServiceIPsOf lists the service IPs of the services machineID owns,
+// which only it may hold.
+func (s *State) ServiceIPsOf(machineID string) []netip.Addr {
+	var ips []netip.Addr
+	for _, sv := range s.Services() {
+		if sv.MachineID == machineID {
+			ips = append(ips, sv.ServiceIP)
+		}
+	}
+	return ips
+}
+
 // Service looks a service up.
 func (s *State) Service(namespace, name string) (Service, bool) {
 	sv, ok := s.services[namespace+"/"+name]

@@ -6,6 +6,7 @@ package mesh
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -31,6 +32,14 @@ type Facts interface {
 	Read(func(*fsm.State))
 	// FactsIndex grows with every command the store applies.
 	FactsIndex() uint64
+	// FactsChanged is closed when the store applies its next entry.
+	FactsChanged() <-chan struct{}
+}
+
+// Local holds the service IPs this machine owns (on its loopback): the
+// local half of routing a service IP to its owner.
+type Local interface {
+	Set(ips []netip.Addr) error
 }
 
 // Members is gossip's view of the machines.
@@ -50,6 +59,9 @@ type Config struct {
 	Self   string       // this machine's id
 	Port   int          // WireGuard's UDP port on the underlay
 	Prefix netip.Prefix // the overlay's range
+	// Local, when set, is given the service IPs of the services this
+	// machine owns whenever the facts change.
+	Local  Local
 	Logger *slog.Logger
 }
 
@@ -105,29 +117,45 @@ func (m *Mesh) Status() (netmesh.Status, error) { return m.dev.Status() }
 // Close closes the device.
 func (m *Mesh) Close() error { return m.dev.Close() }
 
-// Sync sets the device to the config computed from facts and gossip now.
+// Sync sets the device to the config computed from facts and gossip now,
+// and the local service IPs to those of the services this machine owns.
 func (m *Mesh) Sync(facts Facts, members Members) error {
 	var cfg netmesh.Config
+	var own []netip.Addr
 	gossip := members.Members()
-	facts.Read(func(s *fsm.State) { cfg = m.desired(s, gossip) })
-	return m.dev.Set(cfg)
+	facts.Read(func(s *fsm.State) {
+		cfg = m.desired(s, gossip)
+		own = s.ServiceIPsOf(m.cfg.Self)
+	})
+	var errs []error
+	if m.cfg.Local != nil {
+		// Local first: on the machine that just took a service, its IP
+		// answers here before the route to the old owner goes.
+		if err := m.cfg.Local.Set(own); err != nil {
+			errs = append(errs, fmt.Errorf("service IPs on the loopback: %w", err))
+		}
+	}
+	if err := m.dev.Set(cfg); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 func (m *Mesh) desired(s *fsm.State, gossip []cluster.Member) netmesh.Config {
 	return Desired(s, gossip, Self{ID: m.cfg.Self, Key: m.key, Port: m.cfg.Port, Overlay: m.Overlay(), Prefix: m.cfg.Prefix})
 }
 
-// Run keeps the device's peers in line with membership and facts until
-// ctx ends: at once when the facts change (a service IP follows its
-// service within a tick of the commit that moved it), and every second
-// for gossip.
+// Run keeps the device's peers and the local service IPs in line with
+// membership and facts until ctx ends: at once when the facts change,
+// woken by the store (a service IP follows its service as soon as the
+// commit that moved it applies here), and every second for gossip.
 func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
-	tick := time.NewTicker(100 * time.Millisecond)
+	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	var lastErr string
-	var factsAt uint64
-	var setAt time.Time
+	factsAt, setAt := uint64(0), time.Time{}
 	for {
+		changed := facts.FactsChanged()
 		if idx := facts.FactsIndex(); idx != factsAt || time.Since(setAt) >= time.Second {
 			factsAt, setAt = idx, time.Now()
 			err := m.Sync(facts, members)
@@ -139,6 +167,7 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 		select {
 		case <-ctx.Done():
 			return
+		case <-changed:
 		case <-tick.C:
 		}
 	}

@@ -159,3 +159,58 @@ func TestUnadmittedGossipMachineIsNoPeerOfAMember(t *testing.T) {
 		t.Fatalf("a newcomer's peers %v: want the gossiped machine", cfg.Peers)
 	}
 }
+
+// fakeLocal records the service IPs it was last given.
+type fakeLocal struct {
+	mu  sync.Mutex
+	ips []netip.Addr
+}
+
+func (l *fakeLocal) Set(ips []netip.Addr) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ips = slices.Clone(ips)
+	return nil
+}
+
+func (l *fakeLocal) get() []netip.Addr {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.ips)
+}
+
+// A commit that moves a service here puts its IP on this machine, woken
+// by the store rather than found by a poll; one that moves it away takes
+// it off.
+func TestRunHoldsTheServiceIPsOfOwnedServices(t *testing.T) {
+	st := facttest.NewStore()
+	st.AddMachine(t, "a", "a")
+	st.AddMachine(t, "b", "b")
+	local := &fakeLocal{}
+	m := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"), Local: local,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, &fakeDevice{}, key(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.Run(ctx, st, facttest.NewMembers()) }()
+	defer func() { cancel(); <-done }()
+	waitFor := func(want []netip.Addr) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !slices.Equal(local.get(), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("local service IPs %v, want %v", local.get(), want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	mine := st.Deploy(t, "shop", fsm.ServiceSpec{Name: "web", Image: "img"}, "a")
+	st.Deploy(t, "shop", fsm.ServiceSpec{Name: "db", Image: "img"}, "b")
+	waitFor([]netip.Addr{mine.ServiceIP})
+	now := time.Now()
+	st.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "test/move", Lease: time.Hour, At: now})
+	st.Must(t, fsm.StartMigration{ID: "m1", Namespace: "shop", Service: "web", TargetID: "b", Holder: "test/move", At: now})
+	st.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: fsm.PhaseTargetStarting, At: now})
+	waitFor([]netip.Addr{mine.ServiceIP}) // not before the commit
+	st.Must(t, fsm.CommitMigration{ID: "m1", Holder: "test/move", At: now})
+	waitFor(nil)
+}

@@ -166,9 +166,7 @@ func desire(s *fsm.State, self string) desired {
 	for _, v := range s.Volumes() {
 		d.volumes[v.Key()] = v
 	}
-	for _, sv := range d.owned {
-		d.ips = append(d.ips, sv.ServiceIP)
-	}
+	d.ips = s.ServiceIPsOf(self)
 	return d
 }
 

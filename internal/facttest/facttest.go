@@ -22,13 +22,14 @@ type Store struct {
 	mu      sync.Mutex
 	s       *fsm.State
 	applied uint64
+	changed chan struct{} // closed and replaced on every apply
 	log     []fsm.Command
 	// Fail, when set, refuses a command before it is applied.
 	Fail func(fsm.Command) error
 }
 
 // NewStore is an empty store.
-func NewStore() *Store { return &Store{s: fsm.NewState()} }
+func NewStore() *Store { return &Store{s: fsm.NewState(), changed: make(chan struct{})} }
 
 // Read calls fn with the facts; fn must not keep them.
 func (st *Store) Read(fn func(*fsm.State)) {
@@ -59,6 +60,8 @@ func (st *Store) Apply(_ context.Context, cmd fsm.Command) (json.RawMessage, err
 		return nil, err
 	}
 	st.applied++
+	close(st.changed)
+	st.changed = make(chan struct{})
 	st.log = append(st.log, cmd)
 	return json.Marshal(res)
 }
@@ -71,6 +74,13 @@ func (st *Store) FactsIndex() uint64 {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.applied
+}
+
+// FactsChanged is closed by the next command applied.
+func (st *Store) FactsChanged() <-chan struct{} {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.changed
 }
 
 // Applied lists the commands applied so far.
