@@ -72,6 +72,24 @@ type Migration struct {
 	EndedAt         time.Time         `json:"ended_at,omitzero"`         // done or aborted
 	SourcePurgedAt  time.Time         `json:"source_purged_at,omitzero"` // retained source copy destroyed
 	RollbackOf      string            `json:"rollback_of,omitempty"`     // the migration this one reverses
+	Cutover         *Cutover          `json:"cutover,omitempty"`         // the downtime, phase by phase
+}
+
+// Cutover breaks a move's downtime down, phase by phase, as its executor
+// measured it. Prepared happened before the source stopped and is not
+// downtime; the rest is, in order. Adopt is zero when the copies were
+// put in place before the stop (as this version does).
+type Cutover struct {
+	Prepared      time.Duration `json:"prepared_ns"`       // before the stop: copies in place, container created
+	Stop          time.Duration `json:"stop_ns"`           // the source's container stopped
+	FinalSnapshot time.Duration `json:"final_snapshot_ns"` // the final snapshots taken
+	FinalSend     time.Duration `json:"final_send_ns"`     // the final increments sent and received in place
+	Adopt         time.Duration `json:"adopt_ns"`          // copies put in place during the cutover
+	Start         time.Duration `json:"start_ns"`          // the target's container started
+	Ready         time.Duration `json:"ready_ns"`          // until its readiness check passed
+	Commit        time.Duration `json:"commit_ns"`         // the commit proposed and applied
+	Total         time.Duration `json:"total_ns"`          // from the stop to the commit applied
+	FinalBytes    uint64        `json:"final_bytes"`       // sent after the stop, all volumes
 }
 
 // Downtime is the time from the source's stop to the target's readiness,
@@ -109,7 +127,9 @@ type AdvanceMigration struct {
 	Phase   MigrationPhase    `json:"phase"`
 	Volumes []MigrationVolume `json:"volumes,omitempty"` // replaces the progress when given
 	Error   string            `json:"error,omitempty"`
-	At      time.Time         `json:"at"`
+	// Cutover, when given, records the downtime's breakdown (with done).
+	Cutover *Cutover  `json:"cutover,omitempty"`
+	At      time.Time `json:"at"`
 }
 
 // CommitMigration is the point of no return, in one command: the volumes'
@@ -226,6 +246,10 @@ func (s *State) advanceMigration(c AdvanceMigration) (any, *RuleError) {
 	}
 	if c.Error != "" {
 		m.Error = c.Error
+	}
+	if c.Cutover != nil {
+		cut := *c.Cutover
+		m.Cutover = &cut
 	}
 	if to == PhaseSourceStopped && m.SourceStoppedAt.IsZero() {
 		m.SourceStoppedAt = c.At

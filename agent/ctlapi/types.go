@@ -284,6 +284,35 @@ type MigrationInfo struct {
 	EndedAt        time.Time         `json:"ended_at,omitzero"`
 	SourcePurgedAt time.Time         `json:"source_purged_at,omitzero"`
 	RetainedUntil  time.Time         `json:"retained_until,omitzero"` // source copy kept until (done, not purged)
+	Cutover        *Cutover          `json:"cutover,omitempty"`       // the downtime, phase by phase
+}
+
+// Cutover breaks a move's downtime down as its executor measured it:
+// Prepared happened before the stop; the others are the downtime, in
+// order, and Total runs from the stop to the commit applied.
+type Cutover struct {
+	Prepared      Duration `json:"prepared"`
+	Stop          Duration `json:"stop"`
+	FinalSnapshot Duration `json:"final_snapshot"`
+	FinalSend     Duration `json:"final_send"`
+	Adopt         Duration `json:"adopt"`
+	Start         Duration `json:"start"`
+	Ready         Duration `json:"ready"`
+	Commit        Duration `json:"commit"`
+	Total         Duration `json:"total"`
+	FinalBytes    uint64   `json:"final_bytes"`
+}
+
+// String puts the breakdown on one line.
+func (c Cutover) String() string {
+	ms := func(d Duration) string { return time.Duration(d).Round(time.Millisecond).String() }
+	parts := []string{"stop " + ms(c.Stop), "final snapshot " + ms(c.FinalSnapshot),
+		fmt.Sprintf("final send %s (%.1f MiB)", ms(c.FinalSend), float64(c.FinalBytes)/(1<<20))}
+	if c.Adopt > 0 {
+		parts = append(parts, "adopt "+ms(c.Adopt))
+	}
+	parts = append(parts, "container start "+ms(c.Start), "ready "+ms(c.Ready), "commit "+ms(c.Commit))
+	return fmt.Sprintf("%s from the stop to the commit: %s; prepared before the stop in %s", ms(c.Total), strings.Join(parts, ", "), ms(c.Prepared))
 }
 
 // MigrationEvent is one step of a running migration, as `migrate apply`

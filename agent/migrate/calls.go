@@ -20,6 +20,8 @@ func (m *Migrator) Register() {
 	peer.HandleUpload(s, routeReceive, m.handleReceive)
 	peer.Handle(s, routeStopSource, withMigration(m, m.handleStopSource))
 	peer.Handle(s, routeStartTarget, withMigration(m, m.handleStartTarget))
+	peer.Handle(s, routePrepareTarget, withMigration(m, m.handlePrepareTarget))
+	peer.HandleStream(s, routeCutover, m.handleCutover)
 	peer.HandleStream(s, routePrepareImage, m.handlePrepareImage)
 	peer.HandleStream(s, routeSendImage, m.handleSendImage)
 	peer.HandleUpload(s, routeLoadImage, m.handleLoadImage)

@@ -42,6 +42,10 @@ func (m *Migrator) Info(f fsm.Migration) ctlapi.MigrationInfo {
 		Target: m.nameOf(f.TargetID), Executor: executor, Phase: string(f.Phase), Error: f.Error, RollbackOf: f.RollbackOf,
 		Downtime: ctlapi.Duration(f.Downtime()), StartedAt: f.StartedAt, SourceStopped: f.SourceStoppedAt,
 		TargetReady: f.TargetReadyAt, CommittedAt: f.CommittedAt, EndedAt: f.EndedAt, SourcePurgedAt: f.SourcePurgedAt}
+	if f.Cutover != nil {
+		c := cutoverInfo(*f.Cutover)
+		info.Cutover = &c
+	}
 	if f.Phase == fsm.PhaseDone && f.SourcePurgedAt.IsZero() {
 		info.RetainedUntil = f.EndedAt.Add(m.cfg.SafetyWindow)
 	}
@@ -50,6 +54,14 @@ func (m *Migrator) Info(f fsm.Migration) ctlapi.MigrationInfo {
 			TotalBytes: v.TotalBytes, Base: v.Base, Snapshot: v.LastSnapshot})
 	}
 	return info
+}
+
+// cutoverInfo is a downtime breakdown as the operator sees it.
+func cutoverInfo(c fsm.Cutover) ctlapi.Cutover {
+	return ctlapi.Cutover{Prepared: ctlapi.Duration(c.Prepared), Stop: ctlapi.Duration(c.Stop),
+		FinalSnapshot: ctlapi.Duration(c.FinalSnapshot), FinalSend: ctlapi.Duration(c.FinalSend), Adopt: ctlapi.Duration(c.Adopt),
+		Start: ctlapi.Duration(c.Start), Ready: ctlapi.Duration(c.Ready), Commit: ctlapi.Duration(c.Commit),
+		Total: ctlapi.Duration(c.Total), FinalBytes: c.FinalBytes}
 }
 
 // List lists the migrations, oldest first.

@@ -66,9 +66,12 @@ type Containers interface {
 	Remove(ctx context.Context, id string, grace time.Duration) error
 }
 
-// Starter starts a service's container and waits until it is ready.
+// Starter creates or starts a service's container and waits until it is
+// ready.
 type Starter interface {
 	Start(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
+	// Create creates the container without starting it.
+	Create(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
 	WaitReady(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
 	HasImage(ctx context.Context, image string) (bool, error)
 }

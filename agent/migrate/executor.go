@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -204,7 +205,7 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 		ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(p), Message: msg})
 		return m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: p, Volumes: vols, At: time.Now()})
 	}
-	var started startResult
+	var cut cutover
 	steps := []step{
 		{name: "image on the target", do: func(ctx context.Context) error {
 			return m.imageOnTarget(ctx, ex, f, sv.Spec.RunImage())
@@ -212,29 +213,19 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", recordVols: true, do: func(ctx context.Context) error {
 			return m.warmCopy(ctx, ex, f, vols, phase)
 		}},
-		{name: "stopping the source", do: func(ctx context.Context) error {
-			st, err := call(ctx, m, f.SourceID, time.Minute+stopGrace(sv.Spec), routeStopSource, migrationRef{ID: id})
-			if err == nil && st.Killed {
-				ex.emit(ctlapi.MigrationEvent{Kind: "warning", Message: fmt.Sprintf("the source container did not stop on its signal within %s and was killed", st.Grace)})
-			}
+		{name: "preparing the target", do: func(ctx context.Context) error {
+			p, err := call(ctx, m, f.TargetID, 5*time.Minute, routePrepareTarget, migrationRef{ID: id})
+			cut.Prepared = p.Adopt + p.Create
+			ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseWarmCopy),
+				Message: fmt.Sprintf("target prepared: copies in place in %s, container created in %s", ms(p.Adopt), ms(p.Create))})
 			return err
 		}},
-		{name: "source stopped", phase: fsm.PhaseSourceStopped, msg: "source stopped: writes stopped", crash: "source-stopped"},
-		{name: "final copy", do: func(ctx context.Context) error {
-			for i := range vols {
-				k, err := m.sendVolume(ctx, ex, f, &vols[i], finalSnapshot(id), 0)
-				if err != nil {
-					return err
-				}
-				vols[i].FinalBytes = k
-				m.cfg.Crash.Hit("executor", "final-send")
-			}
-			return phase(fsm.PhaseFinalCopy, "final increment sent, GUIDs match", vols)
-		}},
-		{name: "starting on the target", phase: fsm.PhaseTargetStarting, msg: "starting on the target", do: func(ctx context.Context) error {
-			var err error
-			started, err = call(ctx, m, f.TargetID, 10*time.Minute, routeStartTarget, migrationRef{ID: id})
-			return err
+		{name: "stopping the source and sending the final increment", phase: fsm.PhaseSourceStopped,
+			msg: "cutover: stopping the source, sending the final increment", do: func(ctx context.Context) error {
+				return m.cutover(ctx, ex, f, sv, vols, &cut)
+			}},
+		{name: "starting on the target", do: func(ctx context.Context) error {
+			return m.startTarget(ctx, ex, f, vols, &cut)
 		}, crash: "target-started"},
 	}
 	for _, s := range steps {
@@ -257,18 +248,109 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 		}
 	}
 	// The point of no return.
-	commitErr := m.applyRetry(ctx, fsm.CommitMigration{ID: id, Holder: holder, ReadyAt: started.ReadyAt, At: time.Now()})
+	proposed := time.Now()
+	commitErr := m.applyRetry(ctx, fsm.CommitMigration{ID: id, Holder: holder, ReadyAt: cut.readyAt, At: proposed})
 	if now, _ := m.fact(id); !now.Phase.Committed() {
 		if commitErr == nil {
 			commitErr = fmt.Errorf("migration is %s after its commit", now.Phase)
 		}
 		return fmt.Errorf("committing: %w", commitErr)
 	}
+	cut.Commit, cut.Total = time.Since(proposed), time.Since(cut.began)
 	ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseCommitted), Message: "committed: the target owns the volumes and serves the service IP"})
+	ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseCommitted), Message: "downtime: " + cutoverInfo(cut.Cutover).String()})
 	m.cfg.Crash.Hit("executor", "committed")
-	m.complete(context.WithoutCancel(ctx), id, ex)
+	m.complete(context.WithoutCancel(ctx), id, ex, &cut.Cutover)
 	return nil
 }
+
+// cutover is what the executor measures of a move's downtime.
+type cutover struct {
+	fsm.Cutover
+	began   time.Time // the stop was asked
+	readyAt time.Time // the target answered ready
+}
+
+// cutover has the source stop and send the final increment of every
+// volume in one call, and checks that each arrived whole.
+func (m *Migrator) cutover(ctx context.Context, ex *execution, f fsm.Migration, sv fsm.Service, vols []fsm.MigrationVolume, cut *cutover) error {
+	req := cutoverRequest{ID: f.ID}
+	for _, v := range vols {
+		req.Volumes = append(req.Volumes, streamRequest{ID: f.ID, Volume: v.Name, Snap: finalSnapshot(f.ID), Base: v.LastSnapshot})
+	}
+	cctx, cancel := context.WithTimeout(ctx, time.Minute+stopGrace(sv.Spec)+30*time.Minute)
+	defer cancel()
+	// The source writes a line every half second while it sends; silence
+	// beyond the stop's grace and the stall timeout means it is gone.
+	idle := time.AfterFunc(stopGrace(sv.Spec)+2*m.cfg.StallTimeout, cancel)
+	defer idle.Stop()
+	wctx, stop := m.watchMachine(cctx, f.SourceID)
+	defer stop()
+	cut.began = time.Now()
+	start := time.Now()
+	res, err := routeCutover.Call(wctx, m.d.Peers, f.SourceID, req, func(p cutoverProgress) {
+		idle.Reset(2 * m.cfg.StallTimeout)
+		if p.Stopped {
+			ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseSourceStopped), Message: "source stopped: writes stopped"})
+			m.cfg.Crash.Hit("executor", "source-stopped")
+			start = time.Now()
+			return
+		}
+		ev := ctlapi.MigrationEvent{Kind: "progress", Phase: string(fsm.PhaseFinalCopy), Volume: p.Volume, Bytes: p.Bytes}
+		if s := time.Since(start).Seconds(); s > 0 {
+			ev.Rate = float64(p.Bytes) / s
+		}
+		ex.emit(ev)
+	})
+	if err != nil {
+		return goneCause(wctx, err)
+	}
+	if res.Stop.Killed {
+		ex.emit(ctlapi.MigrationEvent{Kind: "warning", Message: fmt.Sprintf("the source container did not stop on its signal within %s and was killed", res.Stop.Grace)})
+	}
+	cut.Stop = res.Stopped
+	for i := range vols {
+		j := slices.IndexFunc(res.Volumes, func(fi finalIncrement) bool { return fi.Volume == vols[i].Name })
+		if j < 0 {
+			return fmt.Errorf("the source sent no final increment of volume %s", vols[i].Name)
+		}
+		fi := res.Volumes[j]
+		if fi.Sent.SourceGUID != fi.Sent.TargetGUID {
+			return fmt.Errorf("volume %s@%s: %w: %d on the source, %d on the target", vols[i].Name, finalSnapshot(f.ID), ErrGUIDMismatch, fi.Sent.SourceGUID, fi.Sent.TargetGUID)
+		}
+		vols[i].BytesSent += fi.Sent.Bytes
+		vols[i].FinalBytes = fi.Sent.Bytes
+		vols[i].LastSnapshot, vols[i].GUID = finalSnapshot(f.ID), fi.Sent.SourceGUID
+		cut.FinalSnapshot += fi.Snapshot
+		cut.FinalSend += fi.Send
+		cut.FinalBytes += fi.Sent.Bytes
+		ex.emit(ctlapi.MigrationEvent{Kind: "progress", Phase: string(fsm.PhaseFinalCopy), Volume: vols[i].Name, Bytes: fi.Sent.Bytes})
+		m.cfg.Crash.Hit("executor", "final-send")
+	}
+	return nil
+}
+
+// startTarget starts the service on the target and, at the same time,
+// records that the target is starting (with the volumes' final progress):
+// the commit needs that record, the downtime does not need to wait for it.
+func (m *Migrator) startTarget(ctx context.Context, ex *execution, f fsm.Migration, vols []fsm.MigrationVolume, cut *cutover) error {
+	ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseTargetStarting), Message: "final increment sent, GUIDs match; starting on the target"})
+	recorded := make(chan error, 1)
+	go func() {
+		recorded <- m.applyRetry(ctx, fsm.AdvanceMigration{ID: f.ID, Phase: fsm.PhaseTargetStarting, Volumes: vols, At: time.Now()})
+	}()
+	st, err := call(ctx, m, f.TargetID, 10*time.Minute, routeStartTarget, migrationRef{ID: f.ID})
+	if rerr := <-recorded; rerr != nil {
+		return fmt.Errorf("recording the target starting: %w", rerr)
+	}
+	if err != nil {
+		return err
+	}
+	cut.readyAt, cut.Adopt, cut.Start, cut.Ready = st.ReadyAt, st.Adopt, st.Start, st.Ready
+	return nil
+}
+
+func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
 
 // warmCopy sends rounds of snapshots while the service runs, until a
 // round sends less than warmEnough or warmRounds are done.
@@ -338,7 +420,7 @@ func (m *Migrator) sendVolume(ctx context.Context, ex *execution, f fsm.Migratio
 // container and keeps its copy, both prune to the final snapshot, and the
 // migration is recorded done. Only forward: a machine that does not answer
 // is left to its reconciler, which does the same when it is back.
-func (m *Migrator) complete(ctx context.Context, id string, ex *execution) {
+func (m *Migrator) complete(ctx context.Context, id string, ex *execution, cut *fsm.Cutover) {
 	f, ok := m.fact(id)
 	if !ok || f.Phase != fsm.PhaseCommitted {
 		return
@@ -352,7 +434,7 @@ func (m *Migrator) complete(ctx context.Context, id string, ex *execution) {
 	m.cfg.Crash.Hit("executor", "cleanup")
 	cleanup(f.TargetID, routeCleanupTarget)
 	for {
-		err := m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, At: time.Now()})
+		err := m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, Cutover: cut, At: time.Now()})
 		if now, _ := m.fact(id); now.Phase == fsm.PhaseDone {
 			break
 		}

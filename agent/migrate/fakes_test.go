@@ -323,7 +323,12 @@ func (r *fakeRuntime) container(ns, svc string) (runtime.Container, bool) {
 	return runtime.Container{}, false
 }
 
-func (r *fakeRuntime) Start(_ context.Context, rs runtime.RunSpec) (runtime.Container, error) {
+func (r *fakeRuntime) Start(ctx context.Context, rs runtime.RunSpec) (runtime.Container, error) {
+	c, _ := r.Create(ctx, rs)
+	return c, r.Restart(ctx, c.ID)
+}
+
+func (r *fakeRuntime) Create(_ context.Context, rs runtime.RunSpec) (runtime.Container, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for id, c := range r.byID {
@@ -333,7 +338,7 @@ func (r *fakeRuntime) Start(_ context.Context, rs runtime.RunSpec) (runtime.Cont
 	}
 	r.next++
 	c := &runtime.Container{ID: fmt.Sprintf("c%d", r.next), Namespace: rs.Namespace, Service: rs.Spec.Name,
-		Generation: rs.Generation, SpecHash: rs.Hash(), Running: true, StartedAt: time.Now()}
+		Generation: rs.Generation, SpecHash: rs.Hash(), StartedAt: time.Now()}
 	r.byID[c.ID] = c
 	return *c, nil
 }

@@ -86,7 +86,7 @@ func (m *Migrator) finishOrphans(ctx context.Context) {
 	for _, o := range orphans {
 		if o.m.Phase.Committed() {
 			m.log.Info("completing a committed migration nobody runs", "id", o.m.ID, "why", o.why)
-			m.complete(ctx, o.m.ID, nil)
+			m.complete(ctx, o.m.ID, nil, nil)
 		} else {
 			m.log.Warn("aborting a migration nobody runs", "id", o.m.ID, "phase", o.m.Phase, "why", o.why)
 			m.abort(ctx, o.m.ID, errors.New(o.why))

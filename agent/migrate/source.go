@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,10 +32,58 @@ func (m *Migrator) handleSend(ctx context.Context, _ string, req sendRequest, em
 	if err != nil {
 		return sendResult{}, err
 	}
+	res, _, err := m.sendSnapshot(ctx, c, req, emit)
+	return res, err
+}
+
+// handleCutover (source): stop the container, then snapshot every volume
+// and send its final increment to the target, in one call: nothing
+// crosses the network between the stop and the sends but the streams.
+// The first progress line says the container stopped.
+func (m *Migrator) handleCutover(ctx context.Context, _ string, req cutoverRequest, emit func(cutoverProgress)) (cutoverResult, error) {
+	c, err := m.lookup(ctx, req.ID)
+	if err == nil {
+		err = m.requireRunning(c.m, c.m.SourceID, ErrNotSource)
+	}
+	if err == nil && len(req.Volumes) > 0 {
+		err = m.requireVolumes()
+	}
+	if err != nil {
+		return cutoverResult{}, err
+	}
+	for _, v := range req.Volumes {
+		if !slices.ContainsFunc(c.m.Volumes, func(mv fsm.MigrationVolume) bool { return mv.Name == v.Volume }) || v.ID != c.m.ID || v.Snap != finalSnapshot(c.m.ID) {
+			return cutoverResult{}, fmt.Errorf("cutover of migration %s asks for %s@%s of migration %q: %w", c.m.ID, v.Volume, v.Snap, v.ID, ErrNotSource)
+		}
+	}
+	began := time.Now()
+	st, err := m.stopSource(ctx, c)
+	if err != nil {
+		return cutoverResult{}, err
+	}
+	res := cutoverResult{Stop: st, Stopped: time.Since(began)}
+	emit(cutoverProgress{Stopped: true})
+	for _, v := range req.Volumes {
+		began := time.Now()
+		sent, snapshotTook, err := m.sendSnapshot(ctx, c, v, func(p sendProgress) { emit(cutoverProgress{Volume: v.Volume, Bytes: p.Bytes}) })
+		if err != nil {
+			return cutoverResult{}, err
+		}
+		res.Volumes = append(res.Volumes, finalIncrement{Volume: v.Volume, Sent: sent, Snapshot: snapshotTook, Send: time.Since(began) - snapshotTook})
+	}
+	return res, nil
+}
+
+// sendSnapshot snapshots one volume and streams it to the target,
+// reporting progress every half second; it returns the outcome and how
+// long the snapshot took.
+func (m *Migrator) sendSnapshot(ctx context.Context, c migrationCall, req streamRequest, emit func(sendProgress)) (sendResult, time.Duration, error) {
+	began := time.Now()
 	snap, err := m.d.Streams.Snapshot(c.m.Namespace, req.Volume, req.Snap)
 	if err != nil {
-		return sendResult{}, err
+		return sendResult{}, 0, err
 	}
+	snapshotTook := time.Since(began)
 	point := "warm-copy"
 	if req.Snap == finalSnapshot(c.m.ID) {
 		point = "final-send"
@@ -88,9 +137,9 @@ wait:
 		if cause := context.Cause(ctx); cause != nil && errors.Is(cause, ErrStalled) {
 			err = cause
 		}
-		return sendResult{}, fmt.Errorf("streaming %s/%s@%s to the target: %w", c.m.Namespace, req.Volume, req.Snap, err)
+		return sendResult{}, 0, fmt.Errorf("streaming %s/%s@%s to the target: %w", c.m.Namespace, req.Volume, req.Snap, err)
 	}
-	return sendResult{Bytes: sent.Load(), SourceGUID: snap.GUID, TargetGUID: res.guid}, nil
+	return sendResult{Bytes: sent.Load(), SourceGUID: snap.GUID, TargetGUID: res.guid}, snapshotTook, nil
 }
 
 // countingWriter counts what passes and calls first once, after the first
@@ -111,11 +160,18 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return k, err
 }
 
-// handleStopSource (source): stop the container; writes stop here.
+// handleStopSource (source): stop the container; writes stop here. An
+// executor of this version stops through the cutover call; this one
+// serves older executors during an upgrade.
 func (m *Migrator) handleStopSource(ctx context.Context, c migrationCall) (stopResult, error) {
 	if err := m.requireRunning(c.m, c.m.SourceID, ErrNotSource); err != nil {
 		return stopResult{}, err
 	}
+	return m.stopSource(ctx, c)
+}
+
+// stopSource stops the service's container and keeps it.
+func (m *Migrator) stopSource(ctx context.Context, c migrationCall) (stopResult, error) {
 	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
 	if err != nil {
 		return stopResult{}, fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/fsm"
 )
 
 // The target's side of a migration: it receives streams into staging
@@ -51,7 +52,12 @@ func (m *Migrator) handleReceive(ctx context.Context, _ string, req streamReques
 	}
 	ds := m.d.Datasets
 	staging := ds.StagingDataset(f.ID, req.Volume)
-	if req.Base != "" && !ds.Exists(staging) {
+	dest := staging
+	if m.placed(f, req.Volume) {
+		// The target was prepared: the last increment lands where the
+		// volume is mounted, and nothing is renamed or mounted at cutover.
+		dest = ds.Dataset(f.Namespace, req.Volume)
+	} else if req.Base != "" && !ds.Exists(staging) {
 		kept := ds.Dataset(f.Namespace, req.Volume)
 		if !ds.Exists(kept) {
 			return receiveResult{}, fmt.Errorf("incremental from %s asked for %s/%s: %w", req.Base, f.Namespace, req.Volume, ErrNoCopy)
@@ -62,14 +68,23 @@ func (m *Migrator) handleReceive(ctx context.Context, _ string, req streamReques
 		}
 	}
 	r := &deadlineReader{body: body, idle: m.cfg.StallTimeout, first: func() { m.cfg.Crash.Hit("target", point) }}
-	if err := m.d.Streams.ReceiveInto(staging, req.Base != "", r); err != nil {
+	if err := m.d.Streams.ReceiveInto(dest, req.Base != "", r); err != nil {
 		if r.stalled != nil {
 			return receiveResult{}, fmt.Errorf("%w (%v)", r.stalled, err)
 		}
 		return receiveResult{}, err
 	}
-	guid, err := m.d.Streams.SnapshotGUID(staging, req.Snap)
+	guid, err := m.d.Streams.SnapshotGUID(dest, req.Snap)
 	return receiveResult{TargetGUID: guid}, err
+}
+
+// placed tells whether a volume's copy of this migration is in its place
+// already (the target was prepared): no staging copy left, and the
+// dataset in place is marked as this migration's.
+func (m *Migrator) placed(f fsm.Migration, vol string) bool {
+	ds := m.d.Datasets
+	return !ds.Exists(ds.StagingDataset(f.ID, vol)) && ds.Exists(ds.Dataset(f.Namespace, vol)) &&
+		m.d.Copies.Origin(f.Namespace, vol) == f.ID
 }
 
 // deadlineReader reads a stream, pushing its read deadline forward on
@@ -100,46 +115,100 @@ func (d *deadlineReader) Read(p []byte) (int, error) {
 
 var _ io.Reader = (*deadlineReader)(nil)
 
-// handleStartTarget (target): put the received copies in place, start the
-// container on them and wait until it is ready. Each adopted dataset is
-// marked with the migration's id, so an abort destroys exactly it.
+// handlePrepareTarget (target, after the warm copy, before the source
+// stops): put the received copies in place and create the container
+// without starting it, so the cutover only receives the last increment
+// where the volume is mounted and starts the container. Safe to repeat.
+func (m *Migrator) handlePrepareTarget(ctx context.Context, c migrationCall) (preparedTarget, error) {
+	if err := m.requireRunning(c.m, c.m.TargetID, ErrNotTarget); err != nil {
+		return preparedTarget{}, err
+	}
+	began := time.Now()
+	rs, err := m.placeCopies(c)
+	if err != nil {
+		return preparedTarget{}, err
+	}
+	adopted := time.Now()
+	// A container left by an earlier attempt of this migration is made
+	// again from the spec: this machine does not run the service.
+	if old, err := m.findContainer(ctx, c.m.Namespace, c.m.Service); err != nil {
+		return preparedTarget{}, err
+	} else if old.ID != "" {
+		if err := m.d.Containers.Remove(ctx, old.ID, 0); err != nil {
+			return preparedTarget{}, err
+		}
+	}
+	// Its ports are published on the service IP, which the host allows
+	// before it holds the address: clients here reach the owner until the
+	// commit, and an abort throws away a copy nobody used.
+	if _, err := m.d.Starter.Create(ctx, rs); err != nil {
+		return preparedTarget{}, err
+	}
+	return preparedTarget{Adopt: adopted.Sub(began), Create: time.Since(adopted)}, nil
+}
+
+// handleStartTarget (target): start the container prepared before the
+// cutover and wait until it is ready. A target that was not prepared (an
+// executor of an older version) puts the copies in place and creates the
+// container first. Each adopted dataset is marked with the migration's
+// id, so an abort destroys exactly it.
 func (m *Migrator) handleStartTarget(ctx context.Context, c migrationCall) (startResult, error) {
 	f, sv := c.m, c.sv
 	if err := m.requireRunning(f, f.TargetID, ErrNotTarget); err != nil {
 		return startResult{}, err
 	}
+	var res startResult
+	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP}
+	ctr, err := m.findContainer(ctx, f.Namespace, f.Service)
+	if err != nil {
+		return startResult{}, err
+	}
 	began := time.Now()
-	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP, Mounts: map[string]string{}}
-	if len(f.Volumes) > 0 {
-		if err := m.requireVolumes(); err != nil {
+	if ctr.ID == "" {
+		if rs, err = m.placeCopies(c); err != nil {
+			return startResult{}, err
+		}
+		res.Adopt = time.Since(began)
+		if ctr, err = m.d.Starter.Create(ctx, rs); err != nil {
 			return startResult{}, err
 		}
 	}
-	for _, v := range f.Volumes {
-		mountpoint, err := m.placeCopy(f.ID, f.Namespace, v.Name)
-		if err != nil {
-			return startResult{}, fmt.Errorf("placing the copy of %s/%s: %w", f.Namespace, v.Name, err)
+	startAt := time.Now()
+	if !ctr.Running {
+		if err := m.d.Containers.Restart(ctx, ctr.ID); err != nil {
+			return startResult{}, err
 		}
-		rs.Mounts[v.Name] = mountpoint
-	}
-	adopted := time.Now()
-	// The service IP stays the source's until the commit, on this host
-	// too: the container's ports are published on it (the host allows
-	// binds to addresses it does not hold), but clients here reach the
-	// owner until the commit; an abort throws away a copy nobody used.
-	ctr, err := m.d.Starter.Start(ctx, rs)
-	if err != nil {
-		return startResult{}, err
 	}
 	started := time.Now()
 	if err := m.d.Starter.WaitReady(ctx, ctr, rs); err != nil {
 		return startResult{}, err
 	}
-	ready := time.Now()
-	m.log.Info("started on the target", "migration", f.ID, "volumes_adopted", adopted.Sub(began).Round(time.Millisecond),
-		"container_started", started.Sub(adopted).Round(time.Millisecond), "ready", ready.Sub(started).Round(time.Millisecond))
+	res.ReadyAt = time.Now()
+	res.Start, res.Ready = started.Sub(startAt), res.ReadyAt.Sub(started)
+	m.log.Info("started on the target", "migration", f.ID, "volumes_adopted", res.Adopt.Round(time.Millisecond),
+		"container_started", res.Start.Round(time.Millisecond), "ready", res.Ready.Round(time.Millisecond))
 	m.cfg.Crash.Hit("target", "target-started")
-	return startResult{ReadyAt: ready}, nil
+	return res, nil
+}
+
+// placeCopies puts every volume's copy of the migration in place and
+// gives the run spec that mounts them.
+func (m *Migrator) placeCopies(c migrationCall) (runtime.RunSpec, error) {
+	f, sv := c.m, c.sv
+	rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP, Mounts: map[string]string{}}
+	if len(f.Volumes) > 0 {
+		if err := m.requireVolumes(); err != nil {
+			return runtime.RunSpec{}, err
+		}
+	}
+	for _, v := range f.Volumes {
+		mountpoint, err := m.placeCopy(f.ID, f.Namespace, v.Name)
+		if err != nil {
+			return runtime.RunSpec{}, fmt.Errorf("placing the copy of %s/%s: %w", f.Namespace, v.Name, err)
+		}
+		rs.Mounts[v.Name] = mountpoint
+	}
+	return rs, nil
 }
 
 // placeCopy puts the staging copy of one volume in its place, marks it

@@ -23,7 +23,11 @@ var (
 	routePrepareImage = peer.Stream[migrationRef, runtime.PullProgress, prepareResult]{Path: "migrate/v2/prepare-image"}
 	routeSendImage    = peer.Stream[migrationRef, imageProgress, imageSent]{Path: "migrate/v2/send-image"}
 	routeLoadImage    = peer.Upload[migrationRef, done]{Path: "migrate/v2/load-image"}
-	// target: adopt the copies, start, wait ready
+	// target, after the warm copy: copies in place, container created
+	routePrepareTarget = peer.Route[migrationRef, preparedTarget]{Path: "migrate/v2/prepare-target"}
+	// source: stop, then send the final increment of every volume
+	routeCutover = peer.Stream[cutoverRequest, cutoverProgress, cutoverResult]{Path: "migrate/v2/cutover"}
+	// target: start (adopting the copies first if not prepared), wait ready
 	routeStartTarget = peer.Route[migrationRef, startResult]{Path: "migrate/v2/start-target"}
 	// both: undo before the commit
 	routeAbort = peer.Route[migrationRef, done]{Path: "migrate/v2/abort"}
@@ -84,8 +88,49 @@ type stopResult struct {
 	Grace  time.Duration `json:"grace_ns,omitempty"`
 }
 
+// startResult is the target's answer to start-target: when it was ready,
+// and how long each step took.
 type startResult struct {
-	ReadyAt time.Time `json:"ready_at"`
+	ReadyAt time.Time     `json:"ready_at"`
+	Adopt   time.Duration `json:"adopt_ns,omitempty"` // copies put in place now (not prepared)
+	Start   time.Duration `json:"start_ns,omitempty"` // the container created (if not prepared) and started
+	Ready   time.Duration `json:"ready_ns,omitempty"` // until its readiness check passed
+}
+
+// preparedTarget is the target's answer to prepare-target.
+type preparedTarget struct {
+	Adopt  time.Duration `json:"adopt_ns"`
+	Create time.Duration `json:"create_ns"`
+}
+
+// cutoverRequest asks the source to stop and send the final snapshot of
+// each volume, incremental from the base named.
+type cutoverRequest struct {
+	ID      string          `json:"id"`
+	Volumes []streamRequest `json:"volumes"`
+}
+
+// cutoverProgress is the source's line during a cutover: once when the
+// container stopped, then every half second while it sends.
+type cutoverProgress struct {
+	Stopped bool   `json:"stopped,omitempty"`
+	Volume  string `json:"volume,omitempty"`
+	Bytes   uint64 `json:"bytes,omitempty"`
+}
+
+// cutoverResult is the outcome of a cutover on the source.
+type cutoverResult struct {
+	Stop    stopResult       `json:"stop"`
+	Stopped time.Duration    `json:"stopped_ns"` // the stop took
+	Volumes []finalIncrement `json:"volumes"`
+}
+
+// finalIncrement is one volume's final send.
+type finalIncrement struct {
+	Volume   string        `json:"volume"`
+	Sent     sendResult    `json:"sent"`
+	Snapshot time.Duration `json:"snapshot_ns"`
+	Send     time.Duration `json:"send_ns"`
 }
 
 // LocalQuery asks a machine what only it knows.

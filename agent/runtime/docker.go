@@ -142,6 +142,22 @@ func (d *Docker) HasImage(ctx context.Context, image string) (bool, error) {
 
 // Start creates and starts the service's container.
 func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
+	c, err := d.Create(ctx, r)
+	if err != nil {
+		return Container{}, err
+	}
+	if err := d.cli.ContainerStart(ctx, c.ID, container.StartOptions{}); err != nil {
+		d.cli.ContainerRemove(context.WithoutCancel(ctx), c.ID, container.RemoveOptions{Force: true})
+		return Container{}, fmt.Errorf("starting container %s: %w", c.Name, err)
+	}
+	c.Running = true
+	return c, nil
+}
+
+// Create creates the service's container without starting it: a
+// migration's target does it before the source stops, so the cutover
+// only starts it (Restart).
+func (d *Docker) Create(ctx context.Context, r RunSpec) (Container, error) {
 	name := ContainerName(r.Namespace, r.Spec.Name)
 	env := make([]string, 0, len(r.Spec.Env))
 	for k, v := range r.Spec.Env {
@@ -192,12 +208,8 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 	if err != nil {
 		return Container{}, fmt.Errorf("creating container %s: %w", name, err)
 	}
-	if err := d.cli.ContainerStart(ctx, created.ID, container.StartOptions{}); err != nil {
-		d.cli.ContainerRemove(context.WithoutCancel(ctx), created.ID, container.RemoveOptions{Force: true})
-		return Container{}, fmt.Errorf("starting container %s: %w", name, err)
-	}
 	return Container{ID: created.ID, Name: name, Namespace: r.Namespace, Service: r.Spec.Name,
-		Generation: r.Generation, SpecHash: r.Hash(), Running: true}, nil
+		Generation: r.Generation, SpecHash: r.Hash()}, nil
 }
 
 // Remove stops (its stop signal, then SIGKILL after grace; with grace 0,
@@ -312,8 +324,12 @@ func (d *Docker) execCheck(ctx context.Context, c Container, cmd []string) error
 	}
 }
 
-// WaitReady checks readiness as the spec says (start period, interval,
-// retries) and returns the last failure when it never passes.
+// WaitReady checks readiness as the spec says and returns the last
+// failure when it never passes. The patience is the spec's (start period,
+// then interval × (retries+1)), but the first checks come sooner than the
+// interval — 10 ms, then doubling up to it — since a service that is
+// ready at once should not wait a whole interval: in a migration that
+// wait is downtime.
 func (d *Docker) WaitReady(ctx context.Context, c Container, r RunSpec) error {
 	rd := r.Spec.Readiness
 	interval, retries, start := time.Second, 30, time.Duration(0)
@@ -325,19 +341,29 @@ func (d *Docker) WaitReady(ctx context.Context, c Container, r RunSpec) error {
 		return ctx.Err()
 	case <-time.After(start):
 	}
+	deadline := time.Now().Add(interval * time.Duration(retries+1))
+	wait, checks := readyFirstWait, 0
 	var err error
-	for i := 0; i <= retries; i++ {
+	for {
+		checks++
 		if err = d.CheckOnce(ctx, c, r); err == nil {
 			return nil
 		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("service %s/%s not ready after %d checks in %s: %w", r.Namespace, r.Spec.Name, checks, interval*time.Duration(retries+1), err)
+		}
+		wait = min(wait, interval)
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w (last check: %v)", ctx.Err(), err)
-		case <-time.After(interval):
+		case <-time.After(wait):
 		}
+		wait *= 2
 	}
-	return fmt.Errorf("service %s/%s not ready after %d checks: %w", r.Namespace, r.Spec.Name, retries+1, err)
 }
+
+// readyFirstWait is the pause after the first failed readiness check.
+const readyFirstWait = 10 * time.Millisecond
 
 // Stopped says how a container stopped.
 type Stopped struct {

@@ -259,6 +259,9 @@ func (c *cli) followMigration(cmd *cobra.Command, run func(context.Context, func
 	}
 	fmt.Fprintf(c.out, "migration %s: %s moved from %s to %s, %s; downtime %s (source stopped to target ready)\n",
 		info.ID, info.Service, info.Source, info.Target, info.Phase, time.Duration(info.Downtime).Round(time.Millisecond))
+	if info.Cutover != nil {
+		fmt.Fprintf(c.out, "  cutover: %s\n", info.Cutover)
+	}
 	for _, v := range info.Volumes {
 		fmt.Fprintf(c.out, "  volume %s: %s sent, %s of it after the source stopped\n", v.Name, mib(v.BytesSent), mib(v.FinalBytes))
 	}
@@ -338,6 +341,18 @@ func printMigration(w io.Writer, m ctlapi.MigrationInfo) {
 	row("committed", at(m.CommittedAt))
 	row("ended", at(m.EndedAt))
 	row("downtime", time.Duration(m.Downtime).Round(time.Millisecond).String())
+	if c := m.Cutover; c != nil {
+		d := func(v ctlapi.Duration) string { return time.Duration(v).Round(time.Millisecond).String() }
+		row("  prepared before the stop", d(c.Prepared)+" (copies in place, container created)")
+		row("  stop", d(c.Stop))
+		row("  final snapshot", d(c.FinalSnapshot))
+		row("  final send", fmt.Sprintf("%s (%s)", d(c.FinalSend), mib(c.FinalBytes)))
+		row("  adopt", d(c.Adopt))
+		row("  container start", d(c.Start))
+		row("  ready", d(c.Ready))
+		row("  commit", d(c.Commit))
+		row("  stop to commit", d(c.Total))
+	}
 	if !m.RetainedUntil.IsZero() {
 		row("source copy kept until", at(m.RetainedUntil))
 	}
