@@ -20,8 +20,7 @@ const SnapshotPrefix = "drover-"
 
 // Exists tells whether a dataset exists.
 func (z *ZFS) Exists(name string) bool {
-	_, err := zfs.GetDataset(name)
-	return err == nil
+	return exec.Command("zfs", "list", "-H", "-o", "name", name).Run() == nil
 }
 
 // StagingPrefix is the dataset under which incoming copies land.

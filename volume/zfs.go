@@ -157,16 +157,13 @@ func (z *ZFS) List() ([]Info, error) {
 
 // Snapshot takes a snapshot of the volume.
 func (z *ZFS) Snapshot(namespace, name, snap string) (Snapshot, error) {
+	// Two commands, not a listing of every property before and after: a
+	// migration's final snapshot is taken while the service is down.
 	ds := z.Dataset(namespace, name)
-	d, err := zfs.GetDataset(ds)
-	if err != nil {
-		return Snapshot{}, fmt.Errorf("reading %s: %w", ds, err)
+	if out, err := exec.Command("zfs", "snapshot", ds+"@"+snap).CombinedOutput(); err != nil {
+		return Snapshot{}, fmt.Errorf("snapshot %s@%s: %w: %s", ds, snap, err, strings.TrimSpace(string(out)))
 	}
-	s, err := d.Snapshot(snap, false)
-	if err != nil {
-		return Snapshot{}, fmt.Errorf("snapshot %s@%s: %w", ds, snap, err)
-	}
-	guid, err := guidOf(s.Name)
+	guid, err := guidOf(ds + "@" + snap)
 	if err != nil {
 		return Snapshot{}, err
 	}
@@ -177,22 +174,17 @@ func (z *ZFS) Snapshot(namespace, name, snap string) (Snapshot, error) {
 // empty, else incremental from snapshot base.
 func (z *ZFS) Send(namespace, name, snap, base string, w io.Writer) error {
 	ds := z.Dataset(namespace, name)
-	s, err := zfs.GetDataset(ds + "@" + snap)
-	if err != nil {
-		return fmt.Errorf("reading %s@%s: %w", ds, snap, err)
+	args := []string{"send"}
+	what := ds + "@" + snap
+	if base != "" {
+		args = append(args, "-i", ds+"@"+base)
+		what += " from " + base
 	}
-	if base == "" {
-		if err := s.SendSnapshot(w); err != nil {
-			return fmt.Errorf("sending %s@%s: %w", ds, snap, err)
-		}
-		return nil
-	}
-	b, err := zfs.GetDataset(ds + "@" + base)
-	if err != nil {
-		return fmt.Errorf("reading %s@%s: %w", ds, base, err)
-	}
-	if err := s.IncrementalSend(b, w); err != nil {
-		return fmt.Errorf("sending %s@%s from %s: %w", ds, snap, base, err)
+	cmd := exec.Command("zfs", append(args, ds+"@"+snap)...)
+	var stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = w, &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("sending %s: %w: %s", what, err, strings.TrimSpace(stderr.String()))
 	}
 	return nil
 }

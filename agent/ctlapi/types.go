@@ -248,7 +248,20 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 type MigrateRequest struct {
 	Service string `json:"service"`
 	To      string `json:"to"`
+	// MaxDowntime is the downtime budget: warm rounds go on while the
+	// predicted downtime exceeds it, and a move that cannot get within it
+	// ends before the source stops. Zero takes DefaultMaxDowntime; a
+	// negative budget is none (the move converges as well as it can).
+	MaxDowntime Duration `json:"max_downtime,omitempty"`
 }
+
+// DefaultMaxDowntime is the downtime budget of a move that names none:
+// what a web service's clients ride out with a retry.
+const DefaultMaxDowntime = Duration(5 * time.Second)
+
+// NoDowntimeBudget asks a move to converge as well as it can and never
+// end for its downtime: a drain must empty its machine.
+const NoDowntimeBudget = Duration(-1)
 
 // MigrationIDRequest names a migration, for rollback, purge-source and abort.
 type MigrationIDRequest struct {
@@ -430,7 +443,14 @@ type MigrationPlan struct {
 	Checks  []MigrationCheck      `json:"checks"`
 	Phases  []string              `json:"phases"`
 	After   string                `json:"after"`
-	OK      bool                  `json:"ok"`
+	// PredictedDowntime is the fixed cost of a cutover (stop, final
+	// snapshot, start, readiness, commit), measured by earlier moves
+	// (FixedCostFrom says which), before the final increment's own send,
+	// which the warm copy measures and keeps within MaxDowntime.
+	PredictedDowntime Duration `json:"predicted_downtime"`
+	FixedCostFrom     string   `json:"fixed_cost_from"`
+	MaxDowntime       Duration `json:"max_downtime"` // negative: none
+	OK                bool     `json:"ok"`
 }
 
 // ProbeRequest asks the daemon to commit no-op entries through the fact

@@ -328,7 +328,9 @@ func (d *Drainer) replan(ctx context.Context, machineID string, it fsm.DrainItem
 // from starting or aborted it.
 func (d *Drainer) migrateOne(ctx context.Context, r *run, it fsm.DrainItem) (string, error) {
 	target := d.nameOf(it.Target)
-	info, err := d.migs.Migrate(ctx, ctlapi.MigrateRequest{Service: it.Service, To: target}, func(ev ctlapi.MigrationEvent) {
+	// A drain must empty its machine: its moves converge as well as they
+	// can and are never refused for their downtime.
+	info, err := d.migs.Migrate(ctx, ctlapi.MigrateRequest{Service: it.Service, To: target, MaxDowntime: ctlapi.NoDowntimeBudget}, func(ev ctlapi.MigrationEvent) {
 		r.emit(ctlapi.DrainEvent{Service: it.Service, Target: target, Migration: &ev})
 	})
 	if ctx.Err() != nil {

@@ -122,7 +122,9 @@ func (m *Migrator) Rollback(ctx context.Context, id string, emit func(ctlapi.Mig
 		return ctlapi.MigrationInfo{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeNoRollback,
 			Err: fmt.Errorf("rollback of %s: %s", id, why)}
 	}
-	return m.migrate(ctx, ctlapi.MigrateRequest{Service: f.Namespace + "/" + f.Service, To: m.nameOf(f.SourceID)}, id, emit)
+	// A rollback puts the service back where it ran: it converges as a
+	// move does, but is never refused for its downtime.
+	return m.migrate(ctx, ctlapi.MigrateRequest{Service: f.Namespace + "/" + f.Service, To: m.nameOf(f.SourceID), MaxDowntime: ctlapi.NoDowntimeBudget}, id, emit)
 }
 
 // rollbackRefusal says why a migration cannot be rolled back now; "" when

@@ -108,3 +108,27 @@ func TestAbortAndPurgeAnswerByPhase(t *testing.T) {
 		t.Fatalf("rollback after a purge: %v", err)
 	}
 }
+
+// A budget below a cutover's fixed cost fails pre-flight, naming the
+// budget and where the fixed cost comes from; nothing moves.
+func TestABudgetBelowTheFixedCostFailsPreflight(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	c.deploy("a")
+	req := migrateTo("b")
+	req.MaxDowntime = ctlapi.Duration(10 * time.Millisecond)
+	plan, err := c.m["a"].mig.Preview(context.Background(), req)
+	if err != nil || plan.OK || time.Duration(plan.PredictedDowntime) != defaultFixedCost || time.Duration(plan.MaxDowntime) != 10*time.Millisecond {
+		t.Fatalf("preview %+v, %v", plan, err)
+	}
+	_, err = c.m["a"].mig.Migrate(context.Background(), req, func(ctlapi.MigrationEvent) {})
+	if !isCode(err, ctlapi.CodePreflightFailed) || !strings.Contains(err.Error(), "downtime budget") || !strings.Contains(err.Error(), "default") {
+		t.Fatalf("apply over the budget: %v", err)
+	}
+	if c.owner() != "a" {
+		t.Fatalf("the service moved to %s", c.owner())
+	}
+	req.MaxDowntime = ctlapi.NoDowntimeBudget
+	if plan, err := c.m["a"].mig.Preview(context.Background(), req); err != nil || !plan.OK || plan.MaxDowntime >= 0 {
+		t.Fatalf("preview without a budget %+v, %v", plan, err)
+	}
+}

@@ -21,18 +21,12 @@ import (
 	"github.com/drover-sh/drover/volume"
 )
 
-// warmRounds bounds the incremental rounds while the service runs; a
-// round that sends less than warmEnough ends the warm copy.
-const (
-	warmRounds = 4
-	warmEnough = 8 << 20
-)
-
 // execution is a migration this daemon runs. It is owned by the
 // migrator, not by the request that started it: a CLI that goes away
 // does not stop it; `migrate abort` does.
 type execution struct {
 	id     string
+	budget time.Duration // the downtime budget; zero: none
 	cancel context.CancelCauseFunc
 	events chan ctlapi.MigrationEvent // closed when the migration ended
 	done   chan struct{}              // closed after info and err are set
@@ -80,7 +74,7 @@ func (m *Migrator) migrate(ctx context.Context, req ctlapi.MigrateRequest, rollb
 		}
 		seed = append(seed, fsm.MigrationVolume{Name: v.Name, LastSnapshot: v.IncrementalBase, GUID: v.BaseGUID, TotalBytes: v.ReferencedBytes})
 	}
-	ex, err := m.startExecution(ctx, sv, target, seed, rollbackOf)
+	ex, err := m.startExecution(ctx, sv, target, seed, rollbackOf, budgetOf(req.MaxDowntime))
 	if err != nil {
 		return ctlapi.MigrationInfo{}, err
 	}
@@ -108,12 +102,12 @@ func randomSuffix() string {
 
 // startExecution takes the namespace lock, records the migration and
 // runs it in a goroutine the migrator owns.
-func (m *Migrator) startExecution(ctx context.Context, sv fsm.Service, target fsm.Machine, seed []fsm.MigrationVolume, rollbackOf string) (*execution, error) {
+func (m *Migrator) startExecution(ctx context.Context, sv fsm.Service, target fsm.Machine, seed []fsm.MigrationVolume, rollbackOf string, budget time.Duration) (*execution, error) {
 	ns, name := sv.Namespace, sv.Spec.Name
 	id := "m" + randomSuffix() + randomSuffix()
 	holder := m.cfg.Name + "/migrate/" + id
 	ectx, cancel := context.WithCancelCause(m.ctx)
-	ex := &execution{id: id, cancel: cancel, events: make(chan ctlapi.MigrationEvent, 256), done: make(chan struct{})}
+	ex := &execution{id: id, budget: budget, cancel: cancel, events: make(chan ctlapi.MigrationEvent, 256), done: make(chan struct{})}
 	// Registered before the migration exists in the facts, so recovery
 	// never takes it for one whose executor died.
 	m.mu.Lock()
@@ -211,14 +205,15 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 			return m.imageOnTarget(ctx, ex, f, sv.Spec.RunImage())
 		}},
 		{name: "warm copy", phase: fsm.PhaseWarmCopy, msg: "copying while the service runs", recordVols: true, do: func(ctx context.Context) error {
-			return m.warmCopy(ctx, ex, f, vols, phase)
-		}},
-		{name: "preparing the target", do: func(ctx context.Context) error {
-			p, err := call(ctx, m, f.TargetID, 5*time.Minute, routePrepareTarget, migrationRef{ID: id})
-			cut.Prepared = p.Adopt + p.Create
-			ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseWarmCopy),
-				Message: fmt.Sprintf("target prepared: copies in place in %s, container created in %s", ms(p.Adopt), ms(p.Create))})
-			return err
+			return m.warmCopy(ctx, ex, f, vols, phase, func(ctx context.Context) error {
+				p, err := call(ctx, m, f.TargetID, 5*time.Minute, routePrepareTarget, migrationRef{ID: id})
+				cut.Prepared = p.Adopt + p.Create
+				if err == nil {
+					ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseWarmCopy),
+						Message: fmt.Sprintf("target prepared: copies in place in %s, container created in %s", ms(p.Adopt), ms(p.Create))})
+				}
+				return err
+			})
 		}},
 		{name: "stopping the source and sending the final increment", phase: fsm.PhaseSourceStopped,
 			msg: "cutover: stopping the source, sending the final increment", do: func(ctx context.Context) error {
@@ -321,12 +316,12 @@ func (m *Migrator) cutover(ctx context.Context, ex *execution, f fsm.Migration, 
 		vols[i].BytesSent += fi.Sent.Bytes
 		vols[i].FinalBytes = fi.Sent.Bytes
 		vols[i].LastSnapshot, vols[i].GUID = finalSnapshot(f.ID), fi.Sent.SourceGUID
-		cut.FinalSnapshot += fi.Snapshot
-		cut.FinalSend += fi.Send
+		cut.FinalSnapshot = max(cut.FinalSnapshot, fi.Snapshot) // taken side by side
 		cut.FinalBytes += fi.Sent.Bytes
 		ex.emit(ctlapi.MigrationEvent{Kind: "progress", Phase: string(fsm.PhaseFinalCopy), Volume: vols[i].Name, Bytes: fi.Sent.Bytes})
 		m.cfg.Crash.Hit("executor", "final-send")
 	}
+	cut.FinalSend = max(res.Sends-cut.FinalSnapshot, 0)
 	return nil
 }
 
@@ -352,10 +347,24 @@ func (m *Migrator) startTarget(ctx context.Context, ex *execution, f fsm.Migrati
 
 func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
 
-// warmCopy sends rounds of snapshots while the service runs, until a
-// round sends less than warmEnough or warmRounds are done.
-func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration, vols []fsm.MigrationVolume, phase func(fsm.MigrationPhase, string, []fsm.MigrationVolume) error) error {
-	for round := 1; round <= warmRounds; round++ {
+// warmCopy sends rounds of snapshots while the service runs, until the
+// predicted downtime fits the budget and the rounds stop shrinking, or
+// ends the move when it cannot fit (see budget.go). The target is
+// prepared after the first round, so the later rounds and the final
+// increment land where the volumes are mounted, and the writes made while
+// it prepares travel in the next round, not in the downtime.
+func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration, vols []fsm.MigrationVolume, phase func(fsm.MigrationPhase, string, []fsm.MigrationVolume) error, prepare func(context.Context) error) error {
+	var fixed time.Duration
+	var from string
+	m.d.Facts.Read(func(s *fsm.State) { fixed, from = fixedCost(s.Migrations(), f.Namespace, f.Service) })
+	plan := warmPlan{fixed: fixed, budget: ex.budget}
+	budget := "no budget"
+	if ex.budget > 0 {
+		budget = "budget " + ms(ex.budget)
+	}
+	var prior uint64
+	for round := 1; ; round++ {
+		began := time.Now()
 		var sent uint64
 		for i := range vols {
 			k, err := m.sendVolume(ctx, ex, f, &vols[i], volume.SnapshotPrefix+f.ID+"-"+strconv.Itoa(round), round)
@@ -364,15 +373,27 @@ func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration,
 			}
 			sent += k
 		}
+		took := time.Since(began)
 		m.cfg.Crash.Hit("executor", "warm-copy")
-		if err := phase(fsm.PhaseWarmCopy, fmt.Sprintf("round %d sent %s", round, mibs(sent)), vols); err != nil {
+		step, predicted := plan.next(warmRound{n: round, sent: sent, took: took, prior: prior})
+		msg := fmt.Sprintf("round %d sent %s in %s; predicted downtime %s (%s; fixed cost %s from %s)", round, mibs(sent), ms(took), ms(predicted), budget, ms(fixed), from)
+		if err := phase(fsm.PhaseWarmCopy, msg, vols); err != nil {
 			return err
 		}
-		if sent < warmEnough {
-			return nil
+		if round == 1 {
+			if err := prepare(ctx); err != nil {
+				return fmt.Errorf("preparing the target: %w", err)
+			}
 		}
+		switch step {
+		case warmDone:
+			return nil
+		case warmGiveUp:
+			return fmt.Errorf("%w: after %d rounds the last sent %s at up to %s/s, so the downtime would be about %s, over the budget of %s: raise --max-downtime, or move it while it writes less",
+				ErrOverBudget, round, mibs(sent), mibs(uint64(plan.rate)), ms(predicted), ms(ex.budget))
+		}
+		prior = sent
 	}
-	return nil
 }
 
 // sendVolume has the source stream one snapshot of a volume to the target

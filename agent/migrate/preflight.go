@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/runtime"
@@ -78,11 +79,13 @@ func (m *Migrator) plan(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.
 	var sv fsm.Service
 	var ok bool
 	var lockHolder string
+	in := preflightInput{target: target, budget: budgetOf(req.MaxDowntime)}
 	m.d.Facts.Read(func(s *fsm.State) {
 		sv, ok = s.Service(ns, name)
 		if l, held := s.Lock(ns); held {
 			lockHolder = l.Holder
 		}
+		in.fixed, in.fixedFrom = fixedCost(s.Migrations(), ns, name)
 	})
 	if !ok {
 		return ctlapi.MigrationPlan{}, fsm.Service{}, fsm.Machine{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService, Err: fmt.Errorf("no service %s", req.Service)}
@@ -91,7 +94,7 @@ func (m *Migrator) plan(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.
 	for _, g := range m.d.Members.Members() {
 		live[g.MachineID] = g.Liveness
 	}
-	in := preflightInput{sv: sv, target: target, source: m.nameOf(sv.MachineID), lockHolder: lockHolder, live: live}
+	in.sv, in.source, in.lockHolder, in.live = sv, m.nameOf(sv.MachineID), lockHolder, live
 	in.src, in.srcErr = m.LocalFacts(ctx, sv.MachineID, ServiceQuery(sv))
 	in.tgt, in.tgtErr = m.LocalFacts(ctx, target.ID, ServiceQuery(sv))
 	return checkPreflight(req.Service, in), sv, target, nil
@@ -106,6 +109,11 @@ type preflightInput struct {
 	live           map[string]cluster.Liveness
 	src, tgt       LocalFacts
 	srcErr, tgtErr error
+	// fixed is a cutover's fixed cost from earlier moves (fixedFrom says
+	// which); budget the move's downtime budget, zero for none.
+	fixed     time.Duration
+	fixedFrom string
+	budget    time.Duration
 }
 
 // checkPreflight decides a migration's pre-flight from what was gathered:
@@ -113,8 +121,10 @@ type preflightInput struct {
 func checkPreflight(service string, in preflightInput) ctlapi.MigrationPlan {
 	sv, target := in.sv, in.target
 	plan := ctlapi.MigrationPlan{Service: service, Source: in.source, Target: target.Name,
-		Phases: []string{"lock namespace", "warm copy while running (repeated while the delta shrinks)", "stop source",
-			"final incremental + GUID check", "start on target, wait ready", "commit (point of no return)", "cleanup: remove source container, keep source dataset"},
+		Phases: []string{"lock namespace", "warm copy while running (repeated until the predicted downtime fits the budget and the delta stops shrinking)",
+			"after the first round: the target puts the copies in place and creates the container", "stop source and send the final increment in place + GUID check",
+			"start on target, wait ready", "commit (point of no return)", "cleanup: remove source container, keep source dataset"},
+		PredictedDowntime: ctlapi.Duration(in.fixed), FixedCostFrom: in.fixedFrom, MaxDowntime: ctlapi.Duration(in.budget),
 		After: fmt.Sprintf("%s on %s at %s; volumes owned by %s", service, target.Name, sv.ServiceIP, target.Name)}
 	check := func(name string, ok bool, format string, args ...any) {
 		plan.Checks = append(plan.Checks, ctlapi.MigrationCheck{Name: name, OK: ok, Detail: fmt.Sprintf(format, args...)})
@@ -126,6 +136,12 @@ func checkPreflight(service string, in preflightInput) ctlapi.MigrationPlan {
 	check("namespace not locked", in.lockHolder == "", "lock holder: %s", dashIfEmpty(in.lockHolder))
 	check("bind mounts", len(sv.Spec.Binds) == 0, "%s", BindsDetail(sv.Spec.Binds, plan.Source))
 	check("ports", true, "published on the service's own IP %s: no clash possible on the target", sv.ServiceIP)
+	if in.budget > 0 {
+		check("downtime budget", in.fixed <= in.budget, "a cutover's fixed cost %s (%s) within the budget %s, plus the final increment, which the warm copy keeps within it",
+			in.fixed.Round(time.Millisecond), in.fixedFrom, in.budget)
+	} else {
+		plan.MaxDowntime = ctlapi.NoDowntimeBudget
+	}
 
 	var referenced uint64
 	for _, v := range sv.Spec.Volumes {

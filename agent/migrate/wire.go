@@ -122,6 +122,7 @@ type cutoverProgress struct {
 type cutoverResult struct {
 	Stop    stopResult       `json:"stop"`
 	Stopped time.Duration    `json:"stopped_ns"` // the stop took
+	Sends   time.Duration    `json:"sends_ns"`   // the volumes' snapshots and sends, side by side, took
 	Volumes []finalIncrement `json:"volumes"`
 }
 
@@ -208,4 +209,5 @@ var (
 	ErrNoContainer   = peer.NewError("no_container", "the service has no container here")
 	ErrGUIDMismatch  = peer.NewError("guid_mismatch", "the snapshot's GUID differs between source and target")
 	ErrMachineGone   = peer.NewError("machine_gone", "machine is gone")
+	ErrOverBudget    = peer.NewError("over_downtime_budget", "the predicted downtime does not fit the move's budget")
 )

@@ -23,6 +23,7 @@ import (
 func (c *cli) migrateCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "migrate", Short: "Move services and their volumes between machines"}
 	var applyTo, previewTo, renderTo string
+	var applyBudget, previewBudget time.Duration
 	apply := c.addJSON(&cobra.Command{
 		Use:   "apply NAMESPACE/SERVICE --to MACHINE",
 		Short: "Move a service: warm copy while it runs, stop, final delta, start on the target, commit",
@@ -37,11 +38,13 @@ service goes back to its source; after it the move only goes forward).`,
 				return fmt.Errorf("give the target with --to MACHINE")
 			}
 			return c.followMigration(cmd, func(ctx context.Context, onEvent func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
-				return c.client.Migrate(ctx, ctlapi.MigrateRequest{Service: args[0], To: applyTo}, onEvent)
+				return c.client.Migrate(ctx, ctlapi.MigrateRequest{Service: args[0], To: applyTo, MaxDowntime: budgetFlag(applyBudget)}, onEvent)
 			})
 		},
 	})
 	apply.Flags().StringVar(&applyTo, "to", "", "the target machine")
+	apply.Flags().DurationVar(&applyBudget, "max-downtime", time.Duration(ctlapi.DefaultMaxDowntime),
+		"the downtime budget: copy while it runs until the predicted downtime fits, or end the move before the source stops (0: no budget)")
 	rollback := c.addJSON(&cobra.Command{
 		Use:   "rollback MIGRATION",
 		Short: "Move a migrated service back inside the safety window, sending only what changed since",
@@ -125,7 +128,7 @@ service goes back to its source; after it the move only goes forward).`,
 			if previewTo == "" {
 				return fmt.Errorf("give the target with --to MACHINE")
 			}
-			p, err := c.client.MigratePreview(cmd.Context(), ctlapi.MigrateRequest{Service: args[0], To: previewTo})
+			p, err := c.client.MigratePreview(cmd.Context(), ctlapi.MigrateRequest{Service: args[0], To: previewTo, MaxDowntime: budgetFlag(previewBudget)})
 			if err != nil {
 				return err
 			}
@@ -148,6 +151,12 @@ service goes back to its source; after it the move only goes forward).`,
 			for i, ph := range p.Phases {
 				fmt.Fprintf(c.out, "  %d. %s\n", i+1, ph)
 			}
+			budget := "no budget"
+			if p.MaxDowntime > 0 {
+				budget = "budget " + time.Duration(p.MaxDowntime).String()
+			}
+			fmt.Fprintf(c.out, "\npredicted downtime: %s fixed cost (%s) plus the final increment's send, which the warm copy keeps within the %s\n",
+				time.Duration(p.PredictedDowntime).Round(time.Millisecond), p.FixedCostFrom, budget)
 			fmt.Fprintf(c.out, "\nafter: %s\n", p.After)
 			if !p.OK {
 				var failed []string
@@ -162,6 +171,7 @@ service goes back to its source; after it the move only goes forward).`,
 		},
 	})
 	preview.Flags().StringVar(&previewTo, "to", "", "the target machine")
+	preview.Flags().DurationVar(&previewBudget, "max-downtime", time.Duration(ctlapi.DefaultMaxDowntime), "the downtime budget to check (0: no budget)")
 	render := &cobra.Command{
 		Use:   "render-manifest NAMESPACE/SERVICE --to MACHINE",
 		Short: "Print the manifest that performs this migration with `droverctl deploy -f`",
@@ -266,6 +276,14 @@ func (c *cli) followMigration(cmd *cobra.Command, run func(context.Context, func
 		fmt.Fprintf(c.out, "  volume %s: %s sent, %s of it after the source stopped\n", v.Name, mib(v.BytesSent), mib(v.FinalBytes))
 	}
 	return nil
+}
+
+// budgetFlag turns --max-downtime into the request's budget: 0 is none.
+func budgetFlag(d time.Duration) ctlapi.Duration {
+	if d <= 0 {
+		return ctlapi.NoDowntimeBudget
+	}
+	return ctlapi.Duration(d)
 }
 
 // progress shows migration events: on a terminal one line rewritten in
