@@ -21,6 +21,13 @@ type VolumeMount struct {
 	Name       string `json:"name"`       // DNS label, unique in the namespace
 	MountPath  string `json:"mount_path"` // absolute path in the container
 	QuotaBytes uint64 `json:"quota_bytes"`
+	// RecordSize is the dataset's ZFS recordsize in bytes; zero keeps
+	// ZFS's 128 KiB. A database's page size (8 KiB for PostgreSQL) makes
+	// each page write a change of that size, not of a whole record, in
+	// every increment a move sends.
+	RecordSize uint64 `json:"recordsize,omitempty"`
+	// Compression is the dataset's ZFS compression; empty is "on".
+	Compression string `json:"compression,omitempty"`
 }
 
 // BindMount mounts a directory of the host into the container. It does

@@ -21,7 +21,7 @@ func TestKeptCopyTakesAnIncrementalAndIsMarked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := src.Ensure("shop", "data", 64<<20)
+	info, err := src.Ensure("shop", "data", Properties{Quota: 64 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -71,22 +71,65 @@ func (z *ZFS) Dataset(namespace, name string) string {
 	return z.parent + "/" + namespace + "/" + name
 }
 
-// Ensure creates the volume's dataset if it is missing and sets its quota.
-func (z *ZFS) Ensure(namespace, name string, quota uint64) (Info, error) {
+// Properties are the ZFS properties drover sets on a volume's dataset.
+// Zero values keep drover's defaults: ZFS's recordsize (128 KiB), and
+// compression on (the pool's default algorithm: lz4 on OpenZFS, lzjb on
+// zfs-fuse), which costs little and saves space.
+type Properties struct {
+	Quota       uint64
+	RecordSize  uint64
+	Compression string
+}
+
+// DefaultCompression is the compression of a volume that names none.
+const DefaultCompression = "on"
+
+// Ensure creates the volume's dataset if it is missing and sets its
+// properties where they differ.
+func (z *ZFS) Ensure(namespace, name string, p Properties) (Info, error) {
 	ds := z.Dataset(namespace, name)
 	if err := ensureFS(ds, nil); err != nil {
 		return Info{}, err
 	}
-	d, err := zfs.GetDataset(ds)
-	if err != nil {
-		return Info{}, fmt.Errorf("reading %s: %w", ds, err)
-	}
-	if quota > 0 && d.Quota != quota {
-		if err := d.SetProperty("quota", strconv.FormatUint(quota, 10)); err != nil {
-			return Info{}, fmt.Errorf("setting quota of %s: %w", ds, err)
-		}
+	if err := z.SetProperties(namespace, name, p); err != nil {
+		return Info{}, err
 	}
 	return z.Get(namespace, name)
+}
+
+// SetProperties sets a volume's quota, recordsize and compression where
+// they differ from what its dataset has. A new recordsize or compression
+// applies to the blocks written from then on.
+func (z *ZFS) SetProperties(namespace, name string, p Properties) error {
+	ds := z.Dataset(namespace, name)
+	out, err := exec.Command("zfs", "get", "-Hp", "-o", "value", "quota,recordsize,compression", ds).Output()
+	if err != nil {
+		return fmt.Errorf("reading the properties of %s: %w", ds, err)
+	}
+	have := strings.Fields(string(out))
+	if len(have) != 3 {
+		return fmt.Errorf("reading the properties of %s: %q", ds, out)
+	}
+	want := map[string]string{"compression": DefaultCompression}
+	if p.Quota > 0 {
+		want["quota"] = strconv.FormatUint(p.Quota, 10)
+	}
+	if p.RecordSize > 0 {
+		want["recordsize"] = strconv.FormatUint(p.RecordSize, 10)
+	}
+	if p.Compression != "" {
+		want["compression"] = p.Compression
+	}
+	for i, prop := range []string{"quota", "recordsize", "compression"} {
+		v, ok := want[prop]
+		if !ok || have[i] == v {
+			continue
+		}
+		if out, err := exec.Command("zfs", "set", prop+"="+v, ds).CombinedOutput(); err != nil {
+			return fmt.Errorf("setting %s=%s on %s: %w: %s", prop, v, ds, err, strings.TrimSpace(string(out)))
+		}
+	}
+	return nil
 }
 
 // Get describes one volume; ErrNotFound when it has no dataset here.

@@ -2,6 +2,7 @@ package volume
 
 import (
 	"bytes"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -50,14 +51,14 @@ func TestVolumeLifecycleAndIncrementalSend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := src.Ensure("shop", "data", 64<<20)
+	info, err := src.Ensure("shop", "data", Properties{Quota: 64 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if info.QuotaBytes != 64<<20 || info.Dataset != "dvtsrc/drover/shop/data" || info.Mountpoint == "" {
 		t.Fatalf("info %+v", info)
 	}
-	if again, err := src.Ensure("shop", "data", 64<<20); err != nil || again.Dataset != info.Dataset {
+	if again, err := src.Ensure("shop", "data", Properties{Quota: 64 << 20}); err != nil || again.Dataset != info.Dataset {
 		t.Fatalf("ensure is not idempotent: %+v %v", again, err)
 	}
 	write := func(name, content string) {
@@ -116,15 +117,22 @@ func TestVolumeLifecycleAndIncrementalSend(t *testing.T) {
 	if _, err := src.Get("shop", "data"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("after destroy: %v", err)
 	}
-	// Quota is enforced by ZFS.
-	big := strings.Repeat("x", 1<<20)
-	small, err := dst.Ensure("shop", "tiny", 1<<20)
+	// Quota is enforced by ZFS (random bytes: compression is on by
+	// default, and a repeated byte would take no room).
+	big := make([]byte, 1<<20)
+	rand.Read(big)
+	small, err := dst.Ensure("shop", "tiny", Properties{Quota: 1 << 20, RecordSize: 8 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The properties asked for are set, the defaults where none is asked.
+	props, err := exec.Command("zfs", "get", "-Hp", "-o", "value", "recordsize,compression", small.Dataset).Output()
+	if err != nil || strings.Join(strings.Fields(string(props)), " ") != "8192 "+DefaultCompression {
+		t.Fatalf("properties of %s: %q, %v", small.Dataset, props, err)
+	}
 	var werr error
 	for i := 0; i < 4 && werr == nil; i++ {
-		werr = os.WriteFile(filepath.Join(small.Mountpoint, fmt.Sprint(i)), []byte(big), 0o644)
+		werr = os.WriteFile(filepath.Join(small.Mountpoint, fmt.Sprint(i)), big, 0o644)
 	}
 	if werr == nil {
 		t.Fatal("writing 4 MiB into a 1 MiB quota succeeded")

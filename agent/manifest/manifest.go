@@ -86,10 +86,12 @@ type rawPort struct {
 }
 
 type rawVolume struct {
-	Name  string `toml:"name"`
-	Path  string `toml:"path"`
-	Quota any    `toml:"quota"`
-	Move  bool   `toml:"move"`
+	Name        string `toml:"name"`
+	Path        string `toml:"path"`
+	Quota       any    `toml:"quota"`
+	Move        bool   `toml:"move"`
+	RecordSize  any    `toml:"recordsize"`
+	Compression string `toml:"compression"`
 }
 
 type rawBind struct {
@@ -347,6 +349,18 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 				p.add(vk+".quota", "over the limit of 1 PiB")
 			}
 		}
+		if rv.RecordSize != nil {
+			vm.RecordSize = p.size(vk+".recordsize", rv.RecordSize)
+			if vm.RecordSize != 0 && (vm.RecordSize < minRecordSize || vm.RecordSize > maxRecordSize || vm.RecordSize&(vm.RecordSize-1) != 0) {
+				p.add(vk+".recordsize", "%d bytes: want a power of two from 512B to 1MiB (ZFS's own limits; zfs-fuse stops at 128KiB)", vm.RecordSize)
+			}
+		}
+		if rv.Compression != "" {
+			if !validCompression(rv.Compression) {
+				p.add(vk+".compression", "%q: want on, off, lz4, zstd, lzjb, zle, gzip or gzip-1 to gzip-9", rv.Compression)
+			}
+			vm.Compression = rv.Compression
+		}
 		sp.Volumes = append(sp.Volumes, vm)
 	}
 	for i, rb := range rs.Binds {
@@ -498,6 +512,8 @@ const (
 	maxReadinessDuration = time.Hour
 	maxReadinessRetries  = 10000
 	maxQuota             = 1 << 50 // 1 PiB
+	minRecordSize        = 512
+	maxRecordSize        = 1 << 20
 )
 
 var sizeRE = regexp.MustCompile(`^([0-9]+)\s*([KMGT]i?B?|B)?$`)
@@ -505,6 +521,17 @@ var sizeRE = regexp.MustCompile(`^([0-9]+)\s*([KMGT]i?B?|B)?$`)
 var sizeUnits = map[string]uint64{"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 // size reads a positive size: an integer of bytes or "512MiB", "2G", ...
+// validCompression tells whether ZFS knows the compression; a pool that
+// lacks one (zfs-fuse has neither lz4 nor zstd) says so when it is set.
+func validCompression(c string) bool {
+	switch c {
+	case "on", "off", "lz4", "zstd", "lzjb", "zle", "gzip":
+		return true
+	}
+	level, ok := strings.CutPrefix(c, "gzip-")
+	return ok && len(level) == 1 && level[0] >= '1' && level[0] <= '9'
+}
+
 func (p *parser) size(key string, v any) uint64 {
 	switch x := v.(type) {
 	case int64:

@@ -61,6 +61,21 @@ func TestParseGood(t *testing.T) {
 	}
 }
 
+func TestParseVolumeProperties(t *testing.T) {
+	m, err := Parse("shop.toml", []byte(replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"8K\"\ncompression = \"gzip-6\"")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fsm.VolumeMount{Name: "data", MountPath: "/data", QuotaBytes: 1 << 30, RecordSize: 8 << 10, Compression: "gzip-6"}
+	if got := m.Services[1].Volumes[0]; got != want {
+		t.Fatalf("volume %+v, want %+v", got, want)
+	}
+	// The rendered manifest keeps them.
+	if out := Render(m.Namespace, m.Services, nil); !strings.Contains(out, "recordsize = 8192") || !strings.Contains(out, `compression = "gzip-6"`) {
+		t.Fatalf("rendered:\n%s", out)
+	}
+}
+
 // replace swaps one line of the good manifest for another text.
 func replace(old, new string) string {
 	if !strings.Contains(good, old) {
@@ -130,6 +145,9 @@ path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
 		{"too many retries", replace(`retries = 10`, `retries = 99999`), `services.web.readiness.retries: 99999: want 0 to 10000`},
 		{"interval too long", replace(`interval = "500ms"`, `interval = "48h"`), `services.web.readiness.interval: "48h" is over the limit of 1h0m0s`},
 		{"quota too large", replace(`quota = "1GiB"`, `quota = "2048T"`), `services.web.volumes[0].quota: over the limit of 1 PiB`},
+		{"recordsize not a power of two", replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"12K\""), `shop.toml:19: services.web.volumes[0].recordsize: 12288 bytes: want a power of two from 512B to 1MiB`},
+		{"recordsize too large", replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"4M\""), `services.web.volumes[0].recordsize: 4194304 bytes: want a power of two`},
+		{"unknown compression", replace(`quota = "1GiB"`, "quota = \"1GiB\"\ncompression = \"brotli\""), `shop.toml:19: services.web.volumes[0].compression: "brotli": want on, off, lz4`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

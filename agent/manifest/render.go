@@ -47,6 +47,12 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 		}
 		for _, v := range sp.Volumes {
 			fmt.Fprintf(&b, "\n[[%s.volumes]]\nname = %s\npath = %s\nquota = %d\n", key, strconv.Quote(v.Name), strconv.Quote(v.MountPath), v.QuotaBytes)
+			if v.RecordSize != 0 {
+				fmt.Fprintf(&b, "recordsize = %d\n", v.RecordSize)
+			}
+			if v.Compression != "" {
+				fmt.Fprintf(&b, "compression = %s\n", strconv.Quote(v.Compression))
+			}
 			if move[sp.Name] {
 				b.WriteString("move = true\n")
 			}

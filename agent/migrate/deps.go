@@ -53,6 +53,8 @@ type Copies interface {
 	Get(namespace, name string) (volume.Info, error)
 	Adopt(staging, namespace, name string) (volume.Info, error)
 	SetOrigin(namespace, name, migrationID string) error
+	// SetProperties sets the dataset's quota, recordsize and compression.
+	SetProperties(namespace, name string, p volume.Properties) error
 	Origin(namespace, name string) string
 	PruneSnapshots(namespace, name, keep string) error
 	FreeBytes() (uint64, error)

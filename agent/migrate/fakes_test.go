@@ -236,6 +236,13 @@ func (f *fakeVolumes) Get(ns, name string) (volume.Info, error) {
 	return volume.Info{Namespace: ns, Name: name, Dataset: ds, Mountpoint: "/" + ds, ReferencedBytes: 1 << 20, Snapshots: slices.Clone(d.snaps)}, nil
 }
 
+func (f *fakeVolumes) SetProperties(ns, name string, _ volume.Properties) error {
+	if !f.Exists(f.Dataset(ns, name)) {
+		return errors.New("no dataset " + f.Dataset(ns, name))
+	}
+	return nil
+}
+
 func (f *fakeVolumes) Adopt(staging, ns, name string) (volume.Info, error) {
 	if err := f.MoveDataset(staging, f.Dataset(ns, name)); err != nil {
 		return volume.Info{}, fmt.Errorf("adopting: %w", err)

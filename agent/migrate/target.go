@@ -12,6 +12,7 @@ import (
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/volume"
 )
 
 // The target's side of a migration: it receives streams into staging
@@ -207,6 +208,13 @@ func (m *Migrator) placeCopies(c migrationCall) (runtime.RunSpec, error) {
 			return runtime.RunSpec{}, fmt.Errorf("placing the copy of %s/%s: %w", f.Namespace, v.Name, err)
 		}
 		rs.Mounts[v.Name] = mountpoint
+	}
+	// A received dataset has the properties of where it landed: the
+	// spec's apply to what the service writes here.
+	for _, vm := range sv.Spec.Volumes {
+		if err := m.d.Copies.SetProperties(f.Namespace, vm.Name, volume.Properties{Quota: vm.QuotaBytes, RecordSize: vm.RecordSize, Compression: vm.Compression}); err != nil {
+			return runtime.RunSpec{}, err
+		}
 	}
 	return rs, nil
 }

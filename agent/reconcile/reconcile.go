@@ -37,7 +37,7 @@ type Runtime interface {
 
 // Volumes makes a service's volumes and tells the free pool space.
 type Volumes interface {
-	Ensure(namespace, name string, quota uint64) (volume.Info, error)
+	Ensure(namespace, name string, p volume.Properties) (volume.Info, error)
 	FreeBytes() (uint64, error)
 }
 
@@ -287,7 +287,7 @@ func (r *Reconciler) runSpec(sv fsm.Service, volumes map[string]fsm.Volume) (run
 		if r.vols == nil {
 			return rs, fmt.Errorf("this machine has no ZFS parent dataset (--zfs-parent): cannot hold volume %s/%s", sv.Namespace, vm.Name)
 		}
-		info, err := r.vols.Ensure(sv.Namespace, vm.Name, vm.QuotaBytes)
+		info, err := r.vols.Ensure(sv.Namespace, vm.Name, volume.Properties{Quota: vm.QuotaBytes, RecordSize: vm.RecordSize, Compression: vm.Compression})
 		if err != nil {
 			return rs, err
 		}

@@ -75,8 +75,8 @@ func (r *fakeRuntime) CheckOnce(context.Context, runtime.Container, runtime.RunS
 
 type fakeVolumes struct{ ensured []string }
 
-func (v *fakeVolumes) Ensure(ns, name string, quota uint64) (volume.Info, error) {
-	v.ensured = append(v.ensured, fmt.Sprintf("%s/%s:%d", ns, name, quota))
+func (v *fakeVolumes) Ensure(ns, name string, p volume.Properties) (volume.Info, error) {
+	v.ensured = append(v.ensured, fmt.Sprintf("%s/%s:%d", ns, name, p.Quota))
 	return volume.Info{Mountpoint: "/pool/" + ns + "/" + name}, nil
 }
 func (v *fakeVolumes) FreeBytes() (uint64, error) { return 3<<30 + 12345, nil }

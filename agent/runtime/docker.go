@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"time"
@@ -95,6 +96,12 @@ type RunSpec struct {
 func (r RunSpec) Hash() string {
 	spec := r.Spec
 	spec.Machine = "" // placement is not the container's: a move does not re-create it
+	// A volume's ZFS properties are the dataset's, set in place: changing
+	// them does not re-create the container.
+	spec.Volumes = slices.Clone(spec.Volumes)
+	for i := range spec.Volumes {
+		spec.Volumes[i].RecordSize, spec.Volumes[i].Compression = 0, ""
+	}
 	b, _ := json.Marshal(struct {
 		Spec   fsm.ServiceSpec
 		IP     netip.Addr
