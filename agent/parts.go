@@ -309,7 +309,7 @@ func (a *Agent) forgetCluster(from string) {
 		// The cluster revoked this machine's id and WireGuard key: a
 		// restart makes new ones, under which it may join again.
 		var errs []error
-		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft", machineIDFile, mesh.KeyFile} {
+		for _, name := range []string{clusterKeyFile, "peers.json", overlayIPFile, "raft", machineIDFile, mesh.KeyFile, mesh.PeersFile} {
 			if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, name)); err != nil {
 				errs = append(errs, err)
 			}

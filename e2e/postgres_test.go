@@ -47,6 +47,7 @@ port = 5432
 name = "data"
 path = "/data"
 quota = "2GiB"
+recordsize = "8K"   # PostgreSQL's page: a page write is an 8 KiB change to send
 
 [services.pg.readiness]
 exec = ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "127.0.0.1", "-U", "postgres", "-q"]

@@ -5,23 +5,34 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/atomicfile"
 	"github.com/drover-sh/drover/netmesh"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
 // KeyFile is where a machine keeps its WireGuard key, in its data dir.
 const KeyFile = "wg.key"
+
+// PeersFile is where a machine keeps its device's peers, in its data
+// dir, so that a restarted daemon brings the mesh back before its facts
+// and gossip do.
+const PeersFile = "mesh-peers.json"
 
 // keepAlive keeps every pair of machines handshaken, also those that
 // exchange no Raft traffic, so a broken path shows before it is needed.
@@ -73,6 +84,12 @@ type Mesh struct {
 
 	mu      sync.Mutex
 	overlay netip.Addr // zero until known
+
+	// peersPath keeps the peers across restarts (empty: not kept);
+	// kept are those read at the start, saved the last written.
+	peersPath string
+	kept      []netmesh.Peer
+	saved     []byte
 }
 
 // Open loads (or makes, once) the machine's key in dataDir and opens the
@@ -86,7 +103,15 @@ func Open(cfg Config, dataDir, iface string) (*Mesh, error) {
 	if err != nil {
 		return nil, err
 	}
-	return New(cfg, dev, key), nil
+	m := New(cfg, dev, key)
+	m.peersPath = filepath.Join(dataDir, PeersFile)
+	if b, err := os.ReadFile(m.peersPath); err == nil {
+		if m.kept, err = decodePeers(b); err != nil {
+			cfg.Logger.Warn("ignoring the mesh peers kept from before a restart", "file", m.peersPath, "err", err)
+		}
+		m.saved = b
+	}
+	return m, nil
 }
 
 // New makes a mesh on an open device.
@@ -119,26 +144,109 @@ func (m *Mesh) Close() error { return m.dev.Close() }
 
 // Sync sets the device to the config computed from facts and gossip now,
 // and the local service IPs to those of the services this machine owns.
+//
+// Until the facts hold this machine (a daemon that just restarted has
+// not replayed them yet) the peers kept from before the restart are
+// added to what gossip gives, so the device has them — and handshakes
+// them — at once: a restart does not cut the services of this machine
+// off for the time it takes to rejoin. Once the facts hold this machine,
+// they alone decide, and the peers are kept for the next restart.
 func (m *Mesh) Sync(facts Facts, members Members) error {
 	var cfg netmesh.Config
 	var own []netip.Addr
+	var member bool
 	gossip := members.Members()
 	facts.Read(func(s *fsm.State) {
 		cfg = m.desired(s, gossip)
 		own = s.ServiceIPsOf(m.cfg.Self)
+		_, member = s.Machine(m.cfg.Self)
 	})
+	m.mu.Lock()
+	if !member {
+		cfg.Peers = withKept(cfg.Peers, m.kept)
+	}
+	m.mu.Unlock()
 	var errs []error
-	if m.cfg.Local != nil {
+	if m.cfg.Local != nil && member {
 		// Local first: on the machine that just took a service, its IP
-		// answers here before the route to the old owner goes.
+		// answers here before the route to the old owner goes. Before the
+		// facts are back, the addresses stay as they are.
 		if err := m.cfg.Local.Set(own); err != nil {
 			errs = append(errs, fmt.Errorf("service IPs on the loopback: %w", err))
 		}
 	}
-	if err := m.dev.Set(cfg); err != nil {
+	err := m.dev.Set(cfg)
+	if err != nil {
 		errs = append(errs, err)
 	}
+	if err == nil && member {
+		errs = append(errs, m.keep(cfg.Peers))
+	}
 	return errors.Join(errs...)
+}
+
+// withKept adds to peers the kept ones whose key is not among them.
+func withKept(peers, kept []netmesh.Peer) []netmesh.Peer {
+	have := map[wgtypes.Key]bool{}
+	for _, p := range peers {
+		have[p.PublicKey] = true
+	}
+	for _, p := range kept {
+		if !have[p.PublicKey] {
+			peers = append(peers, p)
+		}
+	}
+	return peers
+}
+
+// keptPeer is a peer as PeersFile holds it.
+type keptPeer struct {
+	PublicKey  string         `json:"public_key"`
+	Endpoint   netip.AddrPort `json:"endpoint,omitzero"`
+	AllowedIPs []netip.Prefix `json:"allowed_ips"`
+}
+
+// keep writes the peers to PeersFile when they changed.
+func (m *Mesh) keep(peers []netmesh.Peer) error {
+	if m.peersPath == "" {
+		return nil
+	}
+	out := make([]keptPeer, 0, len(peers))
+	for _, p := range peers {
+		out = append(out, keptPeer{PublicKey: p.PublicKey.String(), Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs})
+	}
+	slices.SortFunc(out, func(a, b keptPeer) int { return strings.Compare(a.PublicKey, b.PublicKey) })
+	b, err := json.MarshalIndent(out, "", "  ")
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if bytes.Equal(b, m.saved) {
+		return nil
+	}
+	if err := atomicfile.Write(m.peersPath, b, 0o600); err != nil {
+		return fmt.Errorf("keeping the mesh peers for a restart: %w", err)
+	}
+	m.saved = b
+	return nil
+}
+
+// decodePeers reads PeersFile.
+func decodePeers(b []byte) ([]netmesh.Peer, error) {
+	var in []keptPeer
+	if err := json.Unmarshal(b, &in); err != nil {
+		return nil, err
+	}
+	peers := make([]netmesh.Peer, 0, len(in))
+	for _, k := range in {
+		key, err := wgtypes.ParseKey(k.PublicKey)
+		if err != nil {
+			return nil, fmt.Errorf("peer %q: %w", k.PublicKey, err)
+		}
+		peers = append(peers, netmesh.Peer{PublicKey: key, Endpoint: k.Endpoint, AllowedIPs: k.AllowedIPs, KeepAlive: keepAlive})
+	}
+	return peers, nil
 }
 
 func (m *Mesh) desired(s *fsm.State, gossip []cluster.Member) netmesh.Config {

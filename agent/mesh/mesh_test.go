@@ -6,7 +6,10 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -213,4 +216,53 @@ func TestRunHoldsTheServiceIPsOfOwnedServices(t *testing.T) {
 	waitFor([]netip.Addr{mine.ServiceIP}) // not before the commit
 	st.Must(t, fsm.CommitMigration{ID: "m1", Holder: "test/move", At: now})
 	waitFor(nil)
+}
+
+// A restarted daemon's device gets the peers kept from before at once,
+// before its facts are back; once the facts hold the machine, they alone
+// decide, and what they decide is kept for the next restart.
+func TestPeersKeptAcrossARestart(t *testing.T) {
+	dir := t.TempDir()
+	st := facttest.NewStore()
+	bKey := key(t).PublicKey()
+	st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "a", Name: "a", WGPublicKey: key(t).PublicKey().String()}, At: facttest.T0})
+	st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "b", Name: "b", WGPublicKey: bKey.String(), WGEndpoint: "192.0.2.2:51820",
+		OverlayIP: netip.MustParseAddr("10.210.0.2")}, At: facttest.T0})
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	before := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"), Logger: logger}, &fakeDevice{}, key(t))
+	before.peersPath = filepath.Join(dir, PeersFile)
+	if err := before.Sync(st, facttest.NewMembers()); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(before.peersPath)
+	if err != nil {
+		t.Fatalf("peers not kept: %v", err)
+	}
+	kept, err := decodePeers(b)
+	if err != nil || len(kept) != 1 || kept[0].PublicKey != bKey || kept[0].Endpoint.String() != "192.0.2.2:51820" {
+		t.Fatalf("kept peers %+v, %v", kept, err)
+	}
+
+	// After the restart: no facts yet, no gossip.
+	dev := &fakeDevice{}
+	after := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"), Logger: logger}, dev, key(t))
+	after.peersPath, after.kept = before.peersPath, kept
+	if err := after.Sync(facttest.NewStore(), facttest.NewMembers()); err != nil {
+		t.Fatal(err)
+	}
+	if got := dev.last().Peers; len(got) != 1 || got[0].PublicKey != bKey || got[0].KeepAlive == 0 {
+		t.Fatalf("device after the restart, before the facts: %+v", got)
+	}
+	// The facts are back and no longer hold b: the kept peer goes.
+	back := facttest.NewStore()
+	back.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: "a", Name: "a", WGPublicKey: key(t).PublicKey().String()}, At: facttest.T0})
+	if err := after.Sync(back, facttest.NewMembers()); err != nil {
+		t.Fatal(err)
+	}
+	if got := dev.last().Peers; len(got) != 0 {
+		t.Fatalf("device once the facts are back: %+v", got)
+	}
+	if b, _ := os.ReadFile(after.peersPath); strings.TrimSpace(string(b)) != "[]" {
+		t.Fatalf("kept after the facts came back: %s", b)
+	}
 }
