@@ -31,7 +31,7 @@ import (
 // cheaper ones run at least 5 times. DROVER_BENCH_SIZES (MiB, default
 // "64,256,1024") are the volume sizes of the downtime comparison.
 // DROVER_BENCH_ONLY picks sections: factstore, throughput, downtime,
-// failover, trust (with factstore and failover), footprint
+// restart, failover, trust (with factstore and failover), footprint
 // (comma-separated; default all).
 func BenchmarkLab(b *testing.B) {
 	if os.Getenv("DROVER_BENCH") == "" {
@@ -61,7 +61,7 @@ func BenchmarkLab(b *testing.B) {
 	var guarded, open trustRun
 	b.Run("3-hosts", func(b *testing.B) {
 		// Room for a 1 GiB volume, its writes, and a second copy while it moves.
-		b.Setenv("LAB_POOL_SIZE", "6G")
+		b.Setenv("LAB_POOL_SIZE", "10G")
 		h, daemons := workloadLab(b, "bl", productionFlags...)
 		waitSettled(b, daemons, 3)
 		if want("footprint") {
@@ -73,7 +73,12 @@ func BenchmarkLab(b *testing.B) {
 		}{
 			{"factstore", func() *table { guarded.facts = benchFactStore(b, daemons, max(runs, 5)); return guarded.facts }},
 			{"throughput", func() *table { return benchThroughput(b, h, daemons, runs) }},
-			{"downtime", func() *table { return benchDowntime(b, h, daemons, sizes, runs) }},
+			{"downtime", func() *table {
+				down, breakdown := benchDowntime(b, h, daemons, sizes, runs)
+				report.Sections = append(report.Sections, down)
+				return breakdown
+			}},
+			{"restart", func() *table { return benchRestart(b, h, daemons, max(runs, 5)) }},
 			{"failover", func() *table { guarded.failover = benchFailover(b, h, daemons, max(runs, 5)); return guarded.failover }},
 		} {
 			if want(s.name) {
@@ -377,51 +382,127 @@ func localSendRate(b *testing.B, snap, dataset string) float64 {
 	return float64(n) / (1 << 20) / took.Seconds()
 }
 
-// benchDowntime: the longest gap a client probing every 10 ms sees while
-// a service writing 1 MiB/s moves, drover's warm migration against cold
-// stop-copy-start, per volume size.
-func benchDowntime(b *testing.B, h []*lab.Host, daemons []*labDaemon, sizes []int, runs int) *table {
-	const writeRate = 1 << 20
+// benchDowntime: the longest gap clients probing every 10 ms see while a
+// service writing 1 MiB/s, then 10 MiB/s, moves, drover's warm migration
+// against cold stop-copy-start, per volume size; with drover's own
+// breakdown of each move's downtime.
+func benchDowntime(b *testing.B, h []*lab.Host, daemons []*labDaemon, sizes []int, runs int) (*table, *table) {
+	rates := []int{1 << 20, 10 << 20}
 	t := &table{
 		Title: "Migration downtime",
-		How: fmt.Sprintf("A client on a third host asks the service for /healthz every 10 ms (new connection, %v timeout); downtime is the longest gap between two answers. "+
-			"The service writes about 1 MiB/s to its volume throughout. drover: `droverctl migrate apply` (warm copy while it runs, stop, final increment, start on the target, readiness every 100 ms; the client uses the service IP). "+
-			"Cold stop-copy-start, the baseline: `docker stop`, a full `zfs send | zfs receive` between the hosts over plain TCP on the lab network (no encryption, so faster per byte than the mesh), `docker run` on the target; the client asks both hosts. drover's own figure is what `migrate apply` reports (source stopped to target ready); the client also waits for the commit and the route to the service IP to move. %d runs per size, alternating direction.", probeTimeout, runs),
-		Header: []string{"volume", "drover downtime (s)", "cold downtime (s)", "cold / drover", "drover's own figure (s)", "drover whole move (s)", "cold copy (s)"},
+		How: fmt.Sprintf("Clients ask the service for /healthz every 10 ms (new connection, %v timeout), one on a third host and one on the move's target host; downtime is the longest gap between two answers. "+
+			"The service writes 1 MiB/s or 10 MiB/s to its volume throughout. drover: `droverctl migrate apply` (warm copy while it runs, the target prepared after the first round, then stop and final increment in one call, start on the target, commit; readiness every 100 ms; the clients use the service IP). "+
+			"Cold stop-copy-start, the baseline (at 1 MiB/s): `docker stop`, a full `zfs send | zfs receive` between the hosts over plain TCP on the lab network (no encryption, so faster per byte than the mesh), `docker run` on the target; the client on the third host asks both hosts. "+
+			"drover stop→commit is drover's own figure (from the stop to the commit applied); the final increment is what was sent after the stop. %d runs per row, alternating direction.", probeTimeout, runs),
+		Header: []string{"volume", "writes", "drover, client on a third host (s)", "drover, client on the target host (s)", "cold (s)", "cold / drover", "drover stop→commit (s)", "final increment (MiB)", "drover whole move (s)", "cold copy (s)"},
+	}
+	breakdown := &table{
+		Title: "Where a move's downtime goes",
+		How: "drover's breakdown of each move above (`migrate show`, `--json` cutover), median of the runs, in ms: the source's container stopped; the final snapshots taken (side by side); the final increments sent and received where the volumes are mounted; the prepared container started on the target; its readiness check passed; the commit proposed and applied. " +
+			"The copies were put in place and the container created after the first warm round (prepared), not in the downtime. What the clients see beyond stop→commit is the route moving and their own probe interval.",
+		Header: []string{"volume", "writes", "stop", "final snapshot", "final send", "container start", "ready", "commit", "stop→commit", "prepared before the stop"},
 	}
 	d := daemons[2]
 	for _, size := range sizes {
-		svc, vol := fmt.Sprintf("s%d", size), fmt.Sprintf("d%d", size)
-		ip := deployBench(b, d, h[0], svc, vol, size, writeRate)
-		var down, own, whole []float64
-		for r := range runs {
-			to := h[(r+1)%2]
-			p := startProber(b, h[2], 10*time.Millisecond, ip+":80")
-			time.Sleep(time.Second)
-			began := time.Now()
-			info, events := migrateOnce(b, d, svc, to)
-			took := time.Since(began)
-			b.Logf("bench/%s to %s: drover's downtime %v; %s", svc, to.Name, time.Duration(info.Downtime), phaseTimes(began, events))
-			time.Sleep(1500 * time.Millisecond)
-			if err := p.Stop(); err != nil {
-				b.Fatal(err)
+		var coldDown, coldCopy []float64
+		for _, rate := range rates {
+			svc, vol := fmt.Sprintf("s%dw%d", size, rate>>20), fmt.Sprintf("d%dw%d", size, rate>>20)
+			ip := deployBench(b, d, h[0], svc, vol, size, rate)
+			var third, target, total, final, whole []float64
+			parts := map[string][]float64{}
+			for r := range runs {
+				to := h[(r+1)%2]
+				onThird := startProber(b, h[2], 10*time.Millisecond, ip+":80")
+				onTarget := startProber(b, to, 10*time.Millisecond, ip+":80")
+				time.Sleep(time.Second)
+				began := time.Now()
+				info, events := migrateOnce(b, d, svc, to)
+				took := time.Since(began)
+				if info.Cutover == nil {
+					b.Fatalf("migration %s recorded no breakdown", info.ID)
+				}
+				c := info.Cutover
+				b.Logf("bench/%s to %s: %s; %s", svc, to.Name, c, phaseTimes(began, events))
+				time.Sleep(1500 * time.Millisecond)
+				for name, p := range map[string]*prober{"third host": onThird, "target host": onTarget} {
+					if err := p.Stop(); err != nil {
+						b.Fatal(err)
+					}
+					gap, err := p.longestGap()
+					if err != nil {
+						b.Fatalf("drover move of %s, client on the %s: %v", svc, name, err)
+					}
+					if name == "third host" {
+						third = append(third, gap.Seconds())
+					} else {
+						target = append(target, gap.Seconds())
+					}
+				}
+				whole = append(whole, took.Seconds())
+				total = append(total, time.Duration(c.Total).Seconds())
+				final = append(final, float64(c.FinalBytes)/(1<<20))
+				for name, v := range map[string]ctlapi.Duration{"stop": c.Stop, "final_snapshot": c.FinalSnapshot, "final_send": c.FinalSend,
+					"start": c.Start, "ready": c.Ready, "commit": c.Commit, "total": c.Total, "prepared": c.Prepared} {
+					parts[name] = append(parts[name], float64(time.Duration(v).Microseconds())/1000)
+				}
+				purgeSource(b, d, info.ID)
 			}
-			gap, err := p.longestGap()
-			if err != nil {
-				b.Fatalf("drover move of %s: %v", svc, err)
+			if coldDown == nil {
+				coldDown, coldCopy = coldMoves(b, h, size, rates[0], runs)
 			}
-			down, whole = append(down, gap.Seconds()), append(whole, took.Seconds())
-			own = append(own, time.Duration(info.Downtime).Seconds())
-			purgeSource(b, d, info.ID)
+			key := fmt.Sprintf("%dMiB/%dMiBps/", size, rate>>20)
+			fd, fc := t.figure(key+"drover_third_host_s", third), t.figure(key+"cold_s", coldDown)
+			t.add(fmt.Sprintf("%d MiB", size), fmt.Sprintf("%d MiB/s", rate>>20), fd.cell("%.2f"),
+				t.figure(key+"drover_target_host_s", target).cell("%.2f"), fc.cell("%.2f"),
+				fmt.Sprintf("**%.1f×**", t.ratio(key+"cold_over_drover", ratio(fc, fd))),
+				t.figure(key+"drover_stop_to_commit_s", total).cell("%.2f"), t.figure(key+"final_increment_mib", final).cell("%.1f"),
+				t.figure(key+"drover_whole_move_s", whole).cell("%.1f"), t.figure(key+"cold_copy_s", coldCopy).cell("%.1f"))
+			row := []string{fmt.Sprintf("%d MiB", size), fmt.Sprintf("%d MiB/s", rate>>20)}
+			for _, name := range []string{"stop", "final_snapshot", "final_send", "start", "ready", "commit", "total", "prepared"} {
+				row = append(row, breakdown.figure(key+name+"_ms", parts[name]).cell("%.0f"))
+			}
+			breakdown.add(row...)
 		}
-		coldDown, coldCopy := coldMoves(b, h, size, writeRate, runs)
-		key := fmt.Sprintf("%dMiB/", size)
-		fd, fc := t.figure(key+"drover_s", down), t.figure(key+"cold_s", coldDown)
-		t.add(fmt.Sprintf("%d MiB", size), fd.cell("%.2f"), fc.cell("%.2f"),
-			fmt.Sprintf("**%.1f×**", t.ratio(key+"cold_over_drover", ratio(fc, fd))),
-			t.figure(key+"drover_own_s", own).cell("%.2f"),
-			t.figure(key+"drover_whole_move_s", whole).cell("%.1f"), t.figure(key+"cold_copy_s", coldCopy).cell("%.1f"))
 	}
+	return t, breakdown
+}
+
+// benchRestart: the longest gap a client on another host sees while the
+// daemon of the host running a service restarts (SIGTERM, start again).
+// The containers keep running; the mesh device, which the daemon
+// carries, comes back with the peers it kept.
+func benchRestart(b *testing.B, h []*lab.Host, daemons []*labDaemon, runs int) *table {
+	t := &table{
+		Title: "Daemon restart",
+		How: fmt.Sprintf("A service on one host; a client on another host asks it for /healthz every 10 ms (new connection, %v timeout) at its service IP while `droverd` on the service's host is stopped with SIGTERM and started again. "+
+			"The gap is the longest time between two answers; the restart is the time from SIGTERM to the daemon's control socket answering again. %d runs.", probeTimeout, runs),
+		Header: []string{"what", "seconds"},
+	}
+	d := daemons[2]
+	ip := deployBench(b, d, h[0], "steady", "steady", 16, 0)
+	var gaps, restarts []float64
+	for range runs {
+		p := startProber(b, h[1], 10*time.Millisecond, ip+":80")
+		time.Sleep(2 * time.Second)
+		began := time.Now()
+		if err := daemons[0].proc.Stop(30 * time.Second); err != nil {
+			b.Fatalf("stopping droverd on %s: %v", h[0].Name, err)
+		}
+		daemons[0].start(b)
+		restarts = append(restarts, time.Since(began).Seconds())
+		waitSettled(b, daemons, 3)
+		time.Sleep(2 * time.Second)
+		if err := p.Stop(); err != nil {
+			b.Fatal(err)
+		}
+		gap, err := p.longestGap()
+		if err != nil {
+			b.Fatalf("client during the restart: %v", err)
+		}
+		gaps = append(gaps, gap.Seconds())
+	}
+	t.add("longest gap for a client on another host", t.figure("client_gap_s", gaps).cell("%.2f"))
+	t.add("restart (SIGTERM to control socket)", t.figure("restart_s", restarts).cell("%.2f"))
 	return t
 }
 

@@ -279,9 +279,9 @@ func TestLabPostgres(t *testing.T) {
 	}
 
 	var report strings.Builder
-	fmt.Fprintf(&report, "| move | volume | drover's downtime (s) | TPS before | TPS during | TPS after | longest pgbench gap (s) | longest insert gap (s) |\n|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&report, "| move | volume | drover's downtime (s) | TPS before | TPS during | TPS after | longest pgbench gap (s) | longest insert gap (s) | final increment (MiB) | stop / final snapshot / final send / start / ready / commit (ms) |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	acked := map[string][]int{}
-	move := func(what string, n int, run func() (string, time.Duration)) *lab.Host {
+	move := func(what string, n int, run func() (string, ctlapi.MigrationInfo)) *lab.Host {
 		var ins []*inserter
 		for _, host := range h {
 			// Ids of their own per move: an id is inserted once.
@@ -291,7 +291,13 @@ func TestLabPostgres(t *testing.T) {
 		bench := pgbenchLoop(h[0], ip, stop)
 		time.Sleep(8 * time.Second)
 		moveStart := time.Now()
-		ownerName, downtime := run()
+		ownerName, info := run()
+		downtime := time.Duration(info.Downtime)
+		c := info.Cutover
+		if c == nil {
+			t.Fatalf("%s: migration %s recorded no breakdown", what, info.ID)
+		}
+		t.Logf("%s: %s", what, c)
 		moveEnd := time.Now()
 		t.Logf("%s ran from %s to %s", what, moveStart.Format("15:04:05.0"), moveEnd.Format("15:04:05.0"))
 		time.Sleep(8 * time.Second)
@@ -318,23 +324,25 @@ func TestLabPostgres(t *testing.T) {
 				vol = volumes(t, daemons[i])[0] // the owner knows its size
 			}
 		}
-		fmt.Fprintf(&report, "| %s | %d MiB | %.2f | %.0f | %.0f | %.0f | %.1f | %.1f |\n", what, vol.UsedBytes>>20, downtime.Seconds(), before, during, after, gap.Seconds(), insertGap.Seconds())
+		msOf := func(d ctlapi.Duration) int64 { return time.Duration(d).Milliseconds() }
+		fmt.Fprintf(&report, "| %s | %d MiB | %.2f | %.0f | %.0f | %.0f | %.1f | %.1f | %.1f | %d / %d / %d / %d / %d / %d |\n", what, vol.UsedBytes>>20, downtime.Seconds(), before, during, after, gap.Seconds(), insertGap.Seconds(),
+			float64(c.FinalBytes)/(1<<20), msOf(c.Stop), msOf(c.FinalSnapshot), msOf(c.FinalSend), msOf(c.Start), msOf(c.Ready), msOf(c.Commit))
 		t.Logf("%s to %s: downtime %v; pgbench TPS before %.0f, during %.0f, after %.0f; longest pgbench gap %v, longest insert gap %v",
 			what, ownerName, downtime, before, during, after, gap.Round(100*time.Millisecond), insertGap.Round(100*time.Millisecond))
 		return owner
 	}
 
 	// migrate apply, from host 2 to host 3.
-	move("migrate apply", 1, func() (string, time.Duration) {
+	move("migrate apply", 1, func() (string, ctlapi.MigrationInfo) {
 		info, _, out, err := migrateJSON(d1, "migrate", "apply", "db/pg", "--to", h[2].Name)
 		if err != nil || info.Phase != "done" {
 			t.Fatalf("migrate: %v %+v\n%s", err, info, out)
 		}
-		return h[2].Name, time.Duration(info.Downtime)
+		return h[2].Name, info
 	})
 
 	// A drain of host 3 moves it on.
-	move("drain", 2, func() (string, time.Duration) {
+	move("drain", 2, func() (string, ctlapi.MigrationInfo) {
 		if out, err := d1.ctlWithin(5*time.Minute, "machine", "drain", h[2].Name, "--wait"); err != nil {
 			t.Fatalf("drain: %v\n%s", err, out)
 		}
@@ -346,7 +354,7 @@ func TestLabPostgres(t *testing.T) {
 			}
 		}
 		t.Logf("drain's move %s: source stopped %s, target ready %s", last.ID, last.SourceStopped.Format("15:04:05.000"), last.TargetReady.Format("15:04:05.000"))
-		return ss[0].Machine, time.Duration(last.Downtime)
+		return ss[0].Machine, last
 	})
 
 	t.Logf("PostgreSQL under pgbench:\n%s", report.String())
