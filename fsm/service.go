@@ -68,6 +68,11 @@ type ServiceSpec struct {
 	// drover's default grace).
 	StopSignal  string        `json:"stop_signal,omitempty"`
 	StopTimeout time.Duration `json:"stop_timeout,omitempty"`
+	// Flush is a command a move runs in the container during its warm
+	// copy, before the last round, to write out what the service holds in
+	// memory (PostgreSQL: CHECKPOINT): what it writes travels while the
+	// service runs, and the stop has little left to write.
+	Flush []string `json:"flush,omitempty"`
 	// ImageRef is Image pinned by the deploy: NAME@sha256:... (the digest
 	// its registry gave) or sha256:... (the local image's id, for an
 	// image that is in no registry). Every machine runs exactly it.

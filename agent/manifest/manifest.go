@@ -77,6 +77,8 @@ type rawService struct {
 	// StopSignal and StopTimeout: how the container is asked to stop.
 	StopSignal  string `toml:"stop_signal"`
 	StopTimeout string `toml:"stop_timeout"`
+	// Flush: run in the container before a move's last warm round.
+	Flush []string `toml:"flush"`
 }
 
 type rawPort struct {
@@ -380,6 +382,12 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 		sp.Readiness = p.readiness(key+".readiness", rs.Readiness, sp.Ports)
 	}
 	p.stopping(key, rs, &sp)
+	if rs.Flush != nil {
+		if len(rs.Flush) == 0 || rs.Flush[0] == "" {
+			p.add(key+".flush", "empty command: leave the key out instead")
+		}
+		sp.Flush = rs.Flush
+	}
 	if len(p.errs) > before {
 		return sp, false
 	}

@@ -70,9 +70,16 @@ func TestParseVolumeProperties(t *testing.T) {
 	if got := m.Services[1].Volumes[0]; got != want {
 		t.Fatalf("volume %+v, want %+v", got, want)
 	}
-	// The rendered manifest keeps them.
-	if out := Render(m.Namespace, m.Services, nil); !strings.Contains(out, "recordsize = 8192") || !strings.Contains(out, `compression = "gzip-6"`) {
+	// The rendered manifest keeps them, and the stop and flush settings.
+	m.Services[1].Flush = []string{"psql", "-c", "CHECKPOINT"}
+	out := Render(m.Namespace, m.Services, nil)
+	if !strings.Contains(out, "recordsize = 8192") || !strings.Contains(out, `compression = "gzip-6"`) ||
+		!strings.Contains(out, `flush = ["psql", "-c", "CHECKPOINT"]`) || !strings.Contains(out, `stop_signal = "SIGINT"`) || !strings.Contains(out, `stop_timeout = "30s"`) {
 		t.Fatalf("rendered:\n%s", out)
+	}
+	again, err := Parse("shop.toml", []byte(out))
+	if err != nil || !reflect.DeepEqual(again.Services, m.Services) {
+		t.Fatalf("the rendered manifest parses to %+v, %v; want %+v", again, err, m.Services)
 	}
 }
 
@@ -147,6 +154,7 @@ path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
 		{"quota too large", replace(`quota = "1GiB"`, `quota = "2048T"`), `services.web.volumes[0].quota: over the limit of 1 PiB`},
 		{"recordsize not a power of two", replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"12K\""), `shop.toml:19: services.web.volumes[0].recordsize: 12288 bytes: want a power of two from 512B to 1MiB`},
 		{"recordsize too large", replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"4M\""), `services.web.volumes[0].recordsize: 4194304 bytes: want a power of two`},
+		{"empty flush", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nflush = []"), `services.cache.flush: empty command`},
 		{"unknown compression", replace(`quota = "1GiB"`, "quota = \"1GiB\"\ncompression = \"brotli\""), `shop.toml:19: services.web.volumes[0].compression: "brotli": want on, off, lz4`},
 	}
 	for _, c := range cases {

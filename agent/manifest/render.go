@@ -27,6 +27,15 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 		if len(sp.Command) > 0 {
 			fmt.Fprintf(&b, "command = %s\n", quoteList(sp.Command))
 		}
+		if sp.StopSignal != "" {
+			fmt.Fprintf(&b, "stop_signal = %s\n", strconv.Quote(sp.StopSignal))
+		}
+		if sp.StopTimeout > 0 {
+			fmt.Fprintf(&b, "stop_timeout = %s\n", strconv.Quote(sp.StopTimeout.String()))
+		}
+		if len(sp.Flush) > 0 {
+			fmt.Fprintf(&b, "flush = %s\n", quoteList(sp.Flush))
+		}
 		if sp.MemoryBytes > 0 {
 			fmt.Fprintf(&b, "memory = %d\n", sp.MemoryBytes)
 		}

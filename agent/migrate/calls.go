@@ -22,6 +22,7 @@ func (m *Migrator) Register() {
 	peer.Handle(s, routeStartTarget, withMigration(m, m.handleStartTarget))
 	peer.Handle(s, routePrepareTarget, withMigration(m, m.handlePrepareTarget))
 	peer.HandleStream(s, routeCutover, m.handleCutover)
+	peer.Handle(s, routeFlush, withMigration(m, m.handleFlush))
 	peer.HandleStream(s, routePrepareImage, m.handlePrepareImage)
 	peer.HandleStream(s, routeSendImage, m.handleSendImage)
 	peer.HandleUpload(s, routeLoadImage, m.handleLoadImage)

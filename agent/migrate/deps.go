@@ -66,6 +66,8 @@ type Containers interface {
 	Stop(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, error)
 	Restart(ctx context.Context, id string) error
 	Remove(ctx context.Context, id string, grace time.Duration) error
+	// Exec runs cmd in a running container and gives its exit code.
+	Exec(ctx context.Context, id string, cmd []string) (int, error)
 }
 
 // Starter creates or starts a service's container and waits until it is

@@ -356,13 +356,18 @@ func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
 func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration, vols []fsm.MigrationVolume, phase func(fsm.MigrationPhase, string, []fsm.MigrationVolume) error, prepare func(context.Context) error) error {
 	var fixed time.Duration
 	var from string
-	m.d.Facts.Read(func(s *fsm.State) { fixed, from = fixedCost(s.Migrations(), f.Namespace, f.Service) })
+	var sv fsm.Service
+	m.d.Facts.Read(func(s *fsm.State) {
+		fixed, from = fixedCost(s.Migrations(), f.Namespace, f.Service)
+		sv, _ = s.Service(f.Namespace, f.Service)
+	})
 	plan := warmPlan{fixed: fixed, budget: ex.budget}
 	budget := "no budget"
 	if ex.budget > 0 {
 		budget = "budget " + ms(ex.budget)
 	}
 	var prior uint64
+	flushed := len(sv.Spec.Flush) == 0
 	for round := 1; ; round++ {
 		began := time.Now()
 		var sent uint64
@@ -387,12 +392,33 @@ func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration,
 		}
 		switch step {
 		case warmDone:
-			return nil
+			if flushed {
+				return nil
+			}
+			// The service writes out what it holds in memory now, and one
+			// more round carries it while the service runs.
+			flushed = true
+			m.flush(ctx, ex, f)
 		case warmGiveUp:
 			return fmt.Errorf("%w: after %d rounds the last sent %s at up to %s/s, so the downtime would be about %s, over the budget of %s: raise --max-downtime, or move it while it writes less",
 				ErrOverBudget, round, mibs(sent), mibs(uint64(plan.rate)), ms(predicted), ms(ex.budget))
 		}
 		prior = sent
+	}
+}
+
+// flush has the source run the service's flush command. A flush that
+// fails is reported and the move goes on: it only makes the downtime
+// shorter.
+func (m *Migrator) flush(ctx context.Context, ex *execution, f fsm.Migration) {
+	r, err := call(ctx, m, f.SourceID, 10*time.Minute, routeFlush, migrationRef{ID: f.ID})
+	switch {
+	case err != nil:
+		ex.emit(ctlapi.MigrationEvent{Kind: "warning", Message: fmt.Sprintf("flush before the last round: %v; going on", err)})
+	case r.ExitCode != 0:
+		ex.emit(ctlapi.MigrationEvent{Kind: "warning", Message: fmt.Sprintf("flush before the last round exited %d after %s; going on", r.ExitCode, ms(r.Took))})
+	default:
+		ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseWarmCopy), Message: fmt.Sprintf("service flushed in %s: one more round carries it", ms(r.Took))})
 	}
 }
 

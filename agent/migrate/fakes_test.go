@@ -298,6 +298,7 @@ type fakeRuntime struct {
 	pullable   map[string]bool // images its registry holds
 	pulled     []string
 	loaded     []string // images streamed in from another machine
+	execs      [][]string
 }
 
 func newFakeRuntime(images ...string) *fakeRuntime {
@@ -433,6 +434,16 @@ func (r *fakeRuntime) Restart(_ context.Context, id string) error {
 	}
 	c.Running = true
 	return nil
+}
+
+func (r *fakeRuntime) Exec(_ context.Context, id string, cmd []string) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c := r.byID[id]; c == nil || !c.Running {
+		return 0, errors.New("container " + id + " is not running")
+	}
+	r.execs = append(r.execs, cmd)
+	return 0, nil
 }
 
 func (r *fakeRuntime) Remove(_ context.Context, id string, _ time.Duration) error {

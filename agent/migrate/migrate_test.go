@@ -309,3 +309,37 @@ func TestImageStreamFromAnotherMachineIsRefused(t *testing.T) {
 		t.Fatal("the target loaded what c sent")
 	}
 }
+
+// A service with a flush command has it run in its source container once,
+// before the last warm round, and one more round follows it.
+func TestFlushRunsOnceBeforeTheLastRound(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	spec := webSpec()
+	spec.Flush = []string{"psql", "-c", "CHECKPOINT"}
+	sv := c.facts.Deploy(t, "shop", spec, "a")
+	a := c.m["a"]
+	a.vols.create(a.vols.Dataset("shop", "data"), "user-snap")
+	if _, err := a.rt.Start(context.Background(), runtimeSpec(sv)); err != nil {
+		t.Fatal(err)
+	}
+	var events []ctlapi.MigrationEvent
+	info, err := a.mig.Migrate(context.Background(), migrateTo("b"), func(ev ctlapi.MigrationEvent) { events = append(events, ev) })
+	if err != nil || info.Phase != "done" {
+		t.Fatalf("migrate: %v %+v", err, info)
+	}
+	if len(a.rt.execs) != 1 || !slices.Equal(a.rt.execs[0], spec.Flush) {
+		t.Fatalf("flush runs on the source: %v", a.rt.execs)
+	}
+	rounds, flushedAt := 0, -1
+	for _, ev := range events {
+		switch {
+		case strings.HasPrefix(ev.Message, "round "):
+			rounds++
+		case strings.HasPrefix(ev.Message, "service flushed"):
+			flushedAt = rounds
+		}
+	}
+	if flushedAt < 1 || rounds != flushedAt+1 {
+		t.Fatalf("flushed after round %d of %d: want one round after the flush", flushedAt, rounds)
+	}
+}

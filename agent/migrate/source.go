@@ -181,6 +181,27 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return k, err
 }
 
+// handleFlush (source, during the warm copy): run the service's flush
+// command in its container and say how it ended.
+func (m *Migrator) handleFlush(ctx context.Context, c migrationCall) (flushResult, error) {
+	if err := m.requireRunning(c.m, c.m.SourceID, ErrNotSource); err != nil {
+		return flushResult{}, err
+	}
+	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
+	if err != nil {
+		return flushResult{}, err
+	}
+	if ctr.ID == "" || !ctr.Running {
+		return flushResult{}, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
+	}
+	began := time.Now()
+	code, err := m.d.Containers.Exec(ctx, ctr.ID, c.sv.Spec.Flush)
+	if err != nil {
+		return flushResult{}, fmt.Errorf("running flush %v in %s/%s: %w", c.sv.Spec.Flush, c.m.Namespace, c.m.Service, err)
+	}
+	return flushResult{ExitCode: code, Took: time.Since(began)}, nil
+}
+
 // handleStopSource (source): stop the container; writes stop here. An
 // executor of this version stops through the cutover call; this one
 // serves older executors during an upgrade.

@@ -27,6 +27,8 @@ var (
 	routePrepareTarget = peer.Route[migrationRef, preparedTarget]{Path: "migrate/v2/prepare-target"}
 	// source: stop, then send the final increment of every volume
 	routeCutover = peer.Stream[cutoverRequest, cutoverProgress, cutoverResult]{Path: "migrate/v2/cutover"}
+	// source: run the service's flush command before the last warm round
+	routeFlush = peer.Route[migrationRef, flushResult]{Path: "migrate/v2/flush"}
 	// target: start (adopting the copies first if not prepared), wait ready
 	routeStartTarget = peer.Route[migrationRef, startResult]{Path: "migrate/v2/start-target"}
 	// both: undo before the commit
@@ -95,6 +97,13 @@ type startResult struct {
 	Adopt   time.Duration `json:"adopt_ns,omitempty"` // copies put in place now (not prepared)
 	Start   time.Duration `json:"start_ns,omitempty"` // the container created (if not prepared) and started
 	Ready   time.Duration `json:"ready_ns,omitempty"` // until its readiness check passed
+}
+
+// flushResult is the source's answer to flush: the command's exit code
+// and how long it ran.
+type flushResult struct {
+	ExitCode int           `json:"exit_code"`
+	Took     time.Duration `json:"took_ns"`
 }
 
 // preparedTarget is the target's answer to prepare-target.

@@ -98,6 +98,7 @@ func (r RunSpec) Hash() string {
 	spec.Machine = "" // placement is not the container's: a move does not re-create it
 	// A volume's ZFS properties are the dataset's, set in place: changing
 	// them does not re-create the container.
+	spec.Flush = nil // run by a move in the running container
 	spec.Volumes = slices.Clone(spec.Volumes)
 	for i := range spec.Volumes {
 		spec.Volumes[i].RecordSize, spec.Volumes[i].Compression = 0, ""
@@ -305,29 +306,43 @@ func (d *Docker) checkAddr(ctx context.Context, c Container, port int) (string, 
 }
 
 func (d *Docker) execCheck(ctx context.Context, c Container, cmd []string) error {
-	ex, err := d.cli.ContainerExecCreate(ctx, c.ID, container.ExecOptions{Cmd: cmd})
-	if err != nil {
+	code, err := d.Exec(ctx, c.ID, cmd)
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return fmt.Errorf("%w: %v: %v", ErrNotReady, cmd, err)
+	case err != nil:
 		return fmt.Errorf("readiness exec: %w", err)
+	case code != 0:
+		return fmt.Errorf("%w: %v exited %d", ErrNotReady, cmd, code)
+	}
+	return nil
+}
+
+// Exec runs cmd in a running container and returns its exit code once it
+// ends (checked every 20 ms, then less often).
+func (d *Docker) Exec(ctx context.Context, id string, cmd []string) (int, error) {
+	ex, err := d.cli.ContainerExecCreate(ctx, id, container.ExecOptions{Cmd: cmd})
+	if err != nil {
+		return 0, err
 	}
 	if err := d.cli.ContainerExecStart(ctx, ex.ID, container.ExecStartOptions{Detach: true}); err != nil {
-		return fmt.Errorf("readiness exec: %w", err)
+		return 0, err
 	}
+	wait := 20 * time.Millisecond
 	for {
 		insp, err := d.cli.ContainerExecInspect(ctx, ex.ID)
 		if err != nil {
-			return fmt.Errorf("readiness exec: %w", err)
+			return 0, err
 		}
 		if !insp.Running {
-			if insp.ExitCode != 0 {
-				return fmt.Errorf("%w: %v exited %d", ErrNotReady, cmd, insp.ExitCode)
-			}
-			return nil
+			return insp.ExitCode, nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%w: %v: %v", ErrNotReady, cmd, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
+			return 0, ctx.Err()
+		case <-time.After(wait):
 		}
+		wait = min(2*wait, 100*time.Millisecond)
 	}
 }
 
