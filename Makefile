@@ -20,10 +20,12 @@ deps: ## install what the tests and the lab need (Debian packages, zfs-fuse, sta
 build: ## build droverd and droverctl into bin/
 	@mkdir -p $(BIN)
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/droverd ./cmd/droverctl
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/drover-hold
 
 build-test: ## build droverd and droverctl with test crash points (-tags crashpoints) into bin/test/, for e2e and bench
 	@mkdir -p $(TESTBIN)
 	$(GO) build -tags crashpoints -ldflags '$(LDFLAGS)' -o $(TESTBIN)/ ./cmd/droverd ./cmd/droverctl
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(TESTBIN)/ ./cmd/drover-hold
 
 install: build ## install binaries, systemd units and the drover group (PREFIX, UNITDIR, DESTDIR)
 	./systemd/install.sh

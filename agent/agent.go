@@ -46,6 +46,10 @@ type Config struct {
 	// RegistryAuthFile holds registry logins in Docker's config.json form;
 	// read at each pull, never put in the facts.
 	RegistryAuthFile string
+	// HoldBinary is drover-hold, with which a move's target starts the
+	// service's container before the cutover and only execs the service
+	// at it; empty: the target starts the container at the cutover.
+	HoldBinary string
 	ZFSParent        string       // parent dataset of volumes; empty: this machine holds none
 	ServicePrefix    netip.Prefix // range of service IPs
 

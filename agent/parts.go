@@ -116,7 +116,8 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		return fail(err)
 	}
 	if p.rt, err = runtime.NewDocker(runtime.DockerConfig{Host: cfg.DockerHost, MachineID: a.machineID, MachineName: cfg.Name,
-		Credentials: runtime.Credentials{File: cfg.RegistryAuthFile}, AliasFile: filepath.Join(cfg.DataDir, "image-aliases.json")}); err != nil {
+		Credentials: runtime.Credentials{File: cfg.RegistryAuthFile}, AliasFile: filepath.Join(cfg.DataDir, "image-aliases.json"),
+		HoldBinary: cfg.HoldBinary, HoldDir: filepath.Join(cfg.DataDir, "held")}); err != nil {
 		return fail(err)
 	}
 	if cfg.ZFSParent != "" {
@@ -134,7 +135,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		}
 	}
 	deps := migrate.Deps{Facts: n, Members: n, Peers: n, Server: peer.Server{Mux: n, IDs: n},
-		Containers: p.rt, Starter: p.rt, Images: p.rt, Loopback: lo}
+		Containers: p.rt, Starter: p.rt, Images: p.rt, Loopback: lo, Holder: p.rt}
 	var reconVols reconcile.Volumes
 	if p.vols != nil {
 		deps.Streams, deps.Datasets, deps.Copies = p.vols, p.vols, p.vols

@@ -90,6 +90,9 @@ type Cutover struct {
 	Commit        time.Duration `json:"commit_ns"`         // the commit proposed and applied
 	Total         time.Duration `json:"total_ns"`          // from the stop to the commit applied
 	FinalBytes    uint64        `json:"final_bytes"`       // sent after the stop, all volumes
+	// Held: the target's container was started before the stop under
+	// drover-hold, and Start is its release, not a container start.
+	Held bool `json:"held,omitempty"`
 }
 
 // Downtime is the time from the source's stop to the target's readiness,

@@ -10,11 +10,11 @@ PREFIX=${PREFIX:-/usr/local}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 DESTDIR=${DESTDIR:-}
 
-for b in droverd droverctl; do
+for b in droverd droverctl drover-hold; do
   [ -x "$here/bin/$b" ] || { echo "install: $here/bin/$b is missing: run make build first" >&2; exit 1; }
 done
 install -d -m 0755 "$DESTDIR$PREFIX/bin" "$DESTDIR$UNITDIR"
-install -m 0755 "$here/bin/droverd" "$here/bin/droverctl" "$DESTDIR$PREFIX/bin/"
+install -m 0755 "$here/bin/droverd" "$here/bin/droverctl" "$here/bin/drover-hold" "$DESTDIR$PREFIX/bin/"
 for u in droverd.service drover-drain.service; do
   # The units name /usr/local/bin; another PREFIX is written into them.
   sed "s#/usr/local/bin/#$PREFIX/bin/#g" "$here/systemd/$u" >"$DESTDIR$UNITDIR/$u.tmp"

@@ -314,6 +314,7 @@ type Cutover struct {
 	Commit        Duration `json:"commit"`
 	Total         Duration `json:"total"`
 	FinalBytes    uint64   `json:"final_bytes"`
+	Held          bool     `json:"held,omitempty"` // Start released a container started before the stop
 }
 
 // String puts the breakdown on one line.
@@ -324,7 +325,11 @@ func (c Cutover) String() string {
 	if c.Adopt > 0 {
 		parts = append(parts, "adopt "+ms(c.Adopt))
 	}
-	parts = append(parts, "container start "+ms(c.Start), "ready "+ms(c.Ready), "commit "+ms(c.Commit))
+	start := "container start "
+	if c.Held {
+		start = "release of the held container "
+	}
+	parts = append(parts, start+ms(c.Start), "ready "+ms(c.Ready), "commit "+ms(c.Commit))
 	return fmt.Sprintf("%s from the stop to the commit: %s; prepared before the stop in %s", ms(c.Total), strings.Join(parts, ", "), ms(c.Prepared))
 }
 

@@ -61,7 +61,7 @@ func cutoverInfo(c fsm.Cutover) ctlapi.Cutover {
 	return ctlapi.Cutover{Prepared: ctlapi.Duration(c.Prepared), Stop: ctlapi.Duration(c.Stop),
 		FinalSnapshot: ctlapi.Duration(c.FinalSnapshot), FinalSend: ctlapi.Duration(c.FinalSend), Adopt: ctlapi.Duration(c.Adopt),
 		Start: ctlapi.Duration(c.Start), Ready: ctlapi.Duration(c.Ready), Commit: ctlapi.Duration(c.Commit),
-		Total: ctlapi.Duration(c.Total), FinalBytes: c.FinalBytes}
+		Total: ctlapi.Duration(c.Total), FinalBytes: c.FinalBytes, Held: c.Held}
 }
 
 // List lists the migrations, oldest first.

@@ -80,6 +80,15 @@ type Starter interface {
 	HasImage(ctx context.Context, image string) (bool, error)
 }
 
+// Holder starts a container with a placeholder first process and later
+// releases it into the service's command (runtime.Docker with
+// drover-hold).
+type Holder interface {
+	CanHold() bool
+	CreateHeld(ctx context.Context, r runtime.RunSpec) (runtime.Container, error)
+	Release(ctx context.Context, c runtime.Container) error
+}
+
 // Images brings a service's image to a machine: from its registry, or
 // from another machine's engine over the mesh.
 type Images interface {

@@ -209,8 +209,12 @@ func (m *Migrator) run(ctx context.Context, ex *execution, holder string) error 
 				p, err := call(ctx, m, f.TargetID, 5*time.Minute, routePrepareTarget, migrationRef{ID: id})
 				cut.Prepared = p.Adopt + p.Create
 				if err == nil {
+					how := "container created"
+					if p.Held {
+						how = "container started, held until the cutover,"
+					}
 					ex.emit(ctlapi.MigrationEvent{Kind: "phase", Phase: string(fsm.PhaseWarmCopy),
-						Message: fmt.Sprintf("target prepared: copies in place in %s, container created in %s", ms(p.Adopt), ms(p.Create))})
+						Message: fmt.Sprintf("target prepared: copies in place in %s, %s in %s", ms(p.Adopt), how, ms(p.Create))})
 				}
 				return err
 			})
@@ -341,7 +345,7 @@ func (m *Migrator) startTarget(ctx context.Context, ex *execution, f fsm.Migrati
 	if err != nil {
 		return err
 	}
-	cut.readyAt, cut.Adopt, cut.Start, cut.Ready = st.ReadyAt, st.Adopt, st.Start, st.Ready
+	cut.readyAt, cut.Adopt, cut.Start, cut.Ready, cut.Held = st.ReadyAt, st.Adopt, st.Start, st.Ready, st.Released
 	return nil
 }
 

@@ -299,6 +299,8 @@ type fakeRuntime struct {
 	pulled     []string
 	loaded     []string // images streamed in from another machine
 	execs      [][]string
+	noHold     bool // CanHold says no
+	released   []string
 }
 
 func newFakeRuntime(images ...string) *fakeRuntime {
@@ -433,6 +435,29 @@ func (r *fakeRuntime) Restart(_ context.Context, id string) error {
 		return errors.New("no such container " + id)
 	}
 	c.Running = true
+	return nil
+}
+
+func (r *fakeRuntime) CanHold() bool { return !r.noHold }
+
+// CreateHeld: the container runs, held (its command has not started).
+func (r *fakeRuntime) CreateHeld(ctx context.Context, rs runtime.RunSpec) (runtime.Container, error) {
+	c, _ := r.Create(ctx, rs)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.byID[c.ID].Running, r.byID[c.ID].Held = true, true
+	return *r.byID[c.ID], nil
+}
+
+func (r *fakeRuntime) Release(_ context.Context, c runtime.Container) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ctr := r.byID[c.ID]
+	if ctr == nil || !ctr.Held || !ctr.Running {
+		return errors.New("container " + c.ID + " is not held")
+	}
+	ctr.Held = false
+	r.released = append(r.released, c.ID)
 	return nil
 }
 

@@ -54,7 +54,7 @@ func newCluster(t *testing.T, names ...string) *testCluster {
 		mc.mig = New(ctx, Config{Self: name, Name: name, LockLease: time.Minute, StallTimeout: 400 * time.Millisecond,
 			SafetyWindow: time.Hour, JanitorInterval: 20 * time.Millisecond, Logger: quiet(), MemAvailable: func() uint64 { return 2 << 30 }},
 			Deps{Facts: c.facts, Members: c.members, Peers: h, Server: peer.Server{Mux: h, IDs: h},
-				Streams: mc.vols, Datasets: mc.vols, Copies: mc.vols, Containers: mc.rt, Starter: mc.rt, Images: mc.rt, Loopback: mc.lo})
+				Streams: mc.vols, Datasets: mc.vols, Copies: mc.vols, Containers: mc.rt, Starter: mc.rt, Images: mc.rt, Loopback: mc.lo, Holder: mc.rt})
 		mc.mig.lookupWait = 300 * time.Millisecond
 		mc.mig.Register()
 		t.Cleanup(func() {

@@ -50,6 +50,9 @@ type Deps struct {
 	Starter    Starter
 	Images     Images
 	Loopback   Loopback
+	// Holder, when set and able, holds the target's container started
+	// before the cutover; nil: the target starts it at the cutover.
+	Holder Holder
 }
 
 // Migrator runs the migrations this machine executes and serves its

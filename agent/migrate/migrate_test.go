@@ -45,6 +45,11 @@ func TestMigrationMovesServiceAndVolumeThenRollsBack(t *testing.T) {
 	if info.Cutover == nil || info.Cutover.Total <= 0 || info.Cutover.Adopt != 0 || info.Cutover.Total < info.Cutover.Stop+info.Cutover.Commit {
 		t.Fatalf("cutover breakdown %+v", info.Cutover)
 	}
+	// The target held its container started and released it at the
+	// cutover.
+	if !info.Cutover.Held || len(b.rt.released) != 1 {
+		t.Fatalf("held %v, released %v", info.Cutover.Held, b.rt.released)
+	}
 	if c.owner() != "b" || c.service().MachineID != "b" || c.lockHolder() != "" {
 		t.Fatalf("after the move: owner %s, service on %s, lock %q", c.owner(), c.service().MachineID, c.lockHolder())
 	}
@@ -341,5 +346,21 @@ func TestFlushRunsOnceBeforeTheLastRound(t *testing.T) {
 	}
 	if flushedAt < 1 || rounds != flushedAt+1 {
 		t.Fatalf("flushed after round %d of %d: want one round after the flush", flushedAt, rounds)
+	}
+}
+
+// A target that cannot hold containers creates the container before the
+// stop and starts it at the cutover.
+func TestATargetThatCannotHoldStartsAtTheCutover(t *testing.T) {
+	c := newCluster(t, "a", "b")
+	c.deploy("a")
+	c.m["b"].rt.noHold = true
+	info, err := c.m["a"].mig.Migrate(context.Background(), migrateTo("b"), func(ctlapi.MigrationEvent) {})
+	if err != nil || info.Phase != "done" || info.Cutover == nil || info.Cutover.Held {
+		t.Fatalf("migrate: %v %+v", err, info)
+	}
+	ctr, ok := c.m["b"].rt.container("shop", "web")
+	if !ok || !ctr.Running || ctr.Held || len(c.m["b"].rt.released) != 0 {
+		t.Fatalf("target container %+v (found %v), released %v", ctr, ok, c.m["b"].rt.released)
 	}
 }

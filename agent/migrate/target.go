@@ -141,11 +141,22 @@ func (m *Migrator) handlePrepareTarget(ctx context.Context, c migrationCall) (pr
 	}
 	// Its ports are published on the service IP, which the host allows
 	// before it holds the address: clients here reach the owner until the
-	// commit, and an abort throws away a copy nobody used.
+	// commit, and an abort throws away a copy nobody used. Held, it runs
+	// drover-hold, which touches nothing until the cutover releases it.
+	res := preparedTarget{Adopt: adopted.Sub(began)}
+	if h := m.d.Holder; h != nil && h.CanHold() {
+		_, err := h.CreateHeld(ctx, rs)
+		if err == nil {
+			res.Create, res.Held = time.Since(adopted), true
+			return res, nil
+		}
+		m.log.Warn("could not hold the container: it starts at the cutover", "migration", c.m.ID, "err", err)
+	}
 	if _, err := m.d.Starter.Create(ctx, rs); err != nil {
 		return preparedTarget{}, err
 	}
-	return preparedTarget{Adopt: adopted.Sub(began), Create: time.Since(adopted)}, nil
+	res.Create = time.Since(adopted)
+	return res, nil
 }
 
 // handleStartTarget (target): start the container prepared before the
@@ -175,7 +186,13 @@ func (m *Migrator) handleStartTarget(ctx context.Context, c migrationCall) (star
 		}
 	}
 	startAt := time.Now()
-	if !ctr.Running {
+	switch {
+	case ctr.Held && ctr.Running && m.d.Holder != nil:
+		if err := m.d.Holder.Release(ctx, ctr); err != nil {
+			return startResult{}, err
+		}
+		res.Released = true
+	case !ctr.Running:
 		if err := m.d.Containers.Restart(ctx, ctr.ID); err != nil {
 			return startResult{}, err
 		}

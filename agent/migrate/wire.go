@@ -97,6 +97,8 @@ type startResult struct {
 	Adopt   time.Duration `json:"adopt_ns,omitempty"` // copies put in place now (not prepared)
 	Start   time.Duration `json:"start_ns,omitempty"` // the container created (if not prepared) and started
 	Ready   time.Duration `json:"ready_ns,omitempty"` // until its readiness check passed
+	// Released: the container was held and released, not started.
+	Released bool `json:"released,omitempty"`
 }
 
 // flushResult is the source's answer to flush: the command's exit code
@@ -110,6 +112,7 @@ type flushResult struct {
 type preparedTarget struct {
 	Adopt  time.Duration `json:"adopt_ns"`
 	Create time.Duration `json:"create_ns"`
+	Held   bool          `json:"held,omitempty"` // started under drover-hold
 }
 
 // cutoverRequest asks the source to stop and send the final snapshot of

@@ -13,9 +13,12 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/docker/docker/api/types/container"
@@ -33,6 +36,8 @@ const (
 	LabelGeneration = "sh.drover.generation"
 	LabelMachine    = "sh.drover.machine"
 	LabelSpecHash   = "sh.drover.spec-hash"
+	// LabelHeld marks a container made by CreateHeld.
+	LabelHeld = "sh.drover.held"
 )
 
 // Docker talks to one Docker engine, negotiating the API version.
@@ -42,6 +47,8 @@ type Docker struct {
 	machineName string      // named in errors
 	creds       Credentials // registry logins, for pulls and digests
 	aliases     aliases     // references of loaded images
+	holdBinary  string      // drover-hold; empty: no held containers
+	holdDir     string      // held containers' marker directories
 }
 
 // DockerConfig is what NewDocker needs.
@@ -53,6 +60,11 @@ type DockerConfig struct {
 	// AliasFile keeps which loaded image a pinned reference names (in the
 	// daemon's data dir); empty: images cannot be loaded.
 	AliasFile string
+	// HoldBinary is drover-hold (static), and HoldDir a directory of the
+	// daemon's where each held container gets its release marker. Both
+	// set: a move's target can hold a started container (CreateHeld).
+	HoldBinary string
+	HoldDir    string
 }
 
 // NewDocker connects to the engine.
@@ -61,7 +73,8 @@ func NewDocker(cfg DockerConfig) (*Docker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("docker client for %s: %w", cfg.Host, err)
 	}
-	return &Docker{cli: cli, machineID: cfg.MachineID, machineName: cfg.MachineName, creds: cfg.Credentials, aliases: aliases{file: cfg.AliasFile}}, nil
+	return &Docker{cli: cli, machineID: cfg.MachineID, machineName: cfg.MachineName, creds: cfg.Credentials, aliases: aliases{file: cfg.AliasFile},
+		holdBinary: cfg.HoldBinary, holdDir: cfg.HoldDir}, nil
 }
 
 // Close releases the client.
@@ -77,6 +90,9 @@ type Container struct {
 	SpecHash   string
 	Running    bool
 	StartedAt  time.Time
+	// Held: the container runs drover-hold, waiting to be released into
+	// the service's command (see CreateHeld).
+	Held bool
 }
 
 // Key is namespace/service.
@@ -126,7 +142,7 @@ func (d *Docker) List(ctx context.Context) ([]Container, error) {
 	for _, c := range list {
 		gen, _ := strconv.ParseUint(c.Labels[LabelGeneration], 10, 64)
 		ct := Container{ID: c.ID, Namespace: c.Labels[LabelNamespace], Service: c.Labels[LabelService],
-			Generation: gen, SpecHash: c.Labels[LabelSpecHash], Running: c.State == "running"}
+			Generation: gen, SpecHash: c.Labels[LabelSpecHash], Running: c.State == "running", Held: c.Labels[LabelHeld] != ""}
 		if len(c.Names) > 0 {
 			ct.Name = c.Names[0][1:]
 		}
@@ -166,6 +182,10 @@ func (d *Docker) Start(ctx context.Context, r RunSpec) (Container, error) {
 // migration's target does it before the source stops, so the cutover
 // only starts it (Restart).
 func (d *Docker) Create(ctx context.Context, r RunSpec) (Container, error) {
+	return d.create(ctx, r, false)
+}
+
+func (d *Docker) create(ctx context.Context, r RunSpec, held bool) (Container, error) {
 	name := ContainerName(r.Namespace, r.Spec.Name)
 	env := make([]string, 0, len(r.Spec.Env))
 	for k, v := range r.Spec.Env {
@@ -208,6 +228,26 @@ func (d *Docker) Create(ctx context.Context, r RunSpec) (Container, error) {
 	}
 	cfg := &container.Config{Image: image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
 		StopSignal: r.Spec.StopSignal}
+	if held {
+		// drover-hold runs first and execs the service's own command, as
+		// the engine would have run it, when released.
+		argv, err := d.command(ctx, image, r.Spec.Command)
+		if err != nil {
+			return Container{}, err
+		}
+		run := d.heldDir(name)
+		if err := os.RemoveAll(run); err != nil {
+			return Container{}, fmt.Errorf("clearing %s: %w", run, err)
+		}
+		if err := os.MkdirAll(run, 0o755); err != nil {
+			return Container{}, fmt.Errorf("making %s: %w", run, err)
+		}
+		cfg.Entrypoint, cfg.Cmd = []string{holdPath}, argv
+		labels[LabelHeld] = "1"
+		hc.Mounts = append(hc.Mounts,
+			mount.Mount{Type: mount.TypeBind, Source: d.holdBinary, Target: holdPath, ReadOnly: true},
+			mount.Mount{Type: mount.TypeBind, Source: run, Target: holdRunDir, ReadOnly: true})
+	}
 	if r.Spec.StopTimeout > 0 {
 		secs := int(r.Spec.StopTimeout.Seconds())
 		cfg.StopTimeout = &secs
@@ -217,7 +257,115 @@ func (d *Docker) Create(ctx context.Context, r RunSpec) (Container, error) {
 		return Container{}, fmt.Errorf("creating container %s: %w", name, err)
 	}
 	return Container{ID: created.ID, Name: name, Namespace: r.Namespace, Service: r.Spec.Name,
-		Generation: r.Generation, SpecHash: r.Hash()}, nil
+		Generation: r.Generation, SpecHash: r.Hash(), Held: held}, nil
+}
+
+// Where drover-hold and its release marker's directory are in a held
+// container.
+const (
+	holdPath   = "/.drover/hold"
+	holdRunDir = "/.drover/run"
+)
+
+// CanHold tells whether this engine's containers can be held: droverd
+// knows drover-hold and a directory for the markers.
+func (d *Docker) CanHold() bool { return d.holdBinary != "" && d.holdDir != "" }
+
+func (d *Docker) heldDir(name string) string { return filepath.Join(d.holdDir, name) }
+
+// CreateHeld creates and starts the service's container with drover-hold
+// as its first process: the engine sets up its network, mounts and
+// published ports now, and Release later replaces drover-hold with the
+// service's own command — a move's cutover then starts the service with
+// an exec instead of a container start. It returns once drover-hold holds
+// (its HoldingLine is in the container's log).
+func (d *Docker) CreateHeld(ctx context.Context, r RunSpec) (Container, error) {
+	if !d.CanHold() {
+		return Container{}, errors.New("no drover-hold: containers cannot be held here")
+	}
+	c, err := d.create(ctx, r, true)
+	if err != nil {
+		return Container{}, err
+	}
+	fail := func(err error) (Container, error) {
+		d.cli.ContainerRemove(context.WithoutCancel(ctx), c.ID, container.RemoveOptions{Force: true})
+		return Container{}, err
+	}
+	if err := d.cli.ContainerStart(ctx, c.ID, container.StartOptions{}); err != nil {
+		return fail(fmt.Errorf("starting held container %s: %w", c.Name, err))
+	}
+	if err := d.waitHolding(ctx, c.ID); err != nil {
+		return fail(fmt.Errorf("held container %s: %w", c.Name, err))
+	}
+	c.Running = true
+	return c, nil
+}
+
+// holdingLine is what drover-hold writes once it may be released
+// (cmd/drover-hold.HoldingLine).
+const holdingLine = "drover-hold: holding until released"
+
+// waitHolding follows a held container's log until drover-hold says it
+// holds: a release before that would kill it.
+func (d *Docker) waitHolding(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	logs, err := d.cli.ContainerLogs(ctx, id, container.LogsOptions{ShowStderr: true, Follow: true})
+	if err != nil {
+		return fmt.Errorf("following its log: %w", err)
+	}
+	defer logs.Close()
+	var seen strings.Builder
+	buf := make([]byte, 4096)
+	for {
+		n, err := logs.Read(buf)
+		seen.Write(buf[:n])
+		if strings.Contains(seen.String(), holdingLine) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("drover-hold never said it holds (%v): %q", err, seen.String())
+		}
+	}
+}
+
+// Release lets a held container run the service: it leaves the marker (a
+// later restart of the container runs the service at once) and signals
+// drover-hold, which execs the service's command.
+func (d *Docker) Release(ctx context.Context, c Container) error {
+	name := c.Name
+	if name == "" {
+		name = ContainerName(c.Namespace, c.Service)
+	}
+	if err := os.WriteFile(filepath.Join(d.heldDir(name), "released"), nil, 0o644); err != nil {
+		return fmt.Errorf("releasing %s: %w", name, err)
+	}
+	if err := d.cli.ContainerKill(ctx, c.ID, "SIGUSR1"); err != nil {
+		return fmt.Errorf("releasing %s: %w", name, err)
+	}
+	return nil
+}
+
+// command is the command the engine would run for the image and the
+// spec's command: the image's entrypoint, then the spec's command or else
+// the image's.
+func (d *Docker) command(ctx context.Context, image string, cmd []string) ([]string, error) {
+	insp, _, err := d.cli.ImageInspectWithRaw(ctx, image)
+	if err != nil {
+		return nil, fmt.Errorf("inspecting image %s: %w", image, err)
+	}
+	var argv []string
+	if insp.Config != nil {
+		argv = append(argv, insp.Config.Entrypoint...)
+		if len(cmd) == 0 {
+			cmd = insp.Config.Cmd
+		}
+	}
+	argv = append(argv, cmd...)
+	if len(argv) == 0 {
+		return nil, fmt.Errorf("image %s names no command and the service gives none", image)
+	}
+	return argv, nil
 }
 
 // Remove stops (its stop signal, then SIGKILL after grace; with grace 0,
@@ -228,11 +376,21 @@ func (d *Docker) Remove(ctx context.Context, id string, grace time.Duration) err
 		secs := int(grace.Seconds())
 		opts.Timeout = &secs
 	}
+	var held string
+	if insp, err := d.cli.ContainerInspect(ctx, id); err == nil && insp.Config != nil && insp.Config.Labels[LabelHeld] != "" && d.holdDir != "" {
+		held = d.heldDir(strings.TrimPrefix(insp.Name, "/"))
+	}
 	if err := d.cli.ContainerStop(ctx, id, opts); err != nil && !client.IsErrNotFound(err) {
 		return fmt.Errorf("stopping container %s: %w", id, err)
 	}
 	if err := d.cli.ContainerRemove(ctx, id, container.RemoveOptions{}); err != nil && !client.IsErrNotFound(err) {
 		return fmt.Errorf("removing container %s: %w", id, err)
+	}
+	if held != "" {
+		// Its release marker goes with it.
+		if err := os.RemoveAll(held); err != nil {
+			return fmt.Errorf("removing %s: %w", held, err)
+		}
 	}
 	return nil
 }

@@ -48,7 +48,8 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	dataDir := t.TempDir()
-	d, err := NewDocker(DockerConfig{Host: "unix://" + sock, MachineID: "machine-1", MachineName: "m1", AliasFile: filepath.Join(t.TempDir(), "aliases.json")})
+	aliasFile := filepath.Join(t.TempDir(), "aliases.json")
+	d, err := NewDocker(DockerConfig{Host: "unix://" + sock, MachineID: "machine-1", MachineName: "m1", AliasFile: aliasFile})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,5 +139,57 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 	}
 	if err := d.Remove(ctx, c.ID, 0); err != nil {
 		t.Fatal(err)
+	}
+
+	// Held: started under drover-hold, the service does not run (its port
+	// answers nothing, its volume is untouched) until released; released,
+	// it is ready; a restart of a released container runs the service at
+	// once; removed, its marker directory goes.
+	hold := filepath.Join(t.TempDir(), "drover-hold")
+	build := exec.CommandContext(ctx, "go", "build", "-o", hold, "github.com/drover-sh/drover/cmd/drover-hold")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building drover-hold: %v\n%s", err, out)
+	}
+	holdDir := t.TempDir()
+	dh, err := NewDocker(DockerConfig{Host: "unix://" + sock, MachineID: "machine-1", MachineName: "m1", HoldBinary: hold, HoldDir: holdDir,
+		AliasFile: aliasFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dh.Close()
+	heldData := t.TempDir()
+	rs.Mounts = map[string]string{"data": heldData}
+	c, err = dh.CreateHeld(ctx, rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if list, _ := dh.List(ctx); len(list) != 1 || !list[0].Held || !list[0].Running {
+		t.Fatalf("held container listed as %+v", list)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := dh.CheckOnce(ctx, c, rs); err == nil {
+		t.Fatal("a held container answered its readiness check")
+	}
+	if entries, _ := os.ReadDir(heldData); len(entries) != 0 {
+		t.Fatalf("a held container wrote to its volume: %v", entries)
+	}
+	if err := dh.Release(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	if err := dh.WaitReady(ctx, c, rs); err != nil {
+		t.Fatalf("released: %v", err)
+	}
+	if out, err := exec.Command("docker", "-H", "unix://"+sock, "restart", "-t", "5", c.ID).CombinedOutput(); err != nil {
+		t.Fatalf("restart: %v %s", err, out)
+	}
+	if err := dh.WaitReady(ctx, c, rs); err != nil {
+		t.Fatalf("a released container after a restart: %v", err)
+	}
+	if err := dh.Remove(ctx, c.ID, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if entries, _ := os.ReadDir(holdDir); len(entries) != 0 {
+		t.Fatalf("marker directories left: %v", entries)
 	}
 }

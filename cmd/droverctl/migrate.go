@@ -366,7 +366,11 @@ func printMigration(w io.Writer, m ctlapi.MigrationInfo) {
 		row("  final snapshot", d(c.FinalSnapshot))
 		row("  final send", fmt.Sprintf("%s (%s)", d(c.FinalSend), mib(c.FinalBytes)))
 		row("  adopt", d(c.Adopt))
-		row("  container start", d(c.Start))
+		if c.Held {
+			row("  release of the held container", d(c.Start))
+		} else {
+			row("  container start", d(c.Start))
+		}
 		row("  ready", d(c.Ready))
 		row("  commit", d(c.Commit))
 		row("  stop to commit", d(c.Total))

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -54,6 +55,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.WGPort, "wg-port", 51820, "WireGuard UDP port on the underlay")
 	fs.StringVar(&cfg.DockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine")
 	fs.StringVar(&cfg.RegistryAuthFile, "registry-auth", "", "registry logins in Docker's config.json form, for pulls (read at each use; never replicated)")
+	fs.StringVar(&cfg.HoldBinary, "hold-binary", besideMe("drover-hold"), "drover-hold (static), with which a move's target holds the service's container started before the cutover; empty: start it at the cutover")
 	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")
 	fs.BoolVar(&cfg.Init, "init", false, "start a new cluster here if this machine is in none")
 	fs.Func("allow-bind", "a host directory under which services may bind-mount host paths (repeat for more; none by default)", func(v string) error {
@@ -134,4 +136,18 @@ func bindAddr(flagValue string) (netip.Addr, error) {
 		}
 	}
 	return netip.Addr{}, errors.New("no non-loopback IPv4 address found: give --bind")
+}
+
+// besideMe is the program name in this executable's directory, when it is
+// there; empty otherwise.
+func besideMe(name string) string {
+	self, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	p := filepath.Join(filepath.Dir(self), name)
+	if _, err := os.Stat(p); err != nil {
+		return ""
+	}
+	return p
 }
