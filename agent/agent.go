@@ -49,9 +49,9 @@ type Config struct {
 	// HoldBinary is drover-hold, with which a move's target starts the
 	// service's container before the cutover and only execs the service
 	// at it; empty: the target starts the container at the cutover.
-	HoldBinary string
-	ZFSParent        string       // parent dataset of volumes; empty: this machine holds none
-	ServicePrefix    netip.Prefix // range of service IPs
+	HoldBinary    string
+	ZFSParent     string       // parent dataset of volumes; empty: this machine holds none
+	ServicePrefix netip.Prefix // range of service IPs
 
 	// AllowBind are the host directories under which a manifest may bind
 	// host paths into containers; none: no binds.

@@ -461,6 +461,11 @@ func (r *fakeRuntime) Release(_ context.Context, c runtime.Container) error {
 	return nil
 }
 
+func (r *fakeRuntime) Halt(ctx context.Context, id string, grace time.Duration) (func() (runtime.Stopped, error), error) {
+	st, err := r.Stop(ctx, id, grace)
+	return func() (runtime.Stopped, error) { return st, err }, nil
+}
+
 func (r *fakeRuntime) Exec(_ context.Context, id string, cmd []string) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

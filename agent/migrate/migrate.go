@@ -66,6 +66,10 @@ type Migrator struct {
 
 	mu    sync.Mutex
 	execs map[string]*execution // migrations this daemon runs, by id
+	// inPlace: the volumes, by "<migration>/<volume>", whose copies this
+	// machine put in place as a migration's target since it started; the
+	// final increment is received there without asking ZFS again.
+	inPlace map[string]bool
 
 	recovered chan struct{} // closed after recovery's first pass
 	wg        sync.WaitGroup
@@ -80,7 +84,7 @@ func New(ctx context.Context, cfg Config, d Deps) *Migrator {
 	if cfg.MemAvailable == nil {
 		cfg.MemAvailable = func() uint64 { return 0 }
 	}
-	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
+	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, inPlace: map[string]bool{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
 }
 
 // Start starts recovery (and the crash watch of test builds).

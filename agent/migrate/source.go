@@ -57,11 +57,11 @@ func (m *Migrator) handleCutover(ctx context.Context, _ string, req cutoverReque
 		}
 	}
 	began := time.Now()
-	st, err := m.stopSource(ctx, c)
+	stopped, err := m.haltSource(ctx, c)
 	if err != nil {
 		return cutoverResult{}, err
 	}
-	res := cutoverResult{Stop: st, Stopped: time.Since(began)}
+	res := cutoverResult{Stopped: time.Since(began)}
 	emit(cutoverProgress{Stopped: true})
 	// The volumes' final increments go side by side.
 	sendsBegan := time.Now()
@@ -88,10 +88,14 @@ func (m *Migrator) handleCutover(ctx context.Context, _ string, req cutoverReque
 		})
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	res.Sends = time.Since(sendsBegan)
+	// The engine finishes its stop (network, mounts) while the volumes
+	// are sent; its outcome is the stop's.
+	st, stopErr := stopped()
+	if err := errors.Join(append(errs, stopErr)...); err != nil {
 		return cutoverResult{}, err
 	}
-	res.Sends = time.Since(sendsBegan)
+	res.Stop = st
 	return res, nil
 }
 
@@ -214,24 +218,42 @@ func (m *Migrator) handleStopSource(ctx context.Context, c migrationCall) (stopR
 
 // stopSource stops the service's container and keeps it.
 func (m *Migrator) stopSource(ctx context.Context, c migrationCall) (stopResult, error) {
-	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
-	if err != nil {
-		return stopResult{}, fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
-	}
-	if ctr.ID == "" {
-		return stopResult{}, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
-	}
-	grace := stopGrace(c.sv.Spec)
-	st, err := m.d.Containers.Stop(ctx, ctr.ID, grace)
+	wait, err := m.haltSource(ctx, c)
 	if err != nil {
 		return stopResult{}, err
 	}
-	if st.Killed {
-		m.cfg.Logger.Warn("the source container did not stop on its signal within its grace period and was killed",
-			"migration", c.m.ID, "service", c.m.Namespace+"/"+c.m.Service, "grace", grace)
+	return wait()
+}
+
+// haltSource stops the service's container (kept) and returns as soon as
+// its processes are gone: the writes have stopped. wait returns once the
+// engine's stop is over, saying whether the container had to be killed;
+// the caller must call it.
+func (m *Migrator) haltSource(ctx context.Context, c migrationCall) (wait func() (stopResult, error), err error) {
+	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
+	if err != nil {
+		return nil, fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
+	}
+	if ctr.ID == "" {
+		return nil, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
+	}
+	grace := stopGrace(c.sv.Spec)
+	engine, err := m.d.Containers.Halt(ctx, ctr.ID, grace)
+	if err != nil {
+		return nil, err
 	}
 	m.cfg.Crash.Hit("source", "source-stopped")
-	return stopResult{Killed: st.Killed, Grace: grace}, nil
+	return func() (stopResult, error) {
+		st, err := engine()
+		if err != nil {
+			return stopResult{}, err
+		}
+		if st.Killed {
+			m.cfg.Logger.Warn("the source container did not stop on its signal within its grace period and was killed",
+				"migration", c.m.ID, "service", c.m.Namespace+"/"+c.m.Service, "grace", grace)
+		}
+		return stopResult{Killed: st.Killed, Grace: grace}, nil
+	}, nil
 }
 
 // defaultStopGrace is how long a stop waits for a container without a

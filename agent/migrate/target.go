@@ -83,6 +83,12 @@ func (m *Migrator) handleReceive(ctx context.Context, _ string, req streamReques
 // already (the target was prepared): no staging copy left, and the
 // dataset in place is marked as this migration's.
 func (m *Migrator) placed(f fsm.Migration, vol string) bool {
+	m.mu.Lock()
+	known := m.inPlace[f.ID+"/"+vol]
+	m.mu.Unlock()
+	if known {
+		return true
+	}
 	ds := m.d.Datasets
 	return !ds.Exists(ds.StagingDataset(f.ID, vol)) && ds.Exists(ds.Dataset(f.Namespace, vol)) &&
 		m.d.Copies.Origin(f.Namespace, vol) == f.ID
@@ -225,6 +231,9 @@ func (m *Migrator) placeCopies(c migrationCall) (runtime.RunSpec, error) {
 			return runtime.RunSpec{}, fmt.Errorf("placing the copy of %s/%s: %w", f.Namespace, v.Name, err)
 		}
 		rs.Mounts[v.Name] = mountpoint
+		m.mu.Lock()
+		m.inPlace[f.ID+"/"+v.Name] = true
+		m.mu.Unlock()
 	}
 	// A received dataset has the properties of where it landed: the
 	// spec's apply to what the service writes here.
@@ -265,6 +274,16 @@ func (m *Migrator) placeCopy(id, ns, vol string) (string, error) {
 	return info.Mountpoint, nil
 }
 
+// forgetInPlace forgets which copies of a migration are in place: it is
+// over on this machine.
+func (m *Migrator) forgetInPlace(f fsm.Migration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, v := range f.Volumes {
+		delete(m.inPlace, f.ID+"/"+v.Name)
+	}
+}
+
 // undoTarget removes what a migration that did not commit left on its
 // target: the container and service IP of a service this machine does not
 // run, the staging copies, and the datasets it adopted. A copy kept from
@@ -272,6 +291,7 @@ func (m *Migrator) placeCopy(id, ns, vol string) (string, error) {
 // Safe to repeat, and safe on old migrations: nothing this machine owns is
 // touched.
 func (m *Migrator) undoTarget(ctx context.Context, c migrationCall) error {
+	m.forgetInPlace(c.m)
 	if err := m.removeContainer(ctx, c); err != nil {
 		return err
 	}
@@ -316,6 +336,7 @@ func (m *Migrator) handleCleanupTarget(_ context.Context, c migrationCall) error
 		return fmt.Errorf("migration %s is %s: no target cleanup here: %w", c.m.ID, c.m.Phase, ErrNotCommitted)
 	}
 	m.cfg.Crash.Hit("target", "committed")
+	m.forgetInPlace(c.m)
 	// Committed: this machine owns the service IP now, on its own host too.
 	if err := m.d.Loopback.Add(c.sv.ServiceIP); err != nil {
 		return err

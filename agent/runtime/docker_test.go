@@ -186,6 +186,29 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 	if err := dh.WaitReady(ctx, c, rs); err != nil {
 		t.Fatalf("a released container after a restart: %v", err)
 	}
+	// Halt returns once the container's processes are gone; the
+	// engine's stop ends after, without a kill.
+	insp, err := dh.cli.ContainerInspect(ctx, c.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	procs := cgroupProcs(insp.State.Pid)
+	if procs == "" {
+		t.Fatalf("no cgroup.procs found for the container's process %d", insp.State.Pid)
+	}
+	wait, err := dh.Halt(ctx, c.ID, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(procs); err == nil && len(bytes.TrimSpace(b)) > 0 {
+		t.Fatalf("halted, but processes remain: %s", b)
+	}
+	if st, err := wait(); err != nil || st.Killed {
+		t.Fatalf("the engine's stop after a halt: killed %v, %v", st.Killed, err)
+	}
+	if list, _ := dh.List(ctx); len(list) != 1 || list[0].Running {
+		t.Fatalf("after the halt: %+v", list)
+	}
 	if err := dh.Remove(ctx, c.ID, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
