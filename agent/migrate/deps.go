@@ -65,8 +65,8 @@ type Containers interface {
 	List(ctx context.Context) ([]runtime.Container, error)
 	Stop(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, error)
 	// Halt stops a container and returns once its processes are gone;
-	// wait returns once the engine's stop is over, with Stop's result.
-	Halt(ctx context.Context, id string, grace time.Duration) (wait func() (runtime.Stopped, error), err error)
+	// wait returns once the engine's stop is over.
+	Halt(ctx context.Context, id string, grace time.Duration) (st runtime.Stopped, wait func() error, err error)
 	Restart(ctx context.Context, id string) error
 	Remove(ctx context.Context, id string, grace time.Duration) error
 	// Exec runs cmd in a running container and gives its exit code.

@@ -461,9 +461,9 @@ func (r *fakeRuntime) Release(_ context.Context, c runtime.Container) error {
 	return nil
 }
 
-func (r *fakeRuntime) Halt(ctx context.Context, id string, grace time.Duration) (func() (runtime.Stopped, error), error) {
+func (r *fakeRuntime) Halt(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, func() error, error) {
 	st, err := r.Stop(ctx, id, grace)
-	return func() (runtime.Stopped, error) { return st, err }, nil
+	return st, func() error { return nil }, err
 }
 
 func (r *fakeRuntime) Exec(_ context.Context, id string, cmd []string) (int, error) {

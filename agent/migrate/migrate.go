@@ -70,6 +70,10 @@ type Migrator struct {
 	// machine put in place as a migration's target since it started; the
 	// final increment is received there without asking ZFS again.
 	inPlace map[string]bool
+	// stopping: per migration this machine is the source of, closed once
+	// the engine's stop of the source container, left to finish after
+	// the cutover, is over.
+	stopping map[string]chan struct{}
 
 	recovered chan struct{} // closed after recovery's first pass
 	wg        sync.WaitGroup
@@ -84,7 +88,7 @@ func New(ctx context.Context, cfg Config, d Deps) *Migrator {
 	if cfg.MemAvailable == nil {
 		cfg.MemAvailable = func() uint64 { return 0 }
 	}
-	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, inPlace: map[string]bool{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
+	return &Migrator{cfg: cfg, d: d, log: cfg.Logger, ctx: ctx, execs: map[string]*execution{}, inPlace: map[string]bool{}, stopping: map[string]chan struct{}{}, recovered: make(chan struct{}), lookupWait: 10 * time.Second}
 }
 
 // Start starts recovery (and the crash watch of test builds).

@@ -57,11 +57,11 @@ func (m *Migrator) handleCutover(ctx context.Context, _ string, req cutoverReque
 		}
 	}
 	began := time.Now()
-	stopped, err := m.haltSource(ctx, c)
+	st, engineStop, err := m.haltSource(ctx, c)
 	if err != nil {
 		return cutoverResult{}, err
 	}
-	res := cutoverResult{Stopped: time.Since(began)}
+	res := cutoverResult{Stop: st, Stopped: time.Since(began)}
 	emit(cutoverProgress{Stopped: true})
 	// The volumes' final increments go side by side.
 	sendsBegan := time.Now()
@@ -89,13 +89,23 @@ func (m *Migrator) handleCutover(ctx context.Context, _ string, req cutoverReque
 	}
 	wg.Wait()
 	res.Sends = time.Since(sendsBegan)
-	// The engine finishes its stop (network, mounts) while the volumes
-	// are sent; its outcome is the stop's.
-	st, stopErr := stopped()
-	if err := errors.Join(append(errs, stopErr)...); err != nil {
+	// The engine finishes its stop (network, mounts) on its own time: the
+	// target does not wait for it.
+	stopped := make(chan struct{})
+	m.mu.Lock()
+	m.stopping[c.m.ID] = stopped
+	m.mu.Unlock()
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		defer close(stopped)
+		if err := engineStop(); err != nil {
+			m.log.Warn("the engine's stop of the source container, after its processes ended", "migration", c.m.ID, "err", err)
+		}
+	}()
+	if err := errors.Join(errs...); err != nil {
 		return cutoverResult{}, err
 	}
-	res.Stop = st
 	return res, nil
 }
 
@@ -218,42 +228,35 @@ func (m *Migrator) handleStopSource(ctx context.Context, c migrationCall) (stopR
 
 // stopSource stops the service's container and keeps it.
 func (m *Migrator) stopSource(ctx context.Context, c migrationCall) (stopResult, error) {
-	wait, err := m.haltSource(ctx, c)
+	st, wait, err := m.haltSource(ctx, c)
 	if err != nil {
 		return stopResult{}, err
 	}
-	return wait()
+	return st, wait()
 }
 
 // haltSource stops the service's container (kept) and returns as soon as
 // its processes are gone: the writes have stopped. wait returns once the
-// engine's stop is over, saying whether the container had to be killed;
-// the caller must call it.
-func (m *Migrator) haltSource(ctx context.Context, c migrationCall) (wait func() (stopResult, error), err error) {
+// engine's stop is over; the caller must call it.
+func (m *Migrator) haltSource(ctx context.Context, c migrationCall) (stopResult, func() error, error) {
 	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
 	if err != nil {
-		return nil, fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
+		return stopResult{}, nil, fmt.Errorf("finding the container of %s/%s: %w", c.m.Namespace, c.m.Service, err)
 	}
 	if ctr.ID == "" {
-		return nil, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
+		return stopResult{}, nil, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
 	}
 	grace := stopGrace(c.sv.Spec)
-	engine, err := m.d.Containers.Halt(ctx, ctr.ID, grace)
+	st, wait, err := m.d.Containers.Halt(ctx, ctr.ID, grace)
 	if err != nil {
-		return nil, err
+		return stopResult{}, nil, err
+	}
+	if st.Killed {
+		m.cfg.Logger.Warn("the source container did not stop on its signal within its grace period and was killed",
+			"migration", c.m.ID, "service", c.m.Namespace+"/"+c.m.Service, "grace", grace)
 	}
 	m.cfg.Crash.Hit("source", "source-stopped")
-	return func() (stopResult, error) {
-		st, err := engine()
-		if err != nil {
-			return stopResult{}, err
-		}
-		if st.Killed {
-			m.cfg.Logger.Warn("the source container did not stop on its signal within its grace period and was killed",
-				"migration", c.m.ID, "service", c.m.Namespace+"/"+c.m.Service, "grace", grace)
-		}
-		return stopResult{Killed: st.Killed, Grace: grace}, nil
-	}, nil
+	return stopResult{Killed: st.Killed, Grace: grace}, wait, nil
 }
 
 // defaultStopGrace is how long a stop waits for a container without a
@@ -274,6 +277,19 @@ func (m *Migrator) undoSource(ctx context.Context, c migrationCall) error {
 	if c.sv.MachineID != m.cfg.Self {
 		return nil
 	}
+	// A stop the cutover left to the engine ends first: the container
+	// must read as stopped before it is started again.
+	m.mu.Lock()
+	stopped := m.stopping[c.m.ID]
+	delete(m.stopping, c.m.ID)
+	m.mu.Unlock()
+	if stopped != nil {
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	ctr, err := m.findContainer(ctx, c.m.Namespace, c.m.Service)
 	if err != nil {
 		return err
@@ -292,6 +308,9 @@ func (m *Migrator) handleCleanupSource(ctx context.Context, c migrationCall) err
 		return fmt.Errorf("migration %s is %s: no source cleanup here: %w", c.m.ID, c.m.Phase, ErrNotCommitted)
 	}
 	m.cfg.Crash.Hit("source", "committed")
+	m.mu.Lock()
+	delete(m.stopping, c.m.ID)
+	m.mu.Unlock()
 	if err := m.removeContainer(ctx, c); err != nil {
 		return err
 	}

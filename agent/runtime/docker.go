@@ -571,17 +571,19 @@ func (d *Docker) Stop(ctx context.Context, id string, grace time.Duration) (Stop
 // Halt stops a container as Stop does, but returns as soon as no process
 // of the container is left — the writes have stopped — rather than once
 // the engine has also torn its network and mounts down (about 100 ms
-// more on the lab's engines). The caller must call wait, which returns
-// once the engine's stop is over, with Stop's result. Where the
-// container's processes cannot be watched (no cgroup found), Halt waits
-// for the engine.
-func (d *Docker) Halt(ctx context.Context, id string, grace time.Duration) (wait func() (Stopped, error), err error) {
+// more on the lab's engines). It says whether the container had to be
+// killed (a halt that took the whole grace period ended in the engine's
+// SIGKILL). The caller must call wait, which returns once the engine's
+// stop is over. Where the container's processes cannot be watched (no
+// cgroup found), Halt waits for the engine.
+func (d *Docker) Halt(ctx context.Context, id string, grace time.Duration) (Stopped, func() error, error) {
 	procs := ""
 	if insp, err := d.cli.ContainerInspect(ctx, id); err != nil {
-		return nil, fmt.Errorf("inspecting container %s: %w", id, err)
+		return Stopped{}, nil, fmt.Errorf("inspecting container %s: %w", id, err)
 	} else if insp.State != nil && insp.State.Pid > 0 {
 		procs = cgroupProcs(insp.State.Pid)
 	}
+	began := time.Now()
 	done := make(chan struct{})
 	var st Stopped
 	var stopErr error
@@ -589,23 +591,24 @@ func (d *Docker) Halt(ctx context.Context, id string, grace time.Duration) (wait
 		defer close(done)
 		st, stopErr = d.Stop(ctx, id, grace)
 	}()
-	wait = func() (Stopped, error) {
+	wait := func() error {
 		<-done
-		return st, stopErr
+		return stopErr
 	}
 	if procs == "" {
 		<-done
-		return wait, nil
+		return st, wait, stopErr
 	}
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		if b, err := os.ReadFile(procs); err != nil || len(bytes.TrimSpace(b)) == 0 {
-			return wait, nil // empty, or gone with the container
+			// Empty, or gone with the container.
+			return Stopped{Killed: time.Since(began) >= grace}, wait, nil
 		}
 		select {
 		case <-done:
-			return wait, nil
+			return st, wait, stopErr
 		case <-tick.C:
 		}
 	}

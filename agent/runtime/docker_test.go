@@ -196,15 +196,15 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 	if procs == "" {
 		t.Fatalf("no cgroup.procs found for the container's process %d", insp.State.Pid)
 	}
-	wait, err := dh.Halt(ctx, c.ID, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	halted, wait, err := dh.Halt(ctx, c.ID, 10*time.Second)
+	if err != nil || halted.Killed {
+		t.Fatalf("halt: killed %v, %v", halted.Killed, err)
 	}
 	if b, err := os.ReadFile(procs); err == nil && len(bytes.TrimSpace(b)) > 0 {
 		t.Fatalf("halted, but processes remain: %s", b)
 	}
-	if st, err := wait(); err != nil || st.Killed {
-		t.Fatalf("the engine's stop after a halt: killed %v, %v", st.Killed, err)
+	if err := wait(); err != nil {
+		t.Fatalf("the engine's stop after a halt: %v", err)
 	}
 	if list, _ := dh.List(ctx); len(list) != 1 || list[0].Running {
 		t.Fatalf("after the halt: %+v", list)
