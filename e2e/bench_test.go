@@ -391,16 +391,16 @@ func benchDowntime(b *testing.B, h []*lab.Host, daemons []*labDaemon, sizes []in
 	t := &table{
 		Title: "Migration downtime",
 		How: fmt.Sprintf("Clients ask the service for /healthz every 10 ms (new connection, %v timeout), one on a third host and one on the move's target host; downtime is the longest gap between two answers. "+
-			"The service writes 1 MiB/s or 10 MiB/s to its volume throughout. drover: `droverctl migrate apply` (warm copy while it runs, the target prepared after the first round, then stop and final increment in one call, start on the target, commit; readiness every 100 ms; the clients use the service IP). "+
+			"The service writes 1 MiB/s or 10 MiB/s to its volume throughout. drover: `droverctl migrate apply` (warm copy while it runs, the target prepared after the first round with its container started held, then stop and final increments in one call, release on the target, commit; readiness checked at 10 ms, then doubling up to 100 ms; the clients use the service IP). "+
 			"Cold stop-copy-start, the baseline (at 1 MiB/s): `docker stop`, a full `zfs send | zfs receive` between the hosts over plain TCP on the lab network (no encryption, so faster per byte than the mesh), `docker run` on the target; the client on the third host asks both hosts. "+
 			"drover stop→commit is drover's own figure (from the stop to the commit applied); the final increment is what was sent after the stop. %d runs per row, alternating direction.", probeTimeout, runs),
 		Header: []string{"volume", "writes", "drover, client on a third host (s)", "drover, client on the target host (s)", "cold (s)", "cold / drover", "drover stop→commit (s)", "final increment (MiB)", "drover whole move (s)", "cold copy (s)"},
 	}
 	breakdown := &table{
 		Title: "Where a move's downtime goes",
-		How: "drover's breakdown of each move above (`migrate show`, `--json` cutover), median of the runs, in ms: the source's container stopped; the final snapshots taken (side by side); the final increments sent and received where the volumes are mounted; the prepared container started on the target; its readiness check passed; the commit proposed and applied. " +
-			"The copies were put in place and the container created after the first warm round (prepared), not in the downtime. What the clients see beyond stop→commit is the route moving and their own probe interval.",
-		Header: []string{"volume", "writes", "stop", "final snapshot", "final send", "container start", "ready", "commit", "stop→commit", "prepared before the stop"},
+		How: "drover's breakdown of each move above (`migrate show`, `--json` cutover), median of the runs, in ms: stop, until the source container's processes are gone; the final snapshots taken (side by side); the final increments sent and received where the volumes are mounted; the target's container, started before the stop under drover-hold, released into the service's command (or, without drover-hold, started); its readiness check passed; the commit proposed and applied. " +
+			"The copies were put in place and the container started held after the first warm round (prepared), not in the downtime. What the clients see beyond stop→commit is the route moving and their own probe interval.",
+		Header: []string{"volume", "writes", "stop", "final snapshot", "final send", "release (or start)", "ready", "commit", "stop→commit", "prepared before the stop"},
 	}
 	d := daemons[2]
 	for _, size := range sizes {
