@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/internal/testpoll"
 	"github.com/drover-sh/drover/lab"
 )
 
@@ -345,7 +346,7 @@ func TestLabPostgres(t *testing.T) {
 	})
 
 	// A drain of host 3 moves it on.
-	move("drain", 2, func() (string, ctlapi.MigrationInfo) {
+	drained := move("drain", 2, func() (string, ctlapi.MigrationInfo) {
 		if out, err := d1.ctlWithin(5*time.Minute, "machine", "drain", h[2].Name, "--wait"); err != nil {
 			t.Fatalf("drain: %v\n%s", err, out)
 		}
@@ -360,6 +361,18 @@ func TestLabPostgres(t *testing.T) {
 		return ss[0].Machine, last
 	})
 
+	// The baseline: the same database moved cold (stop, full copy, start).
+	var to *lab.Host
+	for _, x := range h {
+		if x != drained && to == nil {
+			to = x
+		}
+	}
+	gap, took, mib := coldPostgresMove(t, h, drained, to)
+	fmt.Fprintf(&report, "\nCold stop-copy-start of the same database, the baseline: a copy of its volume run by Docker directly on %s, "+
+		"`docker stop` (a fast, clean shutdown), a full `zfs send | zfs receive` of %d MiB to %s over plain TCP, `docker run` there; "+
+		"a client on the third host inserting every 100 ms, at either address: **longest insert gap %.1f s** (the copy alone %.1f s), "+
+		"against drover's longest insert gaps above.\n", drained.Name, mib, to.Name, gap.Seconds(), took.Seconds())
 	t.Logf("PostgreSQL under pgbench:\n%s", report.String())
 	if dir := os.Getenv("DROVER_BENCH_OUT"); dir != "" {
 		text := "# PostgreSQL moved under load\n\n" +
@@ -372,4 +385,113 @@ func TestLabPostgres(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// coldPostgresMove is the stop-copy-start baseline for PostgreSQL: a copy
+// of the drover volume on from, run by Docker directly there (port 5433 on
+// the host's underlay address), moved to to by `docker stop`, a full
+// `zfs send | zfs receive` over plain TCP and `docker run`, while a
+// client on the third host inserts every 100 ms at either address. It
+// returns the client's longest gap, the copy's time and the volume's MiB.
+func coldPostgresMove(t *testing.T, h []*lab.Host, from, to *lab.Host) (gap, took time.Duration, mib int64) {
+	t.Helper()
+	var third *lab.Host
+	for _, x := range h {
+		if x != from && x != to {
+			third = x
+		}
+	}
+	ds := func(x *lab.Host) string { return x.Pool + "/coldpg" }
+	mount := func(x *lab.Host) string { return filepath.Join(x.PoolMount, "coldpg") }
+	run := func(name string, args ...string) {
+		t.Helper()
+		if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+			t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+		}
+	}
+	docker := func(x *lab.Host, args ...string) {
+		run("docker", append([]string{"-H", "unix://" + x.DockerSock}, args...)...)
+	}
+	start := func(x *lab.Host) {
+		docker(x, "run", "-d", "--name", "coldpg", "--stop-signal", "SIGINT", "-e", "PGDATA=/data/pg",
+			"-v", mount(x)+":/data", "-p", x.UnderlayIP+":5433:5432", "drover-postgres:15")
+	}
+	// A copy of the live volume: PostgreSQL recovers it at its first start.
+	run("zfs", "snapshot", from.Pool+"/drover/db/data@coldpg")
+	send := exec.Command("sh", "-c", fmt.Sprintf("zfs send %s/drover/db/data@coldpg | zfs receive %s", from.Pool, ds(from)))
+	if out, err := send.CombinedOutput(); err != nil {
+		t.Fatalf("copying the volume on %s: %v: %s", from.Name, err, out)
+	}
+	start(from)
+	ctx := context.Background()
+	insert := func(x *lab.Host, id int) bool {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_, err := pgClient(cctx, third, "/usr/bin/psql", "-h", x.UnderlayIP, "-p", "5433", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+			"-c", fmt.Sprintf("INSERT INTO acked (host, id) VALUES ('cold', %d)", id))
+		return err == nil
+	}
+	testpoll.Until(t, 2*time.Minute, "the cold copy answering on "+from.Name, func() error {
+		if !insert(from, 0) {
+			return fmt.Errorf("no insert at %s:5433", from.UnderlayIP)
+		}
+		return nil
+	})
+	var mu sync.Mutex
+	var meter gapMeter
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		at := []*lab.Host{from, to}
+		for id, i := 1, 0; ; id++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			for k := range at {
+				if x := at[(i+k)%2]; insert(x, id) {
+					mu.Lock()
+					meter.answer(time.Now())
+					mu.Unlock()
+					i = (i + k) % 2
+					break
+				}
+			}
+		}
+	}()
+	time.Sleep(3 * time.Second)
+	docker(from, "stop", "coldpg")
+	run("zfs", "snapshot", ds(from)+"@move")
+	began := time.Now()
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	n, err := sendBetweenHosts(cctx, from, to, ds(from)+"@move", ds(to))
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	took = time.Since(began)
+	if out, _ := exec.Command("zfs", "get", "-H", "-o", "value", "mounted", ds(to)).Output(); strings.TrimSpace(string(out)) != "yes" {
+		run("zfs", "mount", ds(to))
+	}
+	docker(from, "rm", "coldpg")
+	start(to)
+	testpoll.Until(t, 2*time.Minute, "the cold copy answering on "+to.Name, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if meter.last.Before(began) {
+			return fmt.Errorf("no insert since the stop")
+		}
+		return nil
+	})
+	time.Sleep(2 * time.Second)
+	close(stop)
+	<-done
+	docker(to, "rm", "-f", "coldpg")
+	for _, d := range []string{ds(from), ds(to), from.Pool + "/drover/db/data@coldpg"} {
+		if err := zfsDestroy(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return meter.longest, took, n >> 20
 }
