@@ -174,6 +174,16 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	return out, nil
 }
 
+// View says whether the facts this machine shows may be stale.
+func (a *Agent) View(context.Context) ctlapi.ViewStatus {
+	n := a.currentNode()
+	if n == nil {
+		return ctlapi.ViewStatus{Stale: true, Reason: "this machine is in no cluster"}
+	}
+	f := n.Freshness()
+	return ctlapi.ViewStatus{Stale: f.Stale, Since: f.Since, Reason: f.Reason}
+}
+
 // Mesh reports this machine's WireGuard device and its peers.
 func (a *Agent) Mesh(ctx context.Context) (ctlapi.MeshStatus, error) {
 	p, err := a.require()

@@ -590,6 +590,47 @@ func (n *Node) rpcAddrOf(id string) string {
 	return have.RPCAddr
 }
 
+// Freshness says whether this machine's facts may be stale: it is not in
+// Raft yet, knows no leader, or has not heard from the leader for three
+// heartbeat timeouts. Since is the last time it knew them current (zero
+// when never).
+type Freshness struct {
+	Stale  bool
+	Since  time.Time
+	Reason string
+}
+
+// Freshness tells how current this machine's facts are.
+func (n *Node) Freshness() Freshness {
+	p, err := n.parts()
+	if err != nil {
+		return Freshness{Stale: true, Reason: "this machine takes no part in Raft yet"}
+	}
+	if p.raft.State() == raft.Leader {
+		return Freshness{}
+	}
+	last := p.raft.LastContact()
+	limit := 3 * n.raftHeartbeat()
+	_, leader := p.raft.LeaderWithID()
+	switch {
+	case last.IsZero():
+		return Freshness{Stale: true, Reason: "this machine has never heard from a leader"}
+	case leader == "":
+		return Freshness{Stale: true, Since: last, Reason: "this machine knows no leader"}
+	case time.Since(last) > limit:
+		return Freshness{Stale: true, Since: last, Reason: fmt.Sprintf("this machine has not heard from the leader for over %s", limit)}
+	}
+	return Freshness{}
+}
+
+// raftHeartbeat is Raft's heartbeat timeout on this machine.
+func (n *Node) raftHeartbeat() time.Duration {
+	if hb := n.cfg.Timing.RaftHeartbeat; hb > 0 {
+		return hb
+	}
+	return raft.DefaultConfig().HeartbeatTimeout
+}
+
 func (n *Node) localStats() serverStats {
 	p, err := n.parts()
 	if err != nil {

@@ -197,6 +197,12 @@ func (c *Client) Services(ctx context.Context) ([]Service, error) {
 	return v, c.do(ctx, http.MethodGet, "/v1/services", nil, &v)
 }
 
+// View says whether this machine's facts may be stale.
+func (c *Client) View(ctx context.Context) (ViewStatus, error) {
+	var v ViewStatus
+	return v, c.do(ctx, http.MethodGet, "/v1/view", nil, &v)
+}
+
 // Volumes lists the volumes.
 func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
 	var v []Volume

@@ -41,6 +41,10 @@ func (f *fakeBackend) Join(_ context.Context, r JoinRequest) (ClusterStatus, err
 	return ClusterStatus{Initialized: true}, nil
 }
 
+func (f *fakeBackend) View(context.Context) ViewStatus {
+	return ViewStatus{Stale: true, Since: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC), Reason: "this machine knows no leader"}
+}
+
 func (f *fakeBackend) Mesh(context.Context) (MeshStatus, error) {
 	return MeshStatus{Interface: "drover0"}, nil
 }
@@ -135,6 +139,17 @@ func TestRoutesAndErrors(t *testing.T) {
 	}
 	if st, err := c.Status(ctx); err != nil || st.Role != "leader" {
 		t.Fatalf("status %+v %v", st, err)
+	}
+	// A machine cut off from the leader says so, and since when.
+	view, err := c.View(ctx)
+	if err != nil || !view.Stale {
+		t.Fatalf("view %+v %v", view, err)
+	}
+	if w := view.Warning(view.Since.Add(90 * time.Second)); !strings.Contains(w, "knows no leader") || !strings.Contains(w, "1m30s ago") || !strings.Contains(w, "may be stale") {
+		t.Fatalf("warning %q", w)
+	}
+	if w := (ViewStatus{}).Warning(time.Now()); w != "" {
+		t.Fatalf("a fresh view warns: %q", w)
 	}
 	if _, err := c.Join(ctx, JoinRequest{Token: "tok"}); err != nil || fb.joined != "tok" {
 		t.Fatalf("join: %v, backend got %q", err, fb.joined)

@@ -28,6 +28,7 @@ type Backend interface {
 	PushImage(context.Context, ImagePushRequest) (ImagePushResult, error)
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
+	View(context.Context) ViewStatus
 	Activate(ctx context.Context, machine string) (Machine, error)
 	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
 	Deploy(ctx context.Context, req DeployRequest, emit func(DeployEvent)) (DeployResult, error)
@@ -130,6 +131,7 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	get("/v1/services", func(r *http.Request) (any, error) { return b.Services(r.Context()) })
 	get("/v1/volumes", func(r *http.Request) (any, error) { return b.Volumes(r.Context()) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })
+	get("/v1/view", func(r *http.Request) (any, error) { return b.View(r.Context()), nil })
 	post("/v1/cluster/probe", func(r *http.Request) (any, error) {
 		var req ProbeRequest
 		if err := decodeBody(r, &req); err != nil {

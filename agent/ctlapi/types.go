@@ -48,6 +48,27 @@ type MeshPeer struct {
 	TxBytes       int64      `json:"tx_bytes"`
 }
 
+// ViewStatus says whether the facts this machine shows (service ls,
+// volume ls, machine ls) may be stale: a machine cut off from the leader
+// shows what it last knew.
+type ViewStatus struct {
+	Stale  bool      `json:"stale"`
+	Since  time.Time `json:"since,omitzero"` // when it last knew them current
+	Reason string    `json:"reason,omitempty"`
+}
+
+// Warning is the line a CLI prints before a stale view; empty when fresh.
+func (v ViewStatus) Warning(now time.Time) string {
+	if !v.Stale {
+		return ""
+	}
+	if v.Since.IsZero() {
+		return "warning: " + v.Reason + ": what follows may be stale"
+	}
+	return fmt.Sprintf("warning: %s: what follows is as of %s (%s ago) and may be stale",
+		v.Reason, v.Since.Local().Format("15:04:05"), now.Sub(v.Since).Round(time.Second))
+}
+
 // MeshStatus is `mesh status`: this machine's WireGuard device.
 type MeshStatus struct {
 	Interface  string     `json:"interface"`

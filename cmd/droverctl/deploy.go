@@ -116,6 +116,7 @@ func (c *cli) serviceCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			c.warnIfStale(cmd.Context())
 			if c.json {
 				return c.printJSON(ss)
 			}
@@ -134,6 +135,7 @@ func (c *cli) volumeCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			c.warnIfStale(cmd.Context())
 			if c.json {
 				return c.printJSON(vs)
 			}

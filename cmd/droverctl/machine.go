@@ -24,6 +24,7 @@ func (c *cli) machineCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			c.warnIfStale(cmd.Context())
 			if c.json {
 				return c.printJSON(ms)
 			}

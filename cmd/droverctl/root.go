@@ -1,8 +1,11 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/spf13/cobra"
@@ -13,11 +16,24 @@ type cli struct {
 	socket string
 	json   bool
 	out    io.Writer
+	errOut io.Writer // diagnostics and warnings
 	client *ctlapi.Client
 }
 
+// warnIfStale prints, on stderr, that the facts shown next may be stale
+// when this machine is cut off from the leader.
+func (c *cli) warnIfStale(ctx context.Context) {
+	v, err := c.client.View(ctx)
+	if err != nil {
+		return // an older daemon: nothing to say
+	}
+	if w := v.Warning(time.Now()); w != "" {
+		fmt.Fprintln(c.errOut, w)
+	}
+}
+
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
-	c := &cli{out: stdout}
+	c := &cli{out: stdout, errOut: stderr}
 	root := &cobra.Command{
 		Use:           "droverctl",
 		Short:         "Operate drover: machines, the cluster, services and their moves",
