@@ -472,22 +472,30 @@ func (n *Node) applyLocal(ctx context.Context, data []byte) (applyResult, error)
 	}
 	res, _ := f.Response().(applyResult)
 	res.Index = f.Index()
-	select {
-	case n.committed <- struct{}{}:
-	default: // an announcement is due already; it covers this command
-	}
 	return res, nil
 }
 
-// announceCommits tells the followers at once that commands committed.
-// A follower learns an entry committed only from the leader's next
-// AppendEntries, which hashicorp/raft sends for a new entry or after its
-// commit timeout (50 ms in production): a command proposed through a
-// follower waited that long, on average 75 ms, to be in the proposer's
-// own facts. A barrier is a new entry: replicating it carries the commit
-// index to every follower within a round trip. Commands that commit
-// while a barrier is on its way share the next one, so there is at most
-// one barrier per burst of commands.
+// announce asks announceCommits to tell the followers what committed: a
+// follower waits for it (its forwarded command, or its CaughtUp).
+func (n *Node) announce() {
+	select {
+	case n.committed <- struct{}{}:
+	default: // an announcement is due already; it covers this one
+	}
+}
+
+// announceCommits tells the followers at once that commands committed,
+// when one of them waits for it: its forwarded command committed, or it
+// asked how far the leader's facts go (CaughtUp). A follower learns an
+// entry committed only from the leader's next AppendEntries, which
+// hashicorp/raft sends for a new entry or after its commit timeout
+// (50 ms in production): a command proposed through a follower waited
+// that long, on average 75 ms, to be in the proposer's own facts. A
+// barrier is a new entry: replicating it carries the commit index to
+// every follower within a round trip. Requests that come while a barrier
+// is on its way share the next one. A command the leader proposes for
+// itself announces nothing: its proposer does not wait on a follower,
+// and a barrier after each would double its log writes.
 func (n *Node) announceCommits(p *raftParts) {
 	defer n.wg.Done()
 	for {

@@ -96,6 +96,7 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 	if leaderRPCFailed(w, err) {
 		return
 	}
+	n.announce() // the follower that forwarded it waits to see it applied
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(res)
 }
@@ -129,6 +130,7 @@ func (n *Node) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
 }
 
 func (n *Node) handleStats(w http.ResponseWriter, _ *http.Request) {
+	n.announce() // a follower asking is about to wait for these facts
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(n.localStats())
 }
