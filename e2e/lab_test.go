@@ -98,6 +98,18 @@ func (d *labDaemon) ctlWithin(timeout time.Duration, args ...string) (string, er
 	return stdout.String(), nil
 }
 
+// ctlWarnings runs droverctl and returns what it printed on stderr (its
+// warnings) with its error.
+func (d *labDaemon) ctlWarnings(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(d.bin, "droverctl"), append([]string{"--socket", d.socket()}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	return stderr.String(), err
+}
+
 func (d *labDaemon) machines() ([]ctlapi.Machine, error) {
 	out, err := d.ctl("machine", "ls", "--json")
 	if err != nil {
@@ -357,6 +369,23 @@ func TestLabMesh(t *testing.T) {
 		}
 		return nil
 	})
+	// The cut-off host says that what it shows may be stale, and since
+	// when; the others say nothing of the kind.
+	testpoll.Until(t, 30*time.Second, "the cut-off host warning that its view may be stale", func() error {
+		for _, what := range []string{"service", "volume", "machine"} {
+			warn, err := cut.ctlWarnings(what, "ls")
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(warn, "may be stale") || !strings.Contains(warn, "ago") {
+				return fmt.Errorf("%s ls on %s warned %q", what, cut.host.Name, warn)
+			}
+		}
+		return nil
+	})
+	if warn, err := rest[0].ctlWarnings("service", "ls"); err != nil || warn != "" {
+		t.Fatalf("service ls on %s, connected: %v, warned %q", rest[0].host.Name, err, warn)
+	}
 	if out, err := rest[0].ctl("machine", "activate", rest[1].host.Name); err != nil || !strings.Contains(out, "active") {
 		t.Fatalf("a command after failover: %v %s", err, out)
 	}
