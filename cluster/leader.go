@@ -29,6 +29,7 @@ func (n *Node) runLeaderLoop(leaderCh <-chan bool) {
 			} else if !leading {
 				duty.stop()
 				duty = nil
+				n.leftLeadership.Store(time.Now().UnixNano())
 			}
 		}
 	}

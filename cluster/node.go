@@ -60,9 +60,12 @@ type Node struct {
 	rs     atomic.Pointer[raftParts]
 	rpcMux *http.ServeMux
 	nudge  chan struct{} // gossip changed; consumed by the leader's loop
-	// committed: this machine, leading, committed a command; consumed by
-	// announceCommits.
+	// committed: a follower waits for what this machine, leading,
+	// committed; consumed by announceCommits.
 	committed chan struct{}
+	// leftLeadership is when this machine last stopped leading (unix ns;
+	// zero: never): until then its facts were current.
+	leftLeadership atomic.Int64
 	halted    chan struct{}
 	halt      sync.Once
 	haltMu    sync.Mutex
@@ -618,6 +621,9 @@ func (n *Node) Freshness() Freshness {
 		return Freshness{}
 	}
 	last := p.raft.LastContact()
+	if left := n.leftLeadership.Load(); left != 0 && time.Unix(0, left).After(last) {
+		last = time.Unix(0, left) // it led until then
+	}
 	limit := 3 * n.raftHeartbeat()
 	_, leader := p.raft.LeaderWithID()
 	switch {
