@@ -21,6 +21,7 @@ import (
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/agent/reconcile"
 	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/agent/servicelogs"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/internal/atomicfile"
 	"github.com/drover-sh/drover/internal/hostmem"
@@ -45,6 +46,7 @@ type parts struct {
 	rm     *membership.Remover
 	keys   *keyring.Keeper
 	images *images.Pusher
+	logs   *servicelogs.Logs
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -146,6 +148,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		Logger: a.logger, Crash: a.crash, MemAvailable: hostmem.Available}, deps)
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
 	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
+	p.logs = servicelogs.New(n, n, n, p.rt)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
 		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt, p.images)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
@@ -154,6 +157,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.images.Register(peer.Server{Mux: n, IDs: n})
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
 	p.mig.Register()
+	p.logs.Register(peer.Server{Mux: n, IDs: n})
 	p.rm.Register(peer.Server{Mux: n, IDs: n})
 	return p, nil
 }

@@ -89,6 +89,15 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit fun
 	return p.mig.Migrate(ctx, req, emit)
 }
 
+// ServiceLogs passes a service's log lines from wherever it runs.
+func (a *Agent) ServiceLogs(ctx context.Context, req ctlapi.LogsRequest, emit func(ctlapi.LogLine)) (ctlapi.LogsResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.LogsResult{}, err
+	}
+	return p.logs.Follow(ctx, req, emit)
+}
+
 // Rollback moves a done migration's service back to its source.
 func (a *Agent) Rollback(ctx context.Context, id string, emit func(ctlapi.MigrationEvent)) (ctlapi.MigrationInfo, error) {
 	p, err := a.require()

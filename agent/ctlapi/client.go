@@ -197,6 +197,12 @@ func (c *Client) Services(ctx context.Context) ([]Service, error) {
 	return v, c.do(ctx, http.MethodGet, "/v1/services", nil, &v)
 }
 
+// ServiceLogs passes a service's log lines to onLine; with req.Follow
+// until ctx ends.
+func (c *Client) ServiceLogs(ctx context.Context, req LogsRequest, onLine func(LogLine)) (LogsResult, error) {
+	return stream[LogLine, LogsResult](ctx, c, "/v1/services/logs", req, "logs", onLine)
+}
+
 // View says whether this machine's facts may be stale.
 func (c *Client) View(ctx context.Context) (ViewStatus, error) {
 	var v ViewStatus

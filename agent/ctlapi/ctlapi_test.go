@@ -41,6 +41,11 @@ func (f *fakeBackend) Join(_ context.Context, r JoinRequest) (ClusterStatus, err
 	return ClusterStatus{Initialized: true}, nil
 }
 
+func (f *fakeBackend) ServiceLogs(_ context.Context, req LogsRequest, emit func(LogLine)) (LogsResult, error) {
+	emit(LogLine{Machine: "m1", Stream: "stdout", Text: "hello from " + req.Service})
+	return LogsResult{Lines: 1}, nil
+}
+
 func (f *fakeBackend) View(context.Context) ViewStatus {
 	return ViewStatus{Stale: true, Since: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC), Reason: "this machine knows no leader"}
 }

@@ -29,6 +29,7 @@ type Backend interface {
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
 	View(context.Context) ViewStatus
+	ServiceLogs(context.Context, LogsRequest, func(LogLine)) (LogsResult, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
 	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
 	Deploy(ctx context.Context, req DeployRequest, emit func(DeployEvent)) (DeployResult, error)
@@ -90,6 +91,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		}
 		return b.Migrate(r.Context(), req, emit)
 	}, migrationKnown)
+	streamed(mux, logger, "/v1/services/logs", func(r *http.Request, emit func(LogLine)) (LogsResult, error) {
+		var req LogsRequest
+		if err := decodeBody(r, &req); err != nil {
+			return LogsResult{}, err
+		}
+		return b.ServiceLogs(r.Context(), req, emit)
+	}, func(LogsResult) bool { return true })
 	streamed(mux, logger, "/v1/migrations/{id}/rollback", func(r *http.Request, emit func(MigrationEvent)) (MigrationInfo, error) {
 		return b.Rollback(r.Context(), r.PathValue("id"), emit)
 	}, migrationKnown)

@@ -48,6 +48,30 @@ type MeshPeer struct {
 	TxBytes       int64      `json:"tx_bytes"`
 }
 
+// LogsRequest asks for a service's log ("namespace/name"): the lines
+// after Since (zero: from the start), the last Tail of them (0: all),
+// and with Follow the lines to come, across moves, until the caller
+// stops.
+type LogsRequest struct {
+	Service string    `json:"service"`
+	Since   time.Time `json:"since,omitzero"`
+	Tail    int       `json:"tail,omitempty"`
+	Follow  bool      `json:"follow,omitempty"`
+}
+
+// LogLine is one line of a service's log and the machine it ran on.
+type LogLine struct {
+	Time    time.Time `json:"time"`
+	Machine string    `json:"machine"`
+	Stream  string    `json:"stream"` // stdout or stderr
+	Text    string    `json:"text"`
+}
+
+// LogsResult ends a log: how many lines were passed on.
+type LogsResult struct {
+	Lines int `json:"lines"`
+}
+
 // ViewStatus says whether the facts this machine shows (service ls,
 // volume ls, machine ls) may be stale: a machine cut off from the leader
 // shows what it last knew.

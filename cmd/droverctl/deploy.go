@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -123,7 +124,59 @@ func (c *cli) serviceCmd() *cobra.Command {
 			return c.printServices(ss)
 		},
 	}))
+	cmd.AddCommand(c.serviceLogsCmd())
 	return cmd
+}
+
+func (c *cli) serviceLogsCmd() *cobra.Command {
+	var follow, stamps bool
+	var since time.Duration
+	var tail int
+	logs := c.addJSON(&cobra.Command{
+		Use:   "logs NAMESPACE/SERVICE",
+		Short: "A service's log, from any machine; with -f it follows the service across moves and restarts",
+		Long: `Print a service's log (its container's stdout and stderr) from whichever
+machine runs it. With -f it goes on until Ctrl-C, and follows the service
+when it moves: the lines of the old machine up to its stop, then the new
+machine's, none lost or shown twice. --json prints one object per line
+(time, machine, stream, text).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if tail < 0 {
+				return fmt.Errorf("--tail %d: want 0 (all) or more", tail)
+			}
+			req := ctlapi.LogsRequest{Service: args[0], Follow: follow, Tail: tail}
+			if since > 0 {
+				req.Since = time.Now().Add(-since)
+			}
+			enc := json.NewEncoder(c.out)
+			machine := ""
+			_, err := c.client.ServiceLogs(cmd.Context(), req, func(l ctlapi.LogLine) {
+				switch {
+				case c.json:
+					enc.Encode(l)
+					return
+				case machine != "" && l.Machine != machine:
+					fmt.Fprintf(c.errOut, "-- %s now runs on %s --\n", args[0], l.Machine)
+				}
+				machine = l.Machine
+				if stamps {
+					fmt.Fprintf(c.out, "%s %s\n", l.Time.Local().Format(time.RFC3339Nano), l.Text)
+				} else {
+					fmt.Fprintln(c.out, l.Text)
+				}
+			})
+			if err != nil && cmd.Context().Err() != nil {
+				return nil // Ctrl-C ends a follow
+			}
+			return err
+		},
+	})
+	logs.Flags().BoolVarP(&follow, "follow", "f", false, "go on with the lines to come, across moves, until Ctrl-C")
+	logs.Flags().DurationVar(&since, "since", 0, "only lines of the last D (e.g. 10m)")
+	logs.Flags().IntVar(&tail, "tail", 0, "only the last N lines (0: all)")
+	logs.Flags().BoolVarP(&stamps, "timestamps", "t", false, "print each line's time")
+	return logs
 }
 
 func (c *cli) volumeCmd() *cobra.Command {

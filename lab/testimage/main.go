@@ -158,6 +158,7 @@ func main() {
 		log.Fatal(err)
 	}
 	s := &store{dir: dir, seq: lastSeq(dir)}
+	logWrites := os.Getenv("LOG_WRITES") != ""
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("POST /write", func(w http.ResponseWriter, r *http.Request) {
@@ -175,6 +176,10 @@ func main() {
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
+		}
+		if logWrites {
+			// Logged before the answer: every acknowledged write is in the log.
+			log.Printf("wrote %s seq %d", key, seq)
 		}
 		json.NewEncoder(w).Encode(map[string]int64{"seq": seq})
 	})
