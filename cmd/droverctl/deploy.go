@@ -152,17 +152,16 @@ machine's, none lost or shown twice. --json prints one object per line
 			enc := json.NewEncoder(c.out)
 			machine := ""
 			_, err := c.client.ServiceLogs(cmd.Context(), req, func(l ctlapi.LogLine) {
-				switch {
-				case c.json:
-					enc.Encode(l)
-					return
-				case machine != "" && l.Machine != machine:
+				if machine != "" && l.Machine != machine {
 					fmt.Fprintf(c.errOut, "-- %s now runs on %s --\n", args[0], l.Machine)
 				}
 				machine = l.Machine
-				if stamps {
+				switch {
+				case c.json:
+					enc.Encode(l)
+				case stamps:
 					fmt.Fprintf(c.out, "%s %s\n", l.Time.Local().Format(time.RFC3339Nano), l.Text)
-				} else {
+				default:
 					fmt.Fprintln(c.out, l.Text)
 				}
 			})

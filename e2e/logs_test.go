@@ -1,0 +1,112 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/internal/testpoll"
+)
+
+// TestLabServiceLogs: `droverctl service logs -f` on a third host follows
+// a service across a move. The service logs every write before it
+// acknowledges it; clients on the three hosts write throughout; every
+// acknowledged write is in the followed log exactly once — nothing lost,
+// nothing twice at the switch — and the log names both machines.
+func TestLabServiceLogs(t *testing.T) {
+	h, daemons := workloadLab(t, "dl")
+	d1 := daemons[0]
+	mf := writeManifest(t, "shop.toml", strings.Replace(fmt.Sprintf(shopManifest, "a", h[1].Name, "0s"),
+		`PORT = "8080"`, `PORT = "8080", LOG_WRITES = "1"`, 1))
+	testpoll.Until(t, 60*time.Second, "deploy", func() error {
+		if out, err := d1.ctl("deploy", "-f", mf); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	ip := services(t, d1)[0].ServiceIP
+
+	follow := exec.Command(filepath.Join(d1.bin, "droverctl"), "--socket", d1.socket(), "service", "logs", "shop/web", "-f", "--json")
+	out, err := follow.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	follow.Stderr = &stderr
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan ctlapi.LogLine, 100000)
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var l ctlapi.LogLine
+			if json.Unmarshal(sc.Bytes(), &l) == nil {
+				lines <- l
+			}
+		}
+	}()
+	var writers []*writer
+	for _, host := range h {
+		writers = append(writers, startWriter(host, ip, 100*time.Millisecond))
+	}
+	time.Sleep(2 * time.Second)
+	if m, _, out, err := migrateJSON(d1, "migrate", "apply", "shop/web", "--to", h[2].Name); err != nil || m.Phase != "done" {
+		t.Fatalf("migrate apply: %v\n%s", err, out)
+	}
+	time.Sleep(2 * time.Second)
+	acked := map[string]string{}
+	for _, w := range writers {
+		maps.Copy(acked, w.Stop())
+	}
+	// The last acknowledged writes reach the follower, then it stops.
+	logged := map[string]int{}
+	machines := map[string]bool{}
+	wrote := regexp.MustCompile(`wrote (\S+) seq \d+$`)
+	testpoll.Until(t, 30*time.Second, "every acknowledged write in the followed log", func() error {
+		for {
+			select {
+			case l := <-lines:
+				if m := wrote.FindStringSubmatch(l.Text); m != nil {
+					logged[m[1]]++
+					machines[l.Machine] = true
+				}
+				continue
+			default:
+			}
+			break
+		}
+		for key := range acked {
+			if logged[key] == 0 {
+				return fmt.Errorf("write %s acknowledged, not (yet) in the log; %d of %d logged", key, len(logged), len(acked))
+			}
+		}
+		return nil
+	})
+	follow.Process.Signal(os.Interrupt)
+	follow.Wait()
+	<-read
+	for key, n := range logged {
+		if n != 1 {
+			t.Fatalf("write %s is in the followed log %d times", key, n)
+		}
+	}
+	if !machines[h[1].Name] || !machines[h[2].Name] {
+		t.Fatalf("the log came from %v, want %s then %s", machines, h[1].Name, h[2].Name)
+	}
+	if !strings.Contains(stderr.String(), "now runs on "+h[2].Name) {
+		t.Fatalf("the follower did not say the service moved: %q", stderr.String())
+	}
+	t.Logf("%d acknowledged writes from 3 hosts, each once in the log followed across the move from %s to %s", len(acked), h[1].Name, h[2].Name)
+}
