@@ -21,6 +21,7 @@ import (
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/agent/reconcile"
 	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/agent/servicectl"
 	"github.com/drover-sh/drover/agent/servicelogs"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/internal/atomicfile"
@@ -47,6 +48,7 @@ type parts struct {
 	keys   *keyring.Keeper
 	images *images.Pusher
 	logs   *servicelogs.Logs
+	svcs   *servicectl.Services
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -149,6 +151,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
 	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
 	p.logs = servicelogs.New(n, n, n, p.rt)
+	p.svcs = servicectl.New(servicectl.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger}, n, n, n, p.rt)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
 		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt, p.images)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
@@ -158,6 +161,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.rm = membership.New(a.machineID, n, n, n, a.logger, a.forgetCluster)
 	p.mig.Register()
 	p.logs.Register(peer.Server{Mux: n, IDs: n})
+	p.svcs.Register(peer.Server{Mux: n, IDs: n})
 	p.rm.Register(peer.Server{Mux: n, IDs: n})
 	return p, nil
 }

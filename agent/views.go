@@ -89,6 +89,15 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit fun
 	return p.mig.Migrate(ctx, req, emit)
 }
 
+// RestartService restarts a service where it runs.
+func (a *Agent) RestartService(ctx context.Context, service string) (ctlapi.RestartResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.RestartResult{}, err
+	}
+	return p.svcs.Restart(ctx, service)
+}
+
 // ServiceLogs passes a service's log lines from wherever it runs.
 func (a *Agent) ServiceLogs(ctx context.Context, req ctlapi.LogsRequest, emit func(ctlapi.LogLine)) (ctlapi.LogsResult, error) {
 	p, err := a.require()

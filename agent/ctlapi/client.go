@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 )
@@ -201,6 +202,17 @@ func (c *Client) Services(ctx context.Context) ([]Service, error) {
 // until ctx ends.
 func (c *Client) ServiceLogs(ctx context.Context, req LogsRequest, onLine func(LogLine)) (LogsResult, error) {
 	return stream[LogLine, LogsResult](ctx, c, "/v1/services/logs", req, "logs", onLine)
+}
+
+// RestartService restarts a service's container where it runs and
+// returns once it is ready again.
+func (c *Client) RestartService(ctx context.Context, service string) (RestartResult, error) {
+	ns, name, ok := strings.Cut(service, "/")
+	if !ok {
+		return RestartResult{}, fmt.Errorf("service %q: want namespace/name", service)
+	}
+	var v RestartResult
+	return v, c.do(ctx, http.MethodPost, "/v1/services/"+url.PathEscape(ns)+"/"+url.PathEscape(name)+"/restart", struct{}{}, &v)
 }
 
 // View says whether this machine's facts may be stale.

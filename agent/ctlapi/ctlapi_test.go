@@ -46,6 +46,10 @@ func (f *fakeBackend) ServiceLogs(_ context.Context, req LogsRequest, emit func(
 	return LogsResult{Lines: 1}, nil
 }
 
+func (f *fakeBackend) RestartService(_ context.Context, service string) (RestartResult, error) {
+	return RestartResult{Service: service, Machine: "m1"}, nil
+}
+
 func (f *fakeBackend) View(context.Context) ViewStatus {
 	return ViewStatus{Stale: true, Since: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC), Reason: "this machine knows no leader"}
 }

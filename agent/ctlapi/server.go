@@ -30,6 +30,7 @@ type Backend interface {
 	Mesh(context.Context) (MeshStatus, error)
 	View(context.Context) ViewStatus
 	ServiceLogs(context.Context, LogsRequest, func(LogLine)) (LogsResult, error)
+	RestartService(ctx context.Context, service string) (RestartResult, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
 	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
 	Deploy(ctx context.Context, req DeployRequest, emit func(DeployEvent)) (DeployResult, error)
@@ -140,6 +141,9 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	get("/v1/volumes", func(r *http.Request) (any, error) { return b.Volumes(r.Context()) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })
 	get("/v1/view", func(r *http.Request) (any, error) { return b.View(r.Context()), nil })
+	post("/v1/services/{ns}/{name}/restart", func(r *http.Request) (any, error) {
+		return b.RestartService(r.Context(), r.PathValue("ns")+"/"+r.PathValue("name"))
+	})
 	post("/v1/cluster/probe", func(r *http.Request) (any, error) {
 		var req ProbeRequest
 		if err := decodeBody(r, &req); err != nil {

@@ -48,6 +48,13 @@ type MeshPeer struct {
 	TxBytes       int64      `json:"tx_bytes"`
 }
 
+// RestartResult is what `service restart` did.
+type RestartResult struct {
+	Service string   `json:"service"`
+	Machine string   `json:"machine"`
+	Took    Duration `json:"took"` // from the stop to ready again
+}
+
 // LogsRequest asks for a service's log ("namespace/name"): the lines
 // after Since (zero: from the start), the last Tail of them (0: all),
 // and with Follow the lines to come, across moves, until the caller

@@ -125,6 +125,22 @@ func (c *cli) serviceCmd() *cobra.Command {
 		},
 	}))
 	cmd.AddCommand(c.serviceLogsCmd())
+	cmd.AddCommand(c.addJSON(&cobra.Command{
+		Use:   "restart NAMESPACE/SERVICE",
+		Short: "Restart a service's container where it runs (under the namespace lock) and wait until it is ready",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := c.client.RestartService(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(r)
+			}
+			fmt.Fprintf(c.out, "%s restarted on %s, ready after %s\n", r.Service, r.Machine, time.Duration(r.Took).Round(time.Millisecond))
+			return nil
+		},
+	}))
 	return cmd
 }
 

@@ -1,0 +1,170 @@
+// Package servicectl acts on a running service from any machine:
+// `droverctl service restart NS/SVC`. The daemon asked takes the
+// namespace's lock (a restart never runs beside a deploy or a move of the
+// namespace), the machine that runs the service restarts its container
+// and waits until it is ready again. See DESIGN.md.
+package servicectl
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/factview"
+	"github.com/drover-sh/drover/internal/nslock"
+)
+
+// routeRestart: the machine that runs the service restarts its container.
+var routeRestart = peer.Route[restartRequest, restarted]{Path: "service/v1/restart"}
+
+type restartRequest struct {
+	Namespace string `json:"namespace"`
+	Service   string `json:"service"`
+	Holder    string `json:"holder"` // of the namespace lock, checked by the owner
+}
+
+type restarted struct {
+	Took time.Duration `json:"took_ns"` // until ready again
+}
+
+// Errors the owner answers with.
+var (
+	ErrNotOwner    = peer.NewError("restart_not_owner", "this machine does not run the service")
+	ErrNotLocked   = peer.NewError("restart_not_locked", "the restart does not hold the namespace's lock")
+	ErrNoContainer = peer.NewError("restart_no_container", "the service has no container here")
+)
+
+// Facts is this machine's view of the fact store.
+type Facts interface {
+	Read(func(*fsm.State))
+	Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error)
+}
+
+// Runtime restarts a container and checks its readiness.
+type Runtime interface {
+	List(ctx context.Context) ([]runtime.Container, error)
+	Stop(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, error)
+	Restart(ctx context.Context, id string) error
+	WaitReady(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
+}
+
+// Config names this machine.
+type Config struct {
+	Self      string
+	Name      string
+	LockLease time.Duration
+	Logger    *slog.Logger
+}
+
+// Services serves restarts.
+type Services struct {
+	cfg    Config
+	facts  Facts
+	gossip factview.Gossip
+	peers  peer.Caller
+	rt     Runtime
+}
+
+// New makes the service actions of this machine.
+func New(cfg Config, facts Facts, gossip factview.Gossip, peers peer.Caller, rt Runtime) *Services {
+	return &Services{cfg: cfg, facts: facts, gossip: gossip, peers: peers, rt: rt}
+}
+
+// Register serves this machine's side on s; call it before s starts.
+func (s *Services) Register(srv peer.Server) {
+	peer.Handle(srv, routeRestart, s.handleRestart)
+}
+
+// Restart restarts a service's container where it runs, under its
+// namespace's lock, and returns once it is ready again.
+func (s *Services) Restart(ctx context.Context, service string) (ctlapi.RestartResult, error) {
+	ns, name, err := factview.SplitService(service)
+	if err != nil {
+		return ctlapi.RestartResult{}, err
+	}
+	if _, err := s.service(ns, name); err != nil {
+		return ctlapi.RestartResult{}, err
+	}
+	holder := s.cfg.Name + "/restart/" + name
+	lock, err := nslock.Acquire(ctx, s.facts, ns, holder, s.cfg.LockLease, s.cfg.Logger)
+	if err != nil {
+		return ctlapi.RestartResult{}, err
+	}
+	defer lock.Release()
+	sv, err := s.service(ns, name) // again, under the lock
+	if err != nil {
+		return ctlapi.RestartResult{}, err
+	}
+	machine := factview.NameOf(s.gossip, s.facts, sv.MachineID)
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	r, err := routeRestart.Call(cctx, s.peers, sv.MachineID, restartRequest{Namespace: ns, Service: name, Holder: holder})
+	if err != nil {
+		return ctlapi.RestartResult{}, fmt.Errorf("restarting %s on %s: %w", service, machine, err)
+	}
+	return ctlapi.RestartResult{Service: service, Machine: machine, Took: ctlapi.Duration(r.Took)}, nil
+}
+
+// handleRestart (the service's machine): stop the container with the
+// service's grace, start it, wait until ready.
+func (s *Services) handleRestart(ctx context.Context, _ string, req restartRequest) (restarted, error) {
+	var sv fsm.Service
+	var ok bool
+	var lock fsm.Lock
+	var held bool
+	s.facts.Read(func(st *fsm.State) {
+		sv, ok = st.Service(req.Namespace, req.Service)
+		lock, held = st.Lock(req.Namespace)
+	})
+	switch {
+	case !ok || sv.MachineID != s.cfg.Self:
+		return restarted{}, fmt.Errorf("%w: %s/%s", ErrNotOwner, req.Namespace, req.Service)
+	case !held || lock.Holder != req.Holder:
+		return restarted{}, fmt.Errorf("%w: namespace %s", ErrNotLocked, req.Namespace)
+	}
+	cs, err := s.rt.List(ctx)
+	if err != nil {
+		return restarted{}, err
+	}
+	for _, c := range cs {
+		if c.Namespace != req.Namespace || c.Service != req.Service {
+			continue
+		}
+		began := time.Now()
+		grace := sv.Spec.StopTimeout
+		if grace == 0 {
+			grace = 10 * time.Second
+		}
+		if _, err := s.rt.Stop(ctx, c.ID, grace); err != nil {
+			return restarted{}, err
+		}
+		if err := s.rt.Restart(ctx, c.ID); err != nil {
+			return restarted{}, err
+		}
+		rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP}
+		if err := s.rt.WaitReady(ctx, c, rs); err != nil {
+			return restarted{}, err
+		}
+		s.cfg.Logger.Info("restarted a service", "service", req.Namespace+"/"+req.Service, "took", time.Since(began))
+		return restarted{Took: time.Since(began)}, nil
+	}
+	return restarted{}, fmt.Errorf("%w: %s/%s", ErrNoContainer, req.Namespace, req.Service)
+}
+
+// service looks the service up.
+func (s *Services) service(ns, name string) (fsm.Service, error) {
+	var sv fsm.Service
+	var ok bool
+	s.facts.Read(func(st *fsm.State) { sv, ok = st.Service(ns, name) })
+	if !ok {
+		return fsm.Service{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService, Err: fmt.Errorf("no service %s/%s", ns, name)}
+	}
+	return sv, nil
+}
