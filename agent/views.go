@@ -89,6 +89,15 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit fun
 	return p.mig.Migrate(ctx, req, emit)
 }
 
+// RemoveNamespace removes a namespace's services; volumes stay.
+func (a *Agent) RemoveNamespace(ctx context.Context, ns string) (ctlapi.RemoveResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.RemoveResult{}, err
+	}
+	return p.deploy.Remove(ctx, ns)
+}
+
 // RestartService restarts a service where it runs.
 func (a *Agent) RestartService(ctx context.Context, service string) (ctlapi.RestartResult, error) {
 	p, err := a.require()

@@ -204,6 +204,12 @@ func (c *Client) ServiceLogs(ctx context.Context, req LogsRequest, onLine func(L
 	return stream[LogLine, LogsResult](ctx, c, "/v1/services/logs", req, "logs", onLine)
 }
 
+// RemoveNamespace removes every service of a namespace; volumes stay.
+func (c *Client) RemoveNamespace(ctx context.Context, namespace string) (RemoveResult, error) {
+	var v RemoveResult
+	return v, c.do(ctx, http.MethodPost, "/v1/namespaces/"+url.PathEscape(namespace)+"/remove", struct{}{}, &v)
+}
+
 // RestartService restarts a service's container where it runs and
 // returns once it is ready again.
 func (c *Client) RestartService(ctx context.Context, service string) (RestartResult, error) {

@@ -46,6 +46,10 @@ func (f *fakeBackend) ServiceLogs(_ context.Context, req LogsRequest, emit func(
 	return LogsResult{Lines: 1}, nil
 }
 
+func (f *fakeBackend) RemoveNamespace(_ context.Context, ns string) (RemoveResult, error) {
+	return RemoveResult{Namespace: ns}, nil
+}
+
 func (f *fakeBackend) RestartService(_ context.Context, service string) (RestartResult, error) {
 	return RestartResult{Service: service, Machine: "m1"}, nil
 }

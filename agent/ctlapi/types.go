@@ -48,6 +48,13 @@ type MeshPeer struct {
 	TxBytes       int64      `json:"tx_bytes"`
 }
 
+// RemoveResult is what `deploy rm NAMESPACE` did.
+type RemoveResult struct {
+	Namespace   string   `json:"namespace"`
+	Services    []string `json:"services"`     // removed, with where they ran
+	VolumesKept []string `json:"volumes_kept"` // with their owners
+}
+
 // RestartResult is what `service restart` did.
 type RestartResult struct {
 	Service string   `json:"service"`

@@ -195,6 +195,38 @@ func (d *Deployer) move(ctx context.Context, p ctlapi.DeployPlan, moves []change
 	return res, nil
 }
 
+// Remove removes every service of a namespace, under its lock: the
+// machines that run them stop and remove their containers (their
+// reconcilers, within a tick), and free the service IPs. The volumes stay,
+// owned where they are, for a later deploy of the namespace.
+func (d *Deployer) Remove(ctx context.Context, ns string) (ctlapi.RemoveResult, error) {
+	if len(d.servicesOf(ns)) == 0 {
+		return ctlapi.RemoveResult{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService,
+			Err: fmt.Errorf("namespace %q has no services", ns)}
+	}
+	holder := d.cfg.Name + "/deploy-rm/" + randomSuffix()
+	lock, err := nslock.Acquire(ctx, d.facts, ns, holder, d.cfg.LockLease, d.log)
+	if err != nil {
+		return ctlapi.RemoveResult{}, err
+	}
+	defer lock.Release()
+	res := ctlapi.RemoveResult{Namespace: ns}
+	for _, s := range d.servicesOf(ns) { // again, under the lock
+		if _, err := d.facts.Apply(ctx, fsm.RemoveService{Namespace: ns, Name: s.Name, Holder: holder, At: time.Now()}); err != nil {
+			return res, fmt.Errorf("removing %s/%s: %w", ns, s.Name, err)
+		}
+		res.Services = append(res.Services, s.Name+" (on "+s.Machine+")")
+	}
+	d.facts.Read(func(s *fsm.State) {
+		for _, v := range s.Volumes() {
+			if v.Namespace == ns {
+				res.VolumesKept = append(res.VolumesKept, v.Name+" (on "+s.NameOf(v.OwnerID)+")")
+			}
+		}
+	})
+	return res, nil
+}
+
 // servicesOf lists the services of a namespace.
 func (d *Deployer) servicesOf(ns string) []ctlapi.Service {
 	var out []ctlapi.Service

@@ -345,3 +345,38 @@ func TestDeployPullsOnTheMachineFirst(t *testing.T) {
 		t.Fatalf("a deploy whose pull failed wrote %v", applied[before:])
 	}
 }
+
+// deploy rm removes every service of the namespace under its lock and
+// keeps the volumes where they are; a namespace without services, or a
+// locked one, is refused.
+func TestRemoveANamespaceKeepsItsVolumes(t *testing.T) {
+	g := newRig(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	g.reportStatus(ctx, func(string) bool { return true })
+	if _, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest}, nil); err != nil {
+		t.Fatal(err)
+	}
+	g.facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "b/migrate/m9", Lease: time.Minute, At: time.Now()})
+	var apiErr *ctlapi.APIError
+	if _, err := g.d.Remove(ctx, "shop"); !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeNamespaceLocked {
+		t.Fatalf("remove while locked: %v", err)
+	}
+	g.facts.Must(t, fsm.ReleaseLock{Namespace: "shop", Holder: "b/migrate/m9", At: time.Now()})
+	res, err := g.d.Remove(ctx, "shop")
+	if err != nil || len(res.Services) != 1 || !strings.HasPrefix(res.Services[0], "web (on b)") || len(res.VolumesKept) != 1 || res.VolumesKept[0] != "data (on b)" {
+		t.Fatalf("remove: %+v, %v", res, err)
+	}
+	var services, volumes int
+	var held bool
+	g.facts.Read(func(s *fsm.State) {
+		services, volumes = len(s.Services()), len(s.Volumes())
+		_, held = s.Lock("shop")
+	})
+	if services != 0 || volumes != 1 || held {
+		t.Fatalf("after the remove: %d services, %d volumes, lock held %v", services, volumes, held)
+	}
+	if _, err := g.d.Remove(ctx, "shop"); !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeUnknownService || !strings.Contains(err.Error(), `"shop" has no services`) {
+		t.Fatalf("remove of an empty namespace: %v", err)
+	}
+}

@@ -73,6 +73,22 @@ func (c *cli) deployCmd() *cobra.Command {
 	})
 	preview.Flags().StringVarP(&file, "file", "f", "", "the manifest (TOML)")
 	cmd.AddCommand(preview)
+	cmd.AddCommand(c.addJSON(&cobra.Command{
+		Use:   "rm NAMESPACE",
+		Short: "Remove every service of a namespace (under its lock); their volumes stay where they are",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := c.client.RemoveNamespace(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(r)
+			}
+			fmt.Fprintf(c.out, "removed from %s: %s\nvolumes kept: %s\n", r.Namespace, strings.Join(r.Services, ", "), dashList(r.VolumesKept))
+			return nil
+		},
+	}))
 	return cmd
 }
 
@@ -238,4 +254,12 @@ func (c *cli) deployProgress(w io.Writer) func(ctlapi.DeployEvent) {
 		}
 		fmt.Fprintln(w, line)
 	}
+}
+
+// dashList joins a list, or says none.
+func dashList(xs []string) string {
+	if len(xs) == 0 {
+		return "none"
+	}
+	return strings.Join(xs, ", ")
 }
