@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -21,7 +22,10 @@ import (
 // a service across a move. The service logs every write before it
 // acknowledges it; clients on the three hosts write throughout; every
 // acknowledged write is in the followed log exactly once — nothing lost,
-// nothing twice at the switch — and the log names both machines.
+// nothing twice at the switch — and the log names both machines. Then
+// `service restart` restarts the container where it runs (the service
+// answers again, its process new), and `deploy rm` removes the namespace's
+// service (its container gone) and keeps its volumes.
 func TestLabServiceLogs(t *testing.T) {
 	h, daemons := workloadLab(t, "dl")
 	d1 := daemons[0]
@@ -109,4 +113,34 @@ func TestLabServiceLogs(t *testing.T) {
 		t.Fatalf("the follower did not say the service moved: %q", stderr.String())
 	}
 	t.Logf("%d acknowledged writes from 3 hosts, each once in the log followed across the move from %s to %s", len(acked), h[1].Name, h[2].Name)
+
+	startedAt := func() string {
+		out, err := exec.Command("docker", "-H", "unix://"+h[2].DockerSock, "inspect", "-f", "{{.State.StartedAt}}", "drover-shop-web").Output()
+		if err != nil {
+			t.Fatalf("inspect on %s: %v", h[2].Name, err)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	before := startedAt()
+	if out, err := d1.ctl("service", "restart", "shop/web"); err != nil || !strings.Contains(out, "restarted on "+h[2].Name) {
+		t.Fatalf("service restart: %v\n%s", err, out)
+	}
+	if after := startedAt(); after == before {
+		t.Fatalf("the container was not restarted (started at %s both times)", after)
+	}
+	if _, err := h[0].Run(context.Background(), "curl", "-sf", "-m", "5", "http://"+ip+":80/healthz"); err != nil {
+		t.Fatalf("the service after its restart: %v", err)
+	}
+	if out, err := d1.ctl("deploy", "rm", "shop"); err != nil || !strings.Contains(out, "web (on "+h[2].Name+")") || !strings.Contains(out, "data (on "+h[2].Name+")") {
+		t.Fatalf("deploy rm: %v\n%s", err, out)
+	}
+	testpoll.Until(t, 30*time.Second, "the removed service's container gone", func() error {
+		if running, all := runningContainers(h[2]); all != 0 {
+			return fmt.Errorf("%d containers (%d running) of shop/web on %s", all, running, h[2].Name)
+		}
+		return nil
+	})
+	if vs := volumes(t, d1); len(vs) != 1 || vs[0].Owner != h[2].Name {
+		t.Fatalf("volumes after deploy rm: %+v", vs)
+	}
 }
