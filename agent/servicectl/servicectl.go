@@ -45,6 +45,9 @@ var (
 type Facts interface {
 	Read(func(*fsm.State))
 	Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, error)
+	// CaughtUp returns once this machine has the facts the leader had
+	// when it was called: the caller's lock, just taken elsewhere.
+	CaughtUp(ctx context.Context) error
 }
 
 // Runtime restarts a container and checks its readiness.
@@ -115,6 +118,12 @@ func (s *Services) Restart(ctx context.Context, service string) (ctlapi.RestartR
 // handleRestart (the service's machine): stop the container with the
 // service's grace, start it, wait until ready.
 func (s *Services) handleRestart(ctx context.Context, _ string, req restartRequest) (restarted, error) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := s.facts.CaughtUp(cctx)
+	cancel()
+	if err != nil {
+		return restarted{}, fmt.Errorf("catching up with the leader's facts: %w", err)
+	}
 	var sv fsm.Service
 	var ok bool
 	var lock fsm.Lock
