@@ -66,10 +66,10 @@ type Node struct {
 	// leftLeadership is when this machine last stopped leading (unix ns;
 	// zero: never): until then its facts were current.
 	leftLeadership atomic.Int64
-	halted    chan struct{}
-	halt      sync.Once
-	haltMu    sync.Mutex
-	hErr      error
+	halted         chan struct{}
+	halt           sync.Once
+	haltMu         sync.Mutex
+	hErr           error
 
 	ctx    context.Context
 	cancel context.CancelFunc
