@@ -18,6 +18,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/metrics"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/internal/crashpoint"
 )
@@ -49,7 +50,9 @@ type Config struct {
 	// HoldBinary is drover-hold, with which a move's target starts the
 	// service's container before the cutover and only execs the service
 	// at it; empty: the target starts the container at the cutover.
-	HoldBinary    string
+	HoldBinary string
+	// MetricsAddr is where /metrics answers (Prometheus); empty: nowhere.
+	MetricsAddr   string
 	ZFSParent     string       // parent dataset of volumes; empty: this machine holds none
 	ServicePrefix netip.Prefix // range of service IPs
 
@@ -104,6 +107,8 @@ type Agent struct {
 	machineID string
 	crash     *crashpoint.Points
 
+	metrics *metrics.Metrics
+
 	mu        sync.Mutex
 	parts     *parts // nil until this machine is in a cluster
 	forgotten bool   // removed from its cluster: init and join wait for a restart
@@ -140,9 +145,25 @@ func Run(ctx context.Context, cfg Config) error {
 	// The daemon's own goroutines end with this context, also when Run
 	// ends because the fact store halted and nobody cancelled the caller's.
 	ctx, cancel := context.WithCancel(ctx)
-	a := &Agent{cfg: cfg, logger: logger, machineID: id, ctx: ctx, crash: crashpoint.FromEnv(logger)}
+	a := &Agent{cfg: cfg, logger: logger, machineID: id, ctx: ctx, crash: crashpoint.FromEnv(logger), metrics: metrics.New()}
 	defer a.wg.Wait()
 	defer cancel()
+	a.metrics.Watch(func() (metrics.Members, metrics.Mesh) {
+		p := a.current()
+		if p == nil {
+			return nil, nil
+		}
+		return p.node, p.mesh
+	})
+	if cfg.MetricsAddr != "" {
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			if err := a.metrics.Serve(ctx, cfg.MetricsAddr, a.logger); err != nil {
+				a.logger.Error("metrics endpoint stopped", "addr", cfg.MetricsAddr, "err", err)
+			}
+		}()
+	}
 
 	keys, err := a.configuredKeys()
 	if err != nil {

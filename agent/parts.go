@@ -94,7 +94,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	n, err := cluster.Start(cluster.Config{
 		MachineID: a.machineID, Name: cfg.Name, DataDir: cfg.DataDir, BindAddr: cfg.BindAddr,
 		GossipPort: cfg.GossipPort, RaftPort: cfg.RaftPort, RPCPort: cfg.RPCPort, Key: keys[0], SecondaryKeys: keys[1:], Device: device,
-		OverlayPrefix: cfg.OverlayPrefix, Timing: cfg.Timing, Logger: a.logger,
+		OverlayPrefix: cfg.OverlayPrefix, Timing: cfg.Timing, Logger: a.logger, Observer: a.metrics,
 	})
 	if err != nil {
 		return nil, err
@@ -147,14 +147,14 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	}
 	p.mig = migrate.New(ctx, migrate.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease,
 		StallTimeout: cfg.StallTimeout, SafetyWindow: cfg.SafetyWindow, JanitorInterval: cfg.JanitorInterval,
-		Logger: a.logger, Crash: a.crash, MemAvailable: hostmem.Available}, deps)
-	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger}, n, n, p.mig)
+		Logger: a.logger, Crash: a.crash, MemAvailable: hostmem.Available, Observer: a.metrics}, deps)
+	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger, Observer: a.metrics}, n, n, p.mig)
 	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
 	p.logs = servicelogs.New(n, n, n, p.rt)
 	p.svcs = servicectl.New(servicectl.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger}, n, n, n, p.rt)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
 		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt, p.images)
-	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available}, n, p.rt, reconVols, lo, n)
+	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available, Observer: a.metrics}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}
 	p.images.Register(peer.Server{Mux: n, IDs: n})

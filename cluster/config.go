@@ -19,8 +19,17 @@ const (
 	DefaultRPCPort    = 7948
 )
 
+// Observer counts the fact store's work.
+type Observer interface {
+	Committed(time.Duration)
+	LeaderChanged()
+}
+
 // Config is what a Node needs; the agent fills it from flags.
 type Config struct {
+	// Observer, when set, is told each command's commit latency on this
+	// machine and each change of leader it sees (agent/metrics).
+	Observer  Observer
 	MachineID string
 	Name      string
 	DataDir   string // Raft log, snapshots and known peers live under it

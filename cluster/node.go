@@ -279,8 +279,9 @@ func (n *Node) StartRaft(addr netip.Addr) error {
 		raftAddr: raftAddr, rpcAddr: rpcAddr,
 	}
 	n.rs.Store(parts)
-	n.wg.Add(4)
+	n.wg.Add(5)
 	go n.announceCommits(parts)
+	go n.observeLeaders(r)
 	for _, ln := range []net.Listener{rpcLn, self} {
 		go func() {
 			defer n.wg.Done()
@@ -372,10 +373,14 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, err
 		return nil, err
 	}
 	backoff := 20 * time.Millisecond
+	began := time.Now()
 	for {
 		res, err := n.applyOnce(ctx, p, data)
 		if err == nil {
 			n.waitApplied(ctx, res.Index)
+			if o := n.cfg.Observer; o != nil {
+				o.Committed(time.Since(began))
+			}
 			return res.Value, res.err()
 		}
 		if !errors.Is(err, ErrNotLeader) && !errors.Is(err, errRemoteNotLeader) && !errors.Is(err, errNoLeaderYet) {
@@ -476,6 +481,30 @@ func (n *Node) applyLocal(ctx context.Context, data []byte) (applyResult, error)
 	res, _ := f.Response().(applyResult)
 	res.Index = f.Index()
 	return res, nil
+}
+
+// observeLeaders tells the observer each change of leader this machine
+// sees, until the node closes.
+func (n *Node) observeLeaders(r *raft.Raft) {
+	defer n.wg.Done()
+	if n.cfg.Observer == nil {
+		return
+	}
+	ch := make(chan raft.Observation, 8)
+	obs := raft.NewObserver(ch, false, func(o *raft.Observation) bool {
+		_, ok := o.Data.(raft.LeaderObservation)
+		return ok
+	})
+	r.RegisterObserver(obs)
+	defer r.DeregisterObserver(obs)
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-ch:
+			n.cfg.Observer.LeaderChanged()
+		}
+	}
 }
 
 // announce asks announceCommits to tell the followers what committed: a

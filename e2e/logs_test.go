@@ -114,6 +114,27 @@ func TestLabServiceLogs(t *testing.T) {
 	}
 	t.Logf("%d acknowledged writes from 3 hosts, each once in the log followed across the move from %s to %s", len(acked), h[1].Name, h[2].Name)
 
+	// The executor's metrics count the move, and promtool (Debian's
+	// prometheus package) finds nothing wrong with the endpoint.
+	scrape, err := h[0].Run(context.Background(), "curl", "-sf", "-m", "5", "http://127.0.0.1:9477/metrics")
+	if err != nil {
+		t.Fatalf("scraping %s's metrics: %v", h[0].Name, err)
+	}
+	for _, want := range []string{`drover_migrations_total{outcome="done"} 1`, `drover_gossip_members{state="alive"} 3`,
+		"drover_migration_downtime_seconds_count 1", "drover_raft_commit_seconds_count", "drover_wireguard_last_handshake_age_seconds{peer="} {
+		if !strings.Contains(scrape, want) {
+			t.Fatalf("the metrics of %s lack %q:\n%s", h[0].Name, want, scrape)
+		}
+	}
+	lint := exec.Command("promtool", "check", "metrics")
+	lint.Stdin = strings.NewReader(scrape)
+	if out, err := lint.CombinedOutput(); err != nil {
+		t.Fatalf("promtool check metrics (make deps installs it): %v\n%s", err, out)
+	}
+	if _, err := h[1].Run(context.Background(), "curl", "-sf", "-m", "2", "http://"+h[0].UnderlayIP+":9477/metrics"); err == nil {
+		t.Fatalf("%s's metrics answer on its underlay address: they are for its loopback only", h[0].Name)
+	}
+
 	startedAt := func() string {
 		out, err := exec.Command("docker", "-H", "unix://"+h[2].DockerSock, "inspect", "-f", "{{.State.StartedAt}}", "drover-shop-web").Output()
 		if err != nil {

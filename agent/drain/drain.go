@@ -56,6 +56,8 @@ type Config struct {
 	// Interval is how often drains to resume are looked for.
 	Interval time.Duration
 	Logger   *slog.Logger
+	// Observer, when set, is told how each drain this machine ran ended.
+	Observer interface{ DrainEnded(outcome string) }
 }
 
 // Drainer runs the drains this machine executes. It owns every goroutine

@@ -354,6 +354,9 @@ func (d *Drainer) end(ctx context.Context, r *run, f fsm.Drain, deadlineHit bool
 		return
 	}
 	d.log.Info("drain ended", "machine", d.nameOf(f.MachineID), "state", state, "left", f.Left(), "note", note)
+	if d.cfg.Observer != nil {
+		d.cfg.Observer.DrainEnded(string(state))
+	}
 	r.emit(ctlapi.DrainEvent{State: string(state), Message: note})
 }
 

@@ -148,10 +148,31 @@ func (m *Migrator) startExecution(ctx context.Context, sv fsm.Service, target fs
 		}
 		lock.Release()
 		ex.info, _ = m.Show(context.WithoutCancel(ectx), id)
+		m.observe(id)
 		close(ex.events)
 		close(ex.done)
 	}()
 	return ex, nil
+}
+
+// observe tells the observer how an execution ended.
+func (m *Migrator) observe(id string) {
+	f, ok := m.fact(id)
+	if m.cfg.Observer == nil || !ok {
+		return
+	}
+	outcome, downtime := "aborted", time.Duration(0)
+	if f.Phase.Committed() {
+		outcome = "done"
+		if f.Cutover != nil {
+			downtime = f.Cutover.Total
+		}
+	}
+	var sent uint64
+	for _, v := range f.Volumes {
+		sent += v.BytesSent
+	}
+	m.cfg.Observer.MigrationEnded(outcome, time.Since(f.StartedAt), downtime, sent)
 }
 
 // applyRetry applies a migration command, riding out a leader change:

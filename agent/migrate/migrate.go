@@ -18,6 +18,11 @@ import (
 
 // Config is what a migrator needs to know of its machine.
 type Config struct {
+	// Observer, when set, is told how each migration this machine
+	// executed ended (agent/metrics).
+	Observer interface {
+		MigrationEnded(outcome string, took, downtime time.Duration, bytes uint64)
+	}
 	Self string // this machine's id
 	Name string // this machine's name: lock holders start with it
 

@@ -57,8 +57,17 @@ type Config struct {
 	Self     string        // this machine's id
 	Interval time.Duration // between rounds (2 s when zero)
 	Logger   *slog.Logger
+	// Observer, when set, is told what the reconciler did and when a
+	// round failed.
+	Observer Observer
 	// MemAvailable reports free memory (capacity).
 	MemAvailable func() uint64
+}
+
+// Observer counts the reconciler's work (agent/metrics).
+type Observer interface {
+	ReconcileAction(action string)
+	ReconcileError()
 }
 
 // Reconciler turns facts into containers on this machine.
@@ -111,6 +120,7 @@ func (r *Reconciler) Run(ctx context.Context) {
 		}
 		if err := r.Reconcile(ctx); err != nil && ctx.Err() == nil {
 			r.log.Warn("reconciling workloads", "err", err)
+			r.observe(func(o Observer) { o.ReconcileError() })
 		}
 		select {
 		case <-ctx.Done():
@@ -199,6 +209,7 @@ func (r *Reconciler) Reconcile(ctx context.Context) error {
 	for _, c := range containers {
 		if !wanted[c.Key()] && !d.moving[c.Key()] {
 			r.log.Info("removing a container this machine no longer owns", "service", c.Key())
+			r.observe(func(o Observer) { o.ReconcileAction("remove") })
 			if err := r.rt.Remove(ctx, c.ID, 0); err != nil {
 				r.log.Warn("removing container", "service", c.Key(), "err", err)
 			}
@@ -238,6 +249,7 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 		}
 		if c.ID != "" {
 			r.log.Info("re-creating container", "service", key, "generation", sv.Generation)
+			r.observe(func(o Observer) { o.ReconcileAction("recreate") })
 			if err := r.rt.Remove(ctx, c.ID, 0); err != nil {
 				r.report(ctx, sv, st, err)
 				return
@@ -249,6 +261,7 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 			return
 		}
 		r.log.Info("started container", "service", key, "generation", sv.Generation)
+		r.observe(func(o Observer) { o.ReconcileAction("start") })
 		c = started
 		st.failures, st.containerID, st.reported = 0, c.ID, ""
 	}
@@ -325,4 +338,11 @@ func errString(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// observe tells the observer, if there is one.
+func (r *Reconciler) observe(fn func(Observer)) {
+	if r.cfg.Observer != nil {
+		fn(r.cfg.Observer)
+	}
 }
