@@ -39,7 +39,20 @@ type Meta struct {
 	// record "left" rather than "failed" (memberlist's leave event does
 	// not say which).
 	Leaving bool `json:"leaving,omitempty"`
+	// Facts is the newest form of the facts this daemon decodes
+	// (FactsLevel); absent (0) on daemons older than levels.
+	Facts uint32 `json:"facts,omitempty"`
 }
+
+// FactsLevel is the form of the facts this daemon decodes. The fact
+// store refuses entries with fields it does not know (it halts: skipping
+// one would diverge), so a field a newer daemon adds is written only
+// once every machine gossips a level that knows it.
+//
+//	1: everything before the cutover of issue 16 (gossiped as absent)
+//	2: Migration.Cutover (a move's breakdown), VolumeMount.RecordSize
+//	   and .Compression, ServiceSpec.Flush
+const FactsLevel uint32 = 2
 
 // ErrBadMeta marks gossip metadata that cannot be read.
 var ErrBadMeta = errors.New("bad gossip metadata")

@@ -115,7 +115,7 @@ func Start(cfg Config) (*Node, error) {
 	}
 	n.rpc = newRPCClient(n.token, n.overlaySource)
 	n.facts = newFactStore(n.haltOn)
-	g, err := startGossip(cfg, Meta{MachineID: cfg.MachineID, Name: cfg.Name}, cfg.Logger)
+	g, err := startGossip(cfg, Meta{MachineID: cfg.MachineID, Name: cfg.Name, Facts: FactsLevel}, cfg.Logger)
 	if err != nil {
 		cancel()
 		return nil, err

@@ -124,6 +124,14 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest, emit fun
 	if err != nil {
 		return ctlapi.DeployResult{}, err
 	}
+	for _, c := range changes {
+		if key := level2Key(c.spec); key != "" && !c.remove {
+			if ok, old := factview.FactsAt(d.facts, d.gos, 2); !ok {
+				return ctlapi.DeployResult{Plan: p}, badManifest(fmt.Errorf("%s: service %s uses %s, which machine %s (a droverd older than this one, or not seen) cannot read: upgrade every machine first",
+					req.File, c.spec.Name, key, old))
+			}
+		}
+	}
 	if moves := movesOf(changes); len(moves) > 0 {
 		if len(moves) != len(changes) {
 			return ctlapi.DeployResult{Plan: p}, badManifest(fmt.Errorf(
@@ -225,6 +233,23 @@ func (d *Deployer) Remove(ctx context.Context, ns string) (ctlapi.RemoveResult, 
 		}
 	})
 	return res, nil
+}
+
+// level2Key names the first key of spec that needs facts level 2
+// (cluster.FactsLevel), or none.
+func level2Key(spec fsm.ServiceSpec) string {
+	if len(spec.Flush) > 0 {
+		return "flush"
+	}
+	for _, v := range spec.Volumes {
+		if v.RecordSize != 0 {
+			return "recordsize"
+		}
+		if v.Compression != "" {
+			return "compression"
+		}
+	}
+	return ""
 }
 
 // servicesOf lists the services of a namespace.

@@ -380,3 +380,21 @@ func TestRemoveANamespaceKeepsItsVolumes(t *testing.T) {
 		t.Fatalf("remove of an empty namespace: %v", err)
 	}
 }
+
+// A manifest key an older daemon cannot read is refused, naming the key
+// and the machine, while any machine is older; nothing changes.
+func TestKeysNewerThanAMachineAreRefused(t *testing.T) {
+	g := newRig(t)
+	g.members.SetFactsLevel("b", 1)
+	mf := strings.Replace(webManifest, `quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"8K\"", 1)
+	_, err := g.d.Apply(context.Background(), ctlapi.DeployRequest{Manifest: mf}, nil)
+	var apiErr *ctlapi.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeBadManifest || !strings.Contains(err.Error(), "uses recordsize") || !strings.Contains(err.Error(), "machine b") {
+		t.Fatalf("deploy with a newer key: %v", err)
+	}
+	var services int
+	g.facts.Read(func(s *fsm.State) { services = len(s.Services()) })
+	if services != 0 {
+		t.Fatalf("%d services after a refused deploy", services)
+	}
+}

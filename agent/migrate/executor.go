@@ -17,6 +17,7 @@ import (
 	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
+	"github.com/drover-sh/drover/internal/factview"
 	"github.com/drover-sh/drover/internal/nslock"
 	"github.com/drover-sh/drover/volume"
 )
@@ -506,7 +507,12 @@ func (m *Migrator) complete(ctx context.Context, id string, ex *execution, cut *
 	m.cfg.Crash.Hit("executor", "cleanup")
 	cleanup(f.TargetID, routeCleanupTarget)
 	for {
-		err := m.applyRetry(ctx, fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, Cutover: cut, At: time.Now()})
+		rec := fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, At: time.Now()}
+		if ok, _ := factview.FactsAt(m.d.Facts, m.d.Members, 2); ok {
+			// Only when every machine decodes it: an older one would halt.
+			rec.Cutover = cut
+		}
+		err := m.applyRetry(ctx, rec)
 		if now, _ := m.fact(id); now.Phase == fsm.PhaseDone {
 			break
 		}

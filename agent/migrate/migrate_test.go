@@ -364,3 +364,15 @@ func TestATargetThatCannotHoldStartsAtTheCutover(t *testing.T) {
 		t.Fatalf("target container %+v (found %v), released %v", ctr, ok, c.m["b"].rt.released)
 	}
 }
+
+// While a machine runs a daemon that cannot read a move's breakdown, the
+// move does not record it (that daemon would halt on the field).
+func TestTheBreakdownIsNotRecordedWhileAMachineIsOlder(t *testing.T) {
+	c := newCluster(t, "a", "b", "c")
+	c.deploy("a")
+	c.members.SetFactsLevel("c", 1)
+	info, err := c.m["a"].mig.Migrate(context.Background(), migrateTo("b"), func(ctlapi.MigrationEvent) {})
+	if err != nil || info.Phase != "done" || info.Cutover != nil {
+		t.Fatalf("migrate: %v, phase %s, cutover %+v", err, info.Phase, info.Cutover)
+	}
+}

@@ -151,8 +151,21 @@ func (g *Members) Set(id, name string, l cluster.Liveness) {
 	if _, ok := g.byID[id]; !ok {
 		g.order = append(g.order, id)
 	}
-	m := g.byID[id]
+	m, known := g.byID[id]
+	if !known {
+		m.Facts = cluster.FactsLevel // a daemon of this version
+	}
 	m.MachineID, m.Name, m.Liveness = id, name, l
+	g.byID[id] = m
+}
+
+// SetFactsLevel sets the facts level a machine gossips (an older daemon
+// gossips a lower one).
+func (g *Members) SetFactsLevel(id string, level uint32) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.byID[id]
+	m.Facts = level
 	g.byID[id] = m
 }
 

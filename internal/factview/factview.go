@@ -92,3 +92,21 @@ func WaitCaughtUp(ctx context.Context, f Catcher, tick <-chan time.Time, logger 
 		}
 	}
 }
+
+// FactsAt tells whether every machine the facts register (gone ones
+// aside) gossips a facts level (cluster.FactsLevel) of at least level, so
+// that a command may carry the fields of that level; when not, it names a
+// machine that does not, or that gossip does not see.
+func FactsAt(f Reader, g Gossip, level uint32) (bool, string) {
+	var machines []fsm.Machine
+	f.Read(func(s *fsm.State) { machines = s.Machines() })
+	for _, m := range machines {
+		if m.State == fsm.MachineGone {
+			continue
+		}
+		if mb, ok := g.Member(m.ID); !ok || mb.Facts < level {
+			return false, m.Name
+		}
+	}
+	return true, ""
+}
