@@ -125,7 +125,7 @@ func TestInstallPlacesBinariesAndUnits(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, b := range []string{"droverd", "droverctl"} {
+	for _, b := range []string{"droverd", "droverctl", "drover-hold"} {
 		if err := os.WriteFile(filepath.Join(tree, "bin", b), []byte("#!/bin/sh\n"), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -136,7 +136,7 @@ func TestInstallPlacesBinariesAndUnits(t *testing.T) {
 		t.Fatalf("install: %v\n%s", err, out)
 	}
 	for path, mode := range map[string]os.FileMode{
-		"/opt/drover/bin/droverd": 0o755, "/opt/drover/bin/droverctl": 0o755,
+		"/opt/drover/bin/droverd": 0o755, "/opt/drover/bin/droverctl": 0o755, "/opt/drover/bin/drover-hold": 0o755,
 		"/lib/systemd/system/droverd.service": 0o644, "/lib/systemd/system/drover-drain.service": 0o644,
 	} {
 		st, err := os.Stat(filepath.Join(dest, path))
