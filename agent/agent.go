@@ -18,6 +18,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/events"
 	"github.com/drover-sh/drover/agent/metrics"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/internal/crashpoint"
@@ -108,6 +109,7 @@ type Agent struct {
 	crash     *crashpoint.Points
 
 	metrics *metrics.Metrics
+	events  *events.Log // the changes of the facts, kept across parts
 
 	mu        sync.Mutex
 	parts     *parts // nil until this machine is in a cluster
@@ -145,7 +147,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// The daemon's own goroutines end with this context, also when Run
 	// ends because the fact store halted and nobody cancelled the caller's.
 	ctx, cancel := context.WithCancel(ctx)
-	a := &Agent{cfg: cfg, logger: logger, machineID: id, ctx: ctx, crash: crashpoint.FromEnv(logger), metrics: metrics.New()}
+	a := &Agent{cfg: cfg, logger: logger, machineID: id, ctx: ctx, crash: crashpoint.FromEnv(logger), metrics: metrics.New(), events: events.New()}
 	defer a.wg.Wait()
 	defer cancel()
 	a.metrics.Watch(func() (metrics.Members, metrics.Mesh) {

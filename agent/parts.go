@@ -94,7 +94,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	n, err := cluster.Start(cluster.Config{
 		MachineID: a.machineID, Name: cfg.Name, DataDir: cfg.DataDir, BindAddr: cfg.BindAddr,
 		GossipPort: cfg.GossipPort, RaftPort: cfg.RaftPort, RPCPort: cfg.RPCPort, Key: keys[0], SecondaryKeys: keys[1:], Device: device,
-		OverlayPrefix: cfg.OverlayPrefix, Timing: cfg.Timing, Logger: a.logger, Observer: a.metrics,
+		OverlayPrefix: cfg.OverlayPrefix, Timing: cfg.Timing, Logger: a.logger, Observer: a.metrics, OnChange: a.events.Applied,
 	})
 	if err != nil {
 		return nil, err

@@ -89,6 +89,12 @@ func (a *Agent) Migrate(ctx context.Context, req ctlapi.MigrateRequest, emit fun
 	return p.mig.Migrate(ctx, req, emit)
 }
 
+// Events passes the changes of the facts this machine kept, and with
+// req.Follow the ones to come.
+func (a *Agent) Events(ctx context.Context, req ctlapi.EventsRequest, emit func(ctlapi.Event)) (ctlapi.EventsEnd, error) {
+	return ctlapi.EventsEnd{}, a.events.Follow(ctx, req.Follow, emit)
+}
+
 // RemoveNamespace removes a namespace's services; volumes stay.
 func (a *Agent) RemoveNamespace(ctx context.Context, ns string) (ctlapi.RemoveResult, error) {
 	p, err := a.require()

@@ -3,6 +3,7 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"github.com/drover-sh/drover/fsm"
 	"log/slog"
 	"net/netip"
 	"time"
@@ -29,7 +30,11 @@ type Observer interface {
 type Config struct {
 	// Observer, when set, is told each command's commit latency on this
 	// machine and each change of leader it sees (agent/metrics).
-	Observer  Observer
+	Observer Observer
+	// OnChange, when set, is called with each command that changed the
+	// facts, in log order, on every machine (agent/events); it runs under
+	// the fact store's lock and must be quick.
+	OnChange  func(index uint64, c fsm.Command, s *fsm.State)
 	MachineID string
 	Name      string
 	DataDir   string // Raft log, snapshots and known peers live under it

@@ -48,10 +48,15 @@ type factStore struct {
 	// appliedMu guards appliedCh, closed and replaced after every entry.
 	appliedMu sync.Mutex
 	appliedCh chan struct{}
+
+	// onChange, when set, is called with each command that changed the
+	// facts and the state after it, under the store's lock: it must be
+	// quick and must not keep the state.
+	onChange func(index uint64, c fsm.Command, s *fsm.State)
 }
 
-func newFactStore(onHalt func(error)) *factStore {
-	return &factStore{state: fsm.NewState(), onHalt: onHalt, appliedCh: make(chan struct{})}
+func newFactStore(onHalt func(error), onChange func(uint64, fsm.Command, *fsm.State)) *factStore {
+	return &factStore{state: fsm.NewState(), onHalt: onHalt, onChange: onChange, appliedCh: make(chan struct{})}
 }
 
 // appliedChanged is closed when the store applies its next entry: read
@@ -83,7 +88,11 @@ func (f *factStore) Apply(l *raft.Log) any {
 	if f.halted != nil {
 		return applyResult{Fatal: f.halted.Error()}
 	}
-	value, err := f.state.Apply(l.Data)
+	c, err := fsm.Decode(l.Data)
+	var value any
+	if err == nil {
+		value, err = f.state.ApplyCommand(c)
+	}
 	var rule *fsm.RuleError
 	switch {
 	case errors.As(err, &rule):
@@ -92,6 +101,9 @@ func (f *factStore) Apply(l *raft.Log) any {
 		f.halted = fmt.Errorf("log index %d: %w", l.Index, err)
 		f.onHalt(f.halted)
 		return applyResult{Fatal: f.halted.Error()}
+	}
+	if f.onChange != nil {
+		f.onChange(l.Index, c, f.state)
 	}
 	if value == nil {
 		return applyResult{}

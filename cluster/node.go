@@ -114,7 +114,7 @@ func Start(cfg Config) (*Node, error) {
 		cancel:    cancel,
 	}
 	n.rpc = newRPCClient(n.token, n.overlaySource)
-	n.facts = newFactStore(n.haltOn)
+	n.facts = newFactStore(n.haltOn, cfg.OnChange)
 	g, err := startGossip(cfg, Meta{MachineID: cfg.MachineID, Name: cfg.Name, Facts: FactsLevel}, cfg.Logger)
 	if err != nil {
 		cancel()

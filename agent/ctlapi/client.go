@@ -221,6 +221,12 @@ func (c *Client) RestartService(ctx context.Context, service string) (RestartRes
 	return v, c.do(ctx, http.MethodPost, "/v1/services/"+url.PathEscape(ns)+"/"+url.PathEscape(name)+"/restart", struct{}{}, &v)
 }
 
+// Events passes the events this machine kept to onEvent; with
+// req.Follow the ones to come too, until ctx ends.
+func (c *Client) Events(ctx context.Context, req EventsRequest, onEvent func(Event)) (EventsEnd, error) {
+	return stream[Event, EventsEnd](ctx, c, "/v1/events", req, "events", onEvent)
+}
+
 // View says whether this machine's facts may be stale.
 func (c *Client) View(ctx context.Context) (ViewStatus, error) {
 	var v ViewStatus

@@ -54,6 +54,11 @@ func (f *fakeBackend) RestartService(_ context.Context, service string) (Restart
 	return RestartResult{Service: service, Machine: "m1"}, nil
 }
 
+func (f *fakeBackend) Events(_ context.Context, _ EventsRequest, emit func(Event)) (EventsEnd, error) {
+	emit(Event{Index: 7, Kind: "deploy", Subject: "shop/web", Message: "generation 1 on m1"})
+	return EventsEnd{}, nil
+}
+
 func (f *fakeBackend) View(context.Context) ViewStatus {
 	return ViewStatus{Stale: true, Since: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC), Reason: "this machine knows no leader"}
 }

@@ -29,6 +29,7 @@ type Backend interface {
 	Join(context.Context, JoinRequest) (ClusterStatus, error)
 	Mesh(context.Context) (MeshStatus, error)
 	View(context.Context) ViewStatus
+	Events(context.Context, EventsRequest, func(Event)) (EventsEnd, error)
 	ServiceLogs(context.Context, LogsRequest, func(LogLine)) (LogsResult, error)
 	RestartService(ctx context.Context, service string) (RestartResult, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
@@ -93,6 +94,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 		}
 		return b.Migrate(r.Context(), req, emit)
 	}, migrationKnown)
+	streamed(mux, logger, "/v1/events", func(r *http.Request, emit func(Event)) (EventsEnd, error) {
+		var req EventsRequest
+		if err := decodeBody(r, &req); err != nil {
+			return EventsEnd{}, err
+		}
+		return b.Events(r.Context(), req, emit)
+	}, func(EventsEnd) bool { return true })
 	streamed(mux, logger, "/v1/services/logs", func(r *http.Request, emit func(LogLine)) (LogsResult, error) {
 		var req LogsRequest
 		if err := decodeBody(r, &req); err != nil {

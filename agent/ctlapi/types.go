@@ -48,6 +48,24 @@ type MeshPeer struct {
 	TxBytes       int64      `json:"tx_bytes"`
 }
 
+// Event is one change of the facts, as every machine applied it.
+type Event struct {
+	Index   uint64    `json:"index"` // the Raft log index: the order
+	Time    time.Time `json:"time"`  // when its proposer stamped it
+	Kind    string    `json:"kind"`  // machine, deploy, service, migration, drain, cluster
+	Subject string    `json:"subject"`
+	Message string    `json:"message"`
+}
+
+// EventsRequest asks for the events this machine kept; with Follow, the
+// ones to come too.
+type EventsRequest struct {
+	Follow bool `json:"follow,omitempty"`
+}
+
+// EventsEnd ends an events stream.
+type EventsEnd struct{}
+
 // RemoveResult is what `deploy rm NAMESPACE` did.
 type RemoveResult struct {
 	Namespace   string   `json:"namespace"`
