@@ -164,4 +164,19 @@ func TestLabServiceLogs(t *testing.T) {
 	if vs := volumes(t, d1); len(vs) != 1 || vs[0].Owner != h[2].Name {
 		t.Fatalf("volumes after deploy rm: %+v", vs)
 	}
+
+	// Another machine tells the same story, in order.
+	events, err := daemons[1].ctl("events")
+	if err != nil {
+		t.Fatalf("events: %v\n%s", err, events)
+	}
+	at := 0
+	for _, want := range []string{"deploy     shop/web", "ready on " + h[1].Name, "migration", "committed: " + h[2].Name + " owns it",
+		"migration", "done", "deploy     shop/web              removed"} {
+		i := strings.Index(events[at:], want)
+		if i < 0 {
+			t.Fatalf("events on %s lack %q after position %d:\n%s", h[1].Name, want, at, events)
+		}
+		at += i + len(want)
+	}
 }
