@@ -166,17 +166,27 @@ func TestLabServiceLogs(t *testing.T) {
 	}
 
 	// Another machine tells the same story, in order.
-	events, err := daemons[1].ctl("events")
+	events, err := daemons[1].ctl("events", "--json")
 	if err != nil {
 		t.Fatalf("events: %v\n%s", err, events)
 	}
-	at := 0
-	for _, want := range []string{"deploy     shop/web", "ready on " + h[1].Name, "migration", "committed: " + h[2].Name + " owns it",
-		"migration", "done", "deploy     shop/web              removed"} {
-		i := strings.Index(events[at:], want)
-		if i < 0 {
-			t.Fatalf("events on %s lack %q after position %d:\n%s", h[1].Name, want, at, events)
+	var told []string
+	for _, line := range strings.Split(strings.TrimSpace(events), "\n") {
+		var ev ctlapi.Event
+		if err := json.Unmarshal([]byte(line), &ev); err != nil {
+			t.Fatalf("event %q: %v", line, err)
 		}
-		at += i + len(want)
+		told = append(told, ev.Kind+" "+ev.Subject+": "+ev.Message)
+	}
+	at := 0
+	for _, want := range []string{"deploy shop/web: generation 1 on " + h[1].Name, "service shop/web: ready on " + h[1].Name,
+		"migration shop/web: migration", "committed: " + h[2].Name + " owns it", ": done", "deploy shop/web: removed"} {
+		found := false
+		for ; at < len(told) && !found; at++ {
+			found = strings.Contains(told[at], want)
+		}
+		if !found {
+			t.Fatalf("the events on %s lack %q in order:\n%s", h[1].Name, want, strings.Join(told, "\n"))
+		}
 	}
 }
