@@ -51,7 +51,8 @@ type Meta struct {
 //
 //	1: everything before the cutover of issue 16 (gossiped as absent)
 //	2: Migration.Cutover (a move's breakdown), VolumeMount.RecordSize
-//	   and .Compression, ServiceSpec.Flush
+//	   and .Compression, ServiceSpec.Flush, .Entrypoint, .User,
+//	   .WorkingDir, .Labels, .ReadOnly, .Tmpfs
 const FactsLevel uint32 = 2
 
 // ErrBadMeta marks gossip metadata that cannot be read.

@@ -92,6 +92,16 @@ type twiceWatch struct {
 	samples    int
 }
 
+// held tells whether a running container only holds its place: a move's
+// target started it under drover-hold, which serves nothing and touches
+// no volume until the cutover releases it into the service's command.
+// What runs in it says so (the container's configuration names
+// drover-hold after the release too).
+func held(host *lab.Host, name string) bool {
+	out, err := exec.Command("docker", "-H", "unix://"+host.DockerSock, "top", name).Output()
+	return err == nil && strings.Contains(string(out), "/.drover/hold")
+}
+
 func watchTwice(h []*lab.Host) *twiceWatch {
 	w := &twiceWatch{stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
@@ -109,7 +119,9 @@ func watchTwice(h []*lab.Host) *twiceWatch {
 					continue // an engine busy or a host going down: next sample
 				}
 				for _, name := range strings.Fields(string(out)) {
-					where[name] = append(where[name], host.Name)
+					if !held(host, name) {
+						where[name] = append(where[name], host.Name)
+					}
 				}
 			}
 			w.mu.Lock()

@@ -30,6 +30,13 @@ type VolumeMount struct {
 	Compression string `json:"compression,omitempty"`
 }
 
+// TmpfsMount is a memory-backed mount in the container; SizeBytes zero
+// is the engine's default (half the memory).
+type TmpfsMount struct {
+	MountPath string `json:"mount_path"`
+	SizeBytes uint64 `json:"size_bytes,omitempty"`
+}
+
 // BindMount mounts a directory of the host into the container. It does
 // not move: a service with one is pinned to its machine, and a drain or a
 // migration leaves it where it is and says why.
@@ -73,6 +80,18 @@ type ServiceSpec struct {
 	// memory (PostgreSQL: CHECKPOINT): what it writes travels while the
 	// service runs, and the stop has little left to write.
 	Flush []string `json:"flush,omitempty"`
+	// Entrypoint replaces the image's (with it, the image's command is
+	// not used: Command is the arguments); User, WorkingDir likewise.
+	Entrypoint []string `json:"entrypoint,omitempty"`
+	User       string   `json:"user,omitempty"`
+	WorkingDir string   `json:"working_dir,omitempty"`
+	// Labels are put on the container beside drover's own (sh.drover.*,
+	// which a manifest may not set).
+	Labels map[string]string `json:"labels,omitempty"`
+	// ReadOnly mounts the container's root filesystem read-only; Tmpfs
+	// are memory-backed mounts (writable scratch space).
+	ReadOnly bool         `json:"read_only,omitempty"`
+	Tmpfs    []TmpfsMount `json:"tmpfs,omitempty"`
 	// ImageRef is Image pinned by the deploy: NAME@sha256:... (the digest
 	// its registry gave) or sha256:... (the local image's id, for an
 	// image that is in no registry). Every machine runs exactly it.

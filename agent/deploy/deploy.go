@@ -238,8 +238,21 @@ func (d *Deployer) Remove(ctx context.Context, ns string) (ctlapi.RemoveResult, 
 // level2Key names the first key of spec that needs facts level 2
 // (cluster.FactsLevel), or none.
 func level2Key(spec fsm.ServiceSpec) string {
-	if len(spec.Flush) > 0 {
+	switch {
+	case len(spec.Flush) > 0:
 		return "flush"
+	case len(spec.Entrypoint) > 0:
+		return "entrypoint"
+	case spec.User != "":
+		return "user"
+	case spec.WorkingDir != "":
+		return "working_dir"
+	case len(spec.Labels) > 0:
+		return "labels"
+	case spec.ReadOnly:
+		return "read_only"
+	case len(spec.Tmpfs) > 0:
+		return "tmpfs"
 	}
 	for _, v := range spec.Volumes {
 		if v.RecordSize != 0 {

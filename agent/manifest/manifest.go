@@ -78,7 +78,18 @@ type rawService struct {
 	StopSignal  string `toml:"stop_signal"`
 	StopTimeout string `toml:"stop_timeout"`
 	// Flush: run in the container before a move's last warm round.
-	Flush []string `toml:"flush"`
+	Flush      []string          `toml:"flush"`
+	Entrypoint []string          `toml:"entrypoint"`
+	User       string            `toml:"user"`
+	WorkingDir string            `toml:"working_dir"`
+	Labels     map[string]string `toml:"labels"`
+	ReadOnly   bool              `toml:"read_only"`
+	Tmpfs      []rawTmpfs        `toml:"tmpfs"`
+}
+
+type rawTmpfs struct {
+	Path string `toml:"path"`
+	Size any    `toml:"size"`
 }
 
 type rawPort struct {
@@ -382,6 +393,7 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 		sp.Readiness = p.readiness(key+".readiness", rs.Readiness, sp.Ports)
 	}
 	p.stopping(key, rs, &sp)
+	p.process(key, rs, &sp, mounted)
 	if rs.Flush != nil {
 		if len(rs.Flush) == 0 || rs.Flush[0] == "" {
 			p.add(key+".flush", "empty command: leave the key out instead")
@@ -520,6 +532,9 @@ const (
 	maxReadinessDuration = time.Hour
 	maxReadinessRetries  = 10000
 	maxQuota             = 1 << 50 // 1 PiB
+	maxLabels            = 64
+	maxLabelValue        = 1024
+	maxTmpfs             = 64 << 30
 	minRecordSize        = 512
 	maxRecordSize        = 1 << 20
 )
@@ -529,6 +544,65 @@ var sizeRE = regexp.MustCompile(`^([0-9]+)\s*([KMGT]i?B?|B)?$`)
 var sizeUnits = map[string]uint64{"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 // size reads a positive size: an integer of bytes or "512MiB", "2G", ...
+// userRE is a container user: a name or id, with a group after ':'.
+var userRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$`)
+
+// labelKeyRE is a container label key (reverse-DNS style).
+var labelKeyRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._/-]{0,126}[a-z0-9])?$`)
+
+// process reads entrypoint, user, working_dir, labels, read_only and
+// tmpfs.
+func (p *parser) process(key string, rs rawService, sp *fsm.ServiceSpec, mounted map[string]bool) {
+	if rs.Entrypoint != nil {
+		if len(rs.Entrypoint) == 0 || rs.Entrypoint[0] == "" {
+			p.add(key+".entrypoint", "empty: leave the key out to keep the image's")
+		}
+		sp.Entrypoint = rs.Entrypoint
+	}
+	if rs.User != "" {
+		if !userRE.MatchString(rs.User) {
+			p.add(key+".user", "%q: want a user name or id, with an optional :group", rs.User)
+		}
+		sp.User = rs.User
+	}
+	if rs.WorkingDir != "" {
+		if !strings.HasPrefix(rs.WorkingDir, "/") || path.Clean(rs.WorkingDir) != rs.WorkingDir || hasControl(rs.WorkingDir) {
+			p.add(key+".working_dir", "%q: want an absolute, clean path in the container", rs.WorkingDir)
+		}
+		sp.WorkingDir = rs.WorkingDir
+	}
+	if len(rs.Labels) > 0 {
+		if len(rs.Labels) > maxLabels {
+			p.add(key+".labels", "%d labels: at most %d", len(rs.Labels), maxLabels)
+		}
+		sp.Labels = map[string]string{}
+		for k, v := range rs.Labels {
+			switch {
+			case strings.HasPrefix(k, "sh.drover."):
+				p.add(key+".labels."+k, "sh.drover.* labels are drover's own")
+			case !labelKeyRE.MatchString(k):
+				p.add(key+".labels."+k, "%q: want lower-case letters, digits, '.', '-', '_' and '/'", k)
+			case len(v) > maxLabelValue || hasControl(v):
+				p.add(key+".labels."+k, "the value: at most %d characters, no control characters", maxLabelValue)
+			}
+			sp.Labels[k] = v
+		}
+	}
+	sp.ReadOnly = rs.ReadOnly
+	for i, t := range rs.Tmpfs {
+		tk := fmt.Sprintf("%s.tmpfs[%d]", key, i)
+		p.mountPath(tk+".path", t.Path, mounted)
+		m := fsm.TmpfsMount{MountPath: t.Path}
+		if t.Size != nil {
+			m.SizeBytes = p.size(tk+".size", t.Size)
+			if m.SizeBytes > maxTmpfs {
+				p.add(tk+".size", "over the limit of 64 GiB")
+			}
+		}
+		sp.Tmpfs = append(sp.Tmpfs, m)
+	}
+}
+
 // validCompression tells whether ZFS knows the compression; a pool that
 // lacks one (zfs-fuse has neither lz4 nor zstd) says so when it is set.
 func validCompression(c string) bool {

@@ -70,8 +70,12 @@ func TestParseVolumeProperties(t *testing.T) {
 	if got := m.Services[1].Volumes[0]; got != want {
 		t.Fatalf("volume %+v, want %+v", got, want)
 	}
-	// The rendered manifest keeps them, and the stop and flush settings.
+	// The rendered manifest keeps them, and the stop, flush and process
+	// settings.
 	m.Services[1].Flush = []string{"psql", "-c", "CHECKPOINT"}
+	m.Services[1].Entrypoint, m.Services[1].User, m.Services[1].WorkingDir = []string{"/bin/app"}, "app:app", "/srv"
+	m.Services[1].Labels, m.Services[1].ReadOnly = map[string]string{"team": "shop", "tier": "front"}, true
+	m.Services[1].Tmpfs = []fsm.TmpfsMount{{MountPath: "/tmp", SizeBytes: 64 << 20}, {MountPath: "/run"}}
 	out := Render(m.Namespace, m.Services, nil)
 	if !strings.Contains(out, "recordsize = 8192") || !strings.Contains(out, `compression = "gzip-6"`) ||
 		!strings.Contains(out, `flush = ["psql", "-c", "CHECKPOINT"]`) || !strings.Contains(out, `stop_signal = "SIGINT"`) || !strings.Contains(out, `stop_timeout = "30s"`) {
@@ -154,6 +158,11 @@ path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
 		{"quota too large", replace(`quota = "1GiB"`, `quota = "2048T"`), `services.web.volumes[0].quota: over the limit of 1 PiB`},
 		{"recordsize not a power of two", replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"12K\""), `shop.toml:19: services.web.volumes[0].recordsize: 12288 bytes: want a power of two from 512B to 1MiB`},
 		{"recordsize too large", replace(`quota = "1GiB"`, "quota = \"1GiB\"\nrecordsize = \"4M\""), `services.web.volumes[0].recordsize: 4194304 bytes: want a power of two`},
+		{"empty entrypoint", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nentrypoint = []"), `services.cache.entrypoint: empty`},
+		{"bad user", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nuser = \"root; rm\""), `services.cache.user: "root; rm": want a user name or id`},
+		{"relative working_dir", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nworking_dir = \"srv\""), `services.cache.working_dir: "srv": want an absolute`},
+		{"drover's label", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nlabels = { \"sh.drover.service\" = \"x\" }"), `services.cache.labels.sh.drover.service: sh.drover.* labels are drover's own`},
+		{"tmpfs over a volume", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\n[[services.cache.tmpfs]]\npath = \"/proc/x\""), `services.cache.tmpfs[0].path: "/proc/x": not under /proc`},
 		{"empty flush", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nflush = []"), `services.cache.flush: empty command`},
 		{"unknown compression", replace(`quota = "1GiB"`, "quota = \"1GiB\"\ncompression = \"brotli\""), `shop.toml:19: services.web.volumes[0].compression: "brotli": want on, off, lz4`},
 	}

@@ -36,6 +36,30 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 		if len(sp.Flush) > 0 {
 			fmt.Fprintf(&b, "flush = %s\n", quoteList(sp.Flush))
 		}
+		if len(sp.Entrypoint) > 0 {
+			fmt.Fprintf(&b, "entrypoint = %s\n", quoteList(sp.Entrypoint))
+		}
+		if sp.User != "" {
+			fmt.Fprintf(&b, "user = %s\n", strconv.Quote(sp.User))
+		}
+		if sp.WorkingDir != "" {
+			fmt.Fprintf(&b, "working_dir = %s\n", strconv.Quote(sp.WorkingDir))
+		}
+		if sp.ReadOnly {
+			b.WriteString("read_only = true\n")
+		}
+		if len(sp.Labels) > 0 {
+			keys := make([]string, 0, len(sp.Labels))
+			for k := range sp.Labels {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			pairs := make([]string, len(keys))
+			for i, k := range keys {
+				pairs[i] = strconv.Quote(k) + " = " + strconv.Quote(sp.Labels[k])
+			}
+			fmt.Fprintf(&b, "labels = { %s }\n", strings.Join(pairs, ", "))
+		}
 		if sp.MemoryBytes > 0 {
 			fmt.Fprintf(&b, "memory = %d\n", sp.MemoryBytes)
 		}
@@ -64,6 +88,12 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 			}
 			if move[sp.Name] {
 				b.WriteString("move = true\n")
+			}
+		}
+		for _, tm := range sp.Tmpfs {
+			fmt.Fprintf(&b, "\n[[%s.tmpfs]]\npath = %s\n", key, strconv.Quote(tm.MountPath))
+			if tm.SizeBytes > 0 {
+				fmt.Fprintf(&b, "size = %d\n", tm.SizeBytes)
 			}
 		}
 		for _, bm := range sp.Binds {

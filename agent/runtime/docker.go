@@ -227,12 +227,30 @@ func (d *Docker) create(ctx context.Context, r RunSpec, held bool) (Container, e
 	if image == "" {
 		image = r.Spec.RunImage() // the engine's own error names it
 	}
-	cfg := &container.Config{Image: image, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
-		StopSignal: r.Spec.StopSignal}
+	for k, v := range r.Spec.Labels {
+		if _, ours := labels[k]; !ours {
+			labels[k] = v
+		}
+	}
+	if r.Spec.ReadOnly {
+		hc.ReadonlyRootfs = true
+	}
+	if len(r.Spec.Tmpfs) > 0 {
+		hc.Tmpfs = map[string]string{}
+		for _, t := range r.Spec.Tmpfs {
+			opts := "rw,nosuid,nodev"
+			if t.SizeBytes > 0 {
+				opts += ",size=" + strconv.FormatUint(t.SizeBytes, 10)
+			}
+			hc.Tmpfs[t.MountPath] = opts
+		}
+	}
+	cfg := &container.Config{Image: image, Entrypoint: r.Spec.Entrypoint, Cmd: r.Spec.Command, Env: env, Labels: labels, ExposedPorts: exposed,
+		StopSignal: r.Spec.StopSignal, User: r.Spec.User, WorkingDir: r.Spec.WorkingDir}
 	if held {
 		// drover-hold runs first and execs the service's own command, as
 		// the engine would have run it, when released.
-		argv, err := d.command(ctx, image, r.Spec.Command)
+		argv, err := d.command(ctx, image, r.Spec.Entrypoint, r.Spec.Command)
 		if err != nil {
 			return Container{}, err
 		}
@@ -348,9 +366,12 @@ func (d *Docker) Release(ctx context.Context, c Container) error {
 }
 
 // command is the command the engine would run for the image and the
-// spec's command: the image's entrypoint, then the spec's command or else
-// the image's.
-func (d *Docker) command(ctx context.Context, image string, cmd []string) ([]string, error) {
+// spec: the spec's entrypoint and command; or the image's entrypoint,
+// then the spec's command or else the image's.
+func (d *Docker) command(ctx context.Context, image string, entrypoint, cmd []string) ([]string, error) {
+	if len(entrypoint) > 0 {
+		return append(slices.Clone(entrypoint), cmd...), nil
+	}
 	insp, _, err := d.cli.ImageInspectWithRaw(ctx, image)
 	if err != nil {
 		return nil, fmt.Errorf("inspecting image %s: %w", image, err)

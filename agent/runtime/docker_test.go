@@ -62,11 +62,22 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 			Ports:     []fsm.PortMapping{{Port: 80, Target: 8080, Protocol: "tcp"}},
 			Volumes:   []fsm.VolumeMount{{Name: "data", MountPath: "/data", QuotaBytes: 1 << 20}},
 			Readiness: &fsm.Readiness{Kind: "http", Path: "/healthz", Port: 8080, Interval: 200 * time.Millisecond, Timeout: time.Second, Retries: 50},
+			User:      "0:0", WorkingDir: "/", ReadOnly: true, Labels: map[string]string{"team": "shop"},
+			Tmpfs: []fsm.TmpfsMount{{MountPath: "/scratch", SizeBytes: 16 << 20}},
 		},
 	}
 	c, err := d.Start(ctx, rs)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The process keys of the spec are the container's.
+	insp, err := d.cli.ContainerInspect(ctx, c.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if insp.Config.User != "0:0" || insp.Config.WorkingDir != "/" || insp.Config.Labels["team"] != "shop" || insp.Config.Labels[LabelService] != "web" ||
+		!insp.HostConfig.ReadonlyRootfs || !strings.Contains(insp.HostConfig.Tmpfs["/scratch"], "size=16777216") {
+		t.Fatalf("container config %+v, host config read-only %v tmpfs %v", insp.Config, insp.HostConfig.ReadonlyRootfs, insp.HostConfig.Tmpfs)
 	}
 	if err := d.WaitReady(ctx, c, rs); err != nil {
 		t.Fatal(err)
@@ -188,7 +199,7 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 	}
 	// Halt returns once the container's processes are gone; the
 	// engine's stop ends after, without a kill.
-	insp, err := dh.cli.ContainerInspect(ctx, c.ID)
+	insp, err = dh.cli.ContainerInspect(ctx, c.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
