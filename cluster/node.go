@@ -801,7 +801,10 @@ func (n *Node) Close() error {
 }
 
 // watchGossip keeps the known-peers file current and nudges the leader's
-// reconcile loop on every membership change.
+// reconcile loop on every membership change. It also drops the pooled
+// connections of the fact store's calls: a machine that restarted came
+// back through gossip, and a connection pooled to its old process would
+// fail a forwarded command with a reset, its outcome unknown.
 func (n *Node) watchGossip() {
 	defer n.wg.Done()
 	for {
@@ -810,6 +813,7 @@ func (n *Node) watchGossip() {
 			return
 		case <-n.gossip.changed:
 		}
+		n.rpc.http.CloseIdleConnections()
 		select {
 		case n.nudge <- struct{}{}:
 		default:

@@ -92,14 +92,20 @@ type twiceWatch struct {
 	samples    int
 }
 
-// held tells whether a running container only holds its place: a move's
-// target started it under drover-hold, which serves nothing and touches
-// no volume until the cutover releases it into the service's command.
-// What runs in it says so (the container's configuration names
-// drover-hold after the release too).
-func held(host *lab.Host, name string) bool {
+// serving tells whether a container the engine lists as running has a
+// process of the service in it, by what runs there: a move's target
+// starts its container under drover-hold, which serves nothing and
+// touches no volume until the cutover releases it (the container's
+// configuration names drover-hold after the release too), and a source
+// whose processes are gone is listed running until the engine has torn
+// its network down.
+func serving(host *lab.Host, name string) bool {
 	out, err := exec.Command("docker", "-H", "unix://"+host.DockerSock, "top", name).Output()
-	return err == nil && strings.Contains(string(out), "/.drover/hold")
+	if err != nil {
+		return false // stopped meanwhile
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	return len(lines) > 1 && !strings.Contains(string(out), "/.drover/hold")
 }
 
 func watchTwice(h []*lab.Host) *twiceWatch {
@@ -110,27 +116,37 @@ func watchTwice(h []*lab.Host) *twiceWatch {
 			select {
 			case <-w.stop:
 				return
-			case <-time.After(200 * time.Millisecond):
+			case <-time.After(100 * time.Millisecond):
 			}
-			where := map[string][]string{}
+			where := map[string][]*lab.Host{}
 			for _, host := range h {
 				out, err := exec.Command("docker", "-H", "unix://"+host.DockerSock, "ps", "--filter", "status=running", "--format", "{{.Names}}").Output()
 				if err != nil {
 					continue // an engine busy or a host going down: next sample
 				}
 				for _, name := range strings.Fields(string(out)) {
-					if !held(host, name) {
-						where[name] = append(where[name], host.Name)
+					where[name] = append(where[name], host)
+				}
+			}
+			// Listed running on several hosts: which of them serve?
+			var twice []string
+			for name, hosts := range where {
+				if len(hosts) < 2 {
+					continue
+				}
+				var on []string
+				for _, host := range hosts {
+					if serving(host, name) {
+						on = append(on, host.Name)
 					}
+				}
+				if len(on) > 1 {
+					twice = append(twice, fmt.Sprintf("%s on %v", name, on))
 				}
 			}
 			w.mu.Lock()
 			w.samples++
-			for name, hosts := range where {
-				if len(hosts) > 1 {
-					w.seen = append(w.seen, fmt.Sprintf("%s on %v", name, hosts))
-				}
-			}
+			w.seen = append(w.seen, twice...)
 			w.mu.Unlock()
 		}
 	}()
