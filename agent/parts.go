@@ -151,9 +151,13 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.drains = drain.New(ctx, drain.Config{Self: a.machineID, ExecutorGrace: cfg.LockLease, Interval: cfg.JanitorInterval, Logger: a.logger, Observer: a.metrics}, n, n, p.mig)
 	p.images = images.New(a.machineID, p.rt, n, n, a.logger)
 	p.logs = servicelogs.New(n, n, n, p.rt)
-	p.svcs = servicectl.New(servicectl.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger}, n, n, n, p.rt)
+	var svcVols servicectl.Volumes
+	if p.vols != nil {
+		svcVols = p.vols
+	}
+	p.svcs = servicectl.New(servicectl.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger}, n, n, n, p.rt, svcVols)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
-		BindPrefixes: cfg.AllowBind, Logger: a.logger}, n, n, p.mig, p.rt, p.images)
+		BindPrefixes: cfg.AllowBind, Logger: a.logger, Volumes: p.svcs}, n, n, p.mig, p.rt, p.images)
 	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available, Observer: a.metrics}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}

@@ -96,12 +96,12 @@ func (a *Agent) Events(ctx context.Context, req ctlapi.EventsRequest, emit func(
 }
 
 // RemoveNamespace removes a namespace's services; volumes stay.
-func (a *Agent) RemoveNamespace(ctx context.Context, ns string) (ctlapi.RemoveResult, error) {
+func (a *Agent) RemoveNamespace(ctx context.Context, ns string, req ctlapi.RemoveRequest) (ctlapi.RemoveResult, error) {
 	p, err := a.require()
 	if err != nil {
 		return ctlapi.RemoveResult{}, err
 	}
-	return p.deploy.Remove(ctx, ns)
+	return p.deploy.Remove(ctx, ns, req.Volumes)
 }
 
 // RestartService restarts a service where it runs.

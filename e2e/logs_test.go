@@ -164,6 +164,17 @@ func TestLabServiceLogs(t *testing.T) {
 	if vs := volumes(t, d1); len(vs) != 1 || vs[0].Owner != h[2].Name {
 		t.Fatalf("volumes after deploy rm: %+v", vs)
 	}
+	// With --volumes the owner destroys the dataset and the volume is
+	// forgotten.
+	if out, err := d1.ctl("deploy", "rm", "shop", "--volumes"); err != nil || !strings.Contains(out, "volumes destroyed: data (on "+h[2].Name+")") {
+		t.Fatalf("deploy rm --volumes: %v\n%s", err, out)
+	}
+	if vs := volumes(t, d1); len(vs) != 0 {
+		t.Fatalf("volumes after deploy rm --volumes: %+v", vs)
+	}
+	if out, err := exec.Command("zfs", "list", "-H", "-o", "name", h[2].Pool+"/drover/shop/data").CombinedOutput(); err == nil {
+		t.Fatalf("the dataset is still on %s: %s", h[2].Name, out)
+	}
 
 	// Another machine tells the same story, in order.
 	events, err := daemons[1].ctl("events", "--json")

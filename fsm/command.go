@@ -38,6 +38,7 @@ const (
 	CmdProbe             CommandType = 19
 	CmdIssueJoinGrant    CommandType = 20
 	CmdSetKeyring        CommandType = 21
+	CmdRemoveVolume      CommandType = 22
 )
 
 // Command is one typed change of the facts.
@@ -100,6 +101,7 @@ func init() {
 	register(CmdProbe, "Probe", (*State).probe)
 	register(CmdIssueJoinGrant, "IssueJoinGrant", (*State).issueJoinGrant)
 	register(CmdSetKeyring, "SetKeyring", (*State).setKeyring)
+	register(CmdRemoveVolume, "RemoveVolume", (*State).removeVolume)
 }
 
 // String names the command type.

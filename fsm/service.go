@@ -345,6 +345,44 @@ func (s *State) removeService(c RemoveService) (any, *RuleError) {
 	return nil, nil
 }
 
+// RemoveVolume forgets a volume whose dataset its owner destroyed. It
+// needs the namespace lock's holder, and is refused while a service of
+// the namespace mounts the volume or a migration moves one. Result: nil.
+type RemoveVolume struct {
+	Namespace string    `json:"namespace"`
+	Name      string    `json:"name"`
+	Holder    string    `json:"holder"`
+	At        time.Time `json:"at"`
+}
+
+// Type implements Command.
+func (RemoveVolume) Type() CommandType { return CmdRemoveVolume }
+
+func (s *State) removeVolume(c RemoveVolume) (any, *RuleError) {
+	if err := s.requireLock(c.Namespace, c.Holder, c.At); err != nil {
+		return nil, err
+	}
+	key := c.Namespace + "/" + c.Name
+	if _, ok := s.volumes[key]; !ok {
+		return nil, ruleErr(ErrInvalid, "no volume %s", key)
+	}
+	for _, sv := range s.services {
+		if sv.Namespace != c.Namespace {
+			continue
+		}
+		for _, v := range sv.Spec.Volumes {
+			if v.Name == c.Name {
+				return nil, ruleErr(ErrInvalid, "volume %s is mounted by service %s", key, sv.Key())
+			}
+		}
+		if m, ok := s.ActiveMigration(sv.Namespace, sv.Spec.Name); ok {
+			return nil, ruleErr(ErrInvalid, "migration %s of %s runs", m.ID, sv.Key())
+		}
+	}
+	delete(s.volumes, key)
+	return nil, nil
+}
+
 // Services lists the services, sorted by namespace/name.
 func (s *State) Services() []Service { return sortedValues(s.services, Service.Key) }
 

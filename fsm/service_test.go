@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -70,5 +71,28 @@ func TestPutServiceLifecycle(t *testing.T) {
 	restored, err := ReadSnapshotBytes(snapshotBytes(t, s))
 	if err != nil || len(restored.Services()) != 1 || len(restored.Volumes()) != 1 {
 		t.Fatalf("restored %v, %d services", err, len(restored.Services()))
+	}
+}
+
+func TestRemoveVolumeOnlyWhenNothingMountsIt(t *testing.T) {
+	s := NewState()
+	now := time.Now()
+	mustApply(t, s, RegisterMachine{Machine: Machine{ID: "m1", Name: "m1"}, At: now})
+	mustApply(t, s, AcquireLock{Namespace: "shop", Holder: "h", Lease: time.Hour, At: now})
+	spec := ServiceSpec{Name: "web", Image: "img", Volumes: []VolumeMount{{Name: "data", MountPath: "/data", QuotaBytes: 1 << 20}}}
+	mustApply(t, s, PutService{Namespace: "shop", Holder: "h", Spec: spec, MachineID: "m1", ServicePrefix: netip.MustParsePrefix("10.211.0.0/16"), At: now})
+	if _, err := s.ApplyCommand(RemoveVolume{Namespace: "shop", Name: "data", Holder: "h", At: now}); err == nil || !strings.Contains(err.Error(), "mounted by service shop/web") {
+		t.Fatalf("remove of a mounted volume: %v", err)
+	}
+	mustApply(t, s, RemoveService{Namespace: "shop", Name: "web", Holder: "h", At: now})
+	if _, err := s.ApplyCommand(RemoveVolume{Namespace: "shop", Name: "data", Holder: "other", At: now}); err == nil {
+		t.Fatal("a volume removed without the namespace lock")
+	}
+	mustApply(t, s, RemoveVolume{Namespace: "shop", Name: "data", Holder: "h", At: now})
+	if _, ok := s.Volume("shop", "data"); ok {
+		t.Fatal("the volume is still in the facts")
+	}
+	if _, err := s.ApplyCommand(RemoveVolume{Namespace: "shop", Name: "data", Holder: "h", At: now}); err == nil {
+		t.Fatal("an unknown volume removed")
 	}
 }

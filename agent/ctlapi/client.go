@@ -205,9 +205,9 @@ func (c *Client) ServiceLogs(ctx context.Context, req LogsRequest, onLine func(L
 }
 
 // RemoveNamespace removes every service of a namespace; volumes stay.
-func (c *Client) RemoveNamespace(ctx context.Context, namespace string) (RemoveResult, error) {
+func (c *Client) RemoveNamespace(ctx context.Context, namespace string, req RemoveRequest) (RemoveResult, error) {
 	var v RemoveResult
-	return v, c.do(ctx, http.MethodPost, "/v1/namespaces/"+url.PathEscape(namespace)+"/remove", struct{}{}, &v)
+	return v, c.do(ctx, http.MethodPost, "/v1/namespaces/"+url.PathEscape(namespace)+"/remove", req, &v)
 }
 
 // RestartService restarts a service's container where it runs and

@@ -46,7 +46,7 @@ func (f *fakeBackend) ServiceLogs(_ context.Context, req LogsRequest, emit func(
 	return LogsResult{Lines: 1}, nil
 }
 
-func (f *fakeBackend) RemoveNamespace(_ context.Context, ns string) (RemoveResult, error) {
+func (f *fakeBackend) RemoveNamespace(_ context.Context, ns string, _ RemoveRequest) (RemoveResult, error) {
 	return RemoveResult{Namespace: ns}, nil
 }
 

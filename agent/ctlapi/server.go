@@ -34,7 +34,7 @@ type Backend interface {
 	RestartService(ctx context.Context, service string) (RestartResult, error)
 	Activate(ctx context.Context, machine string) (Machine, error)
 	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
-	RemoveNamespace(ctx context.Context, namespace string) (RemoveResult, error)
+	RemoveNamespace(ctx context.Context, namespace string, req RemoveRequest) (RemoveResult, error)
 	Deploy(ctx context.Context, req DeployRequest, emit func(DeployEvent)) (DeployResult, error)
 	Services(context.Context) ([]Service, error)
 	Volumes(context.Context) ([]Volume, error)
@@ -150,7 +150,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	get("/v1/volumes", func(r *http.Request) (any, error) { return b.Volumes(r.Context()) })
 	get("/v1/mesh", func(r *http.Request) (any, error) { return b.Mesh(r.Context()) })
 	get("/v1/view", func(r *http.Request) (any, error) { return b.View(r.Context()), nil })
-	post("/v1/namespaces/{ns}/remove", func(r *http.Request) (any, error) { return b.RemoveNamespace(r.Context(), r.PathValue("ns")) })
+	post("/v1/namespaces/{ns}/remove", func(r *http.Request) (any, error) {
+		var req RemoveRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.RemoveNamespace(r.Context(), r.PathValue("ns"), req)
+	})
 	post("/v1/services/{ns}/{name}/restart", func(r *http.Request) (any, error) {
 		return b.RestartService(r.Context(), r.PathValue("ns")+"/"+r.PathValue("name"))
 	})

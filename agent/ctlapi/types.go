@@ -71,6 +71,14 @@ type RemoveResult struct {
 	Namespace   string   `json:"namespace"`
 	Services    []string `json:"services"`     // removed, with where they ran
 	VolumesKept []string `json:"volumes_kept"` // with their owners
+	// VolumesDestroyed: with --volumes, the volumes whose datasets their
+	// owners destroyed.
+	VolumesDestroyed []string `json:"volumes_destroyed,omitempty"`
+}
+
+// RemoveRequest asks `deploy rm` to destroy the volumes too.
+type RemoveRequest struct {
+	Volumes bool `json:"volumes,omitempty"`
 }
 
 // RestartResult is what `service restart` did.

@@ -7,6 +7,7 @@ package deploy
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -61,6 +62,9 @@ type Config struct {
 	// BindPrefixes are the host directories binds may come from.
 	BindPrefixes []string
 	Logger       *slog.Logger
+	// Volumes destroys a volume's dataset on its owner (`deploy rm
+	// --volumes`); nil: volumes are always kept.
+	Volumes VolumeDestroyer
 }
 
 // Deployer plans and applies manifests.
@@ -203,12 +207,29 @@ func (d *Deployer) move(ctx context.Context, p ctlapi.DeployPlan, moves []change
 	return res, nil
 }
 
+// VolumeDestroyer has a volume's owner destroy its dataset, for the
+// holder of the namespace's lock (servicectl.Services).
+type VolumeDestroyer interface {
+	DestroyVolume(ctx context.Context, ns, name, holder string) error
+}
+
 // Remove removes every service of a namespace, under its lock: the
 // machines that run them stop and remove their containers (their
 // reconcilers, within a tick), and free the service IPs. The volumes stay,
-// owned where they are, for a later deploy of the namespace.
-func (d *Deployer) Remove(ctx context.Context, ns string) (ctlapi.RemoveResult, error) {
-	if len(d.servicesOf(ns)) == 0 {
+// owned where they are, for a later deploy of the namespace — unless
+// withVolumes: then each owner destroys its dataset and the volume is
+// forgotten.
+func (d *Deployer) Remove(ctx context.Context, ns string, withVolumes bool) (ctlapi.RemoveResult, error) {
+	if withVolumes {
+		if d.cfg.Volumes == nil {
+			return ctlapi.RemoveResult{}, errors.New("this daemon cannot destroy volumes")
+		}
+		if ok, old := factview.FactsAt(d.facts, d.gos, 2); !ok {
+			return ctlapi.RemoveResult{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeBadRequest,
+				Err: fmt.Errorf("removing volumes needs every machine upgraded: %s runs an older droverd (or is not seen)", old)}
+		}
+	}
+	if len(d.servicesOf(ns)) == 0 && !withVolumes {
 		return ctlapi.RemoveResult{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService,
 			Err: fmt.Errorf("namespace %q has no services", ns)}
 	}
@@ -225,13 +246,34 @@ func (d *Deployer) Remove(ctx context.Context, ns string) (ctlapi.RemoveResult, 
 		}
 		res.Services = append(res.Services, s.Name+" (on "+s.Machine+")")
 	}
+	var vols []fsm.Volume
 	d.facts.Read(func(s *fsm.State) {
 		for _, v := range s.Volumes() {
 			if v.Namespace == ns {
-				res.VolumesKept = append(res.VolumesKept, v.Name+" (on "+s.NameOf(v.OwnerID)+")")
+				vols = append(vols, v)
 			}
 		}
 	})
+	for _, v := range vols {
+		owner := factview.NameOf(d.gos, d.facts, v.OwnerID)
+		if !withVolumes {
+			res.VolumesKept = append(res.VolumesKept, v.Name+" (on "+owner+")")
+			continue
+		}
+		// The dataset first: a fact without a dataset is made again by the
+		// next deploy; a dataset without a fact would be forgotten.
+		if err := d.cfg.Volumes.DestroyVolume(ctx, ns, v.Name, holder); err != nil {
+			return res, err
+		}
+		if _, err := d.facts.Apply(ctx, fsm.RemoveVolume{Namespace: ns, Name: v.Name, Holder: holder, At: time.Now()}); err != nil {
+			return res, fmt.Errorf("forgetting volume %s/%s: %w", ns, v.Name, err)
+		}
+		res.VolumesDestroyed = append(res.VolumesDestroyed, v.Name+" (on "+owner+")")
+	}
+	if len(res.Services) == 0 && len(res.VolumesDestroyed) == 0 {
+		return res, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService,
+			Err: fmt.Errorf("namespace %q has no services and no volumes", ns)}
+	}
 	return res, nil
 }
 

@@ -359,11 +359,11 @@ func TestRemoveANamespaceKeepsItsVolumes(t *testing.T) {
 	}
 	g.facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "b/migrate/m9", Lease: time.Minute, At: time.Now()})
 	var apiErr *ctlapi.APIError
-	if _, err := g.d.Remove(ctx, "shop"); !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeNamespaceLocked {
+	if _, err := g.d.Remove(ctx, "shop", false); !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeNamespaceLocked {
 		t.Fatalf("remove while locked: %v", err)
 	}
 	g.facts.Must(t, fsm.ReleaseLock{Namespace: "shop", Holder: "b/migrate/m9", At: time.Now()})
-	res, err := g.d.Remove(ctx, "shop")
+	res, err := g.d.Remove(ctx, "shop", false)
 	if err != nil || len(res.Services) != 1 || !strings.HasPrefix(res.Services[0], "web (on b)") || len(res.VolumesKept) != 1 || res.VolumesKept[0] != "data (on b)" {
 		t.Fatalf("remove: %+v, %v", res, err)
 	}
@@ -376,7 +376,7 @@ func TestRemoveANamespaceKeepsItsVolumes(t *testing.T) {
 	if services != 0 || volumes != 1 || held {
 		t.Fatalf("after the remove: %d services, %d volumes, lock held %v", services, volumes, held)
 	}
-	if _, err := g.d.Remove(ctx, "shop"); !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeUnknownService || !strings.Contains(err.Error(), `"shop" has no services`) {
+	if _, err := g.d.Remove(ctx, "shop", false); !errors.As(err, &apiErr) || apiErr.Code != ctlapi.CodeUnknownService || !strings.Contains(err.Error(), `"shop" has no services`) {
 		t.Fatalf("remove of an empty namespace: %v", err)
 	}
 }
@@ -396,5 +396,44 @@ func TestKeysNewerThanAMachineAreRefused(t *testing.T) {
 	g.facts.Read(func(s *fsm.State) { services = len(s.Services()) })
 	if services != 0 {
 		t.Fatalf("%d services after a refused deploy", services)
+	}
+}
+
+// fakeDestroyer records the volumes it was asked to destroy.
+type fakeDestroyer struct{ destroyed []string }
+
+func (f *fakeDestroyer) DestroyVolume(_ context.Context, ns, name, holder string) error {
+	f.destroyed = append(f.destroyed, ns+"/"+name+" by "+holder[:strings.Index(holder, "/")])
+	return nil
+}
+
+// deploy rm --volumes has each owner destroy its dataset, then forgets
+// the volume; refused while a machine is older.
+func TestRemoveANamespaceWithItsVolumes(t *testing.T) {
+	g := newRig(t)
+	dest := &fakeDestroyer{}
+	g.d.cfg.Volumes = dest
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	g.reportStatus(ctx, func(string) bool { return true })
+	if _, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest}, nil); err != nil {
+		t.Fatal(err)
+	}
+	g.members.SetFactsLevel("c", 1)
+	if _, err := g.d.Remove(ctx, "shop", true); err == nil || !strings.Contains(err.Error(), "c runs an older droverd") || len(dest.destroyed) != 0 {
+		t.Fatalf("remove --volumes with an older machine: %v (destroyed %v)", err, dest.destroyed)
+	}
+	g.members.SetFactsLevel("c", 2)
+	res, err := g.d.Remove(ctx, "shop", true)
+	if err != nil || len(res.VolumesDestroyed) != 1 || res.VolumesDestroyed[0] != "data (on b)" || len(res.VolumesKept) != 0 {
+		t.Fatalf("remove --volumes: %+v, %v", res, err)
+	}
+	if len(dest.destroyed) != 1 || dest.destroyed[0] != "shop/data by a" {
+		t.Fatalf("destroyed %v", dest.destroyed)
+	}
+	var volumes int
+	g.facts.Read(func(s *fsm.State) { volumes = len(s.Volumes()) })
+	if volumes != 0 {
+		t.Fatalf("%d volumes left in the facts", volumes)
 	}
 }

@@ -8,6 +8,7 @@ package servicectl
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -19,10 +20,27 @@ import (
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
 	"github.com/drover-sh/drover/internal/nslock"
+	"github.com/drover-sh/drover/volume"
 )
 
 // routeRestart: the machine that runs the service restarts its container.
 var routeRestart = peer.Route[restartRequest, restarted]{Path: "service/v1/restart"}
+
+// routeDestroyVolume: a volume's owner destroys its dataset.
+var routeDestroyVolume = peer.Route[destroyRequest, destroyed]{Path: "volume/v1/destroy"}
+
+type destroyRequest struct {
+	Namespace string `json:"namespace"`
+	Volume    string `json:"volume"`
+	Holder    string `json:"holder"` // of the namespace lock, checked by the owner
+}
+
+type destroyed struct{}
+
+// Volumes destroys this machine's datasets (volume.ZFS).
+type Volumes interface {
+	Destroy(namespace, name string) error
+}
 
 type restartRequest struct {
 	Namespace string `json:"namespace"`
@@ -36,9 +54,11 @@ type restarted struct {
 
 // Errors the owner answers with.
 var (
-	ErrNotOwner    = peer.NewError("restart_not_owner", "this machine does not run the service")
-	ErrNotLocked   = peer.NewError("restart_not_locked", "the restart does not hold the namespace's lock")
-	ErrNoContainer = peer.NewError("restart_no_container", "the service has no container here")
+	ErrNotOwner       = peer.NewError("restart_not_owner", "this machine does not run the service")
+	ErrNotLocked      = peer.NewError("restart_not_locked", "the restart does not hold the namespace's lock")
+	ErrNoContainer    = peer.NewError("restart_no_container", "the service has no container here")
+	ErrNotVolumeOwner = peer.NewError("volume_not_owner", "this machine does not own the volume")
+	ErrVolumeInUse    = peer.NewError("volume_in_use", "a service mounts the volume")
 )
 
 // Facts is this machine's view of the fact store.
@@ -73,16 +93,71 @@ type Services struct {
 	gossip factview.Gossip
 	peers  peer.Caller
 	rt     Runtime
+	vols   Volumes // nil: this machine holds no volumes
 }
 
-// New makes the service actions of this machine.
-func New(cfg Config, facts Facts, gossip factview.Gossip, peers peer.Caller, rt Runtime) *Services {
-	return &Services{cfg: cfg, facts: facts, gossip: gossip, peers: peers, rt: rt}
+// New makes the service actions of this machine; vols is nil on a
+// machine without volumes.
+func New(cfg Config, facts Facts, gossip factview.Gossip, peers peer.Caller, rt Runtime, vols Volumes) *Services {
+	return &Services{cfg: cfg, facts: facts, gossip: gossip, peers: peers, rt: rt, vols: vols}
 }
 
 // Register serves this machine's side on s; call it before s starts.
 func (s *Services) Register(srv peer.Server) {
 	peer.Handle(srv, routeRestart, s.handleRestart)
+	peer.Handle(srv, routeDestroyVolume, s.handleDestroyVolume)
+}
+
+// DestroyVolume has a volume's owner destroy its dataset; holder holds the
+// namespace's lock. The volume's fact is the caller's to remove after.
+func (s *Services) DestroyVolume(ctx context.Context, ns, name, holder string) error {
+	var vol fsm.Volume
+	var ok bool
+	s.facts.Read(func(st *fsm.State) { vol, ok = st.Volume(ns, name) })
+	if !ok {
+		return fmt.Errorf("no volume %s/%s", ns, name)
+	}
+	_, err := routeDestroyVolume.Call(ctx, s.peers, vol.OwnerID, destroyRequest{Namespace: ns, Volume: name, Holder: holder})
+	if err != nil {
+		return fmt.Errorf("destroying volume %s/%s on %s: %w", ns, name, factview.NameOf(s.gossip, s.facts, vol.OwnerID), err)
+	}
+	return nil
+}
+
+// handleDestroyVolume (the volume's owner): destroy its dataset, when the
+// caller holds the namespace's lock and no service mounts it.
+func (s *Services) handleDestroyVolume(ctx context.Context, _ string, req destroyRequest) (destroyed, error) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := s.facts.CaughtUp(cctx)
+	cancel()
+	if err != nil {
+		return destroyed{}, fmt.Errorf("catching up with the leader's facts: %w", err)
+	}
+	var vol fsm.Volume
+	var ok, mounted, held bool
+	var lock fsm.Lock
+	s.facts.Read(func(st *fsm.State) {
+		vol, ok = st.Volume(req.Namespace, req.Volume)
+		lock, held = st.Lock(req.Namespace)
+		for _, sv := range st.Services() {
+			for _, v := range sv.Spec.Volumes {
+				mounted = mounted || (sv.Namespace == req.Namespace && v.Name == req.Volume)
+			}
+		}
+	})
+	switch {
+	case !ok || vol.OwnerID != s.cfg.Self || s.vols == nil:
+		return destroyed{}, fmt.Errorf("%w: %s/%s", ErrNotVolumeOwner, req.Namespace, req.Volume)
+	case !held || lock.Holder != req.Holder:
+		return destroyed{}, fmt.Errorf("%w: namespace %s", ErrNotLocked, req.Namespace)
+	case mounted:
+		return destroyed{}, fmt.Errorf("%w: %s/%s", ErrVolumeInUse, req.Namespace, req.Volume)
+	}
+	if err := s.vols.Destroy(req.Namespace, req.Volume); err != nil && !errors.Is(err, volume.ErrNotFound) {
+		return destroyed{}, err
+	}
+	s.cfg.Logger.Info("destroyed a removed namespace's volume", "volume", req.Namespace+"/"+req.Volume)
+	return destroyed{}, nil
 }
 
 // Restart restarts a service's container where it runs, under its

@@ -66,7 +66,7 @@ func TestRestartRunsWhereTheServiceRunsUnderTheLock(t *testing.T) {
 		members.Set(id, id, "alive")
 		h := net.Add(id)
 		engines[id] = &fakeRuntime{running: true}
-		svcs[id] = New(Config{Self: id, Name: id, LockLease: time.Minute, Logger: quiet}, facts, members, h, engines[id])
+		svcs[id] = New(Config{Self: id, Name: id, LockLease: time.Minute, Logger: quiet}, facts, members, h, engines[id], nil)
 		svcs[id].Register(peer.Server{Mux: h, IDs: h})
 	}
 	spec := fsm.ServiceSpec{Name: "web", Image: "img", StopTimeout: 20 * time.Second}

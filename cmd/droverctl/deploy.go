@@ -73,22 +73,30 @@ func (c *cli) deployCmd() *cobra.Command {
 	})
 	preview.Flags().StringVarP(&file, "file", "f", "", "the manifest (TOML)")
 	cmd.AddCommand(preview)
-	cmd.AddCommand(c.addJSON(&cobra.Command{
+	var withVolumes bool
+	rm := c.addJSON(&cobra.Command{
 		Use:   "rm NAMESPACE",
-		Short: "Remove every service of a namespace (under its lock); their volumes stay where they are",
+		Short: "Remove every service of a namespace (under its lock); their volumes stay where they are unless --volumes",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			r, err := c.client.RemoveNamespace(cmd.Context(), args[0])
+			r, err := c.client.RemoveNamespace(cmd.Context(), args[0], ctlapi.RemoveRequest{Volumes: withVolumes})
 			if err != nil {
 				return err
 			}
 			if c.json {
 				return c.printJSON(r)
 			}
-			fmt.Fprintf(c.out, "removed from %s: %s\nvolumes kept: %s\n", r.Namespace, strings.Join(r.Services, ", "), dashList(r.VolumesKept))
+			fmt.Fprintf(c.out, "removed from %s: %s\n", r.Namespace, dashList(r.Services))
+			if withVolumes {
+				fmt.Fprintf(c.out, "volumes destroyed: %s\n", dashList(r.VolumesDestroyed))
+			} else {
+				fmt.Fprintf(c.out, "volumes kept: %s\n", dashList(r.VolumesKept))
+			}
 			return nil
 		},
-	}))
+	})
+	rm.Flags().BoolVar(&withVolumes, "volumes", false, "destroy the namespace's volumes too (their datasets, on their owners): the data is gone")
+	cmd.AddCommand(rm)
 	return cmd
 }
 
