@@ -539,11 +539,32 @@ func (n *Node) announceCommits(p *raftParts) {
 		if p.raft.State() != raft.Leader {
 			continue
 		}
-		if err := p.raft.Barrier(5 * time.Second).Error(); err != nil && n.ctx.Err() == nil {
-			n.logger.Debug("announcing commits to the followers", "err", err)
+		// The barrier's future is not waited on: one still queued when
+		// Raft shuts down is never answered, and Close would wait for this
+		// loop forever. Its entry is what matters; requests that come
+		// until it is applied (or for at most announceWait) share it.
+		p.raft.Barrier(time.Second)
+		target := p.raft.LastIndex()
+		deadline := time.NewTimer(announceWait)
+		tick := time.NewTicker(time.Millisecond)
+	wait:
+		for p.raft.AppliedIndex() < target {
+			select {
+			case <-n.ctx.Done():
+				break wait
+			case <-deadline.C:
+				break wait
+			case <-tick.C:
+			}
 		}
+		deadline.Stop()
+		tick.Stop()
 	}
 }
+
+// announceWait bounds how long an announcement waits for its barrier to
+// apply before the next may go.
+const announceWait = 100 * time.Millisecond
 
 // FactsIndex is the log index of the last command this machine's fact
 // store applied: when it moves, the facts may have changed. Cheap enough
