@@ -53,7 +53,11 @@ type Meta struct {
 //	2: Migration.Cutover (a move's breakdown), VolumeMount.RecordSize
 //	   and .Compression, ServiceSpec.Flush, .Entrypoint, .User,
 //	   .WorkingDir, .Labels, .ReadOnly, .Tmpfs
-const FactsLevel uint32 = 2
+const FactsLevel uint32 = FactsLevelCutover
+
+// FactsLevelCutover is the level that brought the fields of issue 16 (and
+// RemoveVolume): what a proposer of those checks for.
+const FactsLevelCutover uint32 = 2
 
 // ErrBadMeta marks gossip metadata that cannot be read.
 var ErrBadMeta = errors.New("bad gossip metadata")

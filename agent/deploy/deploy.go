@@ -130,7 +130,7 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest, emit fun
 	}
 	for _, c := range changes {
 		if key := level2Key(c.spec); key != "" && !c.remove {
-			if ok, old := factview.FactsAt(d.facts, d.gos, 2); !ok {
+			if ok, old := factview.FactsAt(d.facts, d.gos, cluster.FactsLevelCutover); !ok {
 				return ctlapi.DeployResult{Plan: p}, badManifest(fmt.Errorf("%s: service %s uses %s, which machine %s (a droverd older than this one, or not seen) cannot read: upgrade every machine first",
 					req.File, c.spec.Name, key, old))
 			}
@@ -224,7 +224,7 @@ func (d *Deployer) Remove(ctx context.Context, ns string, withVolumes bool) (ctl
 		if d.cfg.Volumes == nil {
 			return ctlapi.RemoveResult{}, errors.New("this daemon cannot destroy volumes")
 		}
-		if ok, old := factview.FactsAt(d.facts, d.gos, 2); !ok {
+		if ok, old := factview.FactsAt(d.facts, d.gos, cluster.FactsLevelCutover); !ok {
 			return ctlapi.RemoveResult{}, &ctlapi.APIError{Status: http.StatusConflict, Code: ctlapi.CodeBadRequest,
 				Err: fmt.Errorf("removing volumes needs every machine upgraded: %s runs an older droverd (or is not seen)", old)}
 		}

@@ -189,9 +189,9 @@ func TestRunHoldsTheServiceIPsOfOwnedServices(t *testing.T) {
 	st := facttest.NewStore()
 	st.AddMachine(t, "a", "a")
 	st.AddMachine(t, "b", "b")
-	local := &fakeLocal{}
+	local, dev := &fakeLocal{}, &fakeDevice{}
 	m := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"), Local: local,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, &fakeDevice{}, key(t))
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, dev, key(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); m.Run(ctx, st, facttest.NewMembers()) }()
@@ -212,8 +212,28 @@ func TestRunHoldsTheServiceIPsOfOwnedServices(t *testing.T) {
 	now := time.Now()
 	st.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "test/move", Lease: time.Hour, At: now})
 	st.Must(t, fsm.StartMigration{ID: "m1", Namespace: "shop", Service: "web", TargetID: "b", Holder: "test/move", At: now})
+	dev.mu.Lock()
+	synced := len(dev.sets)
+	dev.mu.Unlock()
 	st.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: fsm.PhaseTargetStarting, At: now})
-	waitFor([]netip.Addr{mine.ServiceIP}) // not before the commit
+	// Once the loop has synced after the target started, a still holds
+	// the IP: not before the commit.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		dev.mu.Lock()
+		n := len(dev.sets)
+		dev.mu.Unlock()
+		if n > synced {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the mesh did not sync after the target started")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := local.get(); !slices.Equal(got, []netip.Addr{mine.ServiceIP}) {
+		t.Fatalf("before the commit, a holds %v", got)
+	}
 	st.Must(t, fsm.CommitMigration{ID: "m1", Holder: "test/move", At: now})
 	waitFor(nil)
 }

@@ -299,11 +299,11 @@ func (m *Migrator) cutover(ctx context.Context, ex *execution, f fsm.Migration, 
 	for _, v := range vols {
 		req.Volumes = append(req.Volumes, streamRequest{ID: f.ID, Volume: v.Name, Snap: finalSnapshot(f.ID), Base: v.LastSnapshot})
 	}
-	cctx, cancel := context.WithTimeout(ctx, time.Minute+stopGrace(sv.Spec)+30*time.Minute)
+	cctx, cancel := context.WithTimeout(ctx, time.Minute+runtime.StopGrace(sv.Spec)+30*time.Minute)
 	defer cancel()
 	// The source writes a line every half second while it sends; silence
 	// beyond the stop's grace and the stall timeout means it is gone.
-	idle := time.AfterFunc(stopGrace(sv.Spec)+2*m.cfg.StallTimeout, cancel)
+	idle := time.AfterFunc(runtime.StopGrace(sv.Spec)+2*m.cfg.StallTimeout, cancel)
 	defer idle.Stop()
 	wctx, stop := m.watchMachine(cctx, f.SourceID)
 	defer stop()
@@ -508,7 +508,7 @@ func (m *Migrator) complete(ctx context.Context, id string, ex *execution, cut *
 	cleanup(f.TargetID, routeCleanupTarget)
 	for {
 		rec := fsm.AdvanceMigration{ID: id, Phase: fsm.PhaseDone, At: time.Now()}
-		if ok, _ := factview.FactsAt(m.d.Facts, m.d.Members, 2); ok {
+		if ok, _ := factview.FactsAt(m.d.Facts, m.d.Members, cluster.FactsLevelCutover); ok {
 			// Only when every machine decodes it: an older one would halt.
 			rec.Cutover = cut
 		}

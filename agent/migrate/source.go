@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/iocount"
 )
@@ -246,7 +247,7 @@ func (m *Migrator) haltSource(ctx context.Context, c migrationCall) (stopResult,
 	if ctr.ID == "" {
 		return stopResult{}, nil, fmt.Errorf("%w: %s/%s", ErrNoContainer, c.m.Namespace, c.m.Service)
 	}
-	grace := stopGrace(c.sv.Spec)
+	grace := runtime.StopGrace(c.sv.Spec)
 	st, wait, err := m.d.Containers.Halt(ctx, ctr.ID, grace)
 	if err != nil {
 		return stopResult{}, nil, err
@@ -257,18 +258,6 @@ func (m *Migrator) haltSource(ctx context.Context, c migrationCall) (stopResult,
 	}
 	m.cfg.Crash.Hit("source", "source-stopped")
 	return stopResult{Killed: st.Killed, Grace: grace}, wait, nil
-}
-
-// defaultStopGrace is how long a stop waits for a container without a
-// stop_timeout of its own before it kills it.
-const defaultStopGrace = 10 * time.Second
-
-// stopGrace is the service's stop_timeout, or drover's default.
-func stopGrace(spec fsm.ServiceSpec) time.Duration {
-	if spec.StopTimeout > 0 {
-		return spec.StopTimeout
-	}
-	return defaultStopGrace
 }
 
 // undoSource starts the source's stopped container again, if this machine

@@ -667,6 +667,18 @@ func cgroupProcs(pid int) string {
 	return ""
 }
 
+// DefaultStopGrace is how long a stop waits for a container without a
+// stop_timeout of its own before it kills it.
+const DefaultStopGrace = 10 * time.Second
+
+// StopGrace is the service's stop_timeout, or drover's default.
+func StopGrace(spec fsm.ServiceSpec) time.Duration {
+	if spec.StopTimeout > 0 {
+		return spec.StopTimeout
+	}
+	return DefaultStopGrace
+}
+
 // Restart starts a stopped container again.
 func (d *Docker) Restart(ctx context.Context, id string) error {
 	if err := d.cli.ContainerStart(ctx, id, container.StartOptions{}); err != nil {

@@ -127,18 +127,13 @@ func (s *Services) DestroyVolume(ctx context.Context, ns, name, holder string) e
 // handleDestroyVolume (the volume's owner): destroy its dataset, when the
 // caller holds the namespace's lock and no service mounts it.
 func (s *Services) handleDestroyVolume(ctx context.Context, _ string, req destroyRequest) (destroyed, error) {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	err := s.facts.CaughtUp(cctx)
-	cancel()
-	if err != nil {
-		return destroyed{}, fmt.Errorf("catching up with the leader's facts: %w", err)
+	if err := s.requireLock(ctx, req.Namespace, req.Holder); err != nil {
+		return destroyed{}, err
 	}
 	var vol fsm.Volume
-	var ok, mounted, held bool
-	var lock fsm.Lock
+	var ok, mounted bool
 	s.facts.Read(func(st *fsm.State) {
 		vol, ok = st.Volume(req.Namespace, req.Volume)
-		lock, held = st.Lock(req.Namespace)
 		for _, sv := range st.Services() {
 			for _, v := range sv.Spec.Volumes {
 				mounted = mounted || (sv.Namespace == req.Namespace && v.Name == req.Volume)
@@ -148,8 +143,6 @@ func (s *Services) handleDestroyVolume(ctx context.Context, _ string, req destro
 	switch {
 	case !ok || vol.OwnerID != s.cfg.Self || s.vols == nil:
 		return destroyed{}, fmt.Errorf("%w: %s/%s", ErrNotVolumeOwner, req.Namespace, req.Volume)
-	case !held || lock.Holder != req.Holder:
-		return destroyed{}, fmt.Errorf("%w: namespace %s", ErrNotLocked, req.Namespace)
 	case mounted:
 		return destroyed{}, fmt.Errorf("%w: %s/%s", ErrVolumeInUse, req.Namespace, req.Volume)
 	}
@@ -193,25 +186,14 @@ func (s *Services) Restart(ctx context.Context, service string) (ctlapi.RestartR
 // handleRestart (the service's machine): stop the container with the
 // service's grace, start it, wait until ready.
 func (s *Services) handleRestart(ctx context.Context, _ string, req restartRequest) (restarted, error) {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	err := s.facts.CaughtUp(cctx)
-	cancel()
-	if err != nil {
-		return restarted{}, fmt.Errorf("catching up with the leader's facts: %w", err)
+	if err := s.requireLock(ctx, req.Namespace, req.Holder); err != nil {
+		return restarted{}, err
 	}
 	var sv fsm.Service
 	var ok bool
-	var lock fsm.Lock
-	var held bool
-	s.facts.Read(func(st *fsm.State) {
-		sv, ok = st.Service(req.Namespace, req.Service)
-		lock, held = st.Lock(req.Namespace)
-	})
-	switch {
-	case !ok || sv.MachineID != s.cfg.Self:
+	s.facts.Read(func(st *fsm.State) { sv, ok = st.Service(req.Namespace, req.Service) })
+	if !ok || sv.MachineID != s.cfg.Self {
 		return restarted{}, fmt.Errorf("%w: %s/%s", ErrNotOwner, req.Namespace, req.Service)
-	case !held || lock.Holder != req.Holder:
-		return restarted{}, fmt.Errorf("%w: namespace %s", ErrNotLocked, req.Namespace)
 	}
 	cs, err := s.rt.List(ctx)
 	if err != nil {
@@ -222,11 +204,7 @@ func (s *Services) handleRestart(ctx context.Context, _ string, req restartReque
 			continue
 		}
 		began := time.Now()
-		grace := sv.Spec.StopTimeout
-		if grace == 0 {
-			grace = 10 * time.Second
-		}
-		if _, err := s.rt.Stop(ctx, c.ID, grace); err != nil {
+		if _, err := s.rt.Stop(ctx, c.ID, runtime.StopGrace(sv.Spec)); err != nil {
 			return restarted{}, err
 		}
 		if err := s.rt.Restart(ctx, c.ID); err != nil {
@@ -240,6 +218,25 @@ func (s *Services) handleRestart(ctx context.Context, _ string, req restartReque
 		return restarted{Took: time.Since(began)}, nil
 	}
 	return restarted{}, fmt.Errorf("%w: %s/%s", ErrNoContainer, req.Namespace, req.Service)
+}
+
+// requireLock checks, with this machine caught up with the leader (the
+// lock was just taken through it), that holder holds the namespace's
+// lock: what every action asked of this machine needs.
+func (s *Services) requireLock(ctx context.Context, ns, holder string) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := s.facts.CaughtUp(cctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("catching up with the leader's facts: %w", err)
+	}
+	var lock fsm.Lock
+	var held bool
+	s.facts.Read(func(st *fsm.State) { lock, held = st.Lock(ns) })
+	if !held || lock.Holder != holder {
+		return fmt.Errorf("%w: namespace %s", ErrNotLocked, ns)
+	}
+	return nil
 }
 
 // service looks the service up.
