@@ -29,6 +29,8 @@ type Meta struct {
 	OverlayIP   string `json:"overlay,omitempty"`
 	MemoryBytes uint64 `json:"mem,omitempty"`
 	DiskBytes   uint64 `json:"disk,omitempty"`
+	// MilliCPUs is the machine's cores, in thousandths.
+	MilliCPUs uint64 `json:"mcpu,omitempty"`
 	// Join proves, until this machine is registered, that it holds a
 	// join grant's secret (see JoinProofFor).
 	Join *JoinProof `json:"join,omitempty"`
@@ -53,11 +55,16 @@ type Meta struct {
 //	2: Migration.Cutover (a move's breakdown), VolumeMount.RecordSize
 //	   and .Compression, ServiceSpec.Flush, .Entrypoint, .User,
 //	   .WorkingDir, .Labels, .ReadOnly, .Tmpfs
-const FactsLevel uint32 = FactsLevelCutover
+//	3: ServiceSpec.Restart, .RestartMax, .Health, .MilliCPUs, .Secrets;
+//	   ServiceStatus.Process; the secrets commands and records
+const FactsLevel uint32 = FactsLevelOperator
 
 // FactsLevelCutover is the level that brought the fields of issue 16 (and
 // RemoveVolume): what a proposer of those checks for.
 const FactsLevelCutover uint32 = 2
+
+// FactsLevelOperator is the level of issue 17's fields and commands.
+const FactsLevelOperator uint32 = 3
 
 // ErrBadMeta marks gossip metadata that cannot be read.
 var ErrBadMeta = errors.New("bad gossip metadata")

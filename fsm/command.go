@@ -17,28 +17,31 @@ type CommandType uint8
 
 // Command types. Append only.
 const (
-	CmdRegisterMachine   CommandType = 1
-	CmdSetMachineState   CommandType = 2
-	CmdRemoveMachine     CommandType = 3
-	CmdAcquireLock       CommandType = 4
-	CmdRenewLock         CommandType = 5
-	CmdReleaseLock       CommandType = 6
-	CmdExpireLocks       CommandType = 7
-	CmdAllocateOverlayIP CommandType = 8
-	CmdPutService        CommandType = 9
-	CmdRemoveService     CommandType = 10
-	CmdSetServiceStatus  CommandType = 11
-	CmdStartMigration    CommandType = 12
-	CmdAdvanceMigration  CommandType = 13
-	CmdCommitMigration   CommandType = 14
-	CmdPurgeSource       CommandType = 15
-	CmdStartDrain        CommandType = 16
-	CmdUpdateDrainItem   CommandType = 17
-	CmdEndDrain          CommandType = 18
-	CmdProbe             CommandType = 19
-	CmdIssueJoinGrant    CommandType = 20
-	CmdSetKeyring        CommandType = 21
-	CmdRemoveVolume      CommandType = 22
+	CmdRegisterMachine    CommandType = 1
+	CmdSetMachineState    CommandType = 2
+	CmdRemoveMachine      CommandType = 3
+	CmdAcquireLock        CommandType = 4
+	CmdRenewLock          CommandType = 5
+	CmdReleaseLock        CommandType = 6
+	CmdExpireLocks        CommandType = 7
+	CmdAllocateOverlayIP  CommandType = 8
+	CmdPutService         CommandType = 9
+	CmdRemoveService      CommandType = 10
+	CmdSetServiceStatus   CommandType = 11
+	CmdStartMigration     CommandType = 12
+	CmdAdvanceMigration   CommandType = 13
+	CmdCommitMigration    CommandType = 14
+	CmdPurgeSource        CommandType = 15
+	CmdStartDrain         CommandType = 16
+	CmdUpdateDrainItem    CommandType = 17
+	CmdEndDrain           CommandType = 18
+	CmdProbe              CommandType = 19
+	CmdIssueJoinGrant     CommandType = 20
+	CmdSetKeyring         CommandType = 21
+	CmdRemoveVolume       CommandType = 22
+	CmdAddSecretsKeyWraps CommandType = 23
+	CmdPutSecret          CommandType = 24
+	CmdRemoveSecret       CommandType = 25
 )
 
 // Command is one typed change of the facts.
@@ -102,6 +105,9 @@ func init() {
 	register(CmdIssueJoinGrant, "IssueJoinGrant", (*State).issueJoinGrant)
 	register(CmdSetKeyring, "SetKeyring", (*State).setKeyring)
 	register(CmdRemoveVolume, "RemoveVolume", (*State).removeVolume)
+	register(CmdAddSecretsKeyWraps, "AddSecretsKeyWraps", (*State).addSecretsKeyWraps)
+	register(CmdPutSecret, "PutSecret", (*State).putSecret)
+	register(CmdRemoveSecret, "RemoveSecret", (*State).removeSecret)
 }
 
 // String names the command type.

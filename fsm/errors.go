@@ -34,6 +34,8 @@ var (
 	ErrNoDrain          = &RuleError{Code: "no_drain"}
 	ErrMachineHolds     = &RuleError{Code: "machine_holds"}
 	ErrMachineBusy      = &RuleError{Code: "machine_busy"}
+	ErrUnknownSecret    = &RuleError{Code: "unknown_secret"}
+	ErrConflict         = &RuleError{Code: "conflict"}
 )
 
 func (e *RuleError) Error() string {

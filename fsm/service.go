@@ -92,6 +92,19 @@ type ServiceSpec struct {
 	// are memory-backed mounts (writable scratch space).
 	ReadOnly bool         `json:"read_only,omitempty"`
 	Tmpfs    []TmpfsMount `json:"tmpfs,omitempty"`
+	// Restart is what the engine does when the container's process ends:
+	// "always" (the default, written ""), "on-failure" (at most
+	// RestartMax times when non-zero) or "no".
+	Restart    string `json:"restart,omitempty"`
+	RestartMax int    `json:"restart_max,omitempty"`
+	// Health is checked while the service runs; a container that fails
+	// it Retries times in a row is restarted.
+	Health *Readiness `json:"health,omitempty"`
+	// MilliCPUs limits the container to this many thousandths of a core;
+	// with MemoryBytes it is what placement reserves on a machine.
+	MilliCPUs uint64 `json:"milli_cpus,omitempty"`
+	// Secrets arrive as files in the container (see Secret).
+	Secrets []SecretMount `json:"secrets,omitempty"`
 	// ImageRef is Image pinned by the deploy: NAME@sha256:... (the digest
 	// its registry gave) or sha256:... (the local image's id, for an
 	// image that is in no registry). Every machine runs exactly it.
@@ -125,7 +138,46 @@ type ServiceStatus struct {
 	Ready      bool      `json:"ready"`
 	Error      string    `json:"error,omitempty"`
 	At         time.Time `json:"at"`
+	Process
 }
+
+// Process is what the owner saw of the container's process: how often
+// it was restarted and how it last ended.
+type Process struct {
+	// State: "running", "restarting" (the engine waits to restart it),
+	// "crash-loop" (restarting, and it ended more than once within the
+	// last minutes), "exited" (ended, and its restart policy leaves it
+	// so), "unhealthy" (its health check fails); empty: not reported.
+	State string `json:"state,omitempty"`
+	// Restarts counts the restarts of this container: the engine's after
+	// an exit and drover's after failed health checks.
+	Restarts int `json:"restarts,omitempty"`
+	// LastExit is how the process last ended, if it did.
+	LastExit *Exit `json:"last_exit,omitempty"`
+}
+
+// Exit is how a container's process ended.
+type Exit struct {
+	Code   int       `json:"code"`
+	At     time.Time `json:"at"`
+	Reason string    `json:"reason,omitempty"` // "oom-killed", "unhealthy"
+}
+
+// Restart policies.
+const (
+	RestartAlways    = "always"
+	RestartOnFailure = "on-failure"
+	RestartNo        = "no"
+)
+
+// Process states.
+const (
+	StateRunning    = "running"
+	StateRestarting = "restarting"
+	StateCrashLoop  = "crash-loop"
+	StateExited     = "exited"
+	StateUnhealthy  = "unhealthy"
+)
 
 // SetServiceStatus is the owning machine's report on a service. A report
 // from another machine, or about an older generation, is refused.
@@ -138,6 +190,9 @@ type SetServiceStatus struct {
 	Ready      bool      `json:"ready"`
 	Error      string    `json:"error,omitempty"`
 	At         time.Time `json:"at"`
+	// Process is written only once every machine is at
+	// cluster.FactsLevelOperator.
+	Process
 }
 
 // Type implements Command.
@@ -155,7 +210,7 @@ func (s *State) setServiceStatus(c SetServiceStatus) (any, *RuleError) {
 	if c.Generation != sv.Generation {
 		return nil, ruleErr(ErrInvalid, "status of %s is about generation %d, the service is at %d", key, c.Generation, sv.Generation)
 	}
-	sv.Status = ServiceStatus{Generation: c.Generation, Ready: c.Ready, Error: c.Error, At: c.At}
+	sv.Status = ServiceStatus{Generation: c.Generation, Ready: c.Ready, Error: c.Error, At: c.At, Process: c.Process}
 	s.services[key] = sv
 	return sv, nil
 }
@@ -236,6 +291,20 @@ func ValidateSpec(sp ServiceSpec) error {
 			return fmt.Errorf("service %s: volume %s: mount path %q must be absolute and must not contain \"..\"", sp.Name, v.Name, v.MountPath)
 		}
 	}
+	switch sp.Restart {
+	case "", RestartAlways, RestartOnFailure, RestartNo:
+	default:
+		return fmt.Errorf("service %s: restart %q: want always, on-failure or no", sp.Name, sp.Restart)
+	}
+	if sp.RestartMax < 0 || (sp.RestartMax > 0 && sp.Restart != RestartOnFailure) {
+		return fmt.Errorf("service %s: restart_max %d: only with restart = \"on-failure\", and not negative", sp.Name, sp.RestartMax)
+	}
+	if h := sp.Health; h != nil && (h.Interval <= 0 || h.Timeout <= 0 || h.Retries < 1) {
+		return fmt.Errorf("service %s: health check needs a positive interval and timeout and at least 1 retry", sp.Name)
+	}
+	if err := validateSecretMounts(sp); err != nil {
+		return err
+	}
 	if len(sp.Binds) > 0 && sp.Machine == "" {
 		return fmt.Errorf("service %s: bind mounts pin a service to a machine: name the machine", sp.Name)
 	}
@@ -272,6 +341,11 @@ func (s *State) putService(c PutService) (any, *RuleError) {
 		return nil, ruleErr(ErrUnknownMachine, "no machine with id %q", c.MachineID)
 	}
 	key := c.Namespace + "/" + c.Spec.Name
+	for _, sm := range c.Spec.Secrets {
+		if _, ok := s.secrets[c.Namespace+"/"+sm.Name]; !ok {
+			return nil, ruleErr(ErrUnknownSecret, "service %s names secret %s, which namespace %s does not have (droverctl secret set %s/%s)", key, sm.Name, c.Namespace, c.Namespace, sm.Name)
+		}
+	}
 	old, exists := s.services[key]
 	if exists && old.MachineID != c.MachineID {
 		return nil, ruleErr(ErrInvalid, "service %s runs on machine %s: moving it is a migration", key, old.MachineID)
@@ -381,6 +455,19 @@ func (s *State) removeVolume(c RemoveVolume) (any, *RuleError) {
 	}
 	delete(s.volumes, key)
 	return nil, nil
+}
+
+// ReservedMilliCPUs sums the CPU limits of the services a machine owns
+// or that a migration moves to it: what placement counts as taken.
+func (s *State) ReservedMilliCPUs(machineID string) uint64 {
+	var sum uint64
+	for _, sv := range s.services {
+		m, moving := s.ActiveMigration(sv.Namespace, sv.Spec.Name)
+		if sv.MachineID == machineID || (moving && m.TargetID == machineID) {
+			sum += sv.Spec.MilliCPUs
+		}
+	}
+	return sum
 }
 
 // Services lists the services, sorted by namespace/name.

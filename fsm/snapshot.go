@@ -25,16 +25,18 @@ const (
 type recordKind byte
 
 const (
-	recordEnd       recordKind = 0
-	recordMachine   recordKind = 1
-	recordLock      recordKind = 2
-	recordService   recordKind = 3
-	recordVolume    recordKind = 4
-	recordMigration recordKind = 5
-	recordDrain     recordKind = 6
-	recordJoinGrant recordKind = 7
-	recordRevoked   recordKind = 8
-	recordKeyring   recordKind = 9
+	recordEnd        recordKind = 0
+	recordMachine    recordKind = 1
+	recordLock       recordKind = 2
+	recordService    recordKind = 3
+	recordVolume     recordKind = 4
+	recordMigration  recordKind = 5
+	recordDrain      recordKind = 6
+	recordJoinGrant  recordKind = 7
+	recordRevoked    recordKind = 8
+	recordKeyring    recordKind = 9
+	recordSecret     recordKind = 10
+	recordSecretsKey recordKind = 11
 )
 
 // ErrBadSnapshot marks a snapshot that cannot be restored.
@@ -87,6 +89,16 @@ func (s *State) WriteSnapshot(w io.Writer) error {
 	}
 	if s.keyring.Generation > 0 {
 		if err := writeRecord(bw, recordKeyring, s.keyring); err != nil {
+			return err
+		}
+	}
+	for _, sec := range s.Secrets() {
+		if err := writeRecord(bw, recordSecret, sec); err != nil {
+			return err
+		}
+	}
+	if s.secretsKey.ID != "" {
+		if err := writeRecord(bw, recordSecretsKey, s.secretsKey); err != nil {
 			return err
 		}
 	}
@@ -202,6 +214,16 @@ func (s *State) restoreRecord(kind recordKind, body []byte) error {
 	case recordKeyring:
 		if err := dec.Decode(&s.keyring); err != nil {
 			return fmt.Errorf("keyring: %v", err)
+		}
+	case recordSecret:
+		var sec Secret
+		if err := dec.Decode(&sec); err != nil {
+			return fmt.Errorf("secret: %v", err)
+		}
+		s.secrets[sec.Key()] = sec
+	case recordSecretsKey:
+		if err := dec.Decode(&s.secretsKey); err != nil {
+			return fmt.Errorf("secrets key: %v", err)
 		}
 	default:
 		return fmt.Errorf("unknown record kind %d", kind)

@@ -18,12 +18,14 @@ type State struct {
 	grants     map[string]JoinGrant // by id
 	revoked    map[string]Revoked   // by machine id
 	keyring    Keyring
+	secrets    map[string]Secret // by namespace/name
+	secretsKey SecretsKey
 }
 
 // NewState returns an empty state.
 func NewState() *State {
 	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}, drains: map[string]Drain{},
-		grants: map[string]JoinGrant{}, revoked: map[string]Revoked{}}
+		grants: map[string]JoinGrant{}, revoked: map[string]Revoked{}, secrets: map[string]Secret{}}
 }
 
 // Apply decodes and applies one log entry. Time comes only from the
@@ -57,7 +59,8 @@ func (s *State) Clone() *State {
 	// safe because nothing mutates a stored spec in place.
 	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks),
 		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations), drains: maps.Clone(s.drains),
-		grants: maps.Clone(s.grants), revoked: maps.Clone(s.revoked), keyring: s.keyring}
+		grants: maps.Clone(s.grants), revoked: maps.Clone(s.revoked), keyring: s.keyring,
+		secrets: maps.Clone(s.secrets), secretsKey: SecretsKey{ID: s.secretsKey.ID, Wraps: maps.Clone(s.secretsKey.Wraps)}}
 }
 
 // sortedValues returns a map's values sorted by key(v).

@@ -277,6 +277,20 @@ type Service struct {
 	State      string `json:"state"` // ready, starting, failed
 	Ready      bool   `json:"ready"`
 	Error      string `json:"error,omitempty"`
+	// Process: running, restarting, crash-loop, exited or unhealthy, as
+	// the machine last reported (empty: not reported).
+	Process  string `json:"process,omitempty"`
+	Restarts int    `json:"restarts"`
+	LastExit *Exit  `json:"last_exit,omitempty"`
+	// Secrets names the secrets it reads (never their values).
+	Secrets []string `json:"secrets,omitempty"`
+}
+
+// Exit is how a service's process last ended.
+type Exit struct {
+	Code   int       `json:"code"`
+	At     time.Time `json:"at"`
+	Reason string    `json:"reason,omitempty"` // oom-killed, unhealthy
 }
 
 // DeployResult is what `deploy` did.

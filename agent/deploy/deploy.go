@@ -108,12 +108,14 @@ func (d *Deployer) plan(ctx context.Context, req ctlapi.DeployRequest, pinned ma
 		return ctlapi.DeployPlan{}, nil, err
 	}
 	alive := map[string]bool{}
+	cores := map[string]uint64{}
 	for _, g := range d.gos.Members() {
 		alive[g.MachineID] = g.Liveness == cluster.LivenessAlive || g.Liveness == cluster.LivenessSuspect
+		cores[g.MachineID] = g.MilliCPUs
 	}
 	var p ctlapi.DeployPlan
 	var changes []change
-	d.facts.Read(func(s *fsm.State) { p, changes, err = planChanges(s, alive, file, m) })
+	d.facts.Read(func(s *fsm.State) { p, changes, err = planChanges(s, machineView{alive: alive, cores: cores}, file, m) })
 	return p, changes, err
 }
 
@@ -129,8 +131,8 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest, emit fun
 		return ctlapi.DeployResult{}, err
 	}
 	for _, c := range changes {
-		if key := level2Key(c.spec); key != "" && !c.remove {
-			if ok, old := factview.FactsAt(d.facts, d.gos, cluster.FactsLevelCutover); !ok {
+		if level, key := levelKey(c.spec); key != "" && !c.remove {
+			if ok, old := factview.FactsAt(d.facts, d.gos, level); !ok {
 				return ctlapi.DeployResult{Plan: p}, badManifest(fmt.Errorf("%s: service %s uses %s, which machine %s (a droverd older than this one, or not seen) cannot read: upgrade every machine first",
 					req.File, c.spec.Name, key, old))
 			}
@@ -277,8 +279,27 @@ func (d *Deployer) Remove(ctx context.Context, ns string, withVolumes bool) (ctl
 	return res, nil
 }
 
-// level2Key names the first key of spec that needs facts level 2
-// (cluster.FactsLevel), or none.
+// levelKey names the first key of spec that needs a facts level above 1
+// (cluster.FactsLevel) and that level, or none.
+func levelKey(spec fsm.ServiceSpec) (uint32, string) {
+	switch {
+	case spec.Restart != "":
+		return cluster.FactsLevelOperator, "restart"
+	case spec.Health != nil:
+		return cluster.FactsLevelOperator, "health"
+	case spec.MilliCPUs != 0:
+		return cluster.FactsLevelOperator, "cpus"
+	case len(spec.Secrets) > 0:
+		return cluster.FactsLevelOperator, "secrets"
+	}
+	if key := level2Key(spec); key != "" {
+		return cluster.FactsLevelCutover, key
+	}
+	return 0, ""
+}
+
+// level2Key names the first key of spec that needs facts level 2, or
+// none.
 func level2Key(spec fsm.ServiceSpec) string {
 	switch {
 	case len(spec.Flush) > 0:
@@ -373,7 +394,14 @@ func (d *Deployer) Services() []ctlapi.Service {
 		for _, sv := range s.Services() {
 			row := ctlapi.Service{Namespace: sv.Namespace, Name: sv.Spec.Name, ServiceIP: sv.ServiceIP.String(),
 				Generation: sv.Generation, Machine: s.NameOf(sv.MachineID), State: "starting"}
+			for _, sm := range sv.Spec.Secrets {
+				row.Secrets = append(row.Secrets, sm.Name)
+			}
 			if sv.Status.Generation == sv.Generation {
+				row.Process, row.Restarts = sv.Status.State, sv.Status.Restarts
+				if e := sv.Status.LastExit; e != nil {
+					row.LastExit = &ctlapi.Exit{Code: e.Code, At: e.At, Reason: e.Reason}
+				}
 				row.Ready = sv.Status.Ready
 				if sv.Status.Ready {
 					row.State = "ready"

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/manifest"
 	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
@@ -435,5 +436,42 @@ func TestRemoveANamespaceWithItsVolumes(t *testing.T) {
 	g.facts.Read(func(s *fsm.State) { volumes = len(s.Volumes()) })
 	if volumes != 0 {
 		t.Fatalf("%d volumes left in the facts", volumes)
+	}
+}
+
+func TestPlacementCountsTheCoresServicesReserve(t *testing.T) {
+	facts := facttest.NewStore()
+	facts.AddMachine(t, "a", "a")
+	facts.AddMachine(t, "b", "b")
+	busy := fsm.ServiceSpec{Name: "busy", Image: "img:1", MilliCPUs: 1500}
+	facts.Deploy(t, "shop", busy, "a")
+	seen := machineView{alive: map[string]bool{"a": true, "b": true}, cores: map[string]uint64{"a": 2000, "b": 1000}}
+	plan := func(src string) (ctlapi.DeployPlan, error) {
+		m, err := manifest.Parse("shop.toml", []byte(src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var p ctlapi.DeployPlan
+		facts.Read(func(s *fsm.State) { p, _, err = planChanges(s, seen, "shop.toml", m) })
+		return p, err
+	}
+	head := "namespace = \"shop\"\n[services.busy]\nimage = \"img:1\"\ncpus = 1.5\n"
+	// a has 0.5 of its 2 cores left, b 1: a service asking 1 goes to b.
+	p, err := plan(head + "[services.job]\nimage = \"img:1\"\ncpus = 1\n")
+	if err != nil || planned(p)["job"].Machine != "b" {
+		t.Fatalf("job placed %+v, %v; want b", planned(p)["job"], err)
+	}
+	// Asking a for it names the shortage; asking 2 cores fits nowhere.
+	_, err = plan(head + "[services.job]\nimage = \"img:1\"\ncpus = 1\nmachine = \"a\"\n")
+	if err == nil || !strings.Contains(err.Error(), "machine a has 2 cores, 1.5 reserved by its services: job asks 1") {
+		t.Fatalf("job on a: %v", err)
+	}
+	_, err = plan(head + "[services.job]\nimage = \"img:1\"\ncpus = 2\n")
+	if err == nil || !strings.Contains(err.Error(), "no machine has the cores") {
+		t.Fatalf("job of 2 cores: %v", err)
+	}
+	// Raising busy's own reservation counts only the new figure.
+	if _, err := plan("namespace = \"shop\"\n[services.busy]\nimage = \"img:1\"\ncpus = 2\n"); err != nil {
+		t.Fatalf("busy to 2 cores on a 2-core machine: %v", err)
 	}
 }

@@ -35,7 +35,7 @@ func movesOf(changes []change) []change {
 // what a parsed manifest changes where: a pure function. A problem with
 // the manifest is a *manifest.Errors naming file and key, wrapped as the
 // control API's bad_manifest.
-func planChanges(s *fsm.State, alive map[string]bool, file string, m *manifest.Manifest) (ctlapi.DeployPlan, []change, error) {
+func planChanges(s *fsm.State, seen machineView, file string, m *manifest.Manifest) (ctlapi.DeployPlan, []change, error) {
 	p := ctlapi.DeployPlan{Namespace: m.Namespace}
 	var changes []change
 	var problems manifest.Errors
@@ -44,7 +44,7 @@ func planChanges(s *fsm.State, alive map[string]bool, file string, m *manifest.M
 		inManifest[sp.Name] = true
 		ps := ctlapi.PlannedService{Name: sp.Name, Image: sp.Image, ImageRef: sp.ImageRef}
 		old, exists := s.Service(m.Namespace, sp.Name)
-		machineID, note, err := place(s, alive, m.Namespace, sp, old, exists, m.Move[sp.Name])
+		machineID, note, err := place(s, seen, m.Namespace, sp, old, exists, m.Move[sp.Name])
 		if err != nil {
 			problems = append(problems, &manifest.Error{File: file, Key: "services." + sp.Name + ".machine", Msg: err.Error()})
 			continue
@@ -94,15 +94,45 @@ func planChanges(s *fsm.State, alive map[string]bool, file string, m *manifest.M
 	return p, changes, nil
 }
 
+// machineView is what gossip tells of the machines: which are alive, and
+// their cores in thousandths (0: not told).
+type machineView struct {
+	alive map[string]bool
+	cores map[string]uint64
+}
+
+// cpusFit tells whether the machine has the cores the service reserves
+// left, counting what the other services it holds reserve.
+func (v machineView) cpusFit(s *fsm.State, m fsm.Machine, sp fsm.ServiceSpec, old fsm.Service, exists bool) error {
+	cores := v.cores[m.ID]
+	if sp.MilliCPUs == 0 || cores == 0 {
+		return nil
+	}
+	reserved := s.ReservedMilliCPUs(m.ID)
+	if exists && old.MachineID == m.ID {
+		reserved -= min(reserved, old.Spec.MilliCPUs)
+	}
+	if reserved+sp.MilliCPUs > cores {
+		return fmt.Errorf("machine %s has %s cores, %s reserved by its services: %s asks %s", m.Name, milli(cores), milli(reserved), sp.Name, milli(sp.MilliCPUs))
+	}
+	return nil
+}
+
+// milli writes thousandths as a decimal: 1500 is "1.5".
+func milli(n uint64) string {
+	return strings.TrimSuffix(strings.TrimRight(fmt.Sprintf("%d.%03d", n/1000, n%1000), "0"), ".")
+}
+
 // place picks the machine of a service: where it runs already, else where
 // the manifest says, else where its volumes are, else the active, alive
 // machine with the most free volume space and memory.
-func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, old fsm.Service, exists, move bool) (string, string, error) {
+func place(s *fsm.State, seen machineView, ns string, sp fsm.ServiceSpec, old fsm.Service, exists, move bool) (string, string, error) {
+	alive := seen.alive
 	usable := func(m fsm.Machine) error {
 		if m.State != fsm.MachineActive {
 			return fmt.Errorf("machine %s is %s: it takes no new placements", m.Name, m.State)
 		}
-		return nil
+		return seen.cpusFit(s, m, sp, old, exists)
 	}
 	if sp.Machine != "" {
 		m, ok := s.MachineByName(sp.Machine)
@@ -119,10 +149,17 @@ func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, o
 			if err := usable(m); err != nil {
 				return "", "", err
 			}
+		} else if err := seen.cpusFit(s, m, sp, old, exists); err != nil {
+			return "", "", err
 		}
 		return m.ID, "as the manifest asks", nil
 	}
 	if exists {
+		if m, ok := s.Machine(old.MachineID); ok {
+			if err := seen.cpusFit(s, m, sp, old, exists); err != nil {
+				return "", "", err
+			}
+		}
 		return old.MachineID, "where it runs", nil
 	}
 	for _, v := range sp.Volumes {
@@ -131,8 +168,12 @@ func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, o
 		}
 	}
 	var best *fsm.Machine
+	var short []string // machines without the cores it asks
 	for _, m := range s.Machines() {
-		if usable(m) != nil || !alive[m.ID] || (len(sp.Volumes) > 0 && m.Capacity.DiskBytes == 0) {
+		if err := usable(m); err != nil || !alive[m.ID] || (len(sp.Volumes) > 0 && m.Capacity.DiskBytes == 0) {
+			if err != nil && m.State == fsm.MachineActive && alive[m.ID] {
+				short = append(short, err.Error())
+			}
 			continue
 		}
 		if best == nil || m.Capacity.DiskBytes > best.Capacity.DiskBytes ||
@@ -140,6 +181,9 @@ func place(s *fsm.State, alive map[string]bool, ns string, sp fsm.ServiceSpec, o
 			m := m
 			best = &m
 		}
+	}
+	if best == nil && len(short) > 0 {
+		return "", "", fmt.Errorf("no machine has the cores: %s", strings.Join(short, "; "))
 	}
 	if best == nil {
 		return "", "", errors.New("no active, alive machine can take it (volumes need a machine with a ZFS parent)")

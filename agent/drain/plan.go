@@ -19,6 +19,8 @@ type candidate struct {
 	m        fsm.Machine
 	free     uint64 // pool space
 	mem      uint64
+	cpu      uint64 // thousandths of a core left (0 with cpuKnown false: not told)
+	cpuKnown bool
 	volumes  bool   // it holds volumes
 	problems string // why it cannot take anything, when it cannot
 }
@@ -69,6 +71,7 @@ func plan(in planInput) []fsm.DrainItem {
 			it.Target = best.m.ID
 			best.free -= min(best.free, z.need)
 			best.mem -= min(best.mem, z.sv.Spec.MemoryBytes)
+			best.cpu -= min(best.cpu, z.sv.Spec.MilliCPUs)
 		}
 		items = append(items, it)
 	}
@@ -99,6 +102,8 @@ func pickTarget(cands []*candidate, sv fsm.Service, need uint64, exclude map[str
 			lack = fmt.Sprintf("%s has %s of pool space, needs %s", c.m.Name, mibs(c.free), mibs(need))
 		case c.mem < sv.Spec.MemoryBytes:
 			lack = fmt.Sprintf("%s has %s of memory, needs %s", c.m.Name, mibs(c.mem), mibs(sv.Spec.MemoryBytes))
+		case c.cpuKnown && c.cpu < sv.Spec.MilliCPUs:
+			lack = fmt.Sprintf("%s has %d/1000 cores unreserved, needs %d/1000", c.m.Name, c.cpu, sv.Spec.MilliCPUs)
 		}
 		if lack != "" {
 			why = append(why, lack)
@@ -165,6 +170,11 @@ func (d *Drainer) plan(ctx context.Context, machine fsm.Machine, only map[string
 				c.problems = fmt.Sprintf("%s does not answer: %v", m.Name, err)
 			}
 			c.free, c.mem, c.volumes = lf.VolumeFreeBytes, lf.MemoryBytes, lf.HoldsVolumes
+			if lf.MilliCPUs > 0 {
+				var reserved uint64
+				d.facts.Read(func(s *fsm.State) { reserved = s.ReservedMilliCPUs(m.ID) })
+				c.cpu, c.cpuKnown = lf.MilliCPUs-min(lf.MilliCPUs, reserved), true
+			}
 		}
 		in.cands = append(in.cands, c)
 	}

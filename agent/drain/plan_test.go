@@ -83,3 +83,19 @@ func TestPlanPlacesLargestFirstAndSaysWhatStays(t *testing.T) {
 		}
 	}
 }
+
+func TestPickTargetCountsReservedCores(t *testing.T) {
+	cands := []*candidate{
+		{m: fsm.Machine{ID: "b", Name: "b"}, free: 1 << 30, mem: 1 << 30, cpu: 500, cpuKnown: true},
+		{m: fsm.Machine{ID: "c", Name: "c"}, free: 1 << 20, mem: 1 << 30, cpu: 2000, cpuKnown: true},
+	}
+	sv := fsm.Service{Spec: fsm.ServiceSpec{Image: "img", MilliCPUs: 1000}}
+	best, why := pickTarget(cands, sv, 0, nil)
+	if best == nil || best.m.Name != "c" {
+		t.Fatalf("picked %v (%s), want c: b has half a core left", best, why)
+	}
+	cands[1].cpu = 0
+	if best, why = pickTarget(cands, sv, 0, nil); best != nil || !strings.Contains(why, "b has 500/1000 cores unreserved, needs 1000/1000") {
+		t.Fatalf("picked %v, why %q", best, why)
+	}
+}

@@ -85,6 +85,12 @@ type rawService struct {
 	Labels     map[string]string `toml:"labels"`
 	ReadOnly   bool              `toml:"read_only"`
 	Tmpfs      []rawTmpfs        `toml:"tmpfs"`
+	Restart    string            `toml:"restart"`
+	RestartMax *int              `toml:"restart_max"`
+	Health     *rawReadiness     `toml:"health"`
+	CPUs       any               `toml:"cpus"`
+	// Secrets: names, or tables with name, path, uid, gid and mode.
+	Secrets []any `toml:"secrets"`
 }
 
 type rawTmpfs struct {
@@ -164,6 +170,9 @@ func ParseWith(file string, data []byte, opts Options) (*Manifest, error) {
 	}
 	p := &parser{file: file, lines: keyLines(string(data)), opts: opts}
 	for _, k := range md.Undecoded() {
+		if len(k) > 3 && k[0] == "services" && k[2] == "secrets" {
+			continue // a secret's table: read and checked by secrets
+		}
 		last := k[len(k)-1]
 		msg := "unknown key"
 		if bindMountKeys[last] {
@@ -394,6 +403,8 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 	}
 	p.stopping(key, rs, &sp)
 	p.process(key, rs, &sp, mounted)
+	p.supervision(key, rs, &sp)
+	p.secrets(key, rs.Secrets, &sp, mounted)
 	if rs.Flush != nil {
 		if len(rs.Flush) == 0 || rs.Flush[0] == "" {
 			p.add(key+".flush", "empty command: leave the key out instead")
@@ -431,7 +442,11 @@ func (p *parser) move(key string, rs rawService) bool {
 }
 
 func (p *parser) readiness(key string, rr *rawReadiness, ports []fsm.PortMapping) *fsm.Readiness {
-	rd := &fsm.Readiness{Port: rr.Port, Interval: 2 * time.Second, Timeout: time.Second, Retries: 30}
+	return p.check(key, rr, ports, &fsm.Readiness{Port: rr.Port, Interval: 2 * time.Second, Timeout: time.Second, Retries: 30})
+}
+
+// check reads a readiness or health check over its defaults rd.
+func (p *parser) check(key string, rr *rawReadiness, ports []fsm.PortMapping, rd *fsm.Readiness) *fsm.Readiness {
 	kinds := 0
 	if rr.HTTP != nil {
 		kinds++
@@ -641,4 +656,131 @@ func (p *parser) size(key string, v any) uint64 {
 	}
 	p.add(key, "want a size like \"512MiB\" or a number of bytes")
 	return 0
+}
+
+// Bounds of supervision and secrets.
+const (
+	maxRestarts  = 1000
+	maxMilliCPUs = 1024 * 1000
+	maxSecretUID = 1<<31 - 1
+)
+
+// supervision reads restart, restart_max, health and cpus.
+func (p *parser) supervision(key string, rs rawService, sp *fsm.ServiceSpec) {
+	switch rs.Restart {
+	case "", fsm.RestartAlways, fsm.RestartOnFailure, fsm.RestartNo:
+		if rs.Restart != fsm.RestartAlways {
+			sp.Restart = rs.Restart // "always" is the default, written ""
+		}
+	default:
+		p.add(key+".restart", "%q: want always, on-failure or no", rs.Restart)
+	}
+	if rs.RestartMax != nil {
+		switch {
+		case rs.Restart != fsm.RestartOnFailure:
+			p.add(key+".restart_max", "only with restart = \"on-failure\"")
+		case *rs.RestartMax < 1 || *rs.RestartMax > maxRestarts:
+			p.add(key+".restart_max", "%d: want 1 to %d", *rs.RestartMax, maxRestarts)
+		default:
+			sp.RestartMax = *rs.RestartMax
+		}
+	}
+	if rs.Health != nil {
+		sp.Health = p.check(key+".health", rs.Health, sp.Ports, &fsm.Readiness{Port: rs.Health.Port, Interval: 10 * time.Second, Timeout: 2 * time.Second, Retries: 3})
+		if sp.Health.Retries < 1 {
+			p.add(key+".health.retries", "0: a health check restarts after at least 1 failure")
+		}
+	}
+	if rs.CPUs != nil {
+		var cores float64
+		switch x := rs.CPUs.(type) {
+		case int64:
+			cores = float64(x)
+		case float64:
+			cores = x
+		case string:
+			v, err := strconv.ParseFloat(x, 64)
+			if err != nil {
+				p.add(key+".cpus", "%q is not a number of cores like 0.5 or 2", x)
+				return
+			}
+			cores = v
+		default:
+			p.add(key+".cpus", "want a number of cores like 0.5 or 2")
+			return
+		}
+		milli := math.Round(cores * 1000)
+		if milli < 1 || milli > maxMilliCPUs {
+			p.add(key+".cpus", "%g: want 0.001 to %d cores", cores, maxMilliCPUs/1000)
+			return
+		}
+		sp.MilliCPUs = uint64(milli)
+	}
+}
+
+// secrets reads the secrets a service names: "NAME", or a table with
+// name, path, uid, gid and mode (a string of octal digits like "0440").
+func (p *parser) secrets(key string, raw []any, sp *fsm.ServiceSpec, mounted map[string]bool) {
+	seen := map[string]bool{}
+	for i, r := range raw {
+		sk := fmt.Sprintf("%s.secrets[%d]", key, i)
+		sm := fsm.SecretMount{Mode: 0o400}
+		switch x := r.(type) {
+		case string:
+			sm.Name = x
+		case map[string]any:
+			for k, v := range x {
+				switch k {
+				case "name", "path":
+					s, ok := v.(string)
+					if !ok {
+						p.add(sk+"."+k, "want a string")
+						continue
+					}
+					if k == "name" {
+						sm.Name = s
+					} else {
+						sm.Path = s
+					}
+				case "uid", "gid":
+					n, ok := v.(int64)
+					if !ok || n < 0 || n > maxSecretUID {
+						p.add(sk+"."+k, "want an id from 0 to %d", maxSecretUID)
+						continue
+					}
+					if k == "uid" {
+						sm.UID = int(n)
+					} else {
+						sm.GID = int(n)
+					}
+				case "mode":
+					s, _ := v.(string)
+					m, err := strconv.ParseUint(s, 8, 32)
+					if err != nil || m&^0o777 != 0 || m&0o444 == 0 {
+						p.add(sk+".mode", "want a readable file mode in octal like \"0440\"")
+						continue
+					}
+					sm.Mode = uint32(m)
+				default:
+					p.add(sk+"."+k, "unknown key (want name, path, uid, gid or mode)")
+				}
+			}
+		default:
+			p.add(sk, "want a secret's name or a table with its name")
+			continue
+		}
+		if !fsm.ValidName(sm.Name) {
+			p.add(sk+".name", "%q is not a secret name (a DNS label)", sm.Name)
+			continue
+		}
+		if seen[sm.Name] {
+			p.add(sk+".name", "secret %q is listed twice", sm.Name)
+		}
+		seen[sm.Name] = true
+		if sm.Path == "" {
+			sm.Path = "/run/secrets/" + sm.Name
+		}
+		p.mountPath(sk+".path", sm.Path, mounted)
+		sp.Secrets = append(sp.Secrets, sm)
+	}
 }

@@ -164,6 +164,16 @@ path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
 		{"drover's label", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nlabels = { \"sh.drover.service\" = \"x\" }"), `services.cache.labels.sh.drover.service: sh.drover.* labels are drover's own`},
 		{"tmpfs over a volume", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\n[[services.cache.tmpfs]]\npath = \"/proc/x\""), `services.cache.tmpfs[0].path: "/proc/x": not under /proc`},
 		{"empty flush", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nflush = []"), `services.cache.flush: empty command`},
+		{"unknown restart", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nrestart = \"sometimes\""), `shop.toml:29: services.cache.restart: "sometimes": want always, on-failure or no`},
+		{"restart_max without on-failure", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nrestart_max = 3"), `services.cache.restart_max: only with restart = "on-failure"`},
+		{"health of no kind", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\n[services.cache.health]\ninterval = \"5s\""), `services.cache.health: want exactly one of http, tcp or exec, found 0`},
+		{"health without retries", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\n[services.cache.health]\nexec = [\"true\"]\nretries = 0"), `services.cache.health.retries: 0: a health check restarts after at least 1 failure`},
+		{"too many cpus", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\ncpus = 5000"), `shop.toml:29: services.cache.cpus: 5000: want 0.001 to 1024 cores`},
+		{"cpus not a number", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\ncpus = \"lots\""), `services.cache.cpus: "lots" is not a number of cores`},
+		{"bad secret name", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nsecrets = [\"../key\"]"), `services.cache.secrets[0].name: "../key" is not a secret name`},
+		{"bad secret mode", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nsecrets = [{ name = \"db\", mode = \"0200\" }]"), `services.cache.secrets[0].mode: want a readable file mode`},
+		{"unknown secret key", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nsecrets = [{ name = \"db\", owner = \"me\" }]"), `services.cache.secrets[0].owner: unknown key`},
+		{"secret over a volume", replace(`retries = 10`, "retries = 10\n[services.web.secrets]"), `services.web.secrets`},
 		{"unknown compression", replace(`quota = "1GiB"`, "quota = \"1GiB\"\ncompression = \"brotli\""), `shop.toml:19: services.web.volumes[0].compression: "brotli": want on, off, lz4`},
 	}
 	for _, c := range cases {
@@ -174,6 +184,45 @@ path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
 				t.Fatalf("got:\n%v\nwant it to contain:\n%s", err, c.want)
 			}
 		})
+	}
+}
+
+func TestParseSupervisionAndSecrets(t *testing.T) {
+	src := replace(`stop_timeout = "30s"`, `stop_timeout = "30s"
+restart = "on-failure"
+restart_max = 5
+cpus = 0.5
+secrets = ["db-password", { name = "tls", path = "/etc/tls/key.pem", uid = 999, mode = "0440" }]
+[services.cache.health]
+tcp = true
+interval = "3s"`)
+	m, err := Parse("shop.toml", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := m.Services[0]
+	if got.Restart != "on-failure" || got.RestartMax != 5 || got.MilliCPUs != 500 {
+		t.Fatalf("restart %q max %d cpus %d", got.Restart, got.RestartMax, got.MilliCPUs)
+	}
+	wantHealth := fsm.Readiness{Kind: "tcp", Port: 6379, Interval: 3 * time.Second, Timeout: 2 * time.Second, Retries: 3}
+	if got.Health == nil || !reflect.DeepEqual(*got.Health, wantHealth) {
+		t.Fatalf("health %+v, want %+v", got.Health, wantHealth)
+	}
+	wantSecrets := []fsm.SecretMount{{Name: "db-password", Path: "/run/secrets/db-password", Mode: 0o400},
+		{Name: "tls", Path: "/etc/tls/key.pem", UID: 999, Mode: 0o440}}
+	if !reflect.DeepEqual(got.Secrets, wantSecrets) {
+		t.Fatalf("secrets %+v, want %+v", got.Secrets, wantSecrets)
+	}
+	// "always" is the default and is not written.
+	m, err = Parse("shop.toml", []byte(replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nrestart = \"always\"")))
+	if err != nil || m.Services[0].Restart != "" {
+		t.Fatalf("restart always: %v, %q", err, m.Services[0].Restart)
+	}
+	// A rendered manifest keeps them.
+	out := Render("shop", []fsm.ServiceSpec{got}, nil)
+	again, err := Parse("shop.toml", []byte(out))
+	if err != nil || !reflect.DeepEqual(again.Services[0], got) {
+		t.Fatalf("rendered:\n%s\nparses to %+v, %v", out, again, err)
 	}
 }
 
@@ -190,6 +239,7 @@ func TestAllProblemsReported(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add([]byte(good))
 	f.Add([]byte("namespace = \"x\"\n[services.a]\nimage = \"i\"\n"))
+	f.Add([]byte("namespace = \"x\"\n[services.a]\nimage = \"i\"\nrestart = \"on-failure\"\nrestart_max = 2\ncpus = \"1.5\"\nsecrets = [\"s\", { name = \"t\", mode = \"0440\", uid = 7 }]\n[services.a.health]\nexec = [\"true\"]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := Parse("fuzz.toml", data)
 		if err != nil {

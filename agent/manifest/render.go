@@ -63,6 +63,22 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 		if sp.MemoryBytes > 0 {
 			fmt.Fprintf(&b, "memory = %d\n", sp.MemoryBytes)
 		}
+		if sp.MilliCPUs > 0 {
+			fmt.Fprintf(&b, "cpus = \"%d.%03d\"\n", sp.MilliCPUs/1000, sp.MilliCPUs%1000)
+		}
+		if sp.Restart != "" {
+			fmt.Fprintf(&b, "restart = %s\n", strconv.Quote(sp.Restart))
+		}
+		if sp.RestartMax > 0 {
+			fmt.Fprintf(&b, "restart_max = %d\n", sp.RestartMax)
+		}
+		if len(sp.Secrets) > 0 {
+			items := make([]string, len(sp.Secrets))
+			for i, sm := range sp.Secrets {
+				items[i] = fmt.Sprintf("{ name = %s, path = %s, uid = %d, gid = %d, mode = \"%04o\" }", strconv.Quote(sm.Name), strconv.Quote(sm.Path), sm.UID, sm.GID, sm.Mode)
+			}
+			fmt.Fprintf(&b, "secrets = [%s]\n", strings.Join(items, ", "))
+		}
 		if len(sp.Env) > 0 {
 			keys := make([]string, 0, len(sp.Env))
 			for k := range sp.Env {
@@ -102,24 +118,30 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 				b.WriteString("read_only = true\n")
 			}
 		}
-		if rd := sp.Readiness; rd != nil {
-			fmt.Fprintf(&b, "\n[%s.readiness]\n", key)
-			switch rd.Kind {
-			case "http":
-				fmt.Fprintf(&b, "http = %s\n", strconv.Quote(rd.Path))
-			case "tcp":
-				b.WriteString("tcp = true\n")
-			case "exec":
-				fmt.Fprintf(&b, "exec = %s\n", quoteList(rd.Command))
-			}
-			if rd.Kind != "exec" {
-				fmt.Fprintf(&b, "port = %d\n", rd.Port)
-			}
-			fmt.Fprintf(&b, "interval = %s\ntimeout = %s\nretries = %d\nstart_period = %s\n",
-				quoteDuration(rd.Interval), quoteDuration(rd.Timeout), rd.Retries, quoteDuration(rd.StartPeriod))
-		}
+		renderCheck(&b, key+".readiness", sp.Readiness)
+		renderCheck(&b, key+".health", sp.Health)
 	}
 	return b.String()
+}
+
+// renderCheck writes a readiness or health check's table.
+func renderCheck(b *strings.Builder, key string, rd *fsm.Readiness) {
+	if rd != nil {
+		fmt.Fprintf(b, "\n[%s]\n", key)
+		switch rd.Kind {
+		case "http":
+			fmt.Fprintf(b, "http = %s\n", strconv.Quote(rd.Path))
+		case "tcp":
+			b.WriteString("tcp = true\n")
+		case "exec":
+			fmt.Fprintf(b, "exec = %s\n", quoteList(rd.Command))
+		}
+		if rd.Kind != "exec" {
+			fmt.Fprintf(b, "port = %d\n", rd.Port)
+		}
+		fmt.Fprintf(b, "interval = %s\ntimeout = %s\nretries = %d\nstart_period = %s\n",
+			quoteDuration(rd.Interval), quoteDuration(rd.Timeout), rd.Retries, quoteDuration(rd.StartPeriod))
+	}
 }
 
 func quoteList(xs []string) string {

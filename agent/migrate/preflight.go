@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	goruntime "runtime"
 	"strings"
 	"time"
 
@@ -18,7 +19,7 @@ import (
 // handleLocalFacts answers what only this machine knows: free memory and
 // pool space, the asked volumes of a namespace, the asked images.
 func (m *Migrator) handleLocalFacts(ctx context.Context, _ string, q LocalQuery) (LocalFacts, error) {
-	out := LocalFacts{MemoryBytes: m.cfg.MemAvailable(), Volumes: map[string]volume.Info{}}
+	out := LocalFacts{MemoryBytes: m.cfg.MemAvailable(), MilliCPUs: uint64(goruntime.NumCPU()) * 1000, Volumes: map[string]volume.Info{}}
 	for _, image := range q.Images {
 		if out.Images == nil {
 			out.Images, out.ImageFrom = map[string]bool{}, map[string]string{}
@@ -86,6 +87,7 @@ func (m *Migrator) plan(ctx context.Context, req ctlapi.MigrateRequest) (ctlapi.
 			lockHolder = l.Holder
 		}
 		in.fixed, in.fixedFrom = fixedCost(s.Migrations(), ns, name)
+		in.tgtReservedCPU = s.ReservedMilliCPUs(target.ID)
 	})
 	if !ok {
 		return ctlapi.MigrationPlan{}, fsm.Service{}, fsm.Machine{}, &ctlapi.APIError{Status: http.StatusNotFound, Code: ctlapi.CodeUnknownService, Err: fmt.Errorf("no service %s", req.Service)}
@@ -114,6 +116,8 @@ type preflightInput struct {
 	fixed     time.Duration
 	fixedFrom string
 	budget    time.Duration
+	// tgtReservedCPU: what the target's services reserve of its cores.
+	tgtReservedCPU uint64
 }
 
 // checkPreflight decides a migration's pre-flight from what was gathered:
@@ -164,6 +168,10 @@ func checkPreflight(service string, in preflightInput) ctlapi.MigrationPlan {
 			"free %d MiB, need 1.1 x %d MiB referenced = %d MiB", tgt.VolumeFreeBytes>>20, referenced>>20, need>>20)
 		check("target memory headroom", tgt.MemoryBytes >= sv.Spec.MemoryBytes,
 			"available %d MiB, service reserves %d MiB", tgt.MemoryBytes>>20, sv.Spec.MemoryBytes>>20)
+		if sv.Spec.MilliCPUs > 0 {
+			check("target CPU headroom", tgt.MilliCPUs == 0 || in.tgtReservedCPU+sv.Spec.MilliCPUs <= tgt.MilliCPUs,
+				"%d/1000 cores, %d/1000 reserved by its services, service reserves %d/1000", tgt.MilliCPUs, in.tgtReservedCPU, sv.Spec.MilliCPUs)
+		}
 		image := sv.Spec.RunImage()
 		how := tgt.HowImage(image)
 		streamed := !tgt.CanRun(image) && in.srcErr == nil && in.src.Images[image]

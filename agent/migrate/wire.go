@@ -157,6 +157,7 @@ type LocalQuery struct {
 type LocalFacts struct {
 	VolumeFreeBytes uint64                 `json:"volume_free_bytes"`
 	MemoryBytes     uint64                 `json:"memory_bytes"`
+	MilliCPUs       uint64                 `json:"milli_cpus,omitempty"` // its cores, in thousandths
 	HoldsVolumes    bool                   `json:"holds_volumes"`
 	Images          map[string]bool        `json:"images,omitempty"` // of the asked images, which it has
 	Volumes         map[string]volume.Info `json:"volumes"`          // those of the asked names it has

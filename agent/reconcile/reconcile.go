@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	goruntime "runtime"
 	"time"
 
 	"github.com/drover-sh/drover/agent/runtime"
@@ -35,6 +36,18 @@ type Runtime interface {
 	CheckOnce(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
 }
 
+// Restarter restarts a container in place (an unhealthy one).
+type Restarter interface {
+	Stop(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, error)
+	Restart(ctx context.Context, id string) error
+}
+
+// Engine is the container engine as the reconciler uses it.
+type Engine interface {
+	Runtime
+	Restarter
+}
+
 // Volumes makes a service's volumes and tells the free pool space.
 type Volumes interface {
 	Ensure(namespace, name string, p volume.Properties) (volume.Info, error)
@@ -50,6 +63,8 @@ type Loopback interface {
 type Gossip interface {
 	LocalMeta() cluster.Meta
 	SetMeta(update func(*cluster.Meta)) error
+	// Member tells the facts level others gossip.
+	Member(id string) (cluster.Member, bool)
 }
 
 // Config is what the reconciler needs to know of its machine.
@@ -74,7 +89,7 @@ type Observer interface {
 type Reconciler struct {
 	cfg    Config
 	facts  Facts
-	rt     Runtime
+	rt     Engine
 	vols   Volumes // nil: this machine holds no volumes
 	lo     Loopback
 	gossip Gossip
@@ -83,16 +98,29 @@ type Reconciler struct {
 	checks map[string]*checkState // by service key; only the loop touches it
 }
 
-// checkState is the reconciler's memory of one service's readiness.
+// checkState is the reconciler's memory of one service's readiness and
+// health.
 type checkState struct {
 	generation  uint64
 	containerID string
 	failures    int
 	reported    string // "ready" or the error last reported for generation
+	// reportedProc is the process last reported, and when.
+	reportedProc fsm.Process
+	reportedAt   time.Time
+	health       healthState
+}
+
+// healthState is what the health checks of one service have seen.
+type healthState struct {
+	checkedAt time.Time
+	failures  int       // in a row
+	restarts  int       // drover's restarts of an unhealthy container
+	lastAt    time.Time // drover's last such restart
 }
 
 // New makes a reconciler; vols is nil on a machine without volumes.
-func New(cfg Config, facts Facts, rt Runtime, vols Volumes, lo Loopback, gossip Gossip) *Reconciler {
+func New(cfg Config, facts Facts, rt Engine, vols Volumes, lo Loopback, gossip Gossip) *Reconciler {
 	if cfg.Interval == 0 {
 		cfg.Interval = 2 * time.Second
 	}
@@ -142,10 +170,11 @@ func (r *Reconciler) ReportCapacity() {
 			disk = free / capacityStep * capacityStep
 		}
 	}
-	if m := r.gossip.LocalMeta(); m.MemoryBytes == mem && m.DiskBytes == disk {
+	cores := uint64(goruntime.NumCPU()) * 1000
+	if m := r.gossip.LocalMeta(); m.MemoryBytes == mem && m.DiskBytes == disk && m.MilliCPUs == cores {
 		return
 	}
-	if err := r.gossip.SetMeta(func(m *cluster.Meta) { m.MemoryBytes, m.DiskBytes = mem, disk }); err != nil {
+	if err := r.gossip.SetMeta(func(m *cluster.Meta) { m.MemoryBytes, m.DiskBytes, m.MilliCPUs = mem, disk, cores }); err != nil {
 		r.log.Warn("gossiping capacity", "err", err)
 	}
 }
@@ -232,6 +261,7 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 			} else {
 				st.reported = sv.Status.Error
 			}
+			st.reportedProc, st.reportedAt = sv.Status.Process, sv.Status.At
 		}
 		r.checks[key] = st
 	}
@@ -240,7 +270,7 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 		r.report(ctx, sv, st, err)
 		return
 	}
-	if c.ID == "" || c.SpecHash != rs.Hash() || !c.Running {
+	if c.ID == "" || c.SpecHash != rs.Hash() || (!c.Running && !engineKeeps(c, rs.Spec)) {
 		// The image first: a container being replaced serves on while
 		// its successor's image is pulled.
 		if err := r.rt.EnsureImage(ctx, rs.Spec.RunImage(), nil); err != nil {
@@ -263,12 +293,25 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 		r.log.Info("started container", "service", key, "generation", sv.Generation)
 		r.observe(func(o Observer) { o.ReconcileAction("start") })
 		c = started
-		st.failures, st.containerID, st.reported = 0, c.ID, ""
+		st.failures, st.containerID, st.reported, st.health = 0, c.ID, "", healthState{}
+	}
+	if st.containerID != c.ID && st.containerID != "" {
+		st.health = healthState{} // another container (a move brought it)
 	}
 	if st.reported == "ready" && st.containerID == "" {
 		st.containerID = c.ID // adopted: ready as reported before
 	}
+	proc := processOf(c, rs.Spec, st.health, time.Now())
+	if !c.Running {
+		// The engine restarts it, or its policy leaves it ended.
+		r.reportProcess(ctx, sv, st, notRunning(proc), proc)
+		return
+	}
 	if st.reported == "ready" {
+		if r.checkHealth(ctx, sv, st, c, rs) {
+			return // restarted: readiness is checked again next round
+		}
+		r.reportProcess(ctx, sv, st, nil, processOf(c, rs.Spec, st.health, time.Now()))
 		return
 	}
 	rd := rs.Spec.Readiness
@@ -282,11 +325,145 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 	if err := r.rt.CheckOnce(ctx, c, rs); err != nil {
 		st.failures++
 		if st.failures > retries {
-			r.report(ctx, sv, st, err)
+			r.reportProcess(ctx, sv, st, err, proc)
 		}
 		return
 	}
-	r.report(ctx, sv, st, nil)
+	r.reportProcess(ctx, sv, st, nil, proc)
+}
+
+// engineKeeps tells whether a container that does not run is the
+// engine's to restart (it is restarting) or left ended by its restart
+// policy — not the reconciler's to start again.
+func engineKeeps(c runtime.Container, spec fsm.ServiceSpec) bool {
+	switch {
+	case c.State == "restarting":
+		return true
+	case c.State != "exited" || c.LastExit == nil:
+		return false // created, or stopped by someone: drover starts it
+	case spec.Restart == fsm.RestartNo:
+		return true
+	case spec.Restart == fsm.RestartOnFailure:
+		return c.LastExit.Code == 0 || (spec.RestartMax > 0 && c.Restarts >= spec.RestartMax)
+	}
+	return false
+}
+
+// crashLoopRestarts is how many restarts, the last exit within
+// crashLoopWindow, make a crash loop.
+const (
+	crashLoopRestarts = 3
+	crashLoopWindow   = 5 * time.Minute
+)
+
+// processOf is what is reported of a container's process: a pure
+// function of what the engine and the health checks saw.
+func processOf(c runtime.Container, spec fsm.ServiceSpec, h healthState, now time.Time) fsm.Process {
+	p := fsm.Process{Restarts: c.Restarts + h.restarts, LastExit: c.LastExit}
+	if p.LastExit != nil && !h.lastAt.IsZero() && !p.LastExit.At.Before(h.lastAt.Add(-time.Second)) &&
+		p.LastExit.At.Before(h.lastAt.Add(runtime.StopGrace(spec)+5*time.Second)) {
+		exit := *p.LastExit
+		exit.Reason = fsm.StateUnhealthy // drover stopped it
+		p.LastExit = &exit
+	}
+	looping := c.Restarts >= crashLoopRestarts && c.LastExit != nil && now.Sub(c.LastExit.At) < crashLoopWindow
+	switch {
+	case c.State == "restarting" && looping:
+		p.State = fsm.StateCrashLoop
+	case c.State == "restarting":
+		p.State = fsm.StateRestarting
+	case !c.Running && spec.Restart == fsm.RestartOnFailure && spec.RestartMax > 0 && c.Restarts >= spec.RestartMax && c.LastExit != nil && c.LastExit.Code != 0:
+		p.State = fsm.StateCrashLoop // gave up
+	case !c.Running:
+		p.State = fsm.StateExited
+	case h.failures > 0:
+		p.State = fsm.StateUnhealthy
+	case looping:
+		p.State = fsm.StateCrashLoop
+	default:
+		p.State = fsm.StateRunning
+	}
+	return p
+}
+
+// notRunning is the error reported for a container that does not run.
+func notRunning(p fsm.Process) error {
+	what := "exited"
+	switch p.State {
+	case fsm.StateCrashLoop:
+		what = "crash loop: exited"
+	case fsm.StateRestarting:
+		what = "restarting: exited"
+	}
+	if p.LastExit == nil {
+		return fmt.Errorf("%s (not started)", what)
+	}
+	return fmt.Errorf("%s with code %d at %s", what, p.LastExit.Code, p.LastExit.At.UTC().Format(time.RFC3339))
+}
+
+// checkHealth runs the service's health check when it is due, and
+// restarts the container once it failed Retries times in a row. It
+// tells whether it restarted.
+func (r *Reconciler) checkHealth(ctx context.Context, sv fsm.Service, st *checkState, c runtime.Container, rs runtime.RunSpec) bool {
+	hc := rs.Spec.Health
+	now := time.Now()
+	if hc == nil || now.Sub(st.health.checkedAt) < hc.Interval || (!c.StartedAt.IsZero() && now.Sub(c.StartedAt) < hc.StartPeriod) {
+		return false
+	}
+	st.health.checkedAt = now
+	check := rs
+	check.Spec.Readiness = hc
+	err := r.rt.CheckOnce(ctx, c, check)
+	if err == nil {
+		st.health.failures = 0
+		return false
+	}
+	st.health.failures++
+	r.log.Warn("health check failed", "service", sv.Key(), "failures", st.health.failures, "of", hc.Retries, "err", err)
+	if st.health.failures < hc.Retries {
+		return false
+	}
+	r.log.Warn("restarting an unhealthy container", "service", sv.Key(), "after", st.health.failures)
+	r.observe(func(o Observer) { o.ReconcileAction("restart-unhealthy") })
+	st.health.failures, st.health.lastAt = 0, time.Now()
+	st.health.restarts++
+	if _, err := r.rt.Stop(ctx, c.ID, runtime.StopGrace(rs.Spec)); err != nil {
+		r.log.Warn("stopping an unhealthy container", "service", sv.Key(), "err", err)
+	}
+	if err := r.rt.Restart(ctx, c.ID); err != nil {
+		r.log.Warn("starting an unhealthy container again", "service", sv.Key(), "err", err)
+	}
+	st.failures, st.reported = 0, "" // readiness is checked again
+	return true
+}
+
+// reportProcess reports readiness (err nil) or failure with what is
+// known of the process, when either changed: a change of the restart
+// count alone at most every processReportEvery.
+func (r *Reconciler) reportProcess(ctx context.Context, sv fsm.Service, st *checkState, err error, proc fsm.Process) {
+	if ok, _ := factview.FactsAt(r.facts, r.gossip, cluster.FactsLevelOperator); !ok {
+		proc = fsm.Process{} // a machine would not read it
+	}
+	outcome := "ready"
+	if err != nil {
+		outcome = err.Error()
+	}
+	same := st.reported == outcome && st.reportedProc.State == proc.State && exitAt(st.reportedProc) == exitAt(proc)
+	if same && (st.reportedProc.Restarts == proc.Restarts || time.Since(st.reportedAt) < processReportEvery) {
+		return
+	}
+	r.write(ctx, sv, st, err, proc)
+}
+
+// processReportEvery bounds how often a crash loop's restart count
+// alone is written to the facts.
+const processReportEvery = 10 * time.Second
+
+func exitAt(p fsm.Process) time.Time {
+	if p.LastExit == nil {
+		return time.Time{}
+	}
+	return p.LastExit.At
 }
 
 // runSpec resolves a service's volumes to datasets this machine owns.
@@ -319,18 +496,27 @@ func (r *Reconciler) report(ctx context.Context, sv fsm.Service, st *checkState,
 	if st.reported == outcome {
 		return
 	}
+	r.write(ctx, sv, st, err, st.reportedProc)
+}
+
+// write writes a service's status to the facts.
+func (r *Reconciler) write(ctx context.Context, sv fsm.Service, st *checkState, err error, proc fsm.Process) {
+	outcome := "ready"
 	if err != nil {
-		r.log.Warn("service failed", "service", sv.Key(), "generation", sv.Generation, "err", err)
+		outcome = err.Error()
+		if st.reported != outcome {
+			r.log.Warn("service failed", "service", sv.Key(), "generation", sv.Generation, "err", err)
+		}
 	}
 	cmd := fsm.SetServiceStatus{Namespace: sv.Namespace, Name: sv.Spec.Name, MachineID: r.cfg.Self,
-		Generation: sv.Generation, Ready: err == nil, Error: errString(err), At: time.Now()}
+		Generation: sv.Generation, Ready: err == nil, Error: errString(err), At: time.Now(), Process: proc}
 	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if _, aerr := r.facts.Apply(actx, cmd); aerr != nil {
 		r.log.Warn("reporting service status", "service", sv.Key(), "err", aerr)
 		return
 	}
-	st.reported = outcome
+	st.reported, st.reportedProc, st.reportedAt = outcome, proc, time.Now()
 }
 
 func errString(err error) string {

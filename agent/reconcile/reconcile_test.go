@@ -29,6 +29,44 @@ type fakeRuntime struct {
 	checkErr error
 	pulled   []string
 	pullErr  error // EnsureImage fails with it when set
+	// healthErr is what health checks (not readiness) return; stops and
+	// restarts are the health restarts done.
+	healthErr error
+	stops     []string
+	restarts  []string
+}
+
+func (r *fakeRuntime) Stop(_ context.Context, id string, _ time.Duration) (runtime.Stopped, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.stops = append(r.stops, id)
+	c := r.byID[id]
+	c.Running, c.State = false, "exited"
+	c.LastExit = &fsm.Exit{Code: 143, At: time.Now()}
+	r.byID[id] = c
+	return runtime.Stopped{}, nil
+}
+
+func (r *fakeRuntime) Restart(_ context.Context, id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.restarts = append(r.restarts, id)
+	c := r.byID[id]
+	c.Running, c.State, c.StartedAt = true, "running", time.Now()
+	r.byID[id] = c
+	return nil
+}
+
+// set changes the one container of a service as the engine would.
+func (r *fakeRuntime) set(key string, change func(*runtime.Container)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for id, c := range r.byID {
+		if c.Key() == key {
+			change(&c)
+			r.byID[id] = c
+		}
+	}
 }
 
 func (r *fakeRuntime) EnsureImage(_ context.Context, ref string, _ func(runtime.PullProgress)) error {
@@ -67,9 +105,12 @@ func (r *fakeRuntime) Remove(_ context.Context, id string, _ time.Duration) erro
 	return nil
 }
 
-func (r *fakeRuntime) CheckOnce(context.Context, runtime.Container, runtime.RunSpec) error {
+func (r *fakeRuntime) CheckOnce(_ context.Context, _ runtime.Container, rs runtime.RunSpec) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if rs.Spec.Health != nil && rs.Spec.Readiness == rs.Spec.Health {
+		return r.healthErr
+	}
 	return r.checkErr
 }
 
@@ -95,6 +136,9 @@ type fakeGossip struct {
 }
 
 func (g *fakeGossip) LocalMeta() cluster.Meta { return g.meta }
+func (g *fakeGossip) Member(id string) (cluster.Member, bool) {
+	return cluster.Member{Meta: cluster.Meta{MachineID: id, Facts: cluster.FactsLevel}}, true
+}
 func (g *fakeGossip) SetMeta(update func(*cluster.Meta)) error {
 	update(&g.meta)
 	g.sets++
@@ -292,5 +336,87 @@ func TestReconcilePullsThePinnedImageBeforeReplacing(t *testing.T) {
 	}
 	if st := g.status(t, "web"); st.Ready || !strings.Contains(st.Error, "unauthorized") {
 		t.Fatalf("status %+v does not say why", st)
+	}
+}
+
+func TestACrashLoopIsReportedAndLeftToTheEngine(t *testing.T) {
+	g := newRig(t, false)
+	g.facts.Deploy(t, "shop", spec("web"), "a")
+	g.round(t)
+	exited := time.Now().Add(-time.Second)
+	g.rt.set("shop/web", func(c *runtime.Container) {
+		c.Running, c.State, c.Restarts = false, "restarting", 4
+		c.LastExit = &fsm.Exit{Code: 3, At: exited}
+	})
+	g.round(t)
+	st := g.status(t, "web")
+	if st.Ready || st.State != fsm.StateCrashLoop || st.Restarts != 4 || st.LastExit == nil || st.LastExit.Code != 3 ||
+		!strings.Contains(st.Error, "crash loop: exited with code 3") {
+		t.Fatalf("status %+v", st)
+	}
+	if len(g.rt.removed) != 0 || len(g.rt.started) != 1 {
+		t.Fatalf("the reconciler took the engine's restart: removed %v started %v", g.rt.removed, g.rt.started)
+	}
+	// The next restart alone is not written at once.
+	g.rt.set("shop/web", func(c *runtime.Container) { c.Restarts = 5 })
+	g.round(t)
+	if st := g.status(t, "web"); st.Restarts != 4 {
+		t.Fatalf("a restart count alone was written within %s: %+v", processReportEvery, st)
+	}
+}
+
+func TestRestartPolicyDecidesWhetherAnEndedContainerStartsAgain(t *testing.T) {
+	exit := func(code int) *fsm.Exit { return &fsm.Exit{Code: code, At: time.Now()} }
+	cases := []struct {
+		name    string
+		restart string
+		max     int
+		c       runtime.Container
+		keeps   bool
+		state   string
+	}{
+		{"always, stopped by someone", "", 0, runtime.Container{State: "exited", LastExit: exit(0)}, false, fsm.StateExited},
+		{"always, restarting", "", 0, runtime.Container{State: "restarting", LastExit: exit(1), Restarts: 1}, true, fsm.StateRestarting},
+		{"no", fsm.RestartNo, 0, runtime.Container{State: "exited", LastExit: exit(1)}, true, fsm.StateExited},
+		{"on-failure, done", fsm.RestartOnFailure, 0, runtime.Container{State: "exited", LastExit: exit(0)}, true, fsm.StateExited},
+		{"on-failure, gave up", fsm.RestartOnFailure, 3, runtime.Container{State: "exited", LastExit: exit(2), Restarts: 3}, true, fsm.StateCrashLoop},
+		{"on-failure, stopped early", fsm.RestartOnFailure, 3, runtime.Container{State: "exited", LastExit: exit(2), Restarts: 1}, false, fsm.StateExited},
+		{"never started", "", 0, runtime.Container{State: "created"}, false, fsm.StateExited},
+	}
+	for _, c := range cases {
+		sp := fsm.ServiceSpec{Restart: c.restart, RestartMax: c.max}
+		if got := engineKeeps(c.c, sp); got != c.keeps {
+			t.Errorf("%s: engine keeps %v, want %v", c.name, got, c.keeps)
+		}
+		if got := processOf(c.c, sp, healthState{}, time.Now()); got.State != c.state {
+			t.Errorf("%s: state %q, want %q", c.name, got.State, c.state)
+		}
+	}
+}
+
+func TestAnUnhealthyContainerIsRestarted(t *testing.T) {
+	g := newRig(t, false)
+	sp := spec("web")
+	sp.Health = &fsm.Readiness{Kind: "tcp", Port: 80, Interval: time.Nanosecond, Timeout: time.Second, Retries: 2}
+	g.facts.Deploy(t, "shop", sp, "a")
+	g.round(t) // started, ready
+	g.round(t) // healthy
+	if st := g.status(t, "web"); !st.Ready || st.State != fsm.StateRunning || len(g.rt.stops) != 0 {
+		t.Fatalf("status %+v, stops %v", st, g.rt.stops)
+	}
+	g.rt.healthErr = errors.New("connection refused")
+	g.round(t) // one failure: unhealthy, not yet restarted
+	if st := g.status(t, "web"); st.State != fsm.StateUnhealthy || len(g.rt.stops) != 0 {
+		t.Fatalf("after one failure: status %+v, stops %v", st, g.rt.stops)
+	}
+	g.round(t) // the second: restarted
+	if len(g.rt.stops) != 1 || len(g.rt.restarts) != 1 || len(g.rt.started) != 1 {
+		t.Fatalf("stops %v restarts %v starts %v", g.rt.stops, g.rt.restarts, g.rt.started)
+	}
+	g.rt.healthErr = nil
+	g.round(t) // ready again
+	st := g.status(t, "web")
+	if !st.Ready || st.State != fsm.StateRunning || st.Restarts != 1 || st.LastExit == nil || st.LastExit.Reason != fsm.StateUnhealthy {
+		t.Fatalf("after the restart: %+v (last exit %+v)", st, st.LastExit)
 	}
 }

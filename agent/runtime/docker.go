@@ -50,6 +50,14 @@ type Docker struct {
 	aliases     aliases     // references of loaded images
 	holdBinary  string      // drover-hold; empty: no held containers
 	holdDir     string      // held containers' marker directories
+	secrets     Secrets     // nil: services with secrets cannot run here
+	secretsDir  string      // a tmpfs: each container's secret files
+}
+
+// Secrets opens a namespace's secrets: the plaintext, to be written only
+// to the secrets tmpfs.
+type Secrets interface {
+	Open(namespace, name string) ([]byte, error)
 }
 
 // DockerConfig is what NewDocker needs.
@@ -66,6 +74,10 @@ type DockerConfig struct {
 	// set: a move's target can hold a started container (CreateHeld).
 	HoldBinary string
 	HoldDir    string
+	// Secrets opens secrets, and SecretsDir (a tmpfs) holds the files
+	// the containers mount.
+	Secrets    Secrets
+	SecretsDir string
 }
 
 // NewDocker connects to the engine.
@@ -75,7 +87,7 @@ func NewDocker(cfg DockerConfig) (*Docker, error) {
 		return nil, fmt.Errorf("docker client for %s: %w", cfg.Host, err)
 	}
 	return &Docker{cli: cli, machineID: cfg.MachineID, machineName: cfg.MachineName, creds: cfg.Credentials, aliases: aliases{file: cfg.AliasFile},
-		holdBinary: cfg.HoldBinary, holdDir: cfg.HoldDir}, nil
+		holdBinary: cfg.HoldBinary, holdDir: cfg.HoldDir, secrets: cfg.Secrets, secretsDir: cfg.SecretsDir}, nil
 }
 
 // Close releases the client.
@@ -94,6 +106,12 @@ type Container struct {
 	// Held: the container runs drover-hold, waiting to be released into
 	// the service's command (see CreateHeld).
 	Held bool
+	// State is the engine's: created, running, restarting, exited, ...
+	State string
+	// Restarts counts the engine's restarts of it after its process
+	// ended; LastExit is how that process last ended (nil: never).
+	Restarts int
+	LastExit *fsm.Exit
 }
 
 // Key is namespace/service.
@@ -147,10 +165,17 @@ func (d *Docker) List(ctx context.Context) ([]Container, error) {
 		if len(c.Names) > 0 {
 			ct.Name = c.Names[0][1:]
 		}
-		if ct.Running {
-			insp, err := d.cli.ContainerInspect(ctx, c.ID)
-			if err == nil {
+		ct.State = c.State
+		if insp, err := d.cli.ContainerInspect(ctx, c.ID); err == nil && insp.State != nil {
+			if ct.Running {
 				ct.StartedAt, _ = time.Parse(time.RFC3339Nano, insp.State.StartedAt)
+			}
+			ct.Restarts = insp.RestartCount
+			if ended, err := time.Parse(time.RFC3339Nano, insp.State.FinishedAt); err == nil && ended.Year() > 1 {
+				ct.LastExit = &fsm.Exit{Code: insp.State.ExitCode, At: ended}
+				if insp.State.OOMKilled {
+					ct.LastExit.Reason = "oom-killed"
+				}
 			}
 		}
 		out = append(out, ct)
@@ -215,11 +240,18 @@ func (d *Docker) create(ctx context.Context, r RunSpec, held bool) (Container, e
 		LabelNamespace: r.Namespace, LabelService: r.Spec.Name, LabelMachine: d.machineID,
 		LabelGeneration: strconv.FormatUint(r.Generation, 10), LabelSpecHash: r.Hash(),
 	}
-	hc := &container.HostConfig{PortBindings: bindings, Mounts: mounts,
-		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyUnlessStopped}}
+	hc := &container.HostConfig{PortBindings: bindings, Mounts: mounts, RestartPolicy: restartPolicy(r.Spec)}
 	if r.Spec.MemoryBytes > 0 {
 		hc.Resources.Memory = int64(r.Spec.MemoryBytes)
 	}
+	if r.Spec.MilliCPUs > 0 {
+		hc.Resources.NanoCPUs = int64(r.Spec.MilliCPUs) * 1_000_000
+	}
+	secretMounts, err := d.writeSecrets(name, r)
+	if err != nil {
+		return Container{}, err
+	}
+	hc.Mounts = append(hc.Mounts, secretMounts...)
 	image, err := d.local(ctx, r.Spec.RunImage())
 	if err != nil {
 		return Container{}, err
@@ -277,6 +309,79 @@ func (d *Docker) create(ctx context.Context, r RunSpec, held bool) (Container, e
 	}
 	return Container{ID: created.ID, Name: name, Namespace: r.Namespace, Service: r.Spec.Name,
 		Generation: r.Generation, SpecHash: r.Hash(), Held: held}, nil
+}
+
+// restartPolicy is the engine's policy for the spec's restart.
+func restartPolicy(spec fsm.ServiceSpec) container.RestartPolicy {
+	switch spec.Restart {
+	case fsm.RestartOnFailure:
+		return container.RestartPolicy{Name: container.RestartPolicyOnFailure, MaximumRetryCount: spec.RestartMax}
+	case fsm.RestartNo:
+		return container.RestartPolicy{Name: container.RestartPolicyDisabled}
+	}
+	return container.RestartPolicy{Name: container.RestartPolicyUnlessStopped}
+}
+
+// writeSecrets writes the service's secrets as files in the secrets
+// tmpfs, in a directory of the container's own, and returns their
+// read-only bind mounts. The files are what the container sees until it
+// is re-created or restarted by drover (WriteSecrets).
+func (d *Docker) writeSecrets(name string, r RunSpec) ([]mount.Mount, error) {
+	if len(r.Spec.Secrets) == 0 {
+		return nil, nil
+	}
+	if d.secrets == nil || d.secretsDir == "" {
+		return nil, fmt.Errorf("service %s/%s uses secrets, and this daemon cannot open them", r.Namespace, r.Spec.Name)
+	}
+	dir := filepath.Join(d.secretsDir, name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("making %s: %w", dir, err)
+	}
+	var mounts []mount.Mount
+	for _, sm := range r.Spec.Secrets {
+		value, err := d.secrets.Open(r.Namespace, sm.Name)
+		if err != nil {
+			return nil, fmt.Errorf("service %s/%s: secret %s: %w", r.Namespace, r.Spec.Name, sm.Name, err)
+		}
+		file := filepath.Join(dir, sm.Name)
+		if err := writeSecretFile(file, value, sm); err != nil {
+			return nil, err
+		}
+		mounts = append(mounts, mount.Mount{Type: mount.TypeBind, Source: file, Target: sm.Path, ReadOnly: true})
+	}
+	return mounts, nil
+}
+
+// writeSecretFile replaces file (a new inode: a running container keeps
+// the value it mounted) with value, owned and moded as sm asks.
+func writeSecretFile(file string, value []byte, sm fsm.SecretMount) error {
+	mode := os.FileMode(sm.Mode)
+	if mode == 0 {
+		mode = 0o400
+	}
+	tmp := file + ".new"
+	os.Remove(tmp)
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("writing secret file: %w", err)
+	}
+	_, werr := f.Write(value)
+	cerr := f.Close()
+	if err := errors.Join(werr, cerr, os.Chown(tmp, sm.UID, sm.GID), os.Chmod(tmp, mode)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("writing secret file %s: %w", file, err)
+	}
+	if err := os.Rename(tmp, file); err != nil {
+		return fmt.Errorf("writing secret file %s: %w", file, err)
+	}
+	return nil
+}
+
+// WriteSecrets rewrites the files of a service's secrets with their
+// current values; the container sees them when it starts again.
+func (d *Docker) WriteSecrets(r RunSpec) error {
+	_, err := d.writeSecrets(ContainerName(r.Namespace, r.Spec.Name), r)
+	return err
 }
 
 // Where drover-hold and its release marker's directory are in a held
@@ -398,9 +503,15 @@ func (d *Docker) Remove(ctx context.Context, id string, grace time.Duration) err
 		secs := int(grace.Seconds())
 		opts.Timeout = &secs
 	}
-	var held string
-	if insp, err := d.cli.ContainerInspect(ctx, id); err == nil && insp.Config != nil && insp.Config.Labels[LabelHeld] != "" && d.holdDir != "" {
-		held = d.heldDir(strings.TrimPrefix(insp.Name, "/"))
+	var held, secrets string
+	if insp, err := d.cli.ContainerInspect(ctx, id); err == nil && insp.Config != nil {
+		name := strings.TrimPrefix(insp.Name, "/")
+		if insp.Config.Labels[LabelHeld] != "" && d.holdDir != "" {
+			held = d.heldDir(name)
+		}
+		if d.secretsDir != "" && name != "" {
+			secrets = filepath.Join(d.secretsDir, name)
+		}
 	}
 	if err := d.cli.ContainerStop(ctx, id, opts); err != nil && !client.IsErrNotFound(err) {
 		return fmt.Errorf("stopping container %s: %w", id, err)
@@ -412,6 +523,12 @@ func (d *Docker) Remove(ctx context.Context, id string, grace time.Duration) err
 		// Its release marker goes with it.
 		if err := os.RemoveAll(held); err != nil {
 			return fmt.Errorf("removing %s: %w", held, err)
+		}
+	}
+	if secrets != "" {
+		// And its secret files.
+		if err := os.RemoveAll(secrets); err != nil {
+			return fmt.Errorf("removing %s: %w", secrets, err)
 		}
 	}
 	return nil

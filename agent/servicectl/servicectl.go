@@ -76,6 +76,9 @@ type Runtime interface {
 	Stop(ctx context.Context, id string, grace time.Duration) (runtime.Stopped, error)
 	Restart(ctx context.Context, id string) error
 	WaitReady(ctx context.Context, c runtime.Container, r runtime.RunSpec) error
+	// WriteSecrets refreshes the files of the service's secrets, which
+	// the container reads from its next start.
+	WriteSecrets(r runtime.RunSpec) error
 }
 
 // Config names this machine.
@@ -204,13 +207,20 @@ func (s *Services) handleRestart(ctx context.Context, _ string, req restartReque
 			continue
 		}
 		began := time.Now()
+		rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP}
 		if _, err := s.rt.Stop(ctx, c.ID, runtime.StopGrace(sv.Spec)); err != nil {
 			return restarted{}, err
+		}
+		if len(sv.Spec.Secrets) > 0 {
+			// A restart is when the container takes its secrets' new values.
+			if err := s.rt.WriteSecrets(rs); err != nil {
+				s.rt.Restart(ctx, c.ID)
+				return restarted{}, err
+			}
 		}
 		if err := s.rt.Restart(ctx, c.ID); err != nil {
 			return restarted{}, err
 		}
-		rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP}
 		if err := s.rt.WaitReady(ctx, c, rs); err != nil {
 			return restarted{}, err
 		}

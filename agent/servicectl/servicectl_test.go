@@ -3,6 +3,7 @@ package servicectl
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -44,6 +45,13 @@ func (f *fakeRuntime) Restart(_ context.Context, id string) error {
 	defer f.mu.Unlock()
 	f.running = true
 	f.actions = append(f.actions, "start "+id)
+	return nil
+}
+
+func (f *fakeRuntime) WriteSecrets(r runtime.RunSpec) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.actions = append(f.actions, fmt.Sprintf("secrets %d", len(r.Spec.Secrets)))
 	return nil
 }
 

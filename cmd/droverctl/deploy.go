@@ -121,13 +121,23 @@ func (c *cli) printPlan(p ctlapi.DeployPlan) {
 
 func (c *cli) printServices(ss []ctlapi.Service) error {
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE\tMACHINE\tSTATE\tSERVICE-IP\tREADY\tGENERATION")
+	fmt.Fprintln(tw, "SERVICE\tMACHINE\tSTATE\tSERVICE-IP\tREADY\tGENERATION\tRESTARTS\tLAST-EXIT")
 	for _, s := range ss {
 		state := s.State
+		if s.Process != "" && s.Process != "running" && s.State != "failed" {
+			state += " (" + s.Process + ")"
+		}
 		if s.Error != "" {
 			state += ": " + s.Error
 		}
-		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%v\t%d\n", s.Namespace, s.Name, s.Machine, state, s.ServiceIP, s.Ready, s.Generation)
+		last := "-"
+		if e := s.LastExit; e != nil {
+			last = fmt.Sprintf("%d %s ago", e.Code, time.Since(e.At).Round(time.Second))
+			if e.Reason != "" {
+				last += " (" + e.Reason + ")"
+			}
+		}
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%v\t%d\t%d\t%s\n", s.Namespace, s.Name, s.Machine, state, s.ServiceIP, s.Ready, s.Generation, s.Restarts, last)
 	}
 	return tw.Flush()
 }
