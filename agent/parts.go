@@ -21,12 +21,14 @@ import (
 	"github.com/drover-sh/drover/agent/peer"
 	"github.com/drover-sh/drover/agent/reconcile"
 	"github.com/drover-sh/drover/agent/runtime"
+	"github.com/drover-sh/drover/agent/secrets"
 	"github.com/drover-sh/drover/agent/servicectl"
 	"github.com/drover-sh/drover/agent/servicelogs"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/internal/atomicfile"
 	"github.com/drover-sh/drover/internal/hostmem"
 	"github.com/drover-sh/drover/internal/loopback"
+	"github.com/drover-sh/drover/netmesh"
 	"github.com/drover-sh/drover/volume"
 )
 
@@ -36,19 +38,20 @@ const overlayIPFile = "overlay-ip"
 // parts are what this machine runs while it is in a cluster. They are
 // made together, and stopped together by stopCluster.
 type parts struct {
-	node   *cluster.Node
-	mesh   *mesh.Mesh
-	rt     *runtime.Docker
-	vols   *volume.ZFS // nil when this machine has no ZFS parent
-	mig    *migrate.Migrator
-	drains *drain.Drainer
-	deploy *deploy.Deployer
-	recon  *reconcile.Reconciler
-	rm     *membership.Remover
-	keys   *keyring.Keeper
-	images *images.Pusher
-	logs   *servicelogs.Logs
-	svcs   *servicectl.Services
+	node    *cluster.Node
+	mesh    *mesh.Mesh
+	rt      *runtime.Docker
+	vols    *volume.ZFS // nil when this machine has no ZFS parent
+	mig     *migrate.Migrator
+	drains  *drain.Drainer
+	deploy  *deploy.Deployer
+	recon   *reconcile.Reconciler
+	rm      *membership.Remover
+	keys    *keyring.Keeper
+	images  *images.Pusher
+	logs    *servicelogs.Logs
+	svcs    *servicectl.Services
+	secrets *secrets.Keeper
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -71,7 +74,8 @@ func (a *Agent) startCluster(keys [][]byte, bootstrap bool, join []string) error
 	}
 	a.parts = p
 	// Raft and RPC start on the overlay address once it is known (bringUp).
-	p.wg.Add(5)
+	p.wg.Add(6)
+	go func() { defer p.wg.Done(); p.secrets.Run(p.ctx) }()
 	go func() { defer p.wg.Done(); a.keepJoining(p.ctx, p.node, join) }()
 	go func() { defer p.wg.Done(); p.keys.Run(p.ctx) }()
 	go func() { defer p.wg.Done(); a.bringUp(p.ctx, p, bootstrap, join) }()
@@ -119,9 +123,19 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	}); err != nil {
 		return fail(err)
 	}
+	wgKey, err := netmesh.LoadOrCreateKey(filepath.Join(cfg.DataDir, mesh.KeyFile))
+	if err != nil {
+		return fail(err)
+	}
+	p.secrets = secrets.New(secrets.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger, PrivateKey: wgKey}, n, n)
+	secretsDir := filepath.Join(cfg.DataDir, "secrets")
+	if err := secrets.EnsureTmpfs(secretsDir); err != nil {
+		a.logger.Warn("services with secrets cannot run on this machine", "err", err)
+		secretsDir = ""
+	}
 	if p.rt, err = runtime.NewDocker(runtime.DockerConfig{Host: cfg.DockerHost, MachineID: a.machineID, MachineName: cfg.Name,
 		Credentials: runtime.Credentials{File: cfg.RegistryAuthFile}, AliasFile: filepath.Join(cfg.DataDir, "image-aliases.json"),
-		HoldBinary: cfg.HoldBinary, HoldDir: filepath.Join(cfg.DataDir, "held")}); err != nil {
+		HoldBinary: cfg.HoldBinary, HoldDir: filepath.Join(cfg.DataDir, "held"), Secrets: p.secrets, SecretsDir: secretsDir}); err != nil {
 		return fail(err)
 	}
 	if cfg.ZFSParent != "" {

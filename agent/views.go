@@ -113,6 +113,33 @@ func (a *Agent) RestartService(ctx context.Context, service string) (ctlapi.Rest
 	return p.svcs.Restart(ctx, service)
 }
 
+// SetSecret seals a secret in the facts.
+func (a *Agent) SetSecret(ctx context.Context, req ctlapi.SecretRequest) (ctlapi.SecretInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.SecretInfo{}, err
+	}
+	return p.secrets.Set(ctx, req, p.svcs)
+}
+
+// Secrets lists the secrets.
+func (a *Agent) Secrets(context.Context) ([]ctlapi.SecretInfo, error) {
+	p, err := a.require()
+	if err != nil {
+		return nil, err
+	}
+	return p.secrets.List(), nil
+}
+
+// RemoveSecret forgets a secret no service uses.
+func (a *Agent) RemoveSecret(ctx context.Context, secret string) error {
+	p, err := a.require()
+	if err != nil {
+		return err
+	}
+	return p.secrets.Remove(ctx, secret)
+}
+
 // ServiceLogs passes a service's log lines from wherever it runs.
 func (a *Agent) ServiceLogs(ctx context.Context, req ctlapi.LogsRequest, emit func(ctlapi.LogLine)) (ctlapi.LogsResult, error) {
 	p, err := a.require()

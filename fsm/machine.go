@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"maps"
 	"net/netip"
 	"strings"
 	"time"
@@ -188,6 +189,13 @@ func (s *State) removeMachine(c RemoveMachine) (any, *RuleError) {
 	}
 	delete(s.drains, c.ID)
 	delete(s.machines, c.ID)
+	if _, wrapped := s.secretsKey.Wraps[c.ID]; wrapped {
+		// Its copy of the secrets key goes with it (a copy of the map:
+		// clones of the state share it).
+		wraps := maps.Clone(s.secretsKey.Wraps)
+		delete(wraps, c.ID)
+		s.secretsKey.Wraps = wraps
+	}
 	s.revoked[c.ID] = Revoked{MachineID: m.ID, Name: m.Name, WGPublicKey: m.WGPublicKey, At: c.At}
 	if held == nil {
 		held = []string{}

@@ -221,6 +221,28 @@ func (c *Client) RestartService(ctx context.Context, service string) (RestartRes
 	return v, c.do(ctx, http.MethodPost, "/v1/services/"+url.PathEscape(ns)+"/"+url.PathEscape(name)+"/restart", struct{}{}, &v)
 }
 
+// SetSecret seals a secret's value in the facts.
+func (c *Client) SetSecret(ctx context.Context, req SecretRequest) (SecretInfo, error) {
+	var v SecretInfo
+	return v, c.do(ctx, http.MethodPost, "/v1/secrets/set", req, &v)
+}
+
+// Secrets lists the secrets (never their values).
+func (c *Client) Secrets(ctx context.Context) ([]SecretInfo, error) {
+	var v []SecretInfo
+	return v, c.do(ctx, http.MethodGet, "/v1/secrets", nil, &v)
+}
+
+// RemoveSecret forgets a secret no service uses.
+func (c *Client) RemoveSecret(ctx context.Context, secret string) error {
+	ns, name, ok := strings.Cut(secret, "/")
+	if !ok {
+		return fmt.Errorf("secret %q: want namespace/name", secret)
+	}
+	var v struct{}
+	return c.do(ctx, http.MethodPost, "/v1/secrets/"+url.PathEscape(ns)+"/"+url.PathEscape(name)+"/remove", struct{}{}, &v)
+}
+
 // Events passes the events this machine kept to onEvent; with
 // req.Follow the ones to come too, until ctx ends.
 func (c *Client) Events(ctx context.Context, req EventsRequest, onEvent func(Event)) (EventsEnd, error) {

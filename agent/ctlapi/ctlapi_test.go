@@ -50,6 +50,12 @@ func (f *fakeBackend) RemoveNamespace(_ context.Context, ns string, _ RemoveRequ
 	return RemoveResult{Namespace: ns}, nil
 }
 
+func (f *fakeBackend) SetSecret(_ context.Context, req SecretRequest) (SecretInfo, error) {
+	return SecretInfo{Secret: req.Secret, Version: 1, Size: len(req.Value)}, nil
+}
+func (f *fakeBackend) Secrets(context.Context) ([]SecretInfo, error) { return nil, nil }
+func (f *fakeBackend) RemoveSecret(context.Context, string) error    { return nil }
+
 func (f *fakeBackend) RestartService(_ context.Context, service string) (RestartResult, error) {
 	return RestartResult{Service: service, Machine: "m1"}, nil
 }

@@ -32,6 +32,9 @@ type Backend interface {
 	Events(context.Context, EventsRequest, func(Event)) (EventsEnd, error)
 	ServiceLogs(context.Context, LogsRequest, func(LogLine)) (LogsResult, error)
 	RestartService(ctx context.Context, service string) (RestartResult, error)
+	SetSecret(context.Context, SecretRequest) (SecretInfo, error)
+	Secrets(context.Context) ([]SecretInfo, error)
+	RemoveSecret(ctx context.Context, secret string) error
 	Activate(ctx context.Context, machine string) (Machine, error)
 	DeployPreview(context.Context, DeployRequest) (DeployPlan, error)
 	RemoveNamespace(ctx context.Context, namespace string, req RemoveRequest) (RemoveResult, error)
@@ -156,6 +159,17 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 			return nil, err
 		}
 		return b.RemoveNamespace(r.Context(), r.PathValue("ns"), req)
+	})
+	get("/v1/secrets", func(r *http.Request) (any, error) { return b.Secrets(r.Context()) })
+	post("/v1/secrets/set", func(r *http.Request) (any, error) {
+		var req SecretRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.SetSecret(r.Context(), req)
+	})
+	post("/v1/secrets/{ns}/{name}/remove", func(r *http.Request) (any, error) {
+		return struct{}{}, b.RemoveSecret(r.Context(), r.PathValue("ns")+"/"+r.PathValue("name"))
 	})
 	post("/v1/services/{ns}/{name}/restart", func(r *http.Request) (any, error) {
 		return b.RestartService(r.Context(), r.PathValue("ns")+"/"+r.PathValue("name"))

@@ -286,6 +286,24 @@ type Service struct {
 	Secrets []string `json:"secrets,omitempty"`
 }
 
+// SecretRequest sets a secret's value (over the control socket only).
+type SecretRequest struct {
+	Secret string `json:"secret"` // namespace/name
+	Value  []byte `json:"value"`
+	// Restart restarts the services using it, so they read the new value.
+	Restart bool `json:"restart,omitempty"`
+}
+
+// SecretInfo is a secret as listed: never its value.
+type SecretInfo struct {
+	Secret    string    `json:"secret"`
+	Version   uint64    `json:"version"`
+	Size      int       `json:"size"`
+	UpdatedAt time.Time `json:"updated_at"`
+	UsedBy    []string  `json:"used_by,omitempty"`
+	Restarted []string  `json:"restarted,omitempty"`
+}
+
 // Exit is how a service's process last ended.
 type Exit struct {
 	Code   int       `json:"code"`

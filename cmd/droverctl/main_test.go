@@ -111,3 +111,20 @@ func TestJoinTakesTheTokenFromAFileNeverFromArgv(t *testing.T) {
 		t.Fatalf("token from stdin: %q %v", tok, err)
 	}
 }
+
+func TestReadSecretKeepsTheBytesAndBoundsThem(t *testing.T) {
+	v, err := readSecret(strings.NewReader("s3cret\n"), "")
+	if err != nil || string(v) != "s3cret\n" {
+		t.Fatalf("from stdin: %q %v", v, err)
+	}
+	if _, err := readSecret(strings.NewReader(""), "-"); err == nil || !strings.Contains(err.Error(), "cannot be empty") {
+		t.Fatalf("empty: %v", err)
+	}
+	big := strings.Repeat("x", maxSecretInput+1)
+	if _, err := readSecret(strings.NewReader(big), ""); err == nil || !strings.Contains(err.Error(), "over the limit of 64 KiB") {
+		t.Fatalf("oversized: %v", err)
+	}
+	if _, err := readSecret(nil, "/nonexistent/secret"); err == nil || !strings.Contains(err.Error(), "/nonexistent/secret") {
+		t.Fatalf("missing file: %v", err)
+	}
+}

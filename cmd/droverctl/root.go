@@ -46,7 +46,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.PersistentFlags().StringVar(&c.socket, "socket", ctlapi.DefaultSocketPath(), "droverd's control socket ($DROVER_SOCKET)")
-	root.AddCommand(c.versionCmd(), c.machineCmd(), c.clusterCmd(), c.meshCmd(), c.deployCmd(), c.serviceCmd(), c.volumeCmd(), c.migrateCmd(), c.imageCmd(), c.eventsCmd())
+	root.AddCommand(c.versionCmd(), c.machineCmd(), c.clusterCmd(), c.meshCmd(), c.deployCmd(), c.serviceCmd(), c.volumeCmd(), c.migrateCmd(), c.imageCmd(), c.eventsCmd(), c.secretCmd())
 	return root
 }
 
