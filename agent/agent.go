@@ -53,7 +53,11 @@ type Config struct {
 	// at it; empty: the target starts the container at the cutover.
 	HoldBinary string
 	// MetricsAddr is where /metrics answers (Prometheus); empty: nowhere.
-	MetricsAddr   string
+	MetricsAddr string
+	// DNSAddr is where drover answers SERVICE.NAMESPACE.drover (UDP and
+	// TCP), and the resolver containers are given; empty: no DNS. An
+	// address the host lacks is put on its loopback.
+	DNSAddr       string
 	ZFSParent     string       // parent dataset of volumes; empty: this machine holds none
 	ServicePrefix netip.Prefix // range of service IPs
 

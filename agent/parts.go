@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/deploy"
+	"github.com/drover-sh/drover/agent/dns"
 	"github.com/drover-sh/drover/agent/drain"
 	"github.com/drover-sh/drover/agent/images"
 	"github.com/drover-sh/drover/agent/keyring"
@@ -52,6 +54,7 @@ type parts struct {
 	logs    *servicelogs.Logs
 	svcs    *servicectl.Services
 	secrets *secrets.Keeper
+	dns     *dns.Server // nil: no DNS
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -76,6 +79,15 @@ func (a *Agent) startCluster(keys [][]byte, bootstrap bool, join []string) error
 	// Raft and RPC start on the overlay address once it is known (bringUp).
 	p.wg.Add(6)
 	go func() { defer p.wg.Done(); p.secrets.Run(p.ctx) }()
+	if p.dns != nil {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			if err := p.dns.Run(p.ctx, nil); err != nil {
+				a.logger.Error("DNS stopped", "addr", a.cfg.DNSAddr, "err", err)
+			}
+		}()
+	}
 	go func() { defer p.wg.Done(); a.keepJoining(p.ctx, p.node, join) }()
 	go func() { defer p.wg.Done(); p.keys.Run(p.ctx) }()
 	go func() { defer p.wg.Done(); a.bringUp(p.ctx, p, bootstrap, join) }()
@@ -128,12 +140,23 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 		return fail(err)
 	}
 	p.secrets = secrets.New(secrets.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger, PrivateKey: wgKey}, n, n)
-	secretsDir := filepath.Join(cfg.DataDir, "secrets")
-	if err := secrets.EnsureTmpfs(secretsDir); err != nil {
-		a.logger.Warn("services with secrets cannot run on this machine", "err", err)
-		secretsDir = ""
+	secretsDir := filepath.Join(cfg.DataDir, "secrets") // a tmpfs, mounted when a service first needs it
+	var resolver netip.Addr
+	if cfg.DNSAddr != "" {
+		ap, err := netip.ParseAddrPort(cfg.DNSAddr)
+		if err != nil {
+			return fail(fmt.Errorf("--dns-addr %q: want IP:PORT: %w", cfg.DNSAddr, err))
+		}
+		if err := ensureLocalAddr(ap.Addr()); err != nil {
+			return fail(fmt.Errorf("--dns-addr %s: %w", cfg.DNSAddr, err))
+		}
+		p.dns = dns.New(dns.Config{Addr: cfg.DNSAddr, Upstreams: dns.Upstreams("/etc/resolv.conf", ap.Addr()),
+			LocalSource: dns.ContainerSource(), Logger: a.logger}, n)
+		if ap.Port() == 53 {
+			resolver = ap.Addr() // containers' resolvers can only be told an address: port 53
+		}
 	}
-	if p.rt, err = runtime.NewDocker(runtime.DockerConfig{Host: cfg.DockerHost, MachineID: a.machineID, MachineName: cfg.Name,
+	if p.rt, err = runtime.NewDocker(runtime.DockerConfig{Resolver: resolver, Host: cfg.DockerHost, MachineID: a.machineID, MachineName: cfg.Name,
 		Credentials: runtime.Credentials{File: cfg.RegistryAuthFile}, AliasFile: filepath.Join(cfg.DataDir, "image-aliases.json"),
 		HoldBinary: cfg.HoldBinary, HoldDir: filepath.Join(cfg.DataDir, "held"), Secrets: p.secrets, SecretsDir: secretsDir}); err != nil {
 		return fail(err)
@@ -345,4 +368,24 @@ func (a *Agent) forgetCluster(from string) {
 			a.logger.Error("forgetting the cluster", "err", err)
 		}
 	}()
+}
+
+// ensureLocalAddr puts ip on the loopback unless the host has it: the
+// resolver's address is the same on every machine.
+func ensureLocalAddr(ip netip.Addr) error {
+	if ip.IsLoopback() || ip.IsUnspecified() {
+		return nil
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return fmt.Errorf("listing the host's addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if have, ok := netip.AddrFromSlice(n.IP); ok && have.Unmap() == ip {
+				return nil
+			}
+		}
+	}
+	return loopback.Addresses{}.Add(ip)
 }

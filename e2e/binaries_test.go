@@ -171,7 +171,7 @@ func startDaemon(t *testing.T, bin, name string, addr netip.Addr, extra ...strin
 		t.Fatal(err)
 	}
 	args := append([]string{"--name", name, "--data-dir", filepath.Join(dir, "data"), "--socket", d.socket,
-		"--bind", addr.String(), "--lab-timing", "--log-level", "debug"}, extra...)
+		"--bind", addr.String(), "--lab-timing", "--log-level", "debug", "--dns-addr", ""}, extra...)
 	d.cmd = exec.Command(filepath.Join(bin, "droverd"), args...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {

@@ -52,6 +52,7 @@ type Docker struct {
 	holdDir     string      // held containers' marker directories
 	secrets     Secrets     // nil: services with secrets cannot run here
 	secretsDir  string      // a tmpfs: each container's secret files
+	resolver    netip.Addr  // drover's DNS; invalid: the engine's
 }
 
 // Secrets opens a namespace's secrets: the plaintext, to be written only
@@ -78,6 +79,9 @@ type DockerConfig struct {
 	// the containers mount.
 	Secrets    Secrets
 	SecretsDir string
+	// Resolver is drover's DNS, which containers are given (with
+	// NAMESPACE.drover to search); invalid: the engine's default.
+	Resolver netip.Addr
 }
 
 // NewDocker connects to the engine.
@@ -87,7 +91,7 @@ func NewDocker(cfg DockerConfig) (*Docker, error) {
 		return nil, fmt.Errorf("docker client for %s: %w", cfg.Host, err)
 	}
 	return &Docker{cli: cli, machineID: cfg.MachineID, machineName: cfg.MachineName, creds: cfg.Credentials, aliases: aliases{file: cfg.AliasFile},
-		holdBinary: cfg.HoldBinary, holdDir: cfg.HoldDir, secrets: cfg.Secrets, secretsDir: cfg.SecretsDir}, nil
+		holdBinary: cfg.HoldBinary, holdDir: cfg.HoldDir, secrets: cfg.Secrets, secretsDir: cfg.SecretsDir, resolver: cfg.Resolver}, nil
 }
 
 // Close releases the client.
@@ -241,6 +245,9 @@ func (d *Docker) create(ctx context.Context, r RunSpec, held bool) (Container, e
 		LabelGeneration: strconv.FormatUint(r.Generation, 10), LabelSpecHash: r.Hash(),
 	}
 	hc := &container.HostConfig{PortBindings: bindings, Mounts: mounts, RestartPolicy: restartPolicy(r.Spec)}
+	if d.resolver.IsValid() {
+		hc.DNS, hc.DNSSearch = []string{d.resolver.String()}, []string{r.Namespace + ".drover"}
+	}
 	if r.Spec.MemoryBytes > 0 {
 		hc.Resources.Memory = int64(r.Spec.MemoryBytes)
 	}
@@ -332,6 +339,9 @@ func (d *Docker) writeSecrets(name string, r RunSpec) ([]mount.Mount, error) {
 	}
 	if d.secrets == nil || d.secretsDir == "" {
 		return nil, fmt.Errorf("service %s/%s uses secrets, and this daemon cannot open them", r.Namespace, r.Spec.Name)
+	}
+	if err := ensureTmpfs(d.secretsDir); err != nil {
+		return nil, err
 	}
 	dir := filepath.Join(d.secretsDir, name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {

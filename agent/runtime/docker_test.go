@@ -227,3 +227,24 @@ func TestDockerRunsServiceOnServiceIP(t *testing.T) {
 		t.Fatalf("marker directories left: %v", entries)
 	}
 }
+
+func TestSecretFilesAreReplacedNotRewritten(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "db")
+	sm := fsm.SecretMount{Name: "db", UID: os.Getuid(), GID: os.Getgid(), Mode: 0o440}
+	if err := writeSecretFile(file, []byte("one"), sm); err != nil {
+		t.Fatal(err)
+	}
+	first, err := os.Stat(file)
+	if err != nil || first.Mode().Perm() != 0o440 {
+		t.Fatalf("mode %v, %v; want 0440", first.Mode(), err)
+	}
+	if err := writeSecretFile(file, []byte("two"), fsm.SecretMount{Name: "db", UID: os.Getuid(), GID: os.Getgid()}); err != nil {
+		t.Fatal(err)
+	}
+	second, _ := os.Stat(file)
+	b, _ := os.ReadFile(file)
+	if string(b) != "two" || second.Mode().Perm() != 0o400 || os.SameFile(first, second) {
+		t.Fatalf("after the second write: %q, mode %v, same inode %v (a running container must keep the first)", b, second.Mode(), os.SameFile(first, second))
+	}
+}

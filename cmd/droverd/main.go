@@ -55,6 +55,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.WGPort, "wg-port", 51820, "WireGuard UDP port on the underlay")
 	fs.StringVar(&cfg.DockerHost, "docker-host", "unix:///var/run/docker.sock", "the local Docker engine")
 	fs.StringVar(&cfg.RegistryAuthFile, "registry-auth", "", "registry logins in Docker's config.json form, for pulls (read at each use; never replicated)")
+	fs.StringVar(&cfg.DNSAddr, "dns-addr", "169.254.77.53:53", "where droverd answers SERVICE.NAMESPACE.drover (UDP and TCP), and the resolver containers get; put on the loopback when the host lacks it (empty: no DNS)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "127.0.0.1:9477", "where /metrics answers for Prometheus (empty: nowhere); on the loopback unless told otherwise")
 	fs.StringVar(&cfg.HoldBinary, "hold-binary", besideMe("drover-hold"), "drover-hold (static), with which a move's target holds the service's container started before the cutover; empty: start it at the cutover")
 	fs.StringVar(&cfg.ZFSParent, "zfs-parent", "", "parent ZFS dataset of volumes, e.g. tank/drover (empty: this machine holds no volumes)")

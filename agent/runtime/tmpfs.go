@@ -1,4 +1,4 @@
-package secrets
+package runtime
 
 import (
 	"fmt"
@@ -7,11 +7,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// EnsureTmpfs makes dir a memory-backed file system only root can enter,
+// ensureTmpfs makes dir a memory-backed file system only root can enter,
 // mounting one unless it already is: the secret files containers mount
 // never reach a disk. A mount left from before a daemon restart is kept
 // (running containers mount files in it).
-func EnsureTmpfs(dir string) error {
+func ensureTmpfs(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("making %s: %w", dir, err)
 	}
