@@ -9,7 +9,8 @@ export PATH=/usr/local/go/bin:$HOME/go/bin:/usr/sbin:/sbin:$PATH
 
 packages=(zfs-fuse docker.io iproute2 iptables procps psmisc kmod systemd util-linux
   iputils-ping curl make git ca-certificates wireguard-tools debootstrap docker-registry
-  prometheus)  # promtool checks the metrics endpoint
+  prometheus  # promtool checks the metrics endpoint
+  dnsutils)   # dig asks droverd's DNS from a lab host
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -391,7 +391,7 @@ func notRunning(p fsm.Process) error {
 	what := "exited"
 	switch p.State {
 	case fsm.StateCrashLoop:
-		what = "crash loop: exited"
+		what = "keeps exiting: last"
 	case fsm.StateRestarting:
 		what = "restarting: exited"
 	}

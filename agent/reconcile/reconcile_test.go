@@ -351,7 +351,7 @@ func TestACrashLoopIsReportedAndLeftToTheEngine(t *testing.T) {
 	g.round(t)
 	st := g.status(t, "web")
 	if st.Ready || st.State != fsm.StateCrashLoop || st.Restarts != 4 || st.LastExit == nil || st.LastExit.Code != 3 ||
-		!strings.Contains(st.Error, "crash loop: exited with code 3") {
+		!strings.Contains(st.Error, "keeps exiting: last with code 3") {
 		t.Fatalf("status %+v", st)
 	}
 	if len(g.rt.removed) != 0 || len(g.rt.started) != 1 {

@@ -124,7 +124,7 @@ func (c *cli) printServices(ss []ctlapi.Service) error {
 	fmt.Fprintln(tw, "SERVICE\tMACHINE\tSTATE\tSERVICE-IP\tREADY\tGENERATION\tRESTARTS\tLAST-EXIT")
 	for _, s := range ss {
 		state := s.State
-		if s.Process != "" && s.Process != "running" && s.State != "failed" {
+		if s.Process != "" && s.Process != "running" {
 			state += " (" + s.Process + ")"
 		}
 		if s.Error != "" {

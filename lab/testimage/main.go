@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -21,7 +22,9 @@ import (
 	"regexp"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -160,7 +163,57 @@ func main() {
 	s := &store{dir: dir, seq: lastSeq(dir)}
 	logWrites := os.Getenv("LOG_WRITES") != ""
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	var sick atomic.Bool // POST /sick: /healthz fails until the process restarts
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if sick.Load() {
+			http.Error(w, "sick", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("POST /sick", func(w http.ResponseWriter, _ *http.Request) { sick.Store(true) })
+	mux.HandleFunc("GET /file", func(w http.ResponseWriter, r *http.Request) {
+		// A file of the container (a secret): its bytes, mode and owner.
+		p := r.URL.Query().Get("path")
+		fi, err := os.Stat(p)
+		if !filepath.IsAbs(p) || err != nil {
+			http.Error(w, fmt.Sprintf("%s: %v", p, err), http.StatusNotFound)
+			return
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		w.Header().Set("X-Mode", fmt.Sprintf("%04o", fi.Mode().Perm()))
+		w.Header().Set("X-Owner", fmt.Sprintf("%d:%d", st.Uid, st.Gid))
+		w.Write(b)
+	})
+	mux.HandleFunc("GET /resolve", func(w http.ResponseWriter, r *http.Request) {
+		// A name as the container's resolver answers it.
+		ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+		defer cancel()
+		addrs, err := net.DefaultResolver.LookupHost(ctx, r.URL.Query().Get("name"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		sort.Strings(addrs)
+		io.WriteString(w, strings.Join(addrs, " ")+"\n")
+	})
+	mux.HandleFunc("GET /fetch", func(w http.ResponseWriter, r *http.Request) {
+		// Another service, by the URL given (by name).
+		c := http.Client{Timeout: 3 * time.Second}
+		resp, err := c.Get(r.URL.Query().Get("url"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer resp.Body.Close()
+		w.WriteHeader(resp.StatusCode)
+		io.Copy(w, io.LimitReader(resp.Body, 1<<20))
+	})
 	mux.HandleFunc("POST /write", func(w http.ResponseWriter, r *http.Request) {
 		key := r.URL.Query().Get("key")
 		if !keyPattern.MatchString(key) || key == "journal" {
@@ -205,6 +258,11 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if after, err := time.ParseDuration(os.Getenv("EXIT_AFTER")); err == nil {
+		// A service that crashes: it exits with EXIT_CODE after a while.
+		code, _ := strconv.Atoi(os.Getenv("EXIT_CODE"))
+		time.AfterFunc(after, func() { log.Printf("exiting with code %d, as asked", code); os.Exit(code) })
+	}
 	var wg sync.WaitGroup
 	if rate, _ := strconv.ParseInt(os.Getenv("WRITE_RATE_BYTES"), 10, 64); rate > 0 {
 		wg.Add(1)
