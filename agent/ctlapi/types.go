@@ -318,7 +318,7 @@ type DeployEvent struct {
 	Time    time.Time `json:"time"`
 	Service string    `json:"service"`
 	Machine string    `json:"machine"`
-	Kind    string    `json:"kind"` // pull
+	Kind    string    `json:"kind"` // pull, waiting (to be ready), ready
 	Message string    `json:"message,omitempty"`
 	Layer   string    `json:"layer,omitempty"`
 	Bytes   int64     `json:"bytes,omitempty"`

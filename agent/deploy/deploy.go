@@ -184,7 +184,7 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest, emit fun
 			return ctlapi.DeployResult{Plan: p}, fmt.Errorf("deploying %s/%s: %w", p.Namespace, changes[i].spec.Name, err)
 		}
 	}
-	if err := d.waitReady(ctx, p.Namespace, changes); err != nil {
+	if err := d.waitReady(ctx, p.Namespace, changes, emit); err != nil {
 		return ctlapi.DeployResult{Plan: p}, err
 	}
 	return ctlapi.DeployResult{Plan: p, Services: d.servicesOf(p.Namespace)}, nil
@@ -342,13 +342,34 @@ func (d *Deployer) servicesOf(ns string) []ctlapi.Service {
 // waitReady waits until every created or changed service reports ready
 // for its new generation; the first failure ends the wait with the
 // service, its machine and the reason.
-func (d *Deployer) waitReady(ctx context.Context, ns string, changes []change) error {
+func (d *Deployer) waitReady(ctx context.Context, ns string, changes []change, emit func(ctlapi.DeployEvent)) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
+	told := map[string]string{} // service -> the last kind emitted
 	for {
 		var waiting []string
 		var failed error
-		d.facts.Read(func(s *fsm.State) { waiting, failed = readiness(s, ns, changes) })
+		var events []ctlapi.DeployEvent
+		d.facts.Read(func(s *fsm.State) {
+			waiting, failed = readiness(s, ns, changes)
+			for _, c := range changes {
+				sv, ok := s.Service(ns, c.spec.Name)
+				if c.remove || !ok {
+					continue
+				}
+				kind := "waiting"
+				if sv.Status.Generation == sv.Generation && sv.Status.Ready {
+					kind = "ready"
+				}
+				if told[c.spec.Name] != kind {
+					told[c.spec.Name] = kind
+					events = append(events, ctlapi.DeployEvent{Time: time.Now(), Service: ns + "/" + c.spec.Name, Machine: s.NameOf(sv.MachineID), Kind: kind})
+				}
+			}
+		})
+		for _, ev := range events {
+			emit(ev)
+		}
 		if failed != nil {
 			return &ctlapi.APIError{Status: http.StatusUnprocessableEntity, Code: ctlapi.CodeServiceFailed, Err: failed}
 		}

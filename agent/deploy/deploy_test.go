@@ -211,9 +211,15 @@ func TestApplyWaitsForReadinessAndNamesAFailure(t *testing.T) {
 	// The machine's reconciler, as far as readiness goes: web gets ready,
 	// api fails.
 	g.reportStatus(ctx, func(name string) bool { return name == "web" })
-	res, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest}, nil)
+	var told []string
+	res, err := g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest}, func(ev ctlapi.DeployEvent) {
+		told = append(told, ev.Kind+" "+ev.Service+" on "+ev.Machine)
+	})
 	if err != nil || len(res.Services) != 1 || res.Services[0].State != "ready" || res.Services[0].Machine != "b" {
 		t.Fatalf("deploy %+v, %v", res, err)
+	}
+	if strings.Join(told, ", ") != "pull shop/web on b, waiting shop/web on b, ready shop/web on b" {
+		t.Fatalf("progress told: %v", told)
 	}
 	_, err = g.d.Apply(ctx, ctlapi.DeployRequest{Manifest: webManifest + "\n[services.api]\nimage = \"img:1\"\nmachine = \"a\"\n"}, nil)
 	var apiErr *ctlapi.APIError

@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -34,7 +33,9 @@ func (c *cli) deployCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			res, err := c.client.Deploy(cmd.Context(), req, c.deployProgress(cmd.ErrOrStderr()))
+			progress := newBoard(cmd.ErrOrStderr())
+			res, err := c.client.Deploy(cmd.Context(), req, c.deployProgress(progress))
+			progress.done()
 			if err != nil {
 				return err
 			}
@@ -260,17 +261,35 @@ func mib(b uint64) string { return fmt.Sprintf("%.1fMiB", float64(b)/(1<<20)) }
 
 // deployProgress shows a deploy's pulls on w: a line per layer step, the
 // bytes when the engine counts them.
-func (c *cli) deployProgress(w io.Writer) func(ctlapi.DeployEvent) {
+// deployProgress shows a deploy's pulls and readiness, a line per service
+// and machine (see board).
+func (c *cli) deployProgress(b *board) func(ctlapi.DeployEvent) {
+	waitingSince := map[string]time.Time{}
 	return func(ev ctlapi.DeployEvent) {
-		line := fmt.Sprintf("%s  %s on %s: pulling", ev.Time.Local().Format("15:04:05.000"), ev.Service, ev.Machine)
-		if ev.Layer != "" {
-			line += " " + ev.Layer
+		key := ev.Service + " on " + ev.Machine
+		at := ev.Time.Local().Format("15:04:05.000")
+		var state string
+		switch ev.Kind {
+		case "waiting":
+			waitingSince[key] = ev.Time
+			state = "waiting to be ready"
+		case "ready":
+			state = "ready"
+			if since, ok := waitingSince[key]; ok {
+				state += fmt.Sprintf(" after %s", ev.Time.Sub(since).Round(time.Millisecond))
+			}
+		default:
+			state = "pulling"
+			if ev.Layer != "" {
+				state += " " + ev.Layer
+			}
+			state += " " + ev.Message
 		}
-		line += " " + ev.Message
-		if ev.Total > 0 {
+		line := fmt.Sprintf("%s  %s: %s", at, key, state)
+		if ev.Kind == "pull" && ev.Total > 0 {
 			line += fmt.Sprintf(" %s / %s", mib(uint64(ev.Bytes)), mib(uint64(ev.Total)))
 		}
-		fmt.Fprintln(w, line)
+		b.set(key, state, line)
 	}
 }
 

@@ -95,7 +95,10 @@ Running drain again on a draining machine follows the drain that runs.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req.Machine, req.Deadline = args[0], ctlapi.Duration(deadline)
+			progress := newBoard(c.out)
+			c.drainBoard = progress
 			info, err := c.client.Drain(cmd.Context(), req, c.printDrainEvent)
+			progress.done()
 			if errors.Is(err, ctlapi.ErrStreamCut) && req.Wait {
 				// The daemon went away (a crash, a restart): the drain is a
 				// fact and resumes when it is back; wait for its end.
@@ -154,14 +157,31 @@ func (c *cli) printDrainEvent(ev ctlapi.DrainEvent) {
 		return
 	}
 	at := ev.Time.Local().Format("15:04:05")
+	b := c.drainBoard
+	if b == nil {
+		b = newBoard(c.out)
+		c.drainBoard = b
+	}
+	m := ev.Migration
 	switch {
-	case ev.Migration != nil && ev.Migration.Kind == "phase":
-		fmt.Fprintf(c.out, "%s  %-24s %s %s\n", at, ev.Service, ev.Migration.Phase, ev.Migration.Message)
-	case ev.Migration != nil:
+	case m != nil && m.Kind == "phase":
+		state := m.Phase + " " + m.Message
+		b.set(ev.Service, state, fmt.Sprintf("%s  %-24s %s", at, ev.Service, state))
+	case m != nil:
+		// Bytes of a round: shown on a terminal only.
+		line := fmt.Sprintf("%s  %-24s %s round %d %s", at, ev.Service, m.Phase, m.Round, mib(m.Bytes))
+		if m.Total > 0 {
+			line += " / " + mib(m.Total)
+		}
+		if m.Rate > 0 {
+			line += fmt.Sprintf(" at %s/s", mib(uint64(m.Rate)))
+		}
+		b.set(ev.Service, "", line)
 	case ev.Service == "":
-		fmt.Fprintf(c.out, "%s  drain %s %s\n", at, ev.State, ev.Message)
+		b.set("", ev.State+" "+ev.Message, fmt.Sprintf("%s  drain %s %s", at, ev.State, ev.Message))
 	default:
-		fmt.Fprintf(c.out, "%s  %-24s %s %s %s\n", at, ev.Service, ev.State, arrow(ev.Target), ev.Message)
+		state := fmt.Sprintf("%s %s %s", ev.State, arrow(ev.Target), ev.Message)
+		b.set(ev.Service, state, fmt.Sprintf("%s  %-24s %s", at, ev.Service, state))
 	}
 }
 

@@ -18,6 +18,8 @@ type cli struct {
 	out    io.Writer
 	errOut io.Writer // diagnostics and warnings
 	client *ctlapi.Client
+	// drainBoard shows a followed drain's progress.
+	drainBoard *board
 }
 
 // warnIfStale prints, on stderr, that the facts shown next may be stale
