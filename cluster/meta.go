@@ -57,7 +57,9 @@ type Meta struct {
 //	   .WorkingDir, .Labels, .ReadOnly, .Tmpfs
 //	3: ServiceSpec.Restart, .RestartMax, .Health, .MilliCPUs, .Secrets;
 //	   ServiceStatus.Process; the secrets commands and records
-const FactsLevel uint32 = FactsLevelOperator
+//	4: ServiceSpec.Standby, Service.StandbyID, .Replica, .LastFailover;
+//	   leases; commands 26-29
+const FactsLevel uint32 = FactsLevelStandby
 
 // FactsLevelCutover is the level that brought the fields of issue 16 (and
 // RemoveVolume): what a proposer of those checks for.
@@ -65,6 +67,9 @@ const FactsLevelCutover uint32 = 2
 
 // FactsLevelOperator is the level of issue 17's fields and commands.
 const FactsLevelOperator uint32 = 3
+
+// FactsLevelStandby is the level of issue 18's standby replicas.
+const FactsLevelStandby uint32 = 4
 
 // ErrBadMeta marks gossip metadata that cannot be read.
 var ErrBadMeta = errors.New("bad gossip metadata")

@@ -42,6 +42,10 @@ const (
 	CmdAddSecretsKeyWraps CommandType = 23
 	CmdPutSecret          CommandType = 24
 	CmdRemoveSecret       CommandType = 25
+	CmdRenewLease         CommandType = 26
+	CmdRecordReplica      CommandType = 27
+	CmdFailover           CommandType = 28
+	CmdSettleFailover     CommandType = 29
 )
 
 // Command is one typed change of the facts.
@@ -108,6 +112,10 @@ func init() {
 	register(CmdAddSecretsKeyWraps, "AddSecretsKeyWraps", (*State).addSecretsKeyWraps)
 	register(CmdPutSecret, "PutSecret", (*State).putSecret)
 	register(CmdRemoveSecret, "RemoveSecret", (*State).removeSecret)
+	register(CmdRenewLease, "RenewLease", (*State).renewLease)
+	register(CmdRecordReplica, "RecordReplica", (*State).recordReplica)
+	register(CmdFailover, "Failover", (*State).failover)
+	register(CmdSettleFailover, "SettleFailover", (*State).settleFailover)
 }
 
 // String names the command type.

@@ -36,6 +36,8 @@ var (
 	ErrMachineBusy      = &RuleError{Code: "machine_busy"}
 	ErrUnknownSecret    = &RuleError{Code: "unknown_secret"}
 	ErrConflict         = &RuleError{Code: "conflict"}
+	ErrNoStandby        = &RuleError{Code: "no_standby"}
+	ErrLeaseHeld        = &RuleError{Code: "lease_held"}
 )
 
 func (e *RuleError) Error() string {

@@ -293,6 +293,14 @@ func (s *State) commitMigration(c CommitMigration) (any, *RuleError) {
 		vol.OwnerID = m.TargetID
 		s.volumes[vk] = vol
 	}
+	if sv.StandbyID == m.TargetID {
+		// Moved onto its standby: the source, which keeps its copy,
+		// becomes the standby.
+		sv.StandbyID, sv.Replica = m.SourceID, nil
+		if sv.Spec.Standby != nil && sv.Spec.Standby.Machine != "" {
+			sv.Spec.Standby.Machine = s.machines[m.SourceID].Name
+		}
+	}
 	sv.MachineID, sv.UpdatedAt = m.TargetID, c.At
 	if sv.Spec.Machine != "" {
 		// A pinned placement follows the move, so the manifest that asked

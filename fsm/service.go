@@ -105,6 +105,9 @@ type ServiceSpec struct {
 	MilliCPUs uint64 `json:"milli_cpus,omitempty"`
 	// Secrets arrive as files in the container (see Secret).
 	Secrets []SecretMount `json:"secrets,omitempty"`
+	// Standby keeps a copy of the volumes on another machine, for a
+	// failover when this one dies.
+	Standby *StandbySpec `json:"standby,omitempty"`
 	// ImageRef is Image pinned by the deploy: NAME@sha256:... (the digest
 	// its registry gave) or sha256:... (the local image's id, for an
 	// image that is in no registry). Every machine runs exactly it.
@@ -130,6 +133,12 @@ type Service struct {
 	CreatedAt  time.Time     `json:"created_at"`
 	UpdatedAt  time.Time     `json:"updated_at"`
 	Status     ServiceStatus `json:"status"` // as its machine last reported
+	// StandbyID is the machine that keeps a copy of the volumes (the
+	// spec asks for one), Replica the newest copy it holds, LastFailover
+	// the last failover.
+	StandbyID    string          `json:"standby_id,omitempty"`
+	Replica      *Replica        `json:"replica,omitempty"`
+	LastFailover *FailoverRecord `json:"last_failover,omitempty"`
 }
 
 // ServiceStatus is what the owning machine reports of a service.
@@ -241,6 +250,8 @@ type PutService struct {
 	MachineID     string       `json:"machine_id"`
 	ServicePrefix netip.Prefix `json:"service_prefix"`
 	At            time.Time    `json:"at"`
+	// StandbyID is the machine keeping the standby copy (Spec.Standby).
+	StandbyID string `json:"standby_id,omitempty"`
 }
 
 // RemoveService removes a service (its volumes stay). Holder must hold the
@@ -303,6 +314,9 @@ func ValidateSpec(sp ServiceSpec) error {
 		return fmt.Errorf("service %s: health check needs a positive interval and timeout and at least 1 retry", sp.Name)
 	}
 	if err := validateSecretMounts(sp); err != nil {
+		return err
+	}
+	if err := validateStandby(sp); err != nil {
 		return err
 	}
 	if len(sp.Binds) > 0 && sp.Machine == "" {
@@ -377,6 +391,19 @@ func (s *State) putService(c PutService) (any, *RuleError) {
 		svc.UpdatedAt = c.At
 	}
 	svc.Spec = c.Spec
+	if c.Spec.Standby == nil {
+		c.StandbyID = ""
+	}
+	if c.StandbyID != "" {
+		if _, ok := s.machines[c.StandbyID]; !ok || c.StandbyID == c.MachineID {
+			return nil, ruleErr(ErrInvalid, "service %s: standby %q must be another registered machine", key, c.StandbyID)
+		}
+	} else if c.Spec.Standby != nil {
+		return nil, ruleErr(ErrInvalid, "service %s asks for a standby and names no machine for it", key)
+	}
+	if svc.StandbyID != c.StandbyID {
+		svc.StandbyID, svc.Replica = c.StandbyID, nil
+	}
 	s.services[key] = svc
 	for _, v := range c.Spec.Volumes {
 		vk := c.Namespace + "/" + v.Name

@@ -37,6 +37,7 @@ const (
 	recordKeyring    recordKind = 9
 	recordSecret     recordKind = 10
 	recordSecretsKey recordKind = 11
+	recordLease      recordKind = 12
 )
 
 // ErrBadSnapshot marks a snapshot that cannot be restored.
@@ -99,6 +100,11 @@ func (s *State) WriteSnapshot(w io.Writer) error {
 	}
 	if s.secretsKey.ID != "" {
 		if err := writeRecord(bw, recordSecretsKey, s.secretsKey); err != nil {
+			return err
+		}
+	}
+	for _, l := range s.Leases() {
+		if err := writeRecord(bw, recordLease, l); err != nil {
 			return err
 		}
 	}
@@ -221,6 +227,12 @@ func (s *State) restoreRecord(kind recordKind, body []byte) error {
 			return fmt.Errorf("secret: %v", err)
 		}
 		s.secrets[sec.Key()] = sec
+	case recordLease:
+		var l Lease
+		if err := dec.Decode(&l); err != nil {
+			return fmt.Errorf("lease: %v", err)
+		}
+		s.leases[l.MachineID] = l
 	case recordSecretsKey:
 		if err := dec.Decode(&s.secretsKey); err != nil {
 			return fmt.Errorf("secrets key: %v", err)

@@ -20,12 +20,13 @@ type State struct {
 	keyring    Keyring
 	secrets    map[string]Secret // by namespace/name
 	secretsKey SecretsKey
+	leases     map[string]Lease // by machine id
 }
 
 // NewState returns an empty state.
 func NewState() *State {
 	return &State{machines: map[string]Machine{}, locks: map[string]Lock{}, services: map[string]Service{}, volumes: map[string]Volume{}, migrations: map[string]Migration{}, drains: map[string]Drain{},
-		grants: map[string]JoinGrant{}, revoked: map[string]Revoked{}, secrets: map[string]Secret{}}
+		grants: map[string]JoinGrant{}, revoked: map[string]Revoked{}, secrets: map[string]Secret{}, leases: map[string]Lease{}}
 }
 
 // Apply decodes and applies one log entry. Time comes only from the
@@ -60,7 +61,7 @@ func (s *State) Clone() *State {
 	return &State{machines: maps.Clone(s.machines), locks: maps.Clone(s.locks),
 		services: maps.Clone(s.services), volumes: maps.Clone(s.volumes), migrations: maps.Clone(s.migrations), drains: maps.Clone(s.drains),
 		grants: maps.Clone(s.grants), revoked: maps.Clone(s.revoked), keyring: s.keyring,
-		secrets: maps.Clone(s.secrets), secretsKey: SecretsKey{ID: s.secretsKey.ID, Wraps: maps.Clone(s.secretsKey.Wraps)}}
+		secrets: maps.Clone(s.secrets), secretsKey: SecretsKey{ID: s.secretsKey.ID, Wraps: maps.Clone(s.secretsKey.Wraps)}, leases: maps.Clone(s.leases)}
 }
 
 // sortedValues returns a map's values sorted by key(v).

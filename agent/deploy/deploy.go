@@ -283,6 +283,8 @@ func (d *Deployer) Remove(ctx context.Context, ns string, withVolumes bool) (ctl
 // (cluster.FactsLevel) and that level, or none.
 func levelKey(spec fsm.ServiceSpec) (uint32, string) {
 	switch {
+	case spec.Standby != nil:
+		return cluster.FactsLevelStandby, "standby"
 	case spec.Restart != "":
 		return cluster.FactsLevelOperator, "restart"
 	case spec.Health != nil:
