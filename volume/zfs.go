@@ -91,6 +91,11 @@ func (z *ZFS) Ensure(namespace, name string, p Properties) (Info, error) {
 	if err := ensureFS(ds, nil); err != nil {
 		return Info{}, err
 	}
+	// A standby copy this machine now owns (a failover), or a copy left
+	// unmounted: serve it.
+	if err := activate(ds); err != nil {
+		return Info{}, err
+	}
 	if err := z.SetProperties(namespace, name, p); err != nil {
 		return Info{}, err
 	}
