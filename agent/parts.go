@@ -24,6 +24,7 @@ import (
 	"github.com/drover-sh/drover/agent/reconcile"
 	"github.com/drover-sh/drover/agent/runtime"
 	"github.com/drover-sh/drover/agent/secrets"
+	"github.com/drover-sh/drover/agent/standby"
 	"github.com/drover-sh/drover/agent/servicectl"
 	"github.com/drover-sh/drover/agent/servicelogs"
 	"github.com/drover-sh/drover/cluster"
@@ -55,6 +56,7 @@ type parts struct {
 	svcs    *servicectl.Services
 	secrets *secrets.Keeper
 	dns     *dns.Server // nil: no DNS
+	standby *standby.Standby
 
 	ctx context.Context    // the parts' lifetime: the daemon's, until stopCluster
 	end context.CancelFunc // ends ctx
@@ -79,6 +81,8 @@ func (a *Agent) startCluster(keys [][]byte, bootstrap bool, join []string) error
 	// Raft and RPC start on the overlay address once it is known (bringUp).
 	p.wg.Add(6)
 	go func() { defer p.wg.Done(); p.secrets.Run(p.ctx) }()
+	p.wg.Add(1)
+	go func() { defer p.wg.Done(); p.standby.Run(p.ctx) }()
 	if p.dns != nil {
 		p.wg.Add(1)
 		go func() {
@@ -195,7 +199,13 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	p.svcs = servicectl.New(servicectl.Config{Self: a.machineID, Name: cfg.Name, LockLease: cfg.LockLease, Logger: a.logger}, n, n, n, p.rt, svcVols)
 	p.deploy = deploy.New(deploy.Config{Self: a.machineID, Name: cfg.Name, ServicePrefix: cfg.ServicePrefix, LockLease: cfg.LockLease,
 		BindPrefixes: cfg.AllowBind, Logger: a.logger, Volumes: p.svcs}, n, n, p.mig, p.rt, p.images)
-	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available, Observer: a.metrics}, n, p.rt, reconVols, lo, n)
+	var sbVols standby.Volumes
+	if p.vols != nil {
+		sbVols = p.vols
+	}
+	p.standby = standby.New(standby.Config{Self: a.machineID, Name: cfg.Name, Logger: a.logger, Observer: a.metrics}, n, n, n, sbVols, p.rt)
+	p.standby.Register(peer.Server{Mux: n, IDs: n})
+	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available, Observer: a.metrics, Fence: p.standby}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}
 	p.images.Register(peer.Server{Mux: n, IDs: n})

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
 	"github.com/drover-sh/drover/agent/probe"
@@ -56,9 +57,24 @@ func (a *Agent) Volumes(context.Context) ([]ctlapi.Volume, error) {
 	var out []ctlapi.Volume
 	mine := map[int]bool{}
 	p.node.Read(func(s *fsm.State) {
+		standbys := map[string]fsm.Service{} // volume key -> the service whose standby copies it
+		for _, sv := range s.Services() {
+			for _, vm := range sv.Spec.Volumes {
+				if sv.StandbyID != "" {
+					standbys[sv.Namespace+"/"+vm.Name] = sv
+				}
+			}
+		}
 		for _, v := range s.Volumes() {
 			mine[len(out)] = v.OwnerID == a.machineID
-			out = append(out, ctlapi.Volume{Namespace: v.Namespace, Name: v.Name, Owner: s.NameOf(v.OwnerID), QuotaBytes: v.QuotaBytes})
+			row := ctlapi.Volume{Namespace: v.Namespace, Name: v.Name, Owner: s.NameOf(v.OwnerID), QuotaBytes: v.QuotaBytes}
+			if sv, ok := standbys[v.Key()]; ok {
+				row.Standby = s.NameOf(sv.StandbyID)
+				if sv.Replica != nil {
+					row.Lag = ctlapi.Duration(time.Since(sv.Replica.TakenAt))
+				}
+			}
+			out = append(out, row)
 		}
 	})
 	if p.vols == nil {
@@ -111,6 +127,15 @@ func (a *Agent) RestartService(ctx context.Context, service string) (ctlapi.Rest
 		return ctlapi.RestartResult{}, err
 	}
 	return p.svcs.Restart(ctx, service)
+}
+
+// Failover fails a service over to its standby.
+func (a *Agent) Failover(ctx context.Context, req ctlapi.FailoverRequest) (ctlapi.FailoverResult, error) {
+	p, err := a.require()
+	if err != nil {
+		return ctlapi.FailoverResult{}, err
+	}
+	return p.standby.Failover(ctx, req)
 }
 
 // SetSecret seals a secret in the facts.

@@ -221,6 +221,13 @@ func (c *Client) RestartService(ctx context.Context, service string) (RestartRes
 	return v, c.do(ctx, http.MethodPost, "/v1/services/"+url.PathEscape(ns)+"/"+url.PathEscape(name)+"/restart", struct{}{}, &v)
 }
 
+// Failover fails a service over to its standby and waits until it is
+// ready there.
+func (c *Client) Failover(ctx context.Context, req FailoverRequest) (FailoverResult, error) {
+	var v FailoverResult
+	return v, c.do(ctx, http.MethodPost, "/v1/services/failover", req, &v)
+}
+
 // SetSecret seals a secret's value in the facts.
 func (c *Client) SetSecret(ctx context.Context, req SecretRequest) (SecretInfo, error) {
 	var v SecretInfo

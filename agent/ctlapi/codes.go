@@ -27,6 +27,7 @@ const (
 	CodePullFailed      = "pull_failed" // a machine could not get a service's image
 	CodeNamespaceLocked = "namespace_locked"
 	CodeServiceFailed   = "service_failed"
+	CodeFailoverRefused = "failover_refused"
 	CodeTooLarge        = "too_large" // a command over the fact store's limit
 
 	CodePreflightFailed  = "preflight_failed"

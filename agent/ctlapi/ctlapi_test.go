@@ -50,6 +50,10 @@ func (f *fakeBackend) RemoveNamespace(_ context.Context, ns string, _ RemoveRequ
 	return RemoveResult{Namespace: ns}, nil
 }
 
+func (f *fakeBackend) Failover(_ context.Context, req FailoverRequest) (FailoverResult, error) {
+	return FailoverResult{Service: req.Service}, nil
+}
+
 func (f *fakeBackend) SetSecret(_ context.Context, req SecretRequest) (SecretInfo, error) {
 	return SecretInfo{Secret: req.Secret, Version: 1, Size: len(req.Value)}, nil
 }

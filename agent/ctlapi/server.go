@@ -32,6 +32,7 @@ type Backend interface {
 	Events(context.Context, EventsRequest, func(Event)) (EventsEnd, error)
 	ServiceLogs(context.Context, LogsRequest, func(LogLine)) (LogsResult, error)
 	RestartService(ctx context.Context, service string) (RestartResult, error)
+	Failover(context.Context, FailoverRequest) (FailoverResult, error)
 	SetSecret(context.Context, SecretRequest) (SecretInfo, error)
 	Secrets(context.Context) ([]SecretInfo, error)
 	RemoveSecret(ctx context.Context, secret string) error
@@ -170,6 +171,13 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	})
 	post("/v1/secrets/{ns}/{name}/remove", func(r *http.Request) (any, error) {
 		return struct{}{}, b.RemoveSecret(r.Context(), r.PathValue("ns")+"/"+r.PathValue("name"))
+	})
+	post("/v1/services/failover", func(r *http.Request) (any, error) {
+		var req FailoverRequest
+		if err := decodeBody(r, &req); err != nil {
+			return nil, err
+		}
+		return b.Failover(r.Context(), req)
 	})
 	post("/v1/services/{ns}/{name}/restart", func(r *http.Request) (any, error) {
 		return b.RestartService(r.Context(), r.PathValue("ns")+"/"+r.PathValue("name"))

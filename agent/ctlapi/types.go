@@ -258,6 +258,7 @@ type PlannedService struct {
 	CreateVolumes []string `json:"create_volumes,omitempty"`
 	Changes       []string `json:"changes,omitempty"`
 	PlacementNote string   `json:"placement,omitempty"`
+	Standby       string   `json:"standby,omitempty"` // the machine keeping its standby copy
 }
 
 // DeployPlan is `deploy preview`.
@@ -284,6 +285,10 @@ type Service struct {
 	LastExit *Exit  `json:"last_exit,omitempty"`
 	// Secrets names the secrets it reads (never their values).
 	Secrets []string `json:"secrets,omitempty"`
+	Standby *Standby `json:"standby,omitempty"`
+	// LastFailover, when there was one: from, to, when, the loss window
+	// and what the old owner wrote after it (once it came back).
+	LastFailover string `json:"last_failover,omitempty"`
 }
 
 // SecretRequest sets a secret's value (over the control socket only).
@@ -302,6 +307,35 @@ type SecretInfo struct {
 	UpdatedAt time.Time `json:"updated_at"`
 	UsedBy    []string  `json:"used_by,omitempty"`
 	Restarted []string  `json:"restarted,omitempty"`
+}
+
+// FailoverRequest asks to fail a service over to its standby.
+type FailoverRequest struct {
+	Service string `json:"service"`
+	To      string `json:"to,omitempty"` // the standby's name; empty: the standby
+}
+
+// FailoverResult is a failover done: where from and to, and the loss
+// window — what the old owner wrote after SnapshotTakenAt may be lost.
+type FailoverResult struct {
+	Service         string    `json:"service"`
+	From            string    `json:"from"`
+	To              string    `json:"to"`
+	Snapshot        string    `json:"snapshot"`
+	SnapshotTakenAt time.Time `json:"snapshot_taken_at"`
+	FailedOverAt    time.Time `json:"failed_over_at"`
+	LossWindow      Duration  `json:"loss_window"`
+	Took            Duration  `json:"took"` // until ready on the standby
+}
+
+// Standby is a service's standby as listed.
+type Standby struct {
+	Machine   string    `json:"machine"`
+	Failover  string    `json:"failover"` // manual or auto
+	Snapshot  string    `json:"snapshot,omitempty"`
+	TakenAt   time.Time `json:"taken_at,omitzero"`
+	Lag       Duration  `json:"lag,omitempty"` // age of the newest copy: what a failover now would lose
+	LastBytes uint64    `json:"last_bytes,omitempty"`
 }
 
 // Exit is how a service's process last ended.
@@ -343,6 +377,10 @@ type Volume struct {
 	UsedBytes      uint64 `json:"used_bytes,omitempty"` // known on the owner
 	Dataset        string `json:"dataset,omitempty"`
 	NewestSnapshot string `json:"newest_snapshot,omitempty"`
+	// Standby holds a copy of it (its service has a standby), and Lag is
+	// the age of that copy.
+	Standby string   `json:"standby,omitempty"`
+	Lag     Duration `json:"lag,omitempty"`
 }
 
 // Duration is a time.Duration that reads and writes as a Go duration

@@ -5,6 +5,7 @@
 package deploy
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -159,7 +160,7 @@ func (d *Deployer) Apply(ctx context.Context, req ctlapi.DeployRequest, emit fun
 	cmds := make([]fsm.Command, len(changes))
 	for i, c := range changes {
 		cmds[i] = fsm.PutService{Namespace: p.Namespace, Holder: holder, Spec: c.spec,
-			MachineID: c.machineID, ServicePrefix: d.cfg.ServicePrefix, At: time.Now()}
+			MachineID: c.machineID, StandbyID: c.standbyID, ServicePrefix: d.cfg.ServicePrefix, At: time.Now()}
 		if c.remove {
 			cmds[i] = fsm.RemoveService{Namespace: p.Namespace, Name: c.spec.Name, Holder: holder, At: time.Now()}
 		}
@@ -419,6 +420,20 @@ func (d *Deployer) Services() []ctlapi.Service {
 				Generation: sv.Generation, Machine: s.NameOf(sv.MachineID), State: "starting"}
 			for _, sm := range sv.Spec.Secrets {
 				row.Secrets = append(row.Secrets, sm.Name)
+			}
+			if sv.Spec.Standby != nil {
+				row.Standby = &ctlapi.Standby{Machine: s.NameOf(sv.StandbyID), Failover: cmp.Or(sv.Spec.Standby.Failover, fsm.FailoverManual)}
+				if r := sv.Replica; r != nil {
+					row.Standby.Snapshot, row.Standby.TakenAt, row.Standby.LastBytes = r.Snapshot, r.TakenAt, r.Bytes
+					row.Standby.Lag = ctlapi.Duration(time.Since(r.TakenAt))
+				}
+			}
+			if f := sv.LastFailover; f != nil {
+				row.LastFailover = fmt.Sprintf("%s -> %s at %s from %s (loss window %s)", s.NameOf(f.From), s.NameOf(f.To),
+					f.At.UTC().Format(time.RFC3339), f.Snapshot, f.At.Sub(f.TakenAt).Round(time.Millisecond))
+				if f.Settled {
+					row.LastFailover += fmt.Sprintf("; %s had written %d bytes after it, kept as %s", s.NameOf(f.From), f.DivergedBytes, strings.Join(f.KeptAs, ", "))
+				}
 			}
 			if sv.Status.Generation == sv.Generation {
 				row.Process, row.Restarts = sv.Status.State, sv.Status.Restarts

@@ -18,7 +18,8 @@ type change struct {
 	spec      fsm.ServiceSpec
 	machineID string
 	remove    bool
-	migrate   bool // move the running service and its volumes to machineID
+	migrate   bool   // move the running service and its volumes to machineID
+	standbyID string // the machine keeping the standby copy (spec.Standby)
 }
 
 func movesOf(changes []change) []change {
@@ -50,6 +51,14 @@ func planChanges(s *fsm.State, seen machineView, file string, m *manifest.Manife
 			continue
 		}
 		ps.Machine, ps.PlacementNote = s.NameOf(machineID), note
+		var standbyID string
+		if sp.Standby != nil {
+			if standbyID, err = pickStandby(s, seen, sp, machineID, old, exists); err != nil {
+				problems = append(problems, &manifest.Error{File: file, Key: "services." + sp.Name + ".standby.machine", Msg: err.Error()})
+				continue
+			}
+			ps.Standby = s.NameOf(standbyID)
+		}
 		switch {
 		case exists && machineID != old.MachineID:
 			if ch := specChanges(old.Spec, sp); len(ch) > 0 {
@@ -61,7 +70,7 @@ func planChanges(s *fsm.State, seen machineView, file string, m *manifest.Manife
 			ps.Changes = []string{"machine: " + s.NameOf(old.MachineID) + " -> " + s.NameOf(machineID)}
 		case !exists:
 			ps.Action, ps.Generation = "create", 1
-		case len(specChanges(old.Spec, sp)) == 0: // a placement that agrees with where it runs is no change
+		case len(specChanges(old.Spec, sp)) == 0 && old.StandbyID == standbyID: // a placement that agrees with where it runs is no change
 			ps.Action, ps.Generation, ps.ServiceIP = "unchanged", old.Generation, old.ServiceIP.String()
 		default:
 			ps.Action, ps.Generation, ps.ServiceIP = "change", old.Generation+1, old.ServiceIP.String()
@@ -77,7 +86,7 @@ func planChanges(s *fsm.State, seen machineView, file string, m *manifest.Manife
 		}
 		p.Services = append(p.Services, ps)
 		if ps.Action != "unchanged" {
-			changes = append(changes, change{spec: sp, machineID: machineID, migrate: ps.Action == "migrate"})
+			changes = append(changes, change{spec: sp, machineID: machineID, migrate: ps.Action == "migrate", standbyID: standbyID})
 		}
 	}
 	for _, sv := range s.Services() {
@@ -221,4 +230,51 @@ func randomSuffix() string {
 	b := make([]byte, 3)
 	rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// pickStandby chooses the machine that keeps a service's standby copy:
+// the one the manifest names; else the one it has (when it still can);
+// else the active, alive machine other than the owner with volumes and
+// the most free space.
+func pickStandby(s *fsm.State, seen machineView, sp fsm.ServiceSpec, owner string, old fsm.Service, exists bool) (string, error) {
+	can := func(m fsm.Machine) error {
+		switch {
+		case m.ID == owner:
+			return fmt.Errorf("machine %s runs the service: a standby is another machine", m.Name)
+		case m.State != fsm.MachineActive:
+			return fmt.Errorf("machine %s is %s", m.Name, m.State)
+		case m.Capacity.DiskBytes == 0:
+			return fmt.Errorf("machine %s holds no volumes (no --zfs-parent)", m.Name)
+		}
+		return nil
+	}
+	if name := sp.Standby.Machine; name != "" {
+		m, ok := s.MachineByName(name)
+		if !ok {
+			return "", fmt.Errorf("no machine named %q in the cluster", name)
+		}
+		if exists && old.StandbyID == m.ID {
+			return m.ID, nil
+		}
+		return m.ID, can(m)
+	}
+	if exists && old.StandbyID != "" && old.StandbyID != owner {
+		if m, ok := s.Machine(old.StandbyID); ok && m.State != fsm.MachineGone {
+			return m.ID, nil
+		}
+	}
+	var best *fsm.Machine
+	for _, m := range s.Machines() {
+		if can(m) != nil || !seen.alive[m.ID] {
+			continue
+		}
+		if best == nil || m.Capacity.DiskBytes > best.Capacity.DiskBytes {
+			m := m
+			best = &m
+		}
+	}
+	if best == nil {
+		return "", errors.New("no other active, alive machine with volumes can keep its standby copy")
+	}
+	return best.ID, nil
 }

@@ -90,7 +90,15 @@ type rawService struct {
 	Health     *rawReadiness     `toml:"health"`
 	CPUs       any               `toml:"cpus"`
 	// Secrets: names, or tables with name, path, uid, gid and mode.
-	Secrets []any `toml:"secrets"`
+	Secrets []any       `toml:"secrets"`
+	Standby *rawStandby `toml:"standby"`
+}
+
+type rawStandby struct {
+	Machine  string `toml:"machine"`
+	Interval string `toml:"interval"`
+	Failover string `toml:"failover"`
+	After    string `toml:"after"`
 }
 
 type rawTmpfs struct {
@@ -404,6 +412,9 @@ func (p *parser) service(name string, rs rawService, volumeUser map[string]strin
 	p.stopping(key, rs, &sp)
 	p.process(key, rs, &sp, mounted)
 	p.supervision(key, rs, &sp)
+	if rs.Standby != nil {
+		sp.Standby = p.standby(key+".standby", rs)
+	}
 	p.secrets(key, rs.Secrets, &sp, mounted)
 	if rs.Flush != nil {
 		if len(rs.Flush) == 0 || rs.Flush[0] == "" {
@@ -783,4 +794,49 @@ func (p *parser) secrets(key string, raw []any, sp *fsm.ServiceSpec, mounted map
 		p.mountPath(sk+".path", sm.Path, mounted)
 		sp.Secrets = append(sp.Secrets, sm)
 	}
+}
+
+// standby reads a service's standby table.
+func (p *parser) standby(key string, rs rawService) *fsm.StandbySpec {
+	st := &fsm.StandbySpec{Machine: rs.Standby.Machine, Interval: 30 * time.Second}
+	if st.Machine != "" && !fsm.ValidName(st.Machine) {
+		p.add(key+".machine", "%q is not a machine name", st.Machine)
+	}
+	if st.Machine != "" && st.Machine == rs.Machine {
+		p.add(key+".machine", "%q is where the service runs: a standby is another machine", st.Machine)
+	}
+	if len(rs.Volumes) == 0 {
+		p.add(key, "service has no volumes: a standby keeps copies of volumes")
+	}
+	if len(rs.Binds) > 0 {
+		p.add(key, "a service with binds cannot have a standby: its host directories stay on its machine")
+	}
+	read := func(k, text string, lo, hi time.Duration, dst *time.Duration) {
+		if text == "" {
+			return
+		}
+		v, err := time.ParseDuration(text)
+		switch {
+		case err != nil:
+			p.add(key+"."+k, "%q is not a duration like 30s", text)
+		case v < lo || v > hi:
+			p.add(key+"."+k, "%q: want %s to %s", text, lo, hi)
+		default:
+			*dst = v
+		}
+	}
+	read("interval", rs.Standby.Interval, time.Second, 24*time.Hour, &st.Interval)
+	switch rs.Standby.Failover {
+	case "", fsm.FailoverManual:
+	case fsm.FailoverAuto:
+		st.Failover, st.After = fsm.FailoverAuto, 30*time.Second
+	default:
+		p.add(key+".failover", "%q: want manual or auto", rs.Standby.Failover)
+	}
+	if rs.Standby.After != "" && st.Failover != fsm.FailoverAuto {
+		p.add(key+".after", "only with failover = \"auto\"")
+	} else {
+		read("after", rs.Standby.After, 0, 24*time.Hour, &st.After)
+	}
+	return st
 }

@@ -174,6 +174,11 @@ path = "/a"`), `services.cache.binds[1].path: "/a" is mounted twice`},
 		{"bad secret mode", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nsecrets = [{ name = \"db\", mode = \"0200\" }]"), `services.cache.secrets[0].mode: want a readable file mode`},
 		{"unknown secret key", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\nsecrets = [{ name = \"db\", owner = \"me\" }]"), `services.cache.secrets[0].owner: unknown key`},
 		{"secret over a volume", replace(`retries = 10`, "retries = 10\n[services.web.secrets]"), `services.web.secrets`},
+		{"standby without volumes", replace(`stop_timeout = "30s"`, "stop_timeout = \"30s\"\n[services.cache.standby]\ninterval = \"10s\""), `services.cache.standby: service has no volumes`},
+		{"standby interval too short", replace(`retries = 10`, "retries = 10\n[services.web.standby]\ninterval = \"10ms\""), `services.web.standby.interval: "10ms": want 1s to 24h0m0s`},
+		{"standby on its own machine", replace(`retries = 10`, "retries = 10\n[services.web.standby]\nmachine = \"dl2\""), `services.web.standby.machine: "dl2" is where the service runs`},
+		{"after without auto", replace(`retries = 10`, "retries = 10\n[services.web.standby]\nafter = \"5s\""), `services.web.standby.after: only with failover = "auto"`},
+		{"unknown failover", replace(`retries = 10`, "retries = 10\n[services.web.standby]\nfailover = \"soon\""), `services.web.standby.failover: "soon": want manual or auto`},
 		{"unknown compression", replace(`quota = "1GiB"`, "quota = \"1GiB\"\ncompression = \"brotli\""), `shop.toml:19: services.web.volumes[0].compression: "brotli": want on, off, lz4`},
 	}
 	for _, c := range cases {
@@ -223,6 +228,26 @@ interval = "3s"`)
 	again, err := Parse("shop.toml", []byte(out))
 	if err != nil || !reflect.DeepEqual(again.Services[0], got) {
 		t.Fatalf("rendered:\n%s\nparses to %+v, %v", out, again, err)
+	}
+}
+
+func TestParseStandby(t *testing.T) {
+	m, err := Parse("shop.toml", []byte(replace(`retries = 10`, "retries = 10\n[services.web.standby]\nmachine = \"dl3\"\ninterval = \"10s\"\nfailover = \"auto\"\nafter = \"5s\"")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fsm.StandbySpec{Machine: "dl3", Interval: 10 * time.Second, Failover: "auto", After: 5 * time.Second}
+	web := m.Services[1]
+	if web.Standby == nil || *web.Standby != want {
+		t.Fatalf("standby %+v, want %+v", web.Standby, want)
+	}
+	again, err := Parse("shop.toml", []byte(Render(m.Namespace, m.Services, nil)))
+	if err != nil || !reflect.DeepEqual(again.Services, m.Services) {
+		t.Fatalf("rendered back: %+v %v", again, err)
+	}
+	m, _ = Parse("shop.toml", []byte(replace(`retries = 10`, "retries = 10\n[services.web.standby]")))
+	if got := m.Services[1].Standby; got == nil || got.Interval != 30*time.Second || got.Failover != "" {
+		t.Fatalf("defaults: %+v", got)
 	}
 }
 

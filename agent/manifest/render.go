@@ -120,6 +120,15 @@ func Render(namespace string, specs []fsm.ServiceSpec, move map[string]bool) str
 		}
 		renderCheck(&b, key+".readiness", sp.Readiness)
 		renderCheck(&b, key+".health", sp.Health)
+		if st := sp.Standby; st != nil {
+			fmt.Fprintf(&b, "\n[%s.standby]\ninterval = %s\n", key, quoteDuration(st.Interval))
+			if st.Machine != "" {
+				fmt.Fprintf(&b, "machine = %s\n", strconv.Quote(st.Machine))
+			}
+			if st.Failover != "" {
+				fmt.Fprintf(&b, "failover = %s\nafter = %s\n", strconv.Quote(st.Failover), quoteDuration(st.After))
+			}
+		}
 	}
 	return b.String()
 }

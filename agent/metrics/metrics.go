@@ -47,6 +47,9 @@ type Metrics struct {
 	drains        *prometheus.CounterVec
 	reconActions  *prometheus.CounterVec
 	reconErrors   prometheus.Counter
+	replBytes     *prometheus.CounterVec
+	replSeconds   *prometheus.CounterVec
+	standbyLag    *prometheus.GaugeVec
 }
 
 // New makes the metrics.
@@ -72,8 +75,14 @@ func New() *Metrics {
 		Help: "What this machine's reconciler did to its containers, by action."}, []string{"action"})
 	m.reconErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "drover_reconcile_errors_total",
 		Help: "Reconcile passes of this machine that ended in an error."})
+	m.replBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "drover_standby_sent_bytes_total",
+		Help: "Volume bytes this machine sent to standby copies, by service."}, []string{"service"})
+	m.replSeconds = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "drover_standby_refresh_seconds_total",
+		Help: "Time this machine spent refreshing standby copies, by service."}, []string{"service"})
+	m.standbyLag = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "drover_standby_lag_seconds",
+		Help: "Age of the newest standby copy of each service this machine runs: what a failover now would lose."}, []string{"service"})
 	m.reg.MustRegister(m.commit, m.leaderChanges, m.migrations, m.migDuration, m.migDowntime, m.migBytes,
-		m.drains, m.reconActions, m.reconErrors, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.drains, m.reconActions, m.reconErrors, m.replBytes, m.replSeconds, m.standbyLag, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, o := range []string{"done", "aborted"} {
 		m.migrations.WithLabelValues(o)
 	}
@@ -108,6 +117,17 @@ func (m *Metrics) DrainEnded(outcome string) { m.drains.WithLabelValues(outcome)
 // ReconcileAction records what the reconciler did ("start", "recreate",
 // "remove").
 func (m *Metrics) ReconcileAction(action string) { m.reconActions.WithLabelValues(action).Inc() }
+
+// Replicated counts one refresh of a service's standby copy.
+func (m *Metrics) Replicated(service string, bytes uint64, took time.Duration) {
+	m.replBytes.WithLabelValues(service).Add(float64(bytes))
+	m.replSeconds.WithLabelValues(service).Add(took.Seconds())
+}
+
+// StandbyLag sets the age of a service's newest standby copy.
+func (m *Metrics) StandbyLag(service string, lag time.Duration) {
+	m.standbyLag.WithLabelValues(service).Set(lag.Seconds())
+}
 
 // ReconcileError records a reconcile pass that failed.
 func (m *Metrics) ReconcileError() { m.reconErrors.Inc() }

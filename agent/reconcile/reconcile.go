@@ -77,6 +77,14 @@ type Config struct {
 	Observer Observer
 	// MemAvailable reports free memory (capacity).
 	MemAvailable func() uint64
+	// Fence, when set, says which services may not run here now: a
+	// service with a standby on a machine whose lease does not hold.
+	Fence Fence
+}
+
+// Fence keeps a service from running where it may have been failed over.
+type Fence interface {
+	Fenced(sv fsm.Service) bool
 }
 
 // Observer counts the reconciler's work (agent/metrics).
@@ -264,6 +272,10 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 			st.reportedProc, st.reportedAt = sv.Status.Process, sv.Status.At
 		}
 		r.checks[key] = st
+	}
+	if r.cfg.Fence != nil && r.cfg.Fence.Fenced(sv) {
+		// Its lease does not hold: the fence stops it; nothing starts it.
+		return
 	}
 	rs, err := r.runSpec(sv, volumes)
 	if err != nil {

@@ -135,6 +135,9 @@ type RunSpec struct {
 func (r RunSpec) Hash() string {
 	spec := r.Spec
 	spec.Machine = "" // placement is not the container's: a move does not re-create it
+	if spec.Standby != nil {
+		spec.Standby = &fsm.StandbySpec{} // that there is one decides the restart policy; its settings are not the container's
+	}
 	// A volume's ZFS properties are the dataset's, set in place: changing
 	// them does not re-create the container.
 	spec.Flush = nil // run by a move in the running container
@@ -320,6 +323,12 @@ func (d *Docker) create(ctx context.Context, r RunSpec, held bool) (Container, e
 
 // restartPolicy is the engine's policy for the spec's restart.
 func restartPolicy(spec fsm.ServiceSpec) container.RestartPolicy {
+	if spec.Standby != nil {
+		// Only droverd, which knows whether its lease holds, may start a
+		// service that can be failed over: an engine coming back after
+		// its host was cut off must not bring it up on its own.
+		return container.RestartPolicy{Name: container.RestartPolicyDisabled}
+	}
 	switch spec.Restart {
 	case fsm.RestartOnFailure:
 		return container.RestartPolicy{Name: container.RestartPolicyOnFailure, MaximumRetryCount: spec.RestartMax}

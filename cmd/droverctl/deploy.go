@@ -122,7 +122,7 @@ func (c *cli) printPlan(p ctlapi.DeployPlan) {
 
 func (c *cli) printServices(ss []ctlapi.Service) error {
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE\tMACHINE\tSTATE\tSERVICE-IP\tREADY\tGENERATION\tRESTARTS\tLAST-EXIT")
+	fmt.Fprintln(tw, "SERVICE\tMACHINE\tSTATE\tSERVICE-IP\tREADY\tGENERATION\tRESTARTS\tLAST-EXIT\tSTANDBY")
 	for _, s := range ss {
 		state := s.State
 		if s.Process != "" && s.Process != "running" {
@@ -138,8 +138,22 @@ func (c *cli) printServices(ss []ctlapi.Service) error {
 				last += " (" + e.Reason + ")"
 			}
 		}
-		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%v\t%d\t%d\t%s\n", s.Namespace, s.Name, s.Machine, state, s.ServiceIP, s.Ready, s.Generation, s.Restarts, last)
+		standby := "-"
+		if sb := s.Standby; sb != nil {
+			standby = sb.Machine + " (no copy yet)"
+			if sb.Snapshot != "" {
+				standby = fmt.Sprintf("%s (lag %s, %s)", sb.Machine, time.Duration(sb.Lag).Round(100*time.Millisecond), sb.Failover)
+			}
+		}
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%v\t%d\t%d\t%s\t%s\n", s.Namespace, s.Name, s.Machine, state, s.ServiceIP, s.Ready, s.Generation, s.Restarts, last, standby)
 	}
+	defer func() {
+		for _, s := range ss {
+			if s.LastFailover != "" {
+				fmt.Fprintf(c.out, "%s/%s failed over: %s\n", s.Namespace, s.Name, s.LastFailover)
+			}
+		}
+	}()
 	return tw.Flush()
 }
 
@@ -160,6 +174,35 @@ func (c *cli) serviceCmd() *cobra.Command {
 		},
 	}))
 	cmd.AddCommand(c.serviceLogsCmd())
+	var to string
+	failover := c.addJSON(&cobra.Command{
+		Use:   "failover NAMESPACE/SERVICE [--to MACHINE]",
+		Short: "Start a service on its standby when its machine is gone (after that machine's lease ran out); says what may be lost",
+		Long: `Fail a service over to its standby: one Raft command moves it and its
+volumes to the standby, which starts it on its newest copy. Refused while
+the service's machine is alive (move it with migrate instead), while that
+machine's lease has not run out (it may still be serving on the far side
+of a partition), or when the service has no standby with a copy. The
+loss window is the age of that copy at the failover: what the old
+machine wrote after its snapshot is not on the new one (the old machine
+keeps it aside when it comes back, and says how much it was).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := c.client.Failover(cmd.Context(), ctlapi.FailoverRequest{Service: args[0], To: to})
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(r)
+			}
+			fmt.Fprintf(c.out, "%s failed over from %s to %s, ready after %s\n", r.Service, r.From, r.To, time.Duration(r.Took).Round(time.Millisecond))
+			fmt.Fprintf(c.out, "started from %s, taken %s: writes after it on %s are not here (loss window %s)\n",
+				r.Snapshot, r.SnapshotTakenAt.Local().Format("15:04:05.000"), r.From, time.Duration(r.LossWindow).Round(time.Millisecond))
+			return nil
+		},
+	})
+	failover.Flags().StringVar(&to, "to", "", "the standby (default: the service's standby)")
+	cmd.AddCommand(failover)
 	cmd.AddCommand(c.addJSON(&cobra.Command{
 		Use:   "restart NAMESPACE/SERVICE",
 		Short: "Restart a service's container where it runs (under the namespace lock) and wait until it is ready",
@@ -243,13 +286,20 @@ func (c *cli) volumeCmd() *cobra.Command {
 				return c.printJSON(vs)
 			}
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "VOLUME\tOWNER\tQUOTA\tUSED\tNEWEST-SNAPSHOT")
+			fmt.Fprintln(tw, "VOLUME\tOWNER\tQUOTA\tUSED\tNEWEST-SNAPSHOT\tSTANDBY\tLAG")
 			for _, v := range vs {
 				used := "-"
 				if v.Dataset != "" {
 					used = mib(v.UsedBytes)
 				}
-				fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\n", v.Namespace, v.Name, v.Owner, mib(v.QuotaBytes), used, dash(v.NewestSnapshot))
+				lag := "-"
+				if v.Standby != "" {
+					lag = "no copy yet"
+					if v.Lag > 0 {
+						lag = time.Duration(v.Lag).Round(100 * time.Millisecond).String()
+					}
+				}
+				fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Namespace, v.Name, v.Owner, mib(v.QuotaBytes), used, dash(v.NewestSnapshot), dash(v.Standby), lag)
 			}
 			return tw.Flush()
 		},
