@@ -235,6 +235,25 @@ func (l *Lab) SetLinkUp(h *Host, up bool) error {
 	return nil
 }
 
+// Kill kills every process of a host at once, as a power cut would:
+// droverd and the Docker engine in its namespace, and its containers.
+// The network link stays as it is (SetLinkUp).
+func (l *Lab) Kill(h *Host) error {
+	if out, err := exec.Command(l.script, "kill", h.Name).CombinedOutput(); err != nil {
+		return fmt.Errorf("killing %s: %w: %s", h.Name, err, out)
+	}
+	return nil
+}
+
+// StartDocker starts a host's Docker engine again (after Kill) and waits
+// until it answers.
+func (l *Lab) StartDocker(h *Host) error {
+	if out, err := exec.Command(l.script, "docker-start", h.Name).CombinedOutput(); err != nil {
+		return fmt.Errorf("starting the engine of %s: %w: %s", h.Name, err, out)
+	}
+	return nil
+}
+
 // PID is the process id (nsenter execs the command, so it is the command's).
 func (p *Proc) PID() int { return p.cmd.Process.Pid }
 

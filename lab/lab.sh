@@ -127,26 +127,41 @@ up() {
       truncate -s "$POOL_SIZE" "$dir/pool.img"
       zpool create -f -m "$STATE/mnt/$ns" "${ns}pool" "$dir/pool.img"
     fi
-    if [ "$LAB_DOCKER" = 1 ]; then
-      mkdir -p "$dir/docker" "$RUN/$ns/exec"
-      nsenter --net=/var/run/netns/"$ns" dockerd \
-        --data-root "$dir/docker" --exec-root "$RUN/$ns/exec" \
-        --pidfile "$RUN/$ns/docker.pid" -H "unix://$RUN/$ns/docker.sock" \
-        --storage-driver="$(storage_driver)" --insecure-registry "$SUBNET.0/24" \
-        >"$dir/dockerd.log" 2>&1 &
-    fi
+    if [ "$LAB_DOCKER" = 1 ]; then start_docker "$ns"; fi
   done
   if [ "$LAB_DOCKER" = 1 ]; then
-    for i in $(seq 1 "$n"); do
-      local sock=$RUN/$PREFIX$i/docker.sock ok=0
-      for _ in $(seq 1 150); do
-        if docker -H "unix://$sock" version >/dev/null 2>&1; then ok=1; break; fi
-        sleep 0.2
-      done
-      [ $ok = 1 ] || { log "docker engine of $PREFIX$i does not answer; see $STATE/$PREFIX$i/dockerd.log"; tail -5 "$STATE/$PREFIX$i/dockerd.log" >&2; exit 1; }
-    done
+    for i in $(seq 1 "$n"); do wait_docker "$PREFIX$i"; done
   fi
   log "up: $(host_names | tr '\n' ' ')"
+}
+
+# start_docker NS: the host's Docker engine, in its network namespace.
+start_docker() {
+  local ns=$1 dir=$STATE/$1
+  mkdir -p "$dir/docker" "$RUN/$ns/exec"
+  nsenter --net=/var/run/netns/"$ns" dockerd \
+    --data-root "$dir/docker" --exec-root "$RUN/$ns/exec" \
+    --pidfile "$RUN/$ns/docker.pid" -H "unix://$RUN/$ns/docker.sock" \
+    --storage-driver="$(storage_driver)" --insecure-registry "$SUBNET.0/24" \
+    >>"$dir/dockerd.log" 2>&1 &
+}
+
+wait_docker() {
+  local sock=$RUN/$1/docker.sock ok=0
+  for _ in $(seq 1 150); do
+    if docker -H "unix://$sock" version >/dev/null 2>&1; then ok=1; break; fi
+    sleep 0.2
+  done
+  [ $ok = 1 ] || { log "docker engine of $1 does not answer; see $STATE/$1/dockerd.log"; tail -5 "$STATE/$1/dockerd.log" >&2; exit 1; }
+}
+
+# kill_host NS: every process of one host dies at once, as when its power
+# goes: droverd and the engine (in its namespace) and its containers.
+kill_host() {
+  local ns=$1 pid
+  for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  STATE=$STATE/$ns
+  for pid in $(container_pids); do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 status() {
@@ -157,11 +172,13 @@ status() {
 
 [ "$(id -u)" = 0 ] || { log "needs root"; exit 1; }
 cmd=${1:-}
-case "$cmd" in up) arg=${3:-} ;; *) arg=${2:-} ;; esac
+case "$cmd" in up) arg=${3:-} ;; kill|docker-start) arg=${2%%[0-9]*} ;; *) arg=${2:-} ;; esac
 if [ -n "$arg" ]; then PREFIX=$arg; STATE=/var/lib/drover-lab/$PREFIX; RUN=/run/drover-lab/$PREFIX; BRIDGE=${PREFIX}br0; fi
 case "$cmd" in
   up) up "${2:?usage: lab.sh up N [PREFIX]}" ;;
   down) down; log "down" ;;
   status) status ;;
-  *) echo "usage: lab.sh up N [PREFIX] | down [PREFIX] | status [PREFIX]" >&2; exit 2 ;;
+  kill) kill_host "${2:?usage: lab.sh kill HOST}"; log "killed $2" ;;
+  docker-start) start_docker "${2:?usage: lab.sh docker-start HOST}"; wait_docker "$2" ;;
+  *) echo "usage: lab.sh up N [PREFIX] | down [PREFIX] | status [PREFIX] | kill HOST | docker-start HOST" >&2; exit 2 ;;
 esac

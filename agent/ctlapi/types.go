@@ -288,7 +288,8 @@ type Service struct {
 	Standby *Standby `json:"standby,omitempty"`
 	// LastFailover, when there was one: from, to, when, the loss window
 	// and what the old owner wrote after it (once it came back).
-	LastFailover string `json:"last_failover,omitempty"`
+	LastFailover   string    `json:"last_failover,omitempty"`
+	LastFailoverAt time.Time `json:"last_failover_at,omitzero"`
 }
 
 // SecretRequest sets a secret's value (over the control socket only).

@@ -429,6 +429,7 @@ func (d *Deployer) Services() []ctlapi.Service {
 				}
 			}
 			if f := sv.LastFailover; f != nil {
+				row.LastFailoverAt = f.At
 				row.LastFailover = fmt.Sprintf("%s -> %s at %s from %s (loss window %s)", s.NameOf(f.From), s.NameOf(f.To),
 					f.At.UTC().Format(time.RFC3339), f.Snapshot, f.At.Sub(f.TakenAt).Round(time.Millisecond))
 				if f.Settled {
