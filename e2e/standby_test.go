@@ -155,13 +155,13 @@ func TestLabStandby(t *testing.T) {
 
 	// The owner dies whole.
 	l := h[0].Lab()
-	killedAt := time.Now()
 	if err := l.SetLinkUp(h[0], false); err != nil {
 		t.Fatal(err)
 	}
 	if err := l.Kill(h[0]); err != nil {
 		t.Fatal(err)
 	}
+	killedAt := time.Now() // no write is acknowledged after this until the failover
 	writers[0].Stop()
 	if out, err := d3.ctl("service", "failover", "shop/db"); err == nil || !(strings.Contains(out, "is alive") || strings.Contains(out, "lease")) {
 		t.Fatalf("a failover right after the owner died: %v\n%s", err, out)

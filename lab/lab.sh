@@ -32,7 +32,9 @@ host_names() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${PREFIX
 container_pids() {
   [ -d "$STATE" ] || return 0
   for f in /proc/[0-9]*/mountinfo; do
-    awk -v s="$STATE/" '$5 == "/" && index($4, s) == 1 { found = 1 } END { exit !found }' "$f" 2>/dev/null &&
+    # vfs: the root is a directory under the state dir; overlay2: an
+    # overlay whose upper dir is.
+    awk -v s="$STATE/" '$5 == "/" && (index($4, s) == 1 || index($0, "upperdir=" s) > 0) { found = 1 } END { exit !found }' "$f" 2>/dev/null &&
       basename "$(dirname "$f")"
   done
   return 0
