@@ -236,10 +236,43 @@ func TestLabStandby(t *testing.T) {
 	}
 	out, _ = d3.ctl("service", "ls")
 	t.Logf("service ls:\n%s", out)
+	testpoll.Until(t, 10*time.Second, "the new owner's standby metrics", func() error {
+		scrape, err := h[1].Run(context.Background(), "curl", "-sf", "-m", "5", "http://127.0.0.1:9477/metrics")
+		if err != nil || !strings.Contains(scrape, `drover_standby_lag_seconds{service="shop/db"}`) || !strings.Contains(scrape, `drover_standby_sent_bytes_total{service="shop/db"}`) {
+			return fmt.Errorf("%v: no standby lag or bytes for shop/db", err)
+		}
+		return nil
+	})
+
+	// A planned move back to the standby sends only what changed since
+	// its newest copy; clients on the three hosts lose nothing.
+	var movers []*writer
+	for _, host := range h {
+		movers = append(movers, startWriter(host, ip, 100*time.Millisecond))
+	}
+	m, _, out, err := migrateJSON(d3, "migrate", "apply", "shop/db", "--to", h[0].Name)
+	if err != nil || m.Phase != "done" {
+		t.Fatalf("migrate to the standby: %v\n%s", err, out)
+	}
+	moved := map[string]string{}
+	for _, w := range movers {
+		for k, v := range w.Stop() {
+			moved[k] = v
+		}
+	}
+	requireAcked(t, filepath.Join(h[0].PoolMount, "drover", "shop", "data"), moved)
+	if v := m.Volumes[0]; !strings.HasPrefix(v.Base, "drover-standby-") || v.BytesSent*4 > v.TotalBytes {
+		t.Fatalf("the move to the standby: base %q, %d bytes sent of %d", v.Base, v.BytesSent, v.TotalBytes)
+	} else {
+		t.Logf("moved to the standby from %s: %d bytes sent of %d referenced; %d acknowledged writes from 3 hosts on %s", v.Base, v.BytesSent, v.TotalBytes, len(moved), h[0].Name)
+	}
+	if db := serviceNamed(t, d3, "shop", "db"); db.Standby == nil || db.Standby.Machine != h[1].Name {
+		t.Fatalf("after the move the old owner is not the standby: %+v", db.Standby)
+	}
 
 	// Auto failover under a partition: kv on host 3, standby host 2, a
 	// client on host 3 itself. Host 3 is cut off and left running.
-	mf = writeManifest(t, "shop.toml", fmt.Sprintf(standbyManifest, h[1].Name, h[0].Name)+fmt.Sprintf(autoManifest, h[2].Name, h[1].Name))
+	mf = writeManifest(t, "shop.toml", fmt.Sprintf(standbyManifest, h[0].Name, h[1].Name)+fmt.Sprintf(autoManifest, h[2].Name, h[1].Name))
 	d2 := daemons[1]
 	testpoll.Until(t, 90*time.Second, "deploy kv", func() error {
 		if out, err := d2.ctlWithin(60*time.Second, "deploy", "-f", mf); err != nil {

@@ -78,6 +78,11 @@ func (z *ZFS) MoveDataset(from, to string) error {
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", from, err)
 	}
+	// A standby copy taken as a migration's base becomes an ordinary
+	// copy: an increment received into it while mounted keeps it so.
+	if err := unmark(from); err != nil {
+		return err
+	}
 	if _, err := d.Unmount(true); err != nil && !strings.Contains(err.Error(), "not currently mounted") {
 		return fmt.Errorf("unmounting %s: %w", from, err)
 	}

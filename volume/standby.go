@@ -83,9 +83,8 @@ func (z *ZFS) ReceiveStandby(namespace, name, service string, incremental bool, 
 	if !z.Exists(ds) {
 		return fmt.Errorf("an increment of %s asked, and %s has no copy: %w", service, ds, ErrNotFound)
 	}
-	if mark := z.StandbyOf(namespace, name); mark != service && z.Origin(namespace, name) == "" {
-		return fmt.Errorf("%s (marked %q): %w", ds, mark, ErrNotStandby)
-	}
+	// Whether this machine may receive into the copy (it does not own the
+	// volume, and holds no diverged copy there) is the caller's to know.
 	if zfsGet("mounted", ds) == "yes" {
 		if err := z.setAside(ds, service); err != nil {
 			return err
@@ -118,6 +117,23 @@ func (z *ZFS) setAside(ds, service string) error {
 				return err
 			}
 			time.Sleep(250 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// unmark makes a standby copy an ordinary dataset (mounted by itself, no
+// longer marked) without mounting it: a migration that takes the copy as
+// its base, or a failover, serves from it.
+func unmark(ds string) error {
+	if zfsGet(standbyProperty, ds) != "" {
+		if _, err := zfsRun("inherit", standbyProperty, ds); err != nil {
+			return err
+		}
+	}
+	if v := zfsGet("canmount", ds); v != "" && v != "on" {
+		if _, err := zfsRun("set", "canmount=on", ds); err != nil {
+			return err
 		}
 	}
 	return nil

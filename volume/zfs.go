@@ -331,6 +331,9 @@ func (z *ZFS) Adopt(staging, namespace, name string) (Info, error) {
 	if err != nil {
 		return Info{}, fmt.Errorf("reading %s: %w", staging, err)
 	}
+	if err := unmark(staging); err != nil {
+		return Info{}, err
+	}
 	// Nothing uses the staging copy: unmount it so the rename is not
 	// refused as busy, then mount it where the volume belongs.
 	if _, err := d.Unmount(true); err != nil {

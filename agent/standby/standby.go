@@ -347,6 +347,7 @@ func (s *Standby) Replicate(ctx context.Context, sv fsm.Service) error {
 	}
 	if s.cfg.Observer != nil {
 		s.cfg.Observer.Replicated(sv.Key(), sent, time.Since(began))
+		s.cfg.Observer.StandbyLag(sv.Key(), time.Since(began))
 	}
 	s.cfg.Logger.Debug("standby copy refreshed", "service", sv.Key(), "snapshot", snap, "bytes", sent, "took", time.Since(began))
 	return nil
@@ -441,6 +442,11 @@ func (s *Standby) handleReceive(ctx context.Context, _ string, req receiveReques
 	})
 	if owner == s.cfg.Self {
 		return receiveResult{}, fmt.Errorf("volume %s/%s is this machine's: %w", req.Namespace, req.Volume, volume.ErrNotStandby)
+	}
+	if f := sv.LastFailover; f != nil && f.From == s.cfg.Self && !f.Settled {
+		// The dataset holds what this machine wrote before the failover:
+		// set aside first (settleLoop), never received over.
+		return receiveResult{}, fmt.Errorf("%s/%s: this machine's copy from before the failover is not set aside yet: %w", req.Namespace, req.Volume, volume.ErrNotStandby)
 	}
 	if err := s.vols.ReceiveStandby(req.Namespace, req.Volume, sv.Key(), req.Base != "", body); err != nil {
 		return receiveResult{}, err
