@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -85,6 +86,10 @@ func (t *table) ratio(key string, r float64) float64 {
 
 // benchReport is what `make bench` writes to bench/results/.
 type benchReport struct {
+	// Name is the files' stem (lab.md, lab.json when empty) and Heading
+	// the markdown's title.
+	Name     string            `json:"-"`
+	Heading  string            `json:"-"`
 	Started  time.Time         `json:"started"`
 	Took     string            `json:"took"`
 	Machine  map[string]string `json:"machine"`
@@ -135,7 +140,8 @@ func (r *benchReport) write(dir string) error {
 		return err
 	}
 	var md strings.Builder
-	fmt.Fprintf(&md, "# drover benchmarks on the lab\n\n")
+	name, heading := cmp.Or(r.Name, "lab"), cmp.Or(r.Heading, "drover benchmarks on the lab")
+	fmt.Fprintf(&md, "# %s\n\n", heading)
 	fmt.Fprintf(&md, "Run %s, took %s. Every figure is the median of the runs, with (min–max); ratios are of medians measured in the same run.\n\n",
 		r.Started.UTC().Format(time.RFC3339), r.Took)
 	keys := make([]string, 0, len(r.Machine))
@@ -154,10 +160,10 @@ func (r *benchReport) write(dir string) error {
 			fmt.Fprintf(&md, "| %s |\n", strings.Join(row, " | "))
 		}
 	}
-	if err := writeAtomic(filepath.Join(dir, "lab.json"), append(j, '\n')); err != nil {
+	if err := writeAtomic(filepath.Join(dir, name+".json"), append(j, '\n')); err != nil {
 		return err
 	}
-	return writeAtomic(filepath.Join(dir, "lab.md"), []byte(md.String()))
+	return writeAtomic(filepath.Join(dir, name+".md"), []byte(md.String()))
 }
 
 func writeAtomic(path string, b []byte) error {

@@ -268,7 +268,7 @@ func setSecret(t *testing.T, d *labDaemon, name, value string, extra ...string) 
 }
 
 // serviceNamed is one service as service ls --json gives it.
-func serviceNamed(t *testing.T, d *labDaemon, ns, name string) ctlapi.Service {
+func serviceNamed(t testing.TB, d *labDaemon, ns, name string) ctlapi.Service {
 	t.Helper()
 	for _, s := range services(t, d) {
 		if s.Namespace == ns && s.Name == name {

@@ -19,10 +19,6 @@ const standbyProperty = "drover:standby"
 // with.
 const StandbySnapshotPrefix = SnapshotPrefix + "standby-"
 
-// ErrNotStandby: the dataset is not a copy this machine may receive
-// into (a volume in use, a diverged copy not yet set aside).
-var ErrNotStandby = errors.New("not a standby copy")
-
 func zfsRun(args ...string) (string, error) {
 	out, err := exec.Command("zfs", args...).CombinedOutput()
 	if err != nil {

@@ -100,6 +100,7 @@ func New(cfg Config, facts Facts, members Members, peers peer.Caller, vols Volum
 var (
 	ErrNotOwner    = peer.NewError("standby_not_owner", "the caller does not run the service")
 	ErrNotStandby  = peer.NewError("standby_not_standby", "this machine is not the service's standby")
+	ErrInUse       = peer.NewError("standby_in_use", "the dataset is in use here: never received into")
 	ErrOwnerAlive  = errors.New("the owner is alive")
 	ErrLeaseActive = errors.New("the owner's lease has not run out")
 )
@@ -441,12 +442,12 @@ func (s *Standby) handleReceive(ctx context.Context, _ string, req receiveReques
 		}
 	})
 	if owner == s.cfg.Self {
-		return receiveResult{}, fmt.Errorf("volume %s/%s is this machine's: %w", req.Namespace, req.Volume, volume.ErrNotStandby)
+		return receiveResult{}, fmt.Errorf("volume %s/%s is this machine's: %w", req.Namespace, req.Volume, ErrInUse)
 	}
 	if f := sv.LastFailover; f != nil && f.From == s.cfg.Self && !f.Settled {
 		// The dataset holds what this machine wrote before the failover:
 		// set aside first (settleLoop), never received over.
-		return receiveResult{}, fmt.Errorf("%s/%s: this machine's copy from before the failover is not set aside yet: %w", req.Namespace, req.Volume, volume.ErrNotStandby)
+		return receiveResult{}, fmt.Errorf("%s/%s: this machine's copy from before the failover is not set aside yet: %w", req.Namespace, req.Volume, ErrInUse)
 	}
 	if err := s.vols.ReceiveStandby(req.Namespace, req.Volume, sv.Key(), req.Base != "", body); err != nil {
 		return receiveResult{}, err

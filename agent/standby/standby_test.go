@@ -3,6 +3,7 @@ package standby
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/agent/peer"
+	"github.com/drover-sh/drover/agent/peer/peertest"
 	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/facttest"
@@ -96,5 +99,57 @@ func TestFailoverIsRefusedWhileTheOwnerMayServe(t *testing.T) {
 	refused("a is not the standby of shop/db (b is)")
 	if n := len(facts.Applied()); n != before {
 		t.Fatal("a refused failover changed the facts")
+	}
+}
+
+// fakeVolumes records what the standby receives.
+type fakeVolumes struct{ received []string }
+
+func (f *fakeVolumes) Snapshot(ns, name, snap string) (volume.Snapshot, error) {
+	return volume.Snapshot{Name: snap}, nil
+}
+func (f *fakeVolumes) Send(string, string, string, string, io.Writer) error { return nil }
+func (f *fakeVolumes) Get(ns, name string) (volume.Info, error)             { return volume.Info{}, nil }
+func (f *fakeVolumes) ReceiveStandby(ns, name, service string, incremental bool, r io.Reader) error {
+	b, _ := io.ReadAll(r)
+	f.received = append(f.received, fmt.Sprintf("%s/%s %s %v %s", ns, name, service, incremental, b))
+	return nil
+}
+func (f *fakeVolumes) PruneStandbySnapshots(string, string, int) error { return nil }
+func (f *fakeVolumes) SetAsideDiverged(string, string, string, string, time.Time) (string, uint64, error) {
+	return "", 0, nil
+}
+func (f *fakeVolumes) StandbyOf(string, string) string { return "" }
+
+func TestTheStandbyReceivesOnlyFromTheOwnerAndNeverOverADivergedCopy(t *testing.T) {
+	_, facts, members := rig(t, "b")
+	facts.AddMachine(t, "c", "c")
+	net := peertest.New(t)
+	a, b, c := net.Add("a"), net.Add("b"), net.Add("c")
+	vols := &fakeVolumes{}
+	sb := New(Config{Self: "b", Name: "b", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, facts, members, b, vols, nil)
+	sb.Register(peer.Server{Mux: b, IDs: b})
+	ctx := context.Background()
+	req := receiveRequest{Namespace: "shop", Service: "db", Volume: "data", Snap: "drover-standby-2", Base: "drover-standby-1"}
+	if _, err := routeReceive.Call(ctx, c, "b", req, strings.NewReader("stream")); !errors.Is(err, ErrNotOwner) {
+		t.Fatalf("a stream from c, which does not run db: %v", err)
+	}
+	if _, err := routeReceive.Call(ctx, a, "b", req, strings.NewReader("stream")); err != nil {
+		t.Fatal(err)
+	}
+	if len(vols.received) != 1 || vols.received[0] != "shop/data shop/db true stream" {
+		t.Fatalf("received %v", vols.received)
+	}
+	// b fails db over to itself, then a failover back makes b the old
+	// owner with a copy not set aside: nothing is received over it.
+	facts.Must(t, fsm.RecordReplica{Namespace: "shop", Name: "db", OwnerID: "a", StandbyID: "b", Snapshot: "s1", TakenAt: time.Now(), At: time.Now()})
+	facts.Must(t, fsm.Failover{Namespace: "shop", Name: "db", To: "b", At: time.Now()})
+	facts.Must(t, fsm.RecordReplica{Namespace: "shop", Name: "db", OwnerID: "b", StandbyID: "a", Snapshot: "s2", TakenAt: time.Now(), At: time.Now()})
+	facts.Must(t, fsm.Failover{Namespace: "shop", Name: "db", To: "a", At: time.Now()})
+	if _, err := routeReceive.Call(ctx, a, "b", req, strings.NewReader("stream")); !errors.Is(err, ErrInUse) {
+		t.Fatalf("a stream over the diverged copy: %v", err)
+	}
+	if len(vols.received) != 1 {
+		t.Fatalf("received over a diverged copy: %v", vols.received)
 	}
 }
