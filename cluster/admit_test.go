@@ -66,7 +66,7 @@ func (tc *testCluster) waitRefused(n *Node, id string, want string) {
 func TestAdmissionNeedsAJoinGrant(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.startN(2)
-	tc.waitVoters(2, 0)
+	tc.waitVoters(1, 1) // two machines: one voter (never two)
 	ctx := ctxTimeout(t, 60*time.Second)
 	issue := func(id string, ttl time.Duration, singleUse bool) fsm.JoinGrant {
 		g := fsm.JoinGrant{ID: id, Secret: newKey(t), IssuedBy: "test", ExpiresAt: time.Now().Add(ttl), SingleUse: singleUse}

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -107,20 +108,28 @@ func nodeStatus(l Liveness) autopilot.NodeStatus {
 // RemoveFailedServer is never called: CleanupDeadServers is off.
 func (d *autopilotDelegate) RemoveFailedServer(*autopilot.Server) {}
 
-// voterPolicy is drover's promoter: 3 voters, or 5 once 5 or more
-// machines are alive, the rest non-voters. A voter that has been unhealthy
-// for longer than deadAfter counts as gone: it is demoted when a healthy
-// non-voter can take its place.
+// voterPolicy is drover's promoter: an odd number of voters — 1, 3 or 5,
+// the largest odd number not above the machines alive, at most 5 — the
+// rest non-voters. It only ever leaves an odd count: it grows in pairs
+// (1 to 3, 3 to 5), and only with non-voters that have caught up and
+// stayed healthy; a voter that has been unhealthy for longer than
+// deadAfter counts as gone and is swapped one for one for such a
+// non-voter; an even count (left by a removal) or too many voters shrink
+// to the target, the gone ones first.
 type voterPolicy struct {
 	deadAfter time.Duration
 	now       func() time.Time
 }
 
+// votersFor is the number of voters for that many machines alive.
 func votersFor(alive int) int {
-	if alive >= 5 {
+	switch {
+	case alive >= 5:
 		return 5
+	case alive >= 3:
+		return 3
 	}
-	return 3
+	return 1
 }
 
 func (p *voterPolicy) GetServerExt(*autopilot.Config, *autopilot.ServerState) any { return nil }
@@ -152,33 +161,60 @@ func (p *voterPolicy) CalculatePromotionsAndDemotions(c *autopilot.Config, s *au
 		}
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
-
-	var working int
-	var gone, candidates []raft.ServerID
+	var working, gone, candidates []raft.ServerID
 	for _, id := range ids {
 		srv := s.Servers[id]
 		switch {
 		case srv.HasVotingRights() && !srv.Health.Healthy && now.Sub(srv.Health.StableSince) > p.deadAfter:
 			gone = append(gone, id)
 		case srv.HasVotingRights():
-			working++
+			working = append(working, id)
 		case srv.State == autopilot.RaftNonVoter && srv.Health.IsStable(now, stable):
 			candidates = append(candidates, id)
 		}
 	}
+	return planVoters(working, gone, candidates, votersFor(alive), s.Leader)
+}
+
+// planVoters decides promotions and demotions from the voters that work,
+// the ones gone, the non-voters fit to vote and the target count: a pure
+// function. Gone voters are swapped one for one; the count grows toward
+// the target only to an odd number; a count above 5, or even, shrinks —
+// unswapped gone voters first, then the last-named working ones, never
+// the leader. A death alone does not shrink it: three voters with one
+// dead keep their quorum, and the dead one counts again when it is back.
+func planVoters(working, gone, candidates []raft.ServerID, target int, leader raft.ServerID) autopilot.RaftChanges {
 	var ch autopilot.RaftChanges
-	need := votersFor(alive) - working
-	for _, id := range candidates {
-		if need <= 0 {
+	total := len(working) + len(gone)
+	swap := min(len(gone), len(candidates))
+	ch.Promotions = append(ch.Promotions, candidates[:swap]...)
+	ch.Demotions = append(ch.Demotions, gone[:swap]...)
+	grow := min(target-total, len(candidates)-swap)
+	if grow > 0 && (total+grow)%2 == 0 {
+		grow--
+	}
+	if grow > 0 {
+		ch.Promotions = append(ch.Promotions, candidates[swap:swap+grow]...)
+		total += grow
+	}
+	excess := max(total-5, 0)
+	if (total-excess)%2 == 0 && total-excess > 1 {
+		excess++
+	}
+	for _, id := range append(slices.Clone(gone[swap:]), reversed(working)...) {
+		if excess == 0 {
 			break
 		}
-		ch.Promotions = append(ch.Promotions, id)
-		need--
-	}
-	// Demote a gone voter only when a replacement is promoted: with no one
-	// to take its place it still counts toward quorum if it comes back.
-	for i := 0; i < len(gone) && i < len(ch.Promotions); i++ {
-		ch.Demotions = append(ch.Demotions, gone[i])
+		if id != leader {
+			ch.Demotions = append(ch.Demotions, id)
+			excess--
+		}
 	}
 	return ch
+}
+
+func reversed(ids []raft.ServerID) []raft.ServerID {
+	out := slices.Clone(ids)
+	slices.Reverse(out)
+	return out
 }

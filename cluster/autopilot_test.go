@@ -20,6 +20,9 @@ func apState(now time.Time, servers map[string]autopilot.RaftState, unhealthySin
 			h = autopilot.ServerHealth{Healthy: false, StableSince: since}
 			status = autopilot.NodeFailed
 		}
+		if rs == autopilot.RaftLeader {
+			s.Leader = raft.ServerID(id)
+		}
 		s.Servers[raft.ServerID(id)] = &autopilot.ServerState{
 			Server: autopilot.Server{ID: raft.ServerID(id), NodeStatus: status},
 			State:  rs, Health: h,
@@ -56,6 +59,14 @@ func TestVoterPolicy(t *testing.T) {
 			map[string]time.Time{"c": now.Add(-time.Second)}, []string{}, []string{}},
 		{"gone voter without replacement kept", map[string]autopilot.RaftState{"a": L, "b": V, "c": V},
 			map[string]time.Time{"c": now.Add(-time.Hour)}, []string{}, []string{}},
+		{"one candidate waits for a pair", map[string]autopilot.RaftState{"a": L, "b": N}, nil, []string{}, []string{}},
+		{"a pair of candidates makes three", map[string]autopilot.RaftState{"a": L, "b": N, "c": N}, nil, []string{"b", "c"}, []string{}},
+		{"two voters shrink to one", map[string]autopilot.RaftState{"a": L, "b": V}, nil, []string{}, []string{"b"}},
+		{"four voters and a candidate make five", map[string]autopilot.RaftState{"a": L, "b": V, "c": V, "d": V, "e": N}, nil, []string{"e"}, []string{}},
+		{"four voters without a candidate make three, never the leader", map[string]autopilot.RaftState{"d": L, "b": V, "c": V, "a": V}, nil, []string{}, []string{"c"}},
+		{"six voters shrink to five, the gone first", map[string]autopilot.RaftState{"a": L, "b": V, "c": V, "d": V, "e": V, "f": V},
+			map[string]time.Time{"b": now.Add(-time.Hour)}, []string{}, []string{"b"}},
+		{"seven voters shrink to five", map[string]autopilot.RaftState{"a": L, "b": V, "c": V, "d": V, "e": V, "f": V, "g": V}, nil, []string{}, []string{"f", "g"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

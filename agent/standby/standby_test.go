@@ -153,3 +153,41 @@ func TestTheStandbyReceivesOnlyFromTheOwnerAndNeverOverADivergedCopy(t *testing.
 		t.Fatalf("received over a diverged copy: %v", vols.received)
 	}
 }
+
+func TestTheLeaderFailsOverByItselfOnceTheLeaseRanOut(t *testing.T) {
+	s, facts, members := rig(t, "b")
+	members.SetLeader(true)
+	facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "t", Lease: time.Hour, At: time.Now()})
+	spec := fsm.ServiceSpec{Name: "db", Image: "img", Volumes: []fsm.VolumeMount{{Name: "data", MountPath: "/data", QuotaBytes: 1 << 20}},
+		Standby: &fsm.StandbySpec{Interval: time.Second, Failover: fsm.FailoverAuto}}
+	facts.Must(t, fsm.PutService{Namespace: "shop", Spec: spec, MachineID: "a", StandbyID: "b", Holder: "t", At: time.Now(), ServicePrefix: facttest.ServicePrefix})
+	facts.Must(t, fsm.ReleaseLock{Namespace: "shop", Holder: "t", At: time.Now()})
+	facts.Must(t, fsm.RecordReplica{Namespace: "shop", Name: "db", OwnerID: "a", StandbyID: "b", Snapshot: "s1", TakenAt: time.Now(), At: time.Now()})
+	facts.Must(t, fsm.RenewLease{MachineID: "a", Duration: fsm.StandbyLease, At: time.Now().Add(-fsm.StandbyLease - fsm.ClockDriftMargin - time.Second)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.autoFailoverLoop(ctx) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(1500 * time.Millisecond)
+	var sv fsm.Service
+	facts.Read(func(st *fsm.State) { sv, _ = st.Service("shop", "db") })
+	if sv.MachineID != "a" {
+		t.Fatal("failed over while the owner is alive")
+	}
+	members.Set("a", "a", cluster.LivenessFailed)
+	testpollUntil(t, 5*time.Second, func() bool {
+		facts.Read(func(st *fsm.State) { sv, _ = st.Service("shop", "db") })
+		return sv.MachineID == "b"
+	})
+}
+
+func testpollUntil(t *testing.T, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("not within", within)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
