@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -479,5 +480,43 @@ func TestPlacementCountsTheCoresServicesReserve(t *testing.T) {
 	// Raising busy's own reservation counts only the new figure.
 	if _, err := plan("namespace = \"shop\"\n[services.busy]\nimage = \"img:1\"\ncpus = 2\n"); err != nil {
 		t.Fatalf("busy to 2 cores on a 2-core machine: %v", err)
+	}
+}
+
+// TestEveryFieldOfASpecIsAChange: a manifest that changes any key of a
+// service is a change the deploy writes (only the placement and the
+// name are not: a move, another service).
+func TestEveryFieldOfASpecIsAChange(t *testing.T) {
+	typ := reflect.TypeOf(fsm.ServiceSpec{})
+	for i := 0; i < typ.NumField(); i++ {
+		f := typ.Field(i)
+		if f.Name == "Machine" || f.Name == "Name" {
+			continue
+		}
+		var changed fsm.ServiceSpec
+		v := reflect.ValueOf(&changed).Elem().Field(i)
+		switch v.Kind() {
+		case reflect.String:
+			v.SetString("x")
+		case reflect.Bool:
+			v.SetBool(true)
+		case reflect.Int, reflect.Int64:
+			v.SetInt(1)
+		case reflect.Uint64:
+			v.SetUint(1)
+		case reflect.Slice:
+			v.Set(reflect.MakeSlice(v.Type(), 1, 1))
+		case reflect.Map:
+			m := reflect.MakeMap(v.Type())
+			m.SetMapIndex(reflect.ValueOf("k"), reflect.ValueOf("v"))
+			v.Set(m)
+		case reflect.Pointer:
+			v.Set(reflect.New(v.Type().Elem()))
+		default:
+			t.Fatalf("field %s: kind %s not covered by this test", f.Name, v.Kind())
+		}
+		if len(specChanges(fsm.ServiceSpec{}, changed)) == 0 {
+			t.Errorf("a change of %s is not seen as a change", f.Name)
+		}
 	}
 }

@@ -223,6 +223,19 @@ func specChanges(a, b fsm.ServiceSpec) []string {
 	diff("volumes", a.Volumes, b.Volumes)
 	diff("readiness", a.Readiness, b.Readiness)
 	diff("memory", a.MemoryBytes, b.MemoryBytes)
+	diff("flush", a.Flush, b.Flush)
+	diff("entrypoint", a.Entrypoint, b.Entrypoint)
+	diff("user", a.User, b.User)
+	diff("working_dir", a.WorkingDir, b.WorkingDir)
+	diff("labels", a.Labels, b.Labels)
+	diff("read_only", a.ReadOnly, b.ReadOnly)
+	diff("tmpfs", a.Tmpfs, b.Tmpfs)
+	diff("restart", a.Restart, b.Restart)
+	diff("restart_max", a.RestartMax, b.RestartMax)
+	diff("health", a.Health, b.Health)
+	diff("cpus", a.MilliCPUs, b.MilliCPUs)
+	diff("secrets", a.Secrets, b.Secrets)
+	diff("standby", a.Standby, b.Standby)
 	return out
 }
 
