@@ -195,6 +195,9 @@ func history() []Command {
 		RegisterMachine{Machine: machine("c3", "gamma"), At: t0},
 		RemoveMachine{ID: "c3", At: t0},
 		Probe{Machine: "a1", Seq: 1, At: t0},
+		RenewLease{MachineID: "a1", Duration: StandbyLease, At: t0},
+		AddSecretsKeyWraps{ID: "k1", Wraps: map[string][]byte{"a1": {1, 2, 3}}, At: t0},
+		PutSecret{Namespace: "web", Name: "pw", KeyID: "k1", Nonce: []byte{1}, Sealed: []byte{2, 3}, Size: 1, Holder: "alpha/deploy", At: t0},
 	}
 }
 
