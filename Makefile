@@ -56,7 +56,7 @@ bench: deps build-test ## benchmarks on a lab of real hosts, and in-process ones
 	@mkdir -p bench/results
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $${BENCHTIME:-500x} $$($(GO) list ./... | grep -v /e2e) | tee bench/results/go-bench.txt
 	set -o pipefail; DROVER_E2E=1 DROVER_BENCH=1 DROVER_BIN=$(CURDIR)/$(TESTBIN) DROVER_BENCH_OUT=$(CURDIR)/bench/results \
-		$(GO) test -run '^$$' -bench 'Benchmark(Lab|Standby)$$' -benchtime 1x -timeout 90m -v ./e2e/ | tee bench/results/lab-bench.log
+		$(GO) test -run '^$$' -bench 'Benchmark(Lab|Standby|Scale)$$' -benchtime 1x -timeout 90m -v ./e2e/ | tee bench/results/lab-bench.log
 
 demo: deps build ## bring up a 3-host lab and show drover's job on it
 	./lab/demo.sh

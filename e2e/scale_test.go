@@ -35,26 +35,7 @@ func TestLabScale(t *testing.T) {
 	for _, host := range h[1:] {
 		daemons = append(daemons, startLabDaemon(t, bin, host, "--join-token-file", token, "--dns-addr", ""))
 	}
-	settled := func() error {
-		leader := ""
-		for _, d := range daemons {
-			st, err := d.status()
-			if err != nil {
-				return err
-			}
-			if st.LeaderName == "" || (leader != "" && st.LeaderName != leader) {
-				return fmt.Errorf("%s sees leader %q, another sees %q", d.host.Name, st.LeaderName, leader)
-			}
-			leader = st.LeaderName
-			if v := len(st.Voters); v%2 == 0 || v > 5 {
-				return fmt.Errorf("%s sees %d voters", d.host.Name, v)
-			}
-			if got := len(st.Voters) + len(st.NonVoters); got != n {
-				return fmt.Errorf("%s sees %d of %d machines in Raft", d.host.Name, got, n)
-			}
-		}
-		return nil
-	}
+	settled := func() error { return clusterFormed(daemons, n) }
 	testpoll.Until(t, 2*time.Minute, fmt.Sprintf("%d machines in one cluster", n), settled)
 	formed := time.Since(began)
 	st, _ := d1.status()

@@ -1,0 +1,197 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/lab"
+)
+
+// BenchmarkScale measures a cluster of N lab hosts that run droverd only
+// (no engine, no pool), production timing, all joining at once with a
+// join token (`make bench`, bench/results/scale.md): time to form, voters,
+// the leader's and the others' idle CPU and memory, how long until a
+// cut-off machine is shown failed, commit latency from a follower.
+// DROVER_SCALE_SIZES (default "10,50,100") are the sizes.
+func BenchmarkScale(b *testing.B) {
+	if os.Getenv("DROVER_BENCH") == "" {
+		b.Skip("the lab benchmarks run with DROVER_BENCH=1 (make bench)")
+	}
+	requireLab(b)
+	var sizes []int
+	for _, s := range strings.Split(envOr("DROVER_SCALE_SIZES", "10,50,100"), ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 3 {
+			b.Fatalf("DROVER_SCALE_SIZES: %q is not a number of machines from 3", s)
+		}
+		sizes = append(sizes, n)
+	}
+	report := &benchReport{Name: "scale", Heading: "drover at scale on the lab", Started: time.Now(), Machine: machineFacts(binaries(b))}
+	report.Machine["timing"] = "production defaults (Raft heartbeat 1s, memberlist LAN profile)"
+	t := &table{
+		Title: "A cluster of N machines",
+		How: "N lab hosts (network namespaces on this one 2-core machine) run droverd only; the first inits, the others start at once with a join token. " +
+			"Formed: until every machine sees one leader, an odd number of voters, and all N in the Raft configuration (or 5 minutes). " +
+			"CPU and RSS: 3 windows of 10 s after forming, % of one core; the leader's, and the median of the others. " +
+			"Cut → failed: a non-voter's link is taken down, and another machine's `machine ls` is read every 20 ms until it shows it failed. " +
+			"Follower commit: `cluster probe` (200 entries, 1 proposer) on a voter that does not lead, p50.",
+		Header: []string{"machines", "formed (s)", "voters", "leader CPU (%)", "others CPU (%)", "leader RSS (MiB)", "others RSS (MiB)", "cut → failed (s)", "follower commit p50 (ms)"},
+	}
+	var leaderCPU = map[int]float64{}
+	for _, n := range sizes {
+		b.Run(fmt.Sprintf("%d-hosts", n), func(b *testing.B) {
+			row := scaleRun(b, n)
+			t.add(row...)
+			if v, err := strconv.ParseFloat(row[3], 64); err == nil {
+				leaderCPU[n] = v
+			}
+		})
+	}
+	if lo, hi := slices.Min(sizes), slices.Max(sizes); leaderCPU[lo] > 0 && leaderCPU[hi] > 0 {
+		t.ratio(fmt.Sprintf("leader_cpu_%d_vs_%d", hi, lo), leaderCPU[hi]/leaderCPU[lo])
+		t.How += fmt.Sprintf(" The leader's idle CPU grows %.2f× from %d to %d machines.", leaderCPU[hi]/leaderCPU[lo], lo, hi)
+	}
+	report.Sections = append(report.Sections, t)
+	report.Took = time.Since(report.Started).Round(time.Second).String()
+	if err := report.write(envOr("DROVER_BENCH_OUT", "../bench/results")); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// scaleRun forms one cluster of n and measures it; the row's cells.
+func scaleRun(b *testing.B, n int) []string {
+	bin := binaries(b)
+	l := lab.New(b, lab.Options{Hosts: n, Prefix: "bz"})
+	h := l.Hosts
+	flags := append([]string{"--dns-addr", ""}, productionFlags...)
+	d1 := startLabDaemon(b, bin, h[0], append([]string{"--init"}, flags...)...)
+	token := joinTokenFile(b, d1)
+	daemons := []*labDaemon{d1}
+	began := time.Now()
+	for _, host := range h[1:] {
+		daemons = append(daemons, startLabDaemon(b, bin, host, append([]string{"--join-token-file", token}, flags...)...))
+	}
+	row := []string{strconv.Itoa(n)}
+	var st ctlapi.ClusterStatus
+	formed := false
+	for time.Since(began) < 5*time.Minute {
+		if err := clusterFormed(daemons, n); err == nil {
+			formed = true
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	if !formed {
+		err := clusterFormed(daemons, n)
+		b.Logf("%d machines: not formed after 5 minutes: %v", n, err)
+		return append(row, "not within 300", "-", "-", "-", "-", "-", "-", "-")
+	}
+	row = append(row, fmt.Sprintf("%.1f", time.Since(began).Seconds()))
+	st, _ = d1.status()
+	row = append(row, strconv.Itoa(len(st.Voters)))
+	var leader *labDaemon
+	var others []*labDaemon
+	for _, d := range daemons {
+		if d.host.Name == st.LeaderName {
+			leader = d
+		} else {
+			others = append(others, d)
+		}
+	}
+	if leader == nil {
+		b.Fatalf("leader %q is none of the lab's daemons", st.LeaderName)
+	}
+	time.Sleep(10 * time.Second)
+	cpu := map[*labDaemon][]float64{}
+	rss := map[*labDaemon][]float64{}
+	before := map[*labDaemon]float64{}
+	for _, d := range daemons {
+		before[d] = cpuSeconds(b, d.proc.PID())
+	}
+	for range 3 {
+		time.Sleep(10 * time.Second)
+		for _, d := range daemons {
+			now := cpuSeconds(b, d.proc.PID())
+			cpu[d] = append(cpu[d], 100*(now-before[d])/10)
+			before[d] = now
+			rss[d] = append(rss[d], float64(rssKiB(d.proc.PID()))/1024)
+		}
+	}
+	var otherCPU, otherRSS []float64
+	for _, d := range others {
+		otherCPU = append(otherCPU, newFigure(cpu[d]).Median)
+		otherRSS = append(otherRSS, newFigure(rss[d]).Median)
+	}
+	row = append(row, fmt.Sprintf("%.2f", newFigure(cpu[leader]).Median), fmt.Sprintf("%.2f", newFigure(otherCPU).Median),
+		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), fmt.Sprintf("%.0f", newFigure(otherRSS).Median))
+
+	// A non-voter cut off; a voter that does not lead watches.
+	voters := map[string]bool{}
+	for _, v := range st.Voters {
+		voters[v.Name] = true
+	}
+	var cut, watcher *labDaemon
+	for _, d := range others {
+		switch {
+		case !voters[d.host.Name] && cut == nil:
+			cut = d
+		case voters[d.host.Name] && watcher == nil:
+			watcher = d
+		}
+	}
+	if cut != nil && watcher != nil {
+		l.SetLinkUp(cut.host, false)
+		down := time.Now()
+		failed := pollFast(b, cut.host.Name+" shown failed", down, 20*time.Millisecond, func() bool {
+			ms, err := client(watcher).Machines(context.Background())
+			return err == nil && slices.ContainsFunc(ms, func(m ctlapi.Machine) bool { return m.Name == cut.host.Name && m.Liveness == "failed" })
+		})
+		l.SetLinkUp(cut.host, true)
+		row = append(row, fmt.Sprintf("%.2f", failed))
+	} else {
+		row = append(row, "-")
+	}
+	if watcher != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		r, err := client(watcher).Probe(ctx, ctlapi.ProbeRequest{Proposers: 1, Count: 200})
+		cancel()
+		if err != nil {
+			b.Fatalf("probe on %s: %v", watcher.host.Name, err)
+		}
+		row = append(row, fmt.Sprintf("%.2f", ms(time.Duration(r.P50))))
+	} else {
+		row = append(row, "-")
+	}
+	b.Logf("%d machines: %v", n, row)
+	return row
+}
+
+// clusterFormed tells whether every daemon sees one leader, an odd number
+// of voters (at most 5) and all n machines in Raft.
+func clusterFormed(daemons []*labDaemon, n int) error {
+	leader := ""
+	for _, d := range daemons {
+		st, err := d.status()
+		if err != nil {
+			return err
+		}
+		if st.LeaderName == "" || (leader != "" && st.LeaderName != leader) {
+			return fmt.Errorf("%s sees leader %q, another %q", d.host.Name, st.LeaderName, leader)
+		}
+		leader = st.LeaderName
+		if v := len(st.Voters); v%2 == 0 || v > 5 {
+			return fmt.Errorf("%s sees %d voters", d.host.Name, v)
+		}
+		if got := len(st.Voters) + len(st.NonVoters); got != n {
+			return fmt.Errorf("%s sees %d of %d machines in Raft", d.host.Name, got, n)
+		}
+	}
+	return nil
+}
