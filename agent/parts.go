@@ -205,7 +205,7 @@ func (a *Agent) makeParts(keys [][]byte) (*parts, error) {
 	}
 	p.standby = standby.New(standby.Config{Self: a.machineID, Name: cfg.Name, Logger: a.logger, Observer: a.metrics}, n, n, n, sbVols, p.rt)
 	p.standby.Register(peer.Server{Mux: n, IDs: n})
-	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available, Observer: a.metrics, Fence: p.standby}, n, p.rt, reconVols, lo, n)
+	p.recon = reconcile.New(reconcile.Config{Self: a.machineID, Logger: a.logger, MemAvailable: hostmem.Available, Observer: a.metrics, Fence: p.standby, Busy: p.svcs.Busy}, n, p.rt, reconVols, lo, n)
 	p.keys = &keyring.Keeper{Facts: n, Gossip: n, Logger: a.logger,
 		Save: func(keys [][]byte) error { return saveKeys(cfg.DataDir, keys) }}
 	p.images.Register(peer.Server{Mux: n, IDs: n})

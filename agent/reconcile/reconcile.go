@@ -80,6 +80,9 @@ type Config struct {
 	// Fence, when set, says which services may not run here now: a
 	// service with a standby on a machine whose lease does not hold.
 	Fence Fence
+	// Busy, when set, tells which services another part of this machine
+	// acts on now (a restart): the reconciler leaves them alone.
+	Busy func(service string) bool
 }
 
 // Fence keeps a service from running where it may have been failed over.
@@ -239,7 +242,7 @@ func (r *Reconciler) Reconcile(ctx context.Context) error {
 	wanted := map[string]bool{}
 	for _, sv := range d.owned {
 		wanted[sv.Key()] = true
-		if !d.moving[sv.Key()] {
+		if !d.moving[sv.Key()] && (r.cfg.Busy == nil || !r.cfg.Busy(sv.Key())) {
 			r.service(ctx, sv, d.volumes, byKey[sv.Key()])
 		}
 	}
@@ -326,6 +329,9 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 		r.reportProcess(ctx, sv, st, nil, processOf(c, rs.Spec, st.health, time.Now()))
 		return
 	}
+	if neverReady(c, rs.Spec, time.Now()) && r.checkHealth(ctx, sv, st, c, rs) {
+		return // it never got ready and is unhealthy: restarted
+	}
 	rd := rs.Spec.Readiness
 	retries := 30
 	if rd != nil {
@@ -342,6 +348,22 @@ func (r *Reconciler) service(ctx context.Context, sv fsm.Service, volumes map[st
 		return
 	}
 	r.reportProcess(ctx, sv, st, nil, proc)
+}
+
+// neverReady tells whether a running container has had the whole of its
+// readiness check's budget (start period, then every retry) without
+// becoming ready: from then on its health check runs too, so a process
+// that hangs before it is ever ready is restarted like one that hangs
+// after.
+func neverReady(c runtime.Container, spec fsm.ServiceSpec, now time.Time) bool {
+	if spec.Health == nil || c.StartedAt.IsZero() {
+		return false
+	}
+	budget := 60 * time.Second // no readiness check: running is ready, so this is rarely reached
+	if rd := spec.Readiness; rd != nil {
+		budget = rd.StartPeriod + time.Duration(rd.Retries+1)*rd.Interval
+	}
+	return now.Sub(c.StartedAt) > budget
 }
 
 // engineKeeps tells whether a container that does not run is the

@@ -420,3 +420,37 @@ func TestAnUnhealthyContainerIsRestarted(t *testing.T) {
 		t.Fatalf("after the restart: %+v (last exit %+v)", st, st.LastExit)
 	}
 }
+
+func TestABusyServiceIsLeftAlone(t *testing.T) {
+	g := newRig(t, false)
+	g.facts.Deploy(t, "shop", spec("web"), "a")
+	g.round(t)
+	busy := true
+	g.r.cfg.Busy = func(key string) bool { return busy && key == "shop/web" }
+	// Stopped by a restart under way: not the reconciler's to start.
+	g.rt.set("shop/web", func(c *runtime.Container) { c.Running, c.State, c.LastExit = false, "exited", &fsm.Exit{Code: 0, At: time.Now()} })
+	g.round(t)
+	if len(g.rt.removed) != 0 || len(g.rt.started) != 1 {
+		t.Fatalf("a busy service was touched: removed %v started %v", g.rt.removed, g.rt.started)
+	}
+	busy = false
+	g.round(t)
+	if len(g.rt.started) != 2 {
+		t.Fatalf("once not busy, a stopped container is started again: %v", g.rt.started)
+	}
+}
+
+func TestHealthRunsForAContainerThatNeverGotReady(t *testing.T) {
+	now := time.Now()
+	sp := fsm.ServiceSpec{Health: &fsm.Readiness{Interval: time.Second, Retries: 2},
+		Readiness: &fsm.Readiness{Interval: time.Second, Retries: 3, StartPeriod: 2 * time.Second}}
+	young := runtime.Container{StartedAt: now.Add(-5 * time.Second)}
+	old := runtime.Container{StartedAt: now.Add(-7 * time.Second)}
+	if neverReady(young, sp, now) || !neverReady(old, sp, now) {
+		t.Fatal("the readiness budget is start period + (retries+1) × interval = 6 s")
+	}
+	sp.Health = nil
+	if neverReady(old, sp, now) {
+		t.Fatal("no health check, nothing to run")
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
@@ -97,12 +98,24 @@ type Services struct {
 	peers  peer.Caller
 	rt     Runtime
 	vols   Volumes // nil: this machine holds no volumes
+
+	mu         sync.Mutex
+	restarting map[string]bool // services whose container this machine restarts now
+}
+
+// Busy tells whether this machine is restarting the service's container:
+// the reconciler leaves it alone meanwhile (between the stop and the
+// start it would look stopped by someone).
+func (s *Services) Busy(service string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.restarting[service]
 }
 
 // New makes the service actions of this machine; vols is nil on a
 // machine without volumes.
 func New(cfg Config, facts Facts, gossip factview.Gossip, peers peer.Caller, rt Runtime, vols Volumes) *Services {
-	return &Services{cfg: cfg, facts: facts, gossip: gossip, peers: peers, rt: rt, vols: vols}
+	return &Services{cfg: cfg, facts: facts, gossip: gossip, peers: peers, rt: rt, vols: vols, restarting: map[string]bool{}}
 }
 
 // Register serves this machine's side on s; call it before s starts.
@@ -207,6 +220,15 @@ func (s *Services) handleRestart(ctx context.Context, _ string, req restartReque
 			continue
 		}
 		began := time.Now()
+		key := req.Namespace + "/" + req.Service
+		s.mu.Lock()
+		s.restarting[key] = true
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			delete(s.restarting, key)
+			s.mu.Unlock()
+		}()
 		rs := runtime.RunSpec{Namespace: sv.Namespace, Spec: sv.Spec, Generation: sv.Generation, ServiceIP: sv.ServiceIP}
 		if _, err := s.rt.Stop(ctx, c.ID, runtime.StopGrace(sv.Spec)); err != nil {
 			return restarted{}, err
