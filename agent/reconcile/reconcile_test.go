@@ -428,7 +428,9 @@ func TestABusyServiceIsLeftAlone(t *testing.T) {
 	busy := true
 	g.r.cfg.Busy = func(key string) bool { return busy && key == "shop/web" }
 	// Stopped by a restart under way: not the reconciler's to start.
-	g.rt.set("shop/web", func(c *runtime.Container) { c.Running, c.State, c.LastExit = false, "exited", &fsm.Exit{Code: 0, At: time.Now()} })
+	g.rt.set("shop/web", func(c *runtime.Container) {
+		c.Running, c.State, c.LastExit = false, "exited", &fsm.Exit{Code: 0, At: time.Now()}
+	})
 	g.round(t)
 	if len(g.rt.removed) != 0 || len(g.rt.started) != 1 {
 		t.Fatalf("a busy service was touched: removed %v started %v", g.rt.removed, g.rt.started)
