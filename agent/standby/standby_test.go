@@ -62,7 +62,12 @@ func TestTheLeaseHoldsUntilItsStopMargin(t *testing.T) {
 	if !s.Holds() || s.Fenced(sv()) {
 		t.Fatal("a fresh lease in the facts does not hold")
 	}
-	facts.Must(t, fsm.RenewLease{MachineID: "b", Duration: fsm.StandbyLease, At: time.Now()}) // another's lease is not ours
+	// Another machine's lease is not this one's.
+	s3, facts3, _ := rig(t, "a")
+	facts3.Must(t, fsm.RenewLease{MachineID: "b", Duration: fsm.StandbyLease, At: time.Now()})
+	if s3.Holds() {
+		t.Fatal("b's lease made a hold")
+	}
 	s2, facts2, _ := rig(t, "a")
 	facts2.Must(t, fsm.RenewLease{MachineID: "a", Duration: fsm.StandbyLease, At: time.Now().Add(-fsm.StandbyLease + fsm.LeaseStopMargin - time.Millisecond)})
 	if s2.Holds() {
