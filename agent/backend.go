@@ -79,6 +79,9 @@ func (a *Agent) Status(context.Context) (ctlapi.ClusterStatus, error) {
 	out.Role = st.Role
 	out.LeaderID, out.LeaderName, out.LeaderAddr = st.LeaderID, a.nameOf(st.LeaderID), st.LeaderAddr
 	out.Term, out.CommitIndex, out.AppliedIndex, out.LastIndex = st.Term, st.CommitIndex, st.AppliedIndex, st.LastIndex
+	if st.FollowsServer != "" {
+		out.Follows = a.nameOf(st.FollowsServer)
+	}
 	for _, s := range st.Servers {
 		rs := ctlapi.RaftServer{ID: s.ID, Name: a.nameOf(s.ID), Address: s.Address, Leader: s.Leader, Suffrage: "nonvoter"}
 		if s.Voter {
@@ -142,6 +145,9 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 			order = append(order, g.MachineID)
 		}
 		m.Liveness = string(g.Liveness)
+		if _, server := roles[g.MachineID]; !server && g.Observer {
+			roles[g.MachineID] = cluster.RoleObserver
+		}
 		if !g.LastContact.IsZero() {
 			lc := g.LastContact
 			m.LastContact = &lc

@@ -58,6 +58,12 @@ type Config struct {
 	// machines' overlay addresses from.
 	OverlayPrefix netip.Prefix
 
+	// MaxServers is how many machines the leader keeps in the Raft
+	// configuration, voters and non-voters together (default 7: five
+	// voters and two ready to replace one); the others follow the facts
+	// from a server. The leader's value counts.
+	MaxServers int
+
 	Timing Timing
 	Logger *slog.Logger
 	Now    func() time.Time // injected clock; time.Now when nil
@@ -100,6 +106,16 @@ func (t Timing) withDefaults() Timing {
 		t.ReconnectInterval = 10 * time.Second
 	}
 	return t
+}
+
+// DefaultMaxServers is MaxServers when unset.
+const DefaultMaxServers = 7
+
+func (c Config) maxServers() int {
+	if c.MaxServers > 0 {
+		return c.MaxServers
+	}
+	return DefaultMaxServers
 }
 
 // ErrNoKey is returned when a node is started without a usable key.

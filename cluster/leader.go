@@ -114,6 +114,14 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 	})
 
 	members := n.gossip.snapshot()
+	// Servers gossip shows alive: a machine is added to Raft only while
+	// they are fewer than MaxServers; the others follow the facts.
+	aliveServers := 0
+	for _, m := range members {
+		if _, ok := inRaft[raft.ServerID(m.MachineID)]; ok && m.Liveness == LivenessAlive {
+			aliveServers++
+		}
+	}
 	// This machine first: when it bootstraps it takes the first address.
 	slices.SortStableFunc(members, func(a, b Member) int {
 		return cmp.Compare(boolRank(a.MachineID != n.cfg.MachineID), boolRank(b.MachineID != n.cfg.MachineID))
@@ -151,9 +159,14 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 		id := raft.ServerID(m.MachineID)
 		addr := raft.ServerAddress(m.RaftAddr)
 		if s, ok := inRaft[id]; !ok {
-			n.logger.Info("adding machine to raft as non-voter", "machine", m.Name, "addr", addr)
+			if aliveServers >= n.cfg.maxServers() {
+				continue // it follows the facts from a server
+			}
+			n.logger.Info("making machine a Raft server, as non-voter", "machine", m.Name, "addr", addr, "servers_alive", aliveServers)
 			if err := p.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
 				n.logger.Warn("could not add machine to raft", "machine", m.Name, "err", err)
+			} else {
+				aliveServers++
 			}
 		} else if s.Address != addr {
 			n.logger.Info("machine's raft address changed", "machine", m.Name, "from", s.Address, "to", addr)

@@ -44,6 +44,10 @@ type Meta struct {
 	// Facts is the newest form of the facts this daemon decodes
 	// (FactsLevel); absent (0) on daemons older than levels.
 	Facts uint32 `json:"facts,omitempty"`
+	// Observer: this machine follows the facts from a Raft server and
+	// runs no Raft (absent on servers, and on daemons older than
+	// observers, which all run Raft).
+	Observer bool `json:"obs,omitempty"`
 }
 
 // FactsLevel is the form of the facts this daemon decodes. The fact

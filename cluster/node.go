@@ -57,8 +57,20 @@ type Node struct {
 	facts  *factStore
 	rpc    *rpcClient
 
-	rs     atomic.Pointer[raftParts]
-	rpcMux *http.ServeMux
+	rs     atomic.Pointer[raftParts] // Raft, once this machine is a server
+	net    atomic.Pointer[netParts]  // the RPC server, from StartRaft
+	stores atomic.Pointer[raftStores]
+	// observer is set while this machine follows the facts from a server
+	// (follow.go) rather than from its own Raft; following is what it
+	// last heard.
+	observer  atomic.Bool
+	following atomic.Pointer[followed]
+	// raftStart serialises starting Raft, and refuses it once Close began.
+	raftStart struct {
+		sync.Mutex
+		closed bool
+	}
+	rpcMux    *http.ServeMux
 	nudge  chan struct{} // gossip changed; consumed by the leader's loop
 	// committed: a follower waits for what this machine, leading,
 	// committed; consumed by announceCommits.
@@ -81,16 +93,29 @@ type Node struct {
 	refused     map[string]string // admissions refused and logged: the reason, by machine id
 }
 
-// raftParts is everything StartRaft creates, published at once.
+// raftParts is Raft and its transport, published at once when this
+// machine becomes a server.
 type raftParts struct {
 	raft      *raft.Raft
 	transport *raft.NetworkTransport
-	store     *raftboltdb.BoltStore
-	snaps     raft.SnapshotStore
-	http      *http.Server
-	self      *http.Client // this machine's calls to itself, in process
 	raftAddr  netip.AddrPort
-	rpcAddr   netip.AddrPort
+}
+
+// raftStores is Raft's log and snapshots on disk, opened by StartRaft:
+// whether they hold state decides whether a machine starts as a server.
+type raftStores struct {
+	store *raftboltdb.BoltStore
+	snaps raft.SnapshotStore
+	hlog  hclog.Logger
+}
+
+// netParts is the RPC server every machine runs from StartRaft on.
+type netParts struct {
+	http     *http.Server
+	self     *http.Client // this machine's calls to itself, in process
+	addr     netip.Addr   // the overlay address
+	raftAddr netip.AddrPort
+	rpcAddr  netip.AddrPort
 }
 
 // Start begins gossip on the underlay. The node can join other machines
@@ -201,15 +226,75 @@ func (n *Node) haltOn(err error) {
 	})
 }
 
-// StartRaft starts Raft and the RPC server on addr (the overlay address
-// once the mesh is up) and gossips where they listen.
+// StartRaft starts the RPC server on addr (the overlay address once the
+// mesh is up) and gossips where it listens. A machine that holds Raft
+// state (it was a server before) starts Raft too; any other follows the
+// facts from a server (follow.go) until the leader makes it a server, or
+// until Bootstrap makes it the first.
 func (n *Node) StartRaft(addr netip.Addr) error {
-	if n.rs.Load() != nil {
+	if n.net.Load() != nil {
 		return errors.New("raft already started")
 	}
+	stores, err := n.openRaftStores()
+	if err != nil {
+		return err
+	}
+	rpcAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RPCPort))
+	rpcLn, err := listenBound(rpcAddr, n.cfg.Device, "RPC", n.logger)
+	if err != nil {
+		stores.store.Close()
+		return fmt.Errorf("rpc listener on %s: %w", rpcAddr, err)
+	}
+	n.stores.Store(stores)
+	self := newPipeListener()
+	np := &netParts{
+		http: &http.Server{Handler: n.rpcHandler(), ReadHeaderTimeout: 5 * time.Second,
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				if _, ok := c.(*selfConn); ok {
+					return context.WithValue(ctx, selfKey{}, true)
+				}
+				return ctx
+			}},
+		self:     &http.Client{Transport: &http.Transport{DialContext: self.dial}},
+		addr:     addr,
+		raftAddr: netip.AddrPortFrom(addr, uint16(n.cfg.RaftPort)),
+		rpcAddr:  rpcAddr,
+	}
+	n.net.Store(np)
+	n.wg.Add(2)
+	for _, ln := range []net.Listener{rpcLn, self} {
+		go func() {
+			defer n.wg.Done()
+			if err := np.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				n.logger.Error("rpc server stopped", "err", err)
+			}
+		}()
+	}
+	has, err := raft.HasExistingState(stores.store, stores.store, stores.snaps)
+	if err != nil {
+		return fmt.Errorf("reading raft state: %w", err)
+	}
+	if has {
+		if err := n.startRaftServer(); err != nil {
+			return err
+		}
+	} else {
+		n.observer.Store(true)
+		n.wg.Add(1)
+		go n.follow()
+	}
+	return n.gossip.setMeta(func(m *Meta) {
+		m.RaftAddr = np.raftAddr.String()
+		m.RPCAddr = rpcAddr.String()
+		m.Observer = !has
+	})
+}
+
+// openRaftStores opens Raft's log and snapshots under the data dir.
+func (n *Node) openRaftStores() (*raftStores, error) {
 	dir := filepath.Join(n.cfg.DataDir, "raft")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("creating raft dir: %w", err)
+		return nil, fmt.Errorf("creating raft dir: %w", err)
 	}
 	hlog := hclog.New(&hclog.LoggerOptions{
 		Name:   "raft",
@@ -221,35 +306,44 @@ func (n *Node) StartRaft(addr netip.Addr) error {
 		BoltOptions: &bbolt.Options{Timeout: 2 * time.Second},
 	})
 	if err != nil {
-		return fmt.Errorf("opening raft log %s (is another droverd using this data dir?): %w", filepath.Join(dir, "raft.db"), err)
+		return nil, fmt.Errorf("opening raft log %s (is another droverd using this data dir?): %w", filepath.Join(dir, "raft.db"), err)
 	}
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 3, hlog)
 	if err != nil {
 		store.Close()
-		return fmt.Errorf("opening raft snapshots: %w", err)
+		return nil, fmt.Errorf("opening raft snapshots: %w", err)
 	}
-	raftAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RaftPort))
-	raftLn, err := listenBound(raftAddr, n.cfg.Device, "Raft", n.logger)
+	return &raftStores{store: store, snaps: snaps, hlog: hlog}, nil
+}
+
+// startRaftServer starts Raft on the address StartRaft took, over the
+// stores it opened.
+func (n *Node) startRaftServer() error {
+	n.raftStart.Lock()
+	defer n.raftStart.Unlock()
+	if n.raftStart.closed {
+		return errors.New("the node is closing")
+	}
+	np, stores := n.net.Load(), n.stores.Load()
+	if np == nil || stores == nil {
+		return ErrRaftNotStarted
+	}
+	if n.rs.Load() != nil {
+		return nil
+	}
+	raftLn, err := listenBound(np.raftAddr, n.cfg.Device, "Raft", n.logger)
 	if err != nil {
-		store.Close()
-		return fmt.Errorf("raft transport on %s: %w", raftAddr, err)
+		return fmt.Errorf("raft transport on %s: %w", np.raftAddr, err)
 	}
-	stream := &raftStream{Listener: raftLn, advertise: net.TCPAddrFromAddrPort(raftAddr)}
+	stream := &raftStream{Listener: raftLn, advertise: net.TCPAddrFromAddrPort(np.raftAddr)}
 	if n.cfg.Device != "" {
-		stream.source = &net.TCPAddr{IP: addr.AsSlice()}
+		stream.source = &net.TCPAddr{IP: np.addr.AsSlice()}
 	}
-	transport := raft.NewNetworkTransportWithLogger(stream, 3, 10*time.Second, hlog)
-	rpcAddr := netip.AddrPortFrom(addr, uint16(n.cfg.RPCPort))
-	rpcLn, err := listenBound(rpcAddr, n.cfg.Device, "RPC", n.logger)
-	if err != nil {
-		transport.Close()
-		store.Close()
-		return fmt.Errorf("rpc listener on %s: %w", rpcAddr, err)
-	}
+	transport := raft.NewNetworkTransportWithLogger(stream, 3, 10*time.Second, stores.hlog)
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(n.cfg.MachineID)
-	rc.Logger = hlog
+	rc.Logger = stores.hlog
 	if hb := n.cfg.Timing.RaftHeartbeat; hb > 0 {
 		rc.HeartbeatTimeout = hb
 		rc.ElectionTimeout = hb
@@ -258,54 +352,34 @@ func (n *Node) StartRaft(addr netip.Addr) error {
 	}
 	leaderCh := make(chan bool, 8)
 	rc.NotifyCh = leaderCh
-	r, err := raft.NewRaft(rc, n.facts, store, store, snaps, transport)
+	snaps := &indexedSnapshots{SnapshotStore: stores.snaps, facts: n.facts}
+	r, err := raft.NewRaft(rc, n.facts, stores.store, stores.store, snaps, transport)
 	if err != nil {
-		rpcLn.Close()
 		transport.Close()
-		store.Close()
 		return fmt.Errorf("starting raft: %w", err)
 	}
-	self := newPipeListener()
-	parts := &raftParts{
-		raft: r, transport: transport, store: store, snaps: snaps,
-		http: &http.Server{Handler: n.rpcHandler(), ReadHeaderTimeout: 5 * time.Second,
-			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-				if _, ok := c.(*selfConn); ok {
-					return context.WithValue(ctx, selfKey{}, true)
-				}
-				return ctx
-			}},
-		self:     &http.Client{Transport: &http.Transport{DialContext: self.dial}},
-		raftAddr: raftAddr, rpcAddr: rpcAddr,
-	}
+	parts := &raftParts{raft: r, transport: transport, raftAddr: np.raftAddr}
 	n.rs.Store(parts)
-	n.wg.Add(5)
+	n.wg.Add(3)
 	go n.announceCommits(parts)
 	go n.observeLeaders(r)
-	for _, ln := range []net.Listener{rpcLn, self} {
-		go func() {
-			defer n.wg.Done()
-			if err := parts.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				n.logger.Error("rpc server stopped", "err", err)
-			}
-		}()
-	}
 	go n.runLeaderLoop(leaderCh)
-	return n.gossip.setMeta(func(m *Meta) {
-		m.RaftAddr = raftAddr.String()
-		m.RPCAddr = rpcAddr.String()
-	})
+	if err := n.gossip.setMeta(func(m *Meta) { m.Observer = false }); err != nil {
+		n.logger.Warn("gossiping that this machine is a Raft server", "err", err)
+	}
+	return nil
 }
 
 // overlaySource is the address this machine's calls to others come
-// from: its overlay address once Raft runs on it (the mesh would pick it
-// anyway; named, it also holds when machines share a network namespace).
+// from: its overlay address once the RPC server runs (the mesh would
+// pick it anyway; named, it also holds when machines share a network
+// namespace).
 func (n *Node) overlaySource() net.Addr {
 	if n.cfg.Device == "" {
 		return nil
 	}
-	if p := n.rs.Load(); p != nil {
-		return &net.TCPAddr{IP: p.rpcAddr.Addr().AsSlice()}
+	if np := n.net.Load(); np != nil {
+		return &net.TCPAddr{IP: np.addr.AsSlice()}
 	}
 	return nil
 }
@@ -321,17 +395,21 @@ func (n *Node) parts() (*raftParts, error) {
 // Bootstrap makes this machine the first voter of a new cluster. It does
 // nothing, and says so, when Raft state already exists.
 func (n *Node) Bootstrap() (bool, error) {
-	p, err := n.parts()
-	if err != nil {
-		return false, err
+	stores := n.stores.Load()
+	if stores == nil {
+		return false, ErrRaftNotStarted
 	}
-	has, err := raft.HasExistingState(p.store, p.store, p.snaps)
+	has, err := raft.HasExistingState(stores.store, stores.store, stores.snaps)
 	if err != nil {
 		return false, fmt.Errorf("reading raft state: %w", err)
 	}
 	if has {
 		return false, nil
 	}
+	if err := n.startRaftServer(); err != nil {
+		return false, err
+	}
+	p := n.rs.Load()
 	f := p.raft.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{
 		Suffrage: raft.Voter,
 		ID:       raft.ServerID(n.cfg.MachineID),
@@ -346,11 +424,11 @@ func (n *Node) Bootstrap() (bool, error) {
 // HasRaftState tells whether this machine has ever been part of a Raft
 // cluster (bootstrapped or replicated to).
 func (n *Node) HasRaftState() (bool, error) {
-	p, err := n.parts()
-	if err != nil {
-		return false, err
+	stores := n.stores.Load()
+	if stores == nil {
+		return false, ErrRaftNotStarted
 	}
-	return raft.HasExistingState(p.store, p.store, p.snaps)
+	return raft.HasExistingState(stores.store, stores.store, stores.snaps)
 }
 
 // Read gives fn the current facts; fn must not keep the state or block.
@@ -368,14 +446,13 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, err
 	if len(data) > MaxCommandBytes {
 		return nil, fmt.Errorf("%s of %d KiB: %w: the limit is %d KiB", cmd.Type(), len(data)>>10, ErrCommandTooLarge, MaxCommandBytes>>10)
 	}
-	p, err := n.parts()
-	if err != nil {
-		return nil, err
+	if n.net.Load() == nil {
+		return nil, ErrRaftNotStarted
 	}
 	backoff := 20 * time.Millisecond
 	began := time.Now()
 	for {
-		res, err := n.applyOnce(ctx, p, data)
+		res, err := n.applyOnce(ctx, data)
 		if err == nil {
 			n.waitApplied(ctx, res.Index)
 			if o := n.cfg.Observer; o != nil {
@@ -399,19 +476,19 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (json.RawMessage, err
 
 var errNoLeaderYet = errors.New("leader not known yet")
 
-func (n *Node) applyOnce(ctx context.Context, p *raftParts, data []byte) (applyResult, error) {
-	if p.raft.State() == raft.Leader {
+func (n *Node) applyOnce(ctx context.Context, data []byte) (applyResult, error) {
+	if n.leading() {
 		return n.applyLocal(ctx, data)
 	}
-	_, leaderID := p.raft.LeaderWithID()
+	leaderID := n.leaderID()
 	if leaderID == "" {
 		return applyResult{}, errNoLeaderYet
 	}
-	addr := n.rpcAddrOf(string(leaderID))
+	addr := n.rpcAddrOf(leaderID)
 	if addr == "" {
 		return applyResult{}, errNoLeaderYet
 	}
-	res, err := n.forward(ctx, p, leaderID, addr, data)
+	res, err := n.forward(ctx, leaderID, addr, data)
 	var opErr *net.OpError
 	if errors.As(err, &opErr) && opErr.Op == "dial" {
 		// Nothing was sent: safe to try again once the leader is known.
@@ -431,7 +508,7 @@ const forwardTimeout = 12 * time.Second
 // leader answers, after forwardTimeout, or as soon as this machine sees
 // another leader than leaderID: a connection to a leader that is gone may
 // hang until TCP gives up, long after a new leader serves commands.
-func (n *Node) forward(ctx context.Context, p *raftParts, leaderID raft.ServerID, addr string, data []byte) (applyResult, error) {
+func (n *Node) forward(ctx context.Context, leaderID, addr string, data []byte) (applyResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, forwardTimeout)
 	watched := make(chan struct{})
 	go func() {
@@ -443,7 +520,7 @@ func (n *Node) forward(ctx context.Context, p *raftParts, leaderID raft.ServerID
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				if _, id := p.raft.LeaderWithID(); id != leaderID {
+				if n.leaderID() != leaderID {
 					cancel()
 					return
 				}
@@ -606,18 +683,17 @@ func (n *Node) waitApplied(ctx context.Context, idx uint64) {
 // sees, so a follower can have every fact and still be below the
 // leader's last log index until the next command comes.
 func (n *Node) CaughtUp(ctx context.Context) error {
-	p, err := n.parts()
-	if err != nil {
-		return err
+	if n.net.Load() == nil {
+		return ErrRaftNotStarted
 	}
-	if p.raft.State() == raft.Leader {
+	if p := n.rs.Load(); p != nil && p.raft.State() == raft.Leader {
 		if err := p.raft.Barrier(10 * time.Second).Error(); err != nil {
 			return fmt.Errorf("raft barrier: %w", err)
 		}
 		return nil
 	}
-	_, leaderID := p.raft.LeaderWithID()
-	addr := n.rpcAddrOf(string(leaderID))
+	leaderID := n.leaderID()
+	addr := n.rpcAddrOf(leaderID)
 	if leaderID == "" || addr == "" {
 		return ErrNoLeader
 	}
@@ -663,6 +739,9 @@ type Freshness struct {
 
 // Freshness tells how current this machine's facts are.
 func (n *Node) Freshness() Freshness {
+	if n.observing() {
+		return n.followFreshness(n.following.Load())
+	}
 	p, err := n.parts()
 	if err != nil {
 		return Freshness{Stale: true, Reason: "this machine takes no part in Raft yet"}
@@ -698,7 +777,7 @@ func (n *Node) raftHeartbeat() time.Duration {
 func (n *Node) localStats() serverStats {
 	p, err := n.parts()
 	if err != nil {
-		return serverStats{LastContact: -1}
+		return serverStats{LastContact: -1, FactsIndex: n.FactsIndex()}
 	}
 	st := p.raft.Stats()
 	out := serverStats{FactsIndex: n.FactsIndex()}
@@ -726,17 +805,17 @@ func (n *Node) localStats() serverStats {
 // leader. Call it only once the machine left or is dead: the leader adds
 // back every machine gossip sees alive.
 func (n *Node) RemoveServer(ctx context.Context, id string) error {
-	p, err := n.parts()
-	if err != nil {
-		return err
+	if n.net.Load() == nil {
+		return ErrRaftNotStarted
 	}
 	backoff := 50 * time.Millisecond
 	for {
-		if p.raft.State() == raft.Leader {
+		var err error
+		if n.leading() {
 			err = n.removeServerLocal(id)
-		} else if _, leaderID := p.raft.LeaderWithID(); leaderID == "" {
+		} else if leaderID := n.leaderID(); leaderID == "" {
 			err = errNoLeaderYet
-		} else if addr := n.rpcAddrOf(string(leaderID)); addr == "" {
+		} else if addr := n.rpcAddrOf(leaderID); addr == "" {
 			err = errNoLeaderYet
 		} else {
 			err = n.rpc.do(ctx, http.MethodPost, addr, rpcRemovePath, []byte(id), &struct{}{})
@@ -796,19 +875,26 @@ func (n *Node) Close() error {
 	var errs []error
 	n.closed.Do(func() {
 		n.cancel()
-		if p := n.rs.Load(); p != nil {
+		if np := n.net.Load(); np != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-			if err := p.http.Shutdown(ctx); err != nil {
-				p.http.Close()
+			if err := np.http.Shutdown(ctx); err != nil {
+				np.http.Close()
 			}
 			cancel()
+		}
+		n.raftStart.Lock() // no Raft starts from here on
+		n.raftStart.closed = true
+		n.raftStart.Unlock()
+		if p := n.rs.Load(); p != nil {
 			if err := p.raft.Shutdown().Error(); err != nil {
 				errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
 			}
 			if err := p.transport.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("raft transport: %w", err))
 			}
-			if err := p.store.Close(); err != nil {
+		}
+		if st := n.stores.Load(); st != nil {
+			if err := st.store.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("raft store: %w", err))
 			}
 		}

@@ -57,6 +57,7 @@ func (n *Node) rpcHandler() http.Handler {
 	mux.HandleFunc("POST "+rpcApplyPath, n.handleApply)
 	mux.HandleFunc("GET "+rpcStatsPath, n.handleStats)
 	mux.HandleFunc("POST "+rpcRemovePath, n.handleRemoveServer)
+	mux.HandleFunc("GET "+rpcFollowPath, n.handleFollow)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !n.validToken(r.Header.Get(rpcAuthHdr)) {
 			http.Error(w, "cluster key required", http.StatusUnauthorized)
@@ -200,6 +201,26 @@ func (c *rpcClient) stats(ctx context.Context, addr string) (serverStats, error)
 	return st, err
 }
 
+// stream opens a long answer (the facts stream) on a connection of its
+// own; a status other than 200 is an error.
+func (c *rpcClient) stream(ctx context.Context, addr, path string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set(rpcAuthHdr, c.token())
+	resp, err := c.agent.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("rpc GET %s: %w", addr, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxRPCErrorBody))
+		return nil, fmt.Errorf("rpc GET %s%s: %s: %s", addr, path, resp.Status, bytes.TrimSpace(msg))
+	}
+	return resp, nil
+}
+
 func (c *rpcClient) close() {
 	c.http.CloseIdleConnections()
 	c.agent.CloseIdleConnections()
@@ -221,8 +242,8 @@ func (n *Node) HandleRPC(pattern string, h http.HandlerFunc) {
 // than 200 is an *RPCStatusError carrying the start of the body.
 func (n *Node) CallRPC(ctx context.Context, machineID, method, path string, header http.Header, body io.Reader) (*http.Response, error) {
 	client, base := n.rpc.agent, ""
-	if p := n.rs.Load(); p != nil && machineID == n.cfg.MachineID {
-		client, base = p.self, "self" // never over the network: see guard.go
+	if np := n.net.Load(); np != nil && machineID == n.cfg.MachineID {
+		client, base = np.self, "self" // never over the network: see guard.go
 	} else if base = n.rpcAddrOf(machineID); base == "" {
 		return nil, fmt.Errorf("no RPC address known for machine %s", machineID)
 	}

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 
 	"github.com/hashicorp/raft"
@@ -14,6 +15,9 @@ const (
 	RoleCandidate = "candidate"
 	RoleNonvoter  = "nonvoter"
 	RoleNone      = "none" // not (yet) in the Raft configuration
+	// RoleObserver is a machine that follows the facts from a Raft server
+	// and takes no part in Raft (follow.go).
+	RoleObserver = "observer"
 )
 
 // Server is one entry of the Raft configuration.
@@ -35,11 +39,23 @@ type Status struct {
 	AppliedIndex uint64
 	LastIndex    uint64
 	Servers      []Server // sorted by ID
+	// FollowsServer is the server an observer follows the facts from.
+	FollowsServer string
 }
 
 // Status reads the local Raft state and configuration.
 func (n *Node) Status() (Status, error) {
 	st := Status{MachineID: n.cfg.MachineID, Role: RoleNone}
+	if n.observing() {
+		st.AppliedIndex = n.FactsIndex()
+		if f := n.following.Load(); f != nil {
+			st.Role = RoleObserver // once it has heard from a server
+			st.LeaderID, st.LeaderAddr, st.Term, st.CommitIndex = f.status.LeaderID, f.status.LeaderAddr, f.status.Term, f.status.CommitIdx
+			st.Servers = slices.Clone(f.status.Servers)
+			st.FollowsServer = f.status.ServerID
+		}
+		return st, nil
+	}
 	p, err := n.parts()
 	if err != nil {
 		return st, err
@@ -83,7 +99,4 @@ func (n *Node) Status() (Status, error) {
 }
 
 // IsLeader tells whether this machine leads Raft now.
-func (n *Node) IsLeader() bool {
-	p, err := n.parts()
-	return err == nil && p.raft.State() == raft.Leader
-}
+func (n *Node) IsLeader() bool { return n.leading() }

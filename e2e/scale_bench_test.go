@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/drover-sh/drover/agent/ctlapi"
+	"github.com/drover-sh/drover/cluster"
 	"github.com/drover-sh/drover/lab"
 )
 
@@ -38,18 +39,20 @@ func BenchmarkScale(b *testing.B) {
 	t := &table{
 		Title: "A cluster of N machines",
 		How: "N lab hosts (network namespaces on this one 2-core machine) run droverd only; the first inits, the others start at once with a join token. " +
-			"Formed: until every machine sees one leader, an odd number of voters, and all N in the Raft configuration (or 5 minutes). " +
-			"CPU and RSS: 3 windows of 10 s after forming, % of one core; the leader's, and the median of the others. " +
-			"Cut → failed: a non-voter's link is taken down, and another machine's `machine ls` is read every 20 ms until it shows it failed. " +
-			"Follower commit: `cluster probe` (200 entries, 1 proposer) on a voter that does not lead, p50.",
-		Header: []string{"machines", "formed (s)", "voters", "leader CPU (%)", "others CPU (%)", "leader RSS (MiB)", "others RSS (MiB)", "cut → failed (s)", "follower commit p50 (ms)"},
+			"Formed: until every machine sees one leader, an odd number of voters (at most 5), min(N, 7) machines in the Raft configuration and every other machine following the facts from one of them (an observer) with all N registered (or 5 minutes). " +
+			"CPU and RSS: 3 windows of 10 s after forming, % of one core; the leader's, the median of the other Raft servers and the median of the observers. " +
+			"False failed: machines shown failed by any machine's gossip during those quiet 40 s (every machine's log). " +
+			"Cut → failed: an observer's (else a non-voter's) link is taken down, and a voter's `machine ls` is read every 20 ms until it shows it failed. " +
+			"Commit: `cluster probe` (200 entries, 1 proposer) p50, on a voter that does not lead and on an observer.",
+		Header: []string{"machines", "formed (s)", "voters", "observers", "leader CPU (%)", "servers CPU (%)", "observers CPU (%)", "leader RSS (MiB)", "servers RSS (MiB)", "observers RSS (MiB)",
+			"false failed", "cut → failed (s)", "voter commit p50 (ms)", "observer commit p50 (ms)"},
 	}
 	var leaderCPU = map[int]float64{}
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("%d-hosts", n), func(b *testing.B) {
 			row := scaleRun(b, n)
 			t.add(row...)
-			if v, err := strconv.ParseFloat(row[3], 64); err == nil {
+			if v, err := strconv.ParseFloat(row[4], 64); err == nil {
 				leaderCPU[n] = v
 			}
 		})
@@ -91,11 +94,15 @@ func scaleRun(b *testing.B, n int) []string {
 	if !formed {
 		err := clusterFormed(daemons, n)
 		b.Logf("%d machines: not formed after 5 minutes: %v", n, err)
-		return append(row, "not within 300", "-", "-", "-", "-", "-", "-", "-")
+		return append(row, "not within 300", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-")
 	}
 	row = append(row, fmt.Sprintf("%.1f", time.Since(began).Seconds()))
 	st, _ = d1.status()
-	row = append(row, strconv.Itoa(len(st.Voters)))
+	row = append(row, strconv.Itoa(len(st.Voters)), strconv.Itoa(n-len(st.Voters)-len(st.NonVoters)))
+	servers := map[string]bool{}
+	for _, s := range append(slices.Clone(st.Voters), st.NonVoters...) {
+		servers[s.Name] = true
+	}
 	var leader *labDaemon
 	var others []*labDaemon
 	for _, d := range daemons {
@@ -108,6 +115,7 @@ func scaleRun(b *testing.B, n int) []string {
 	if leader == nil {
 		b.Fatalf("leader %q is none of the lab's daemons", st.LeaderName)
 	}
+	failedBefore := failedSeen(daemons)
 	time.Sleep(10 * time.Second)
 	cpu := map[*labDaemon][]float64{}
 	rss := map[*labDaemon][]float64{}
@@ -124,26 +132,41 @@ func scaleRun(b *testing.B, n int) []string {
 			rss[d] = append(rss[d], float64(rssKiB(d.proc.PID()))/1024)
 		}
 	}
-	var otherCPU, otherRSS []float64
-	for _, d := range others {
-		otherCPU = append(otherCPU, newFigure(cpu[d]).Median)
-		otherRSS = append(otherRSS, newFigure(rss[d]).Median)
+	falseFailed := failedSeen(daemons) - failedBefore
+	median := func(server bool, of map[*labDaemon][]float64, format string) string {
+		var xs []float64
+		for _, d := range others {
+			if servers[d.host.Name] == server {
+				xs = append(xs, newFigure(of[d]).Median)
+			}
+		}
+		if len(xs) == 0 {
+			return "-"
+		}
+		return fmt.Sprintf(format, newFigure(xs).Median)
 	}
-	row = append(row, fmt.Sprintf("%.2f", newFigure(cpu[leader]).Median), fmt.Sprintf("%.2f", newFigure(otherCPU).Median),
-		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), fmt.Sprintf("%.0f", newFigure(otherRSS).Median))
+	row = append(row, fmt.Sprintf("%.2f", newFigure(cpu[leader]).Median), median(true, cpu, "%.2f"), median(false, cpu, "%.2f"),
+		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), median(true, rss, "%.0f"), median(false, rss, "%.0f"), strconv.Itoa(falseFailed))
 
-	// A non-voter cut off; a voter that does not lead watches.
+	// An observer (else a non-voter) cut off; a voter that does not lead
+	// watches.
 	voters := map[string]bool{}
 	for _, v := range st.Voters {
 		voters[v.Name] = true
 	}
-	var cut, watcher *labDaemon
+	var cut, watcher, observer *labDaemon
 	for _, d := range others {
 		switch {
-		case !voters[d.host.Name] && cut == nil:
-			cut = d
+		case !servers[d.host.Name] && observer == nil:
+			observer = d
 		case voters[d.host.Name] && watcher == nil:
 			watcher = d
+		}
+	}
+	cut = observer
+	for _, d := range others {
+		if cut == nil && !voters[d.host.Name] {
+			cut = d
 		}
 	}
 	if cut != nil && watcher != nil {
@@ -158,25 +181,42 @@ func scaleRun(b *testing.B, n int) []string {
 	} else {
 		row = append(row, "-")
 	}
-	if watcher != nil {
+	for _, d := range []*labDaemon{watcher, observer} {
+		if d == nil {
+			row = append(row, "-")
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		r, err := client(watcher).Probe(ctx, ctlapi.ProbeRequest{Proposers: 1, Count: 200})
+		r, err := client(d).Probe(ctx, ctlapi.ProbeRequest{Proposers: 1, Count: 200})
 		cancel()
 		if err != nil {
-			b.Fatalf("probe on %s: %v", watcher.host.Name, err)
+			b.Fatalf("probe on %s: %v", d.host.Name, err)
 		}
 		row = append(row, fmt.Sprintf("%.2f", ms(time.Duration(r.P50))))
-	} else {
-		row = append(row, "-")
 	}
 	b.Logf("%d machines: %v", n, row)
 	return row
 }
 
+// failedSeen counts the times any daemon's gossip has shown a machine
+// failed, from their logs.
+func failedSeen(daemons []*labDaemon) int {
+	n := 0
+	for _, d := range daemons {
+		b, _ := os.ReadFile(d.proc.LogPath())
+		n += strings.Count(string(b), `msg="machine failed"`)
+	}
+	return n
+}
+
 // clusterFormed tells whether every daemon sees one leader, an odd number
-// of voters (at most 5) and all n machines in Raft.
+// of voters (at most 5) and min(n, 7) machines in Raft, and whether every
+// other machine follows the facts from a server (an observer) with all n
+// machines registered in them.
 func clusterFormed(daemons []*labDaemon, n int) error {
 	leader := ""
+	wantServers := min(n, cluster.DefaultMaxServers)
+	var observers []*labDaemon
 	for _, d := range daemons {
 		st, err := d.status()
 		if err != nil {
@@ -189,8 +229,36 @@ func clusterFormed(daemons []*labDaemon, n int) error {
 		if v := len(st.Voters); v%2 == 0 || v > 5 {
 			return fmt.Errorf("%s sees %d voters", d.host.Name, v)
 		}
-		if got := len(st.Voters) + len(st.NonVoters); got != n {
-			return fmt.Errorf("%s sees %d of %d machines in Raft", d.host.Name, got, n)
+		if got := len(st.Voters) + len(st.NonVoters); got != wantServers {
+			return fmt.Errorf("%s sees %d machines in Raft, want %d", d.host.Name, got, wantServers)
+		}
+		switch st.Role {
+		case cluster.RoleLeader, cluster.RoleFollower, cluster.RoleNonvoter:
+		case cluster.RoleObserver:
+			if st.Follows == "" {
+				return fmt.Errorf("%s observes but follows no server", d.host.Name)
+			}
+			observers = append(observers, d)
+		default:
+			return fmt.Errorf("%s is %s", d.host.Name, st.Role)
+		}
+	}
+	if len(observers) != n-wantServers {
+		return fmt.Errorf("%d observers, want %d", len(observers), n-wantServers)
+	}
+	for _, d := range observers {
+		ms, err := client(d).Machines(context.Background())
+		if err != nil {
+			return err
+		}
+		registered := 0
+		for _, m := range ms {
+			if m.State != "joining" {
+				registered++
+			}
+		}
+		if registered != n {
+			return fmt.Errorf("observer %s has %d of %d machines in its facts", d.host.Name, registered, n)
 		}
 	}
 	return nil

@@ -157,7 +157,7 @@ type ClusterStatus struct {
 	Initialized  bool         `json:"initialized"`
 	MachineID    string       `json:"machine_id"`
 	MachineName  string       `json:"machine_name"`
-	Role         string       `json:"role"` // leader, follower, candidate, nonvoter, none
+	Role         string       `json:"role"` // leader, follower, candidate, nonvoter, observer, none
 	LeaderID     string       `json:"leader_id,omitempty"`
 	LeaderName   string       `json:"leader_name,omitempty"`
 	LeaderAddr   string       `json:"leader_addr,omitempty"`
@@ -167,6 +167,8 @@ type ClusterStatus struct {
 	LastIndex    uint64       `json:"last_index"`
 	Voters       []RaftServer `json:"voters"`
 	NonVoters    []RaftServer `json:"nonvoters"`
+	// Follows is the Raft server an observer follows the facts from.
+	Follows string `json:"follows,omitempty"`
 	// GossipKeys are the fingerprints of the gossip keys this machine has
 	// installed, the one it encrypts with first.
 	GossipKeys []string `json:"gossip_keys,omitempty"`

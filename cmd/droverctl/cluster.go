@@ -172,6 +172,9 @@ func (c *cli) printStatus(st ctlapi.ClusterStatus) error {
 	}
 	fmt.Fprintf(c.out, "machine:       %s (%s)\n", st.MachineName, st.Role)
 	fmt.Fprintf(c.out, "leader:        %s %s\n", dash(st.LeaderName), st.LeaderAddr)
+	if st.Follows != "" {
+		fmt.Fprintf(c.out, "follows:       %s (the facts, from this Raft server)\n", st.Follows)
+	}
 	fmt.Fprintf(c.out, "term:          %d\n", st.Term)
 	fmt.Fprintf(c.out, "commit index:  %d\n", st.CommitIndex)
 	fmt.Fprintf(c.out, "applied index: %d\n", st.AppliedIndex)
