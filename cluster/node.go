@@ -70,7 +70,7 @@ type Node struct {
 		sync.Mutex
 		closed bool
 	}
-	rpcMux    *http.ServeMux
+	rpcMux *http.ServeMux
 	nudge  chan struct{} // gossip changed; consumed by the leader's loop
 	// committed: a follower waits for what this machine, leading,
 	// committed; consumed by announceCommits.
