@@ -81,6 +81,17 @@ func (n *Node) handleFollow(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("query parameter after: %v", err), http.StatusBadRequest)
 		return
 	}
+	if n.cfg.Device != "" {
+		// Only a registered machine follows the facts (a peer of the mesh
+		// is one; this holds should the mesh ever admit more).
+		if id, ok := n.CallerOf(r); !ok {
+			http.Error(w, fmt.Sprintf("%s is no registered machine", r.RemoteAddr), http.StatusForbidden)
+			return
+		} else if id == n.cfg.MachineID {
+			http.Error(w, "a machine does not follow its own facts", http.StatusBadRequest)
+			return
+		}
+	}
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
@@ -114,7 +125,7 @@ func (n *Node) handleFollow(w http.ResponseWriter, r *http.Request) {
 			after = e.index
 		}
 		if sendStatus {
-			b, err := json.Marshal(n.followStatus())
+			b, err := json.Marshal(n.cachedFollowStatus())
 			if err != nil || writeFrame(bw, frameStatus, b) != nil {
 				return
 			}
@@ -134,6 +145,20 @@ func (n *Node) handleFollow(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 }
+
+// cachedFollowStatus is followStatus, computed at most every
+// statusCacheFor for all the followers of this server.
+func (n *Node) cachedFollowStatus() followStatus {
+	if c := n.statusCache.Load(); c != nil && time.Since(c.at) < statusCacheFor {
+		return c.status
+	}
+	st := n.followStatus()
+	n.statusCache.Store(&followed{status: st, at: time.Now()})
+	return st
+}
+
+// statusCacheFor is how long one status serves every follower.
+const statusCacheFor = 200 * time.Millisecond
 
 // followStatus is this server's status as its followers get it.
 func (n *Node) followStatus() followStatus {

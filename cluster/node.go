@@ -65,6 +65,8 @@ type Node struct {
 	// last heard.
 	observer  atomic.Bool
 	following atomic.Pointer[followed]
+	// statusCache is the status a server last sent its followers.
+	statusCache atomic.Pointer[followed]
 	// raftStart serialises starting Raft, and refuses it once Close began.
 	raftStart struct {
 		sync.Mutex

@@ -209,13 +209,21 @@ func failedSeen(daemons []*labDaemon) int {
 	return n
 }
 
-// clusterFormed tells whether every daemon sees one leader, an odd number
-// of voters (at most 5) and min(n, 7) machines in Raft, and whether every
+// clusterFormed tells whether every daemon sees one leader, the odd
+// number of voters the cluster aims at (5 from 5 machines) and min(n, 7)
+// machines in Raft, and whether every
 // other machine follows the facts from a server (an observer) with all n
 // machines registered in them.
 func clusterFormed(daemons []*labDaemon, n int) error {
 	leader := ""
 	wantServers := min(n, cluster.DefaultMaxServers)
+	wantVoters := 5 // an odd number, at most 5: 1 for 1–2 machines, 3 for 3–4
+	switch {
+	case n <= 2:
+		wantVoters = 1
+	case n <= 4:
+		wantVoters = 3
+	}
 	var observers []*labDaemon
 	for _, d := range daemons {
 		st, err := d.status()
@@ -226,8 +234,8 @@ func clusterFormed(daemons []*labDaemon, n int) error {
 			return fmt.Errorf("%s sees leader %q, another %q", d.host.Name, st.LeaderName, leader)
 		}
 		leader = st.LeaderName
-		if v := len(st.Voters); v%2 == 0 || v > 5 {
-			return fmt.Errorf("%s sees %d voters", d.host.Name, v)
+		if v := len(st.Voters); v != wantVoters {
+			return fmt.Errorf("%s sees %d voters, want %d", d.host.Name, v, wantVoters)
 		}
 		if got := len(st.Voters) + len(st.NonVoters); got != wantServers {
 			return fmt.Errorf("%s sees %d machines in Raft, want %d", d.host.Name, got, wantServers)
