@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -93,7 +94,15 @@ func scaleRun(b *testing.B, n int) []string {
 	}
 	if !formed {
 		err := clusterFormed(daemons, n)
-		b.Logf("%d machines: not formed after 5 minutes: %v", n, err)
+		dir := filepath.Join(os.TempDir(), fmt.Sprintf("drover-scale-%d-logs", n))
+		if err := os.MkdirAll(dir, 0o755); err == nil {
+			for _, d := range daemons {
+				if raw, err := os.ReadFile(d.proc.LogPath()); err == nil {
+					_ = os.WriteFile(filepath.Join(dir, d.host.Name+".log"), raw, 0o644)
+				}
+			}
+		}
+		b.Logf("%d machines: not formed after 5 minutes: %v (every daemon's log in %s)", n, err, dir)
 		return append(row, "not within 300", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-")
 	}
 	row = append(row, fmt.Sprintf("%.1f", time.Since(began).Seconds()))

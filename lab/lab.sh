@@ -109,6 +109,14 @@ up() {
   down
   log "making $n hosts with prefix $PREFIX"
   mkdir -p "$STATE" "$RUN"
+  # The kernel's ARP table is shared by every namespace: n hosts that all
+  # talk to each other hold about n*n entries, past the default limit of
+  # 1024 from about 32 hosts ("neighbor table overflow", and sends fail
+  # with ENOBUFS). Raise it for labs of a few hundred hosts; never lower.
+  local want=$(( n * n * 2 + 1024 ))
+  if (( $(sysctl -n net.ipv4.neigh.default.gc_thresh3) < want )); then
+    sysctl -qw net.ipv4.neigh.default.gc_thresh3=$want net.ipv4.neigh.default.gc_thresh2=$(( want / 2 )) net.ipv4.neigh.default.gc_thresh1=$(( want / 4 ))
+  fi
   ip link add "$BRIDGE" type bridge
   ip addr add "$SUBNET.254/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
