@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -63,8 +64,9 @@ type Node struct {
 	// observer is set while this machine follows the facts from a server
 	// (follow.go) rather than from its own Raft; following is what it
 	// last heard.
-	observer  atomic.Bool
-	following atomic.Pointer[followed]
+	observer   atomic.Bool
+	following  atomic.Pointer[followed]
+	savedPeers []byte // the known peers last written (watchGossip's)
 	// statusCache is the status a server last sent its followers.
 	statusCache atomic.Pointer[followed]
 	// raftStart serialises starting Raft, and refuses it once Close began.
@@ -916,10 +918,27 @@ func (n *Node) Close() error {
 // fail a forwarded command with a reset, its outcome unknown.
 func (n *Node) watchGossip() {
 	defer n.wg.Done()
+	// The known peers are written at most every peersSaveEvery: a
+	// hundred machines joining at once changed the list a hundred times
+	// on every machine, each an fsync.
+	save := time.NewTicker(peersSaveEvery)
+	defer save.Stop()
+	dirty := false
 	for {
 		select {
 		case <-n.ctx.Done():
+			if dirty {
+				_ = n.saveKnownPeers() // as it was at the end
+			}
 			return
+		case <-save.C:
+			if dirty {
+				if err := n.saveKnownPeers(); err != nil {
+					n.logger.Warn("could not save known peers", "err", err)
+				}
+				dirty = false
+			}
+			continue
 		case <-n.gossip.changed:
 		}
 		n.rpc.http.CloseIdleConnections()
@@ -927,11 +946,12 @@ func (n *Node) watchGossip() {
 		case n.nudge <- struct{}{}:
 		default:
 		}
-		if err := n.saveKnownPeers(); err != nil {
-			n.logger.Warn("could not save known peers", "err", err)
-		}
+		dirty = true
 	}
 }
+
+// peersSaveEvery bounds how often the known peers are written.
+const peersSaveEvery = 5 * time.Second
 
 // reconnectFailed tries, now and then, to reach the members gossip sees
 // as failed. memberlist never probes a member it declared dead, so without
@@ -975,7 +995,14 @@ func (n *Node) saveKnownPeers() error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(n.peersPath(), b, 0o600)
+	if bytes.Equal(b, n.savedPeers) {
+		return nil
+	}
+	if err := atomicfile.Write(n.peersPath(), b, 0o600); err != nil {
+		return err
+	}
+	n.savedPeers = b
+	return nil
 }
 
 func (n *Node) knownPeers() ([]string, error) {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -42,7 +44,7 @@ func BenchmarkScale(b *testing.B) {
 		How: "N lab hosts (network namespaces on this one 2-core machine) run droverd only; the first inits, the others start at once with a join token. " +
 			"Formed: until every machine sees one leader, an odd number of voters (at most 5), min(N, 7) machines in the Raft configuration and every other machine following the facts from one of them (an observer) with all N registered (or 5 minutes). " +
 			"CPU and RSS: 3 windows of 10 s after forming, % of one core; the leader's, the median of the other Raft servers and the median of the observers. " +
-			"False failed: machines shown failed by any machine's gossip during those quiet 40 s (every machine's log). " +
+			"False failed: machines shown failed by any machine's gossip while the cluster is quiet — those 40 s, and DROVER_SCALE_QUIET more when set (every machine's log). " +
 			"Cut → failed: an observer's (else a non-voter's) link is taken down, and a voter's `machine ls` is read every 20 ms until it shows it failed. " +
 			"Commit: `cluster probe` (200 entries, 1 proposer) p50, on a voter that does not lead and on an observer.",
 		Header: []string{"machines", "formed (s)", "voters", "observers", "leader CPU (%)", "servers CPU (%)", "observers CPU (%)", "leader RSS (MiB)", "servers RSS (MiB)", "observers RSS (MiB)",
@@ -125,7 +127,13 @@ func scaleRun(b *testing.B, n int) []string {
 		b.Fatalf("leader %q is none of the lab's daemons", st.LeaderName)
 	}
 	failedBefore := failedSeen(daemons)
-	time.Sleep(10 * time.Second)
+	var anObserver *labDaemon
+	for _, d := range others {
+		if !servers[d.host.Name] && anObserver == nil {
+			anObserver = d
+		}
+	}
+	profile(b, n, 10*time.Second, map[string]*labDaemon{"leader": leader, "observer": anObserver})
 	cpu := map[*labDaemon][]float64{}
 	rss := map[*labDaemon][]float64{}
 	before := map[*labDaemon]float64{}
@@ -141,6 +149,15 @@ func scaleRun(b *testing.B, n int) []string {
 			rss[d] = append(rss[d], float64(rssKiB(d.proc.PID()))/1024)
 		}
 	}
+	quiet := 40 * time.Second
+	if v := os.Getenv("DROVER_SCALE_QUIET"); v != "" {
+		extra, err := time.ParseDuration(v)
+		if err != nil {
+			b.Fatalf("DROVER_SCALE_QUIET=%q: %v", v, err)
+		}
+		time.Sleep(extra)
+		quiet += extra
+	}
 	falseFailed := failedSeen(daemons) - failedBefore
 	median := func(server bool, of map[*labDaemon][]float64, format string) string {
 		var xs []float64
@@ -155,7 +172,7 @@ func scaleRun(b *testing.B, n int) []string {
 		return fmt.Sprintf(format, newFigure(xs).Median)
 	}
 	row = append(row, fmt.Sprintf("%.2f", newFigure(cpu[leader]).Median), median(true, cpu, "%.2f"), median(false, cpu, "%.2f"),
-		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), median(true, rss, "%.0f"), median(false, rss, "%.0f"), strconv.Itoa(falseFailed))
+		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), median(true, rss, "%.0f"), median(false, rss, "%.0f"), fmt.Sprintf("%d in %s", falseFailed, quiet))
 
 	// An observer (else a non-voter) cut off; a voter that does not lead
 	// watches.
@@ -205,6 +222,50 @@ func scaleRun(b *testing.B, n int) []string {
 	}
 	b.Logf("%d machines: %v", n, row)
 	return row
+}
+
+// profile samples where the CPU of the leader and of one observer goes
+// for d with perf, when the machine has it, into
+// DROVER_BENCH_OUT/scale-{leader,observer}-N.txt (functions by their
+// own share of samples); else it only waits d. It runs before the CPU
+// windows, so its own cost is not in them.
+func profile(b *testing.B, n int, d time.Duration, who map[string]*labDaemon) {
+	perf, err := exec.LookPath("perf")
+	if err != nil {
+		time.Sleep(d)
+		return
+	}
+	dir := envOr("DROVER_BENCH_OUT", "../bench/results")
+	_ = os.MkdirAll(dir, 0o755)
+	var wg sync.WaitGroup
+	for role, daemon := range who {
+		if daemon == nil {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			data := filepath.Join(b.TempDir(), role+".data")
+			rec := exec.Command(perf, "record", "-q", "-F", "999", "-g", "-o", data, "-p", strconv.Itoa(daemon.proc.PID()), "--", "sleep", strconv.Itoa(int(d.Seconds())))
+			if out, err := rec.CombinedOutput(); err != nil {
+				b.Logf("perf record: %v: %s", err, out)
+				return
+			}
+			// With children: a function's share includes what it calls, so
+			// the loops of each part (Raft, memberlist, WireGuard, the
+			// agent's) show with what they cost in all.
+			out, err := exec.Command(perf, "report", "-q", "-i", data, "--stdio", "--children", "--sort", "sym", "-g", "none", "--percent-limit", "2").Output()
+			if err != nil {
+				b.Logf("perf report: %v", err)
+				return
+			}
+			head := fmt.Sprintf("# where the %s's CPU goes (%s), %d machines idle: perf over %s, samples by function, with what it calls\n\n", role, daemon.host.Name, n, d)
+			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("scale-%s-%d.txt", role, n)), append([]byte(head), out...), 0o644); err != nil {
+				b.Logf("writing the profile: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // failedSeen counts the times any daemon's gossip has shown a machine

@@ -28,7 +28,7 @@ type Machine struct {
 	OverlayIP   string     `json:"overlay_ip,omitempty"`
 	State       string     `json:"state"`     // active, draining, drained, gone; joining before registration
 	Liveness    string     `json:"liveness"`  // alive, suspect, failed, left, unknown
-	RaftRole    string     `json:"raft_role"` // leader, voter, nonvoter, none
+	RaftRole    string     `json:"raft_role"` // leader, voter, nonvoter, observer, none
 	LastContact *time.Time `json:"last_contact,omitempty"`
 	WGPublicKey string     `json:"wg_public_key,omitempty"`
 	// Drain is the machine's latest drain, if it had one.

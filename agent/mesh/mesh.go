@@ -14,9 +14,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/drover-sh/drover/cluster"
@@ -90,6 +92,10 @@ type Mesh struct {
 	peersPath string
 	kept      []netmesh.Peer
 	saved     []byte
+
+	// considered counts Run's wake-ups done: the device and the loopback
+	// hold the plan of the facts read in it.
+	considered atomic.Int64
 }
 
 // Open loads (or makes, once) the machine's key in dataDir and opens the
@@ -151,36 +157,50 @@ func (m *Mesh) Close() error { return m.dev.Close() }
 // them — at once: a restart does not cut the services of this machine
 // off for the time it takes to rejoin. Once the facts hold this machine,
 // they alone decide, and the peers are kept for the next restart.
-func (m *Mesh) Sync(facts Facts, members Members) error {
-	var cfg netmesh.Config
-	var own []netip.Addr
-	var member bool
+func (m *Mesh) Sync(facts Facts, members Members) error { return m.apply(m.plan(facts, members)) }
+
+// meshPlan is what the device and the loopback should hold now.
+type meshPlan struct {
+	cfg    netmesh.Config
+	own    []netip.Addr
+	member bool
+}
+
+// plan computes the device's config and the local service IPs from the
+// facts and gossip, touching neither.
+func (m *Mesh) plan(facts Facts, members Members) meshPlan {
+	var p meshPlan
 	gossip := members.Members()
 	facts.Read(func(s *fsm.State) {
-		cfg = m.desired(s, gossip)
-		own = s.ServiceIPsOf(m.cfg.Self)
-		_, member = s.Machine(m.cfg.Self)
+		p.cfg = m.desired(s, gossip)
+		p.own = s.ServiceIPsOf(m.cfg.Self)
+		_, p.member = s.Machine(m.cfg.Self)
 	})
 	m.mu.Lock()
-	if !member {
-		cfg.Peers = withKept(cfg.Peers, m.kept)
+	if !p.member {
+		p.cfg.Peers = withKept(p.cfg.Peers, m.kept)
 	}
 	m.mu.Unlock()
+	return p
+}
+
+// apply sets the loopback and the device to p.
+func (m *Mesh) apply(p meshPlan) error {
 	var errs []error
-	if m.cfg.Local != nil && member {
+	if m.cfg.Local != nil && p.member {
 		// Local first: on the machine that just took a service, its IP
 		// answers here before the route to the old owner goes. Before the
 		// facts are back, the addresses stay as they are.
-		if err := m.cfg.Local.Set(own); err != nil {
+		if err := m.cfg.Local.Set(p.own); err != nil {
 			errs = append(errs, fmt.Errorf("service IPs on the loopback: %w", err))
 		}
 	}
-	err := m.dev.Set(cfg)
+	err := m.dev.Set(p.cfg)
 	if err != nil {
 		errs = append(errs, err)
 	}
-	if err == nil && member {
-		errs = append(errs, m.keep(cfg.Peers))
+	if err == nil && p.member {
+		errs = append(errs, m.keep(p.cfg.Peers))
 	}
 	return errors.Join(errs...)
 }
@@ -261,17 +281,26 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	var lastErr string
-	factsAt, setAt := uint64(0), time.Time{}
+	var applied *meshPlan
+	var appliedAt time.Time
 	for {
 		changed := facts.FactsChanged()
-		if idx := facts.FactsIndex(); idx != factsAt || time.Since(setAt) >= time.Second {
-			factsAt, setAt = idx, time.Now()
-			err := m.Sync(facts, members)
+		// Reading the device and the routes costs a walk of every peer
+		// and route: done when the plan changes, and every resyncEvery
+		// to put back what something else changed.
+		p := m.plan(facts, members)
+		if applied == nil || !reflect.DeepEqual(p, *applied) || time.Since(appliedAt) >= resyncEvery {
+			err := m.apply(p)
 			if msg := fmt.Sprint(err); err != nil && msg != lastErr {
 				m.cfg.Logger.Warn("configuring the mesh device", "err", err)
 			}
 			lastErr = fmt.Sprint(err)
+			applied, appliedAt = &p, time.Now()
+			if err != nil {
+				applied = nil // again at the next wake-up
+			}
 		}
+		m.considered.Add(1)
 		select {
 		case <-ctx.Done():
 			return
@@ -280,6 +309,10 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 		}
 	}
 }
+
+// resyncEvery is how often Run sets the device even though its plan did
+// not change.
+const resyncEvery = 30 * time.Second
 
 // Self is this machine as its device config needs it.
 type Self struct {
@@ -363,5 +396,7 @@ func Desired(s *fsm.State, gossip []cluster.Member, self Self) netmesh.Config {
 		p.AllowedIPs = append(p.AllowedIPs, serviceIPs[id]...)
 		cfg.Peers = append(cfg.Peers, p)
 	}
+	// In a fixed order, so equal plans compare equal (Run).
+	slices.SortFunc(cfg.Peers, func(a, b netmesh.Peer) int { return bytes.Compare(a.PublicKey[:], b.PublicKey[:]) })
 	return cfg
 }

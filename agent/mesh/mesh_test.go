@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -212,18 +213,13 @@ func TestRunHoldsTheServiceIPsOfOwnedServices(t *testing.T) {
 	now := time.Now()
 	st.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "test/move", Lease: time.Hour, At: now})
 	st.Must(t, fsm.StartMigration{ID: "m1", Namespace: "shop", Service: "web", TargetID: "b", Holder: "test/move", At: now})
-	dev.mu.Lock()
-	synced := len(dev.sets)
-	dev.mu.Unlock()
 	st.Must(t, fsm.AdvanceMigration{ID: "m1", Phase: fsm.PhaseTargetStarting, At: now})
-	// Once the loop has synced after the target started, a still holds
-	// the IP: not before the commit.
+	// Once the loop has gone through a wake-up begun after the target
+	// started, a still holds the IP: not before the commit.
+	seen := m.considered.Load()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		dev.mu.Lock()
-		n := len(dev.sets)
-		dev.mu.Unlock()
-		if n > synced {
+		if m.considered.Load() > seen+1 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -284,5 +280,60 @@ func TestPeersKeptAcrossARestart(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(after.peersPath); strings.TrimSpace(string(b)) != "[]" {
 		t.Fatalf("kept after the facts came back: %s", b)
+	}
+}
+
+// Run touches the device only when what it should hold changes: equal
+// facts and gossip give an equal plan (the peers in a fixed order), and
+// a new machine gives another.
+func TestRunSetsTheDeviceOnlyWhenThePlanChanges(t *testing.T) {
+	st := facttest.NewStore()
+	register := func(id string) {
+		st.Must(t, fsm.RegisterMachine{Machine: fsm.Machine{ID: id, Name: id, WGPublicKey: key(t).PublicKey().String(), WGEndpoint: "192.0.2.1:51820"}, At: facttest.T0})
+	}
+	for _, id := range []string{"a", "b", "c", "d", "e"} {
+		register(id)
+	}
+	dev := &fakeDevice{}
+	m := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, dev, key(t))
+	members := facttest.NewMembers()
+	first := m.plan(st, members)
+	if len(first.cfg.Peers) != 4 {
+		t.Fatalf("%d peers planned, want 4", len(first.cfg.Peers))
+	}
+	for range 20 {
+		if again := m.plan(st, members); !reflect.DeepEqual(first, again) {
+			t.Fatalf("two plans of the same facts differ:\n%+v\n%+v", first.cfg.Peers, again.cfg.Peers)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.Run(ctx, st, members) }()
+	defer func() { cancel(); <-done }()
+	sets := func() int {
+		dev.mu.Lock()
+		defer dev.mu.Unlock()
+		return len(dev.sets)
+	}
+	waitConsidered := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for m.considered.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("Run went through %d wake-ups, want %d", m.considered.Load(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitConsidered(3) // the first, then two one-second ticks
+	if got := sets(); got != 1 {
+		t.Fatalf("the device was set %d times for unchanged facts, want once", got)
+	}
+	register("f")
+	seen := m.considered.Load()
+	waitConsidered(seen + 2)
+	if got := sets(); got != 2 {
+		t.Fatalf("the device was set %d times after a machine joined, want 2", got)
 	}
 }
