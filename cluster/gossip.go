@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -47,6 +48,9 @@ var ErrKeyRefused = errors.New("the cluster refused this machine's gossip (is th
 // gossip owns the memberlist instance and a table of every machine it has
 // heard of, including failed and departed ones.
 type gossip struct {
+	// version grows with every change of a member's metadata or
+	// liveness (not with probes).
+	version atomic.Uint64
 	ml      *memberlist.Memberlist
 	keyring *memberlist.Keyring
 	logger  *slog.Logger
@@ -252,6 +256,7 @@ func (g *gossip) record(n *memberlist.Node, liveness Liveness) {
 	m.Meta = meta
 	m.GossipAddr = netip.AddrPortFrom(addr.Unmap(), n.Port)
 	m.Liveness = liveness
+	g.version.Add(1)
 	if liveness == LivenessAlive && m.LastContact.IsZero() {
 		m.LastContact = g.now()
 	}

@@ -206,6 +206,11 @@ func (n *Node) LocalMeta() Meta { return n.gossip.localMeta() }
 // Members lists every machine gossip knows, including failed ones.
 func (n *Node) Members() []Member { return n.gossip.snapshot() }
 
+// MembersVersion grows with every change gossip sees in a member's
+// metadata or liveness: equal versions, equal Members (but for the time
+// of the last probe).
+func (n *Node) MembersVersion() uint64 { return n.gossip.version.Load() }
+
 // Member looks one machine up in gossip.
 func (n *Node) Member(id string) (Member, bool) { return n.gossip.member(id) }
 

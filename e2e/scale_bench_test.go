@@ -45,7 +45,7 @@ func BenchmarkScale(b *testing.B) {
 			"Formed: until every machine sees one leader, an odd number of voters (at most 5), min(N, 7) machines in the Raft configuration and every other machine following the facts from one of them (an observer) with all N registered (or 5 minutes). " +
 			"CPU and RSS: 3 windows of 10 s after forming, % of one core; the leader's, the median of the other Raft servers and the median of the observers. " +
 			"False failed: machines shown failed by any machine's gossip while the cluster is quiet — those 40 s, and DROVER_SCALE_QUIET more when set (every machine's log). " +
-			"Cut → failed: an observer's (else a non-voter's) link is taken down, and a voter's `machine ls` is read every 20 ms until it shows it failed. " +
+			"Cut → failed: an observer's (else a non-voter's) link is taken down, and a voter's `machine ls` is read every 20 ms until it shows it failed; three observers one after the other, median (min–max). " +
 			"Commit: `cluster probe` (200 entries, 1 proposer) p50, on a voter that does not lead and on an observer.",
 		Header: []string{"machines", "formed (s)", "voters", "observers", "leader CPU (%)", "servers CPU (%)", "observers CPU (%)", "leader RSS (MiB)", "servers RSS (MiB)", "observers RSS (MiB)",
 			"false failed", "cut → failed (s)", "voter commit p50 (ms)", "observer commit p50 (ms)"},
@@ -180,7 +180,7 @@ func scaleRun(b *testing.B, n int) []string {
 	for _, v := range st.Voters {
 		voters[v.Name] = true
 	}
-	var cut, watcher, observer *labDaemon
+	var watcher, observer *labDaemon
 	for _, d := range others {
 		switch {
 		case !servers[d.host.Name] && observer == nil:
@@ -189,21 +189,36 @@ func scaleRun(b *testing.B, n int) []string {
 			watcher = d
 		}
 	}
-	cut = observer
+	// Three cuts, each of another machine once the previous one is back.
+	var cuts []*labDaemon
 	for _, d := range others {
-		if cut == nil && !voters[d.host.Name] {
-			cut = d
+		if !servers[d.host.Name] && len(cuts) < 3 {
+			cuts = append(cuts, d)
 		}
 	}
-	if cut != nil && watcher != nil {
+	for _, d := range others {
+		if len(cuts) == 0 && !voters[d.host.Name] {
+			cuts = append(cuts, d)
+		}
+	}
+	shows := func(name, liveness string) bool {
+		ms, err := client(watcher).Machines(context.Background())
+		return err == nil && slices.ContainsFunc(ms, func(m ctlapi.Machine) bool { return m.Name == name && m.Liveness == liveness })
+	}
+	var detected []float64
+	for _, cut := range cuts {
+		if watcher == nil {
+			break
+		}
 		l.SetLinkUp(cut.host, false)
 		down := time.Now()
-		failed := pollFast(b, cut.host.Name+" shown failed", down, 20*time.Millisecond, func() bool {
-			ms, err := client(watcher).Machines(context.Background())
-			return err == nil && slices.ContainsFunc(ms, func(m ctlapi.Machine) bool { return m.Name == cut.host.Name && m.Liveness == "failed" })
-		})
+		detected = append(detected, pollFast(b, cut.host.Name+" shown failed", down, 20*time.Millisecond, func() bool { return shows(cut.host.Name, "failed") }))
 		l.SetLinkUp(cut.host, true)
-		row = append(row, fmt.Sprintf("%.2f", failed))
+		pollFast(b, cut.host.Name+" shown alive again", time.Now(), 100*time.Millisecond, func() bool { return shows(cut.host.Name, "alive") })
+	}
+	if len(detected) > 0 {
+		f := newFigure(detected)
+		row = append(row, fmt.Sprintf("%.2f (%.2f–%.2f)", f.Median, slices.Min(detected), slices.Max(detected)))
 	} else {
 		row = append(row, "-")
 	}

@@ -92,10 +92,13 @@ type Mesh struct {
 	peersPath string
 	kept      []netmesh.Peer
 	saved     []byte
+	toKeep    []byte    // the peers to write, from the last keep
+	keptAt    time.Time // when PeersFile was last written
 
 	// considered counts Run's wake-ups done: the device and the loopback
 	// hold the plan of the facts read in it.
 	considered atomic.Int64
+	planned    atomic.Int64 // plans Run computed
 }
 
 // Open loads (or makes, once) the machine's key in dataDir and opens the
@@ -226,7 +229,10 @@ type keptPeer struct {
 	AllowedIPs []netip.Prefix `json:"allowed_ips"`
 }
 
-// keep writes the peers to PeersFile when they changed.
+// keep writes the peers to PeersFile when they changed, at most every
+// keepEvery (a hundred machines joining changed every machine's peers
+// two hundred times, each write an fsync); flushKept writes what is
+// left.
 func (m *Mesh) keep(peers []netmesh.Peer) error {
 	if m.peersPath == "" {
 		return nil
@@ -242,15 +248,33 @@ func (m *Mesh) keep(peers []netmesh.Peer) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if bytes.Equal(b, m.saved) {
+	m.toKeep = b
+	if time.Since(m.keptAt) < keepEvery {
 		return nil
 	}
-	if err := atomicfile.Write(m.peersPath, b, 0o600); err != nil {
+	return m.writeKeptLocked()
+}
+
+// flushKept writes the peers keep was last given, if it has not yet.
+func (m *Mesh) flushKept() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.writeKeptLocked()
+}
+
+func (m *Mesh) writeKeptLocked() error {
+	if m.toKeep == nil || bytes.Equal(m.toKeep, m.saved) {
+		return nil
+	}
+	if err := atomicfile.Write(m.peersPath, m.toKeep, 0o600); err != nil {
 		return fmt.Errorf("keeping the mesh peers for a restart: %w", err)
 	}
-	m.saved = b
+	m.saved, m.keptAt = m.toKeep, time.Now()
 	return nil
 }
+
+// keepEvery bounds how often PeersFile is written.
+const keepEvery = 5 * time.Second
 
 // decodePeers reads PeersFile.
 func decodePeers(b []byte) ([]netmesh.Peer, error) {
@@ -283,32 +307,62 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 	var lastErr string
 	var applied *meshPlan
 	var appliedAt time.Time
+	versioned, _ := members.(membersVersioned)
+	var plannedFacts, plannedMembers uint64
 	for {
 		changed := facts.FactsChanged()
-		// Reading the device and the routes costs a walk of every peer
-		// and route: done when the plan changes, and every resyncEvery
-		// to put back what something else changed.
-		p := m.plan(facts, members)
-		if applied == nil || !reflect.DeepEqual(p, *applied) || time.Since(appliedAt) >= resyncEvery {
-			err := m.apply(p)
-			if msg := fmt.Sprint(err); err != nil && msg != lastErr {
-				m.cfg.Logger.Warn("configuring the mesh device", "err", err)
-			}
-			lastErr = fmt.Sprint(err)
-			applied, appliedAt = &p, time.Now()
-			if err != nil {
-				applied = nil // again at the next wake-up
+		// Planning walks the facts and gossip: skipped when neither moved
+		// since the last plan applied. Reading the device and the routes
+		// walks every peer and route: done when the plan changes, and
+		// every resyncEvery to put back what something else changed.
+		idx, ver := facts.FactsIndex(), uint64(0)
+		if versioned != nil {
+			ver = versioned.MembersVersion()
+		}
+		moved := versioned == nil || idx != plannedFacts || ver != plannedMembers
+		if applied == nil || moved || time.Since(appliedAt) >= resyncEvery {
+			plannedFacts, plannedMembers = idx, ver
+			p := m.plan(facts, members)
+			m.planned.Add(1)
+			if applied == nil || !reflect.DeepEqual(p, *applied) || time.Since(appliedAt) >= resyncEvery {
+				err := m.apply(p)
+				if msg := fmt.Sprint(err); err != nil && msg != lastErr {
+					m.cfg.Logger.Warn("configuring the mesh device", "err", err)
+				}
+				lastErr = fmt.Sprint(err)
+				applied, appliedAt = &p, time.Now()
+				if err != nil {
+					applied = nil // again at the next wake-up
+				}
 			}
 		}
 		m.considered.Add(1)
 		select {
 		case <-ctx.Done():
+			if err := m.flushKept(); err != nil {
+				m.cfg.Logger.Warn("keeping the mesh peers", "err", err)
+			}
 			return
 		case <-changed:
 		case <-tick.C:
+			if time.Since(m.keptAtTime()) >= keepEvery {
+				if err := m.flushKept(); err != nil {
+					m.cfg.Logger.Warn("keeping the mesh peers", "err", err)
+				}
+			}
 		}
 	}
 }
+
+func (m *Mesh) keptAtTime() time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.keptAt
+}
+
+// membersVersioned is gossip that tells when its view changed
+// (cluster.Node); without it Run plans on every wake-up.
+type membersVersioned interface{ MembersVersion() uint64 }
 
 // resyncEvery is how often Run sets the device even though its plan did
 // not change.

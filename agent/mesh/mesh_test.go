@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -335,5 +336,53 @@ func TestRunSetsTheDeviceOnlyWhenThePlanChanges(t *testing.T) {
 	waitConsidered(seen + 2)
 	if got := sets(); got != 2 {
 		t.Fatalf("the device was set %d times after a machine joined, want 2", got)
+	}
+}
+
+// versionedMembers is gossip that says when it changed.
+type versionedMembers struct {
+	gossip  *facttest.Members
+	version atomic.Uint64
+}
+
+func (v *versionedMembers) Members() []cluster.Member { return v.gossip.Members() }
+
+func (v *versionedMembers) MembersVersion() uint64 { return v.version.Load() }
+
+// With gossip that says when it changed, Run does not even plan while
+// neither the facts nor gossip moved.
+func TestRunPlansOnlyWhenFactsOrGossipMove(t *testing.T) {
+	st := facttest.NewStore()
+	st.AddMachine(t, "a", "a")
+	members := &versionedMembers{gossip: facttest.NewMembers()}
+	m := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, &fakeDevice{}, key(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.Run(ctx, st, members) }()
+	defer func() { cancel(); <-done }()
+	waitConsidered := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for m.considered.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("Run went through %d wake-ups, want %d", m.considered.Load(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitConsidered(3)
+	if got := m.planned.Load(); got != 1 {
+		t.Fatalf("%d plans for facts and gossip that did not move, want 1", got)
+	}
+	members.version.Add(1)
+	waitConsidered(m.considered.Load() + 2)
+	if got := m.planned.Load(); got != 2 {
+		t.Fatalf("%d plans after gossip moved, want 2", got)
+	}
+	st.AddMachine(t, "b", "b")
+	waitConsidered(m.considered.Load() + 2)
+	if got := m.planned.Load(); got != 3 {
+		t.Fatalf("%d plans after the facts moved, want 3", got)
 	}
 }
