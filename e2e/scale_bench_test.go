@@ -38,7 +38,7 @@ func BenchmarkScale(b *testing.B) {
 		sizes = append(sizes, n)
 	}
 	report := &benchReport{Name: "scale", Heading: "drover at scale on the lab", Started: time.Now(), Machine: machineFacts(binaries(b))}
-	report.Machine["timing"] = "production defaults (Raft heartbeat 1s, memberlist LAN profile)"
+	report.Machine["timing"] = "production defaults (Raft heartbeat 1s; memberlist LAN profile, probe 800 ms, suspicion multiplier 2)"
 	t := &table{
 		Title: "A cluster of N machines",
 		How: "N lab hosts (network namespaces on this one 2-core machine) run droverd only; the first inits, the others start at once with a join token. " +
