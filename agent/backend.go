@@ -145,7 +145,9 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 			order = append(order, g.MachineID)
 		}
 		m.Liveness = string(g.Liveness)
-		if _, server := roles[g.MachineID]; !server && g.Observer {
+		if g.Observer && g.Liveness == cluster.LivenessAlive {
+			// Not a server, or made one by the leader and not yet running
+			// Raft: either way it follows the facts for now.
 			roles[g.MachineID] = cluster.RoleObserver
 		}
 		if !g.LastContact.IsZero() {
