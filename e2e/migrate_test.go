@@ -287,8 +287,10 @@ func TestLabMigrate(t *testing.T) {
 	}
 	// The same service IP answers from every host.
 	for _, host := range h {
-		testpoll.Until(t, 30*time.Second, "the service answering at its IP from "+host.Name, func() error {
-			got, err := host.Run(ctx, "curl", "-sf", "-m", "5", "http://"+ip+":80/read?key=bulk3")
+		// 64 MiB through userspace WireGuard: what is checked is that it
+		// answers, whole, not how fast (this machine read 5-13 MiB/s).
+		testpoll.Until(t, 2*time.Minute, "the service answering at its IP from "+host.Name, func() error {
+			got, err := host.Run(ctx, "curl", "-sf", "-m", "60", "http://"+ip+":80/read?key=bulk3")
 			if err != nil || len(got) != 64<<20 {
 				return fmt.Errorf("read %d bytes: %v", len(got), err)
 			}
@@ -410,8 +412,8 @@ func TestLabMigrateExecutorDies(t *testing.T) {
 	if ss[0].Machine != h[1].Name || !ss[0].Ready {
 		t.Fatalf("service after the abort: %+v", ss)
 	}
-	testpoll.Until(t, 30*time.Second, "the service answering from its source", func() error {
-		got, err := h[2].Run(context.Background(), "curl", "-sf", "-m", "5", "http://"+ip+":80/read?key=bulk0")
+	testpoll.Until(t, 2*time.Minute, "the service answering from its source", func() error {
+		got, err := h[2].Run(context.Background(), "curl", "-sf", "-m", "60", "http://"+ip+":80/read?key=bulk0")
 		if err != nil || len(got) != 64<<20 {
 			return fmt.Errorf("%d bytes, %v", len(got), err)
 		}
