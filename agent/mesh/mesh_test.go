@@ -317,16 +317,7 @@ func TestRunSetsTheDeviceOnlyWhenThePlanChanges(t *testing.T) {
 		defer dev.mu.Unlock()
 		return len(dev.sets)
 	}
-	waitConsidered := func(n int64) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for m.considered.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("Run went through %d wake-ups, want %d", m.considered.Load(), n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
+	waitConsidered := func(n int64) { t.Helper(); waitWakeUps(t, m, n) }
 	waitConsidered(3) // the first, then two one-second ticks
 	if got := sets(); got != 1 {
 		t.Fatalf("the device was set %d times for unchanged facts, want once", got)
@@ -361,16 +352,7 @@ func TestRunPlansOnlyWhenFactsOrGossipMove(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); m.Run(ctx, st, members) }()
 	defer func() { cancel(); <-done }()
-	waitConsidered := func(n int64) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for m.considered.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("Run went through %d wake-ups, want %d", m.considered.Load(), n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
+	waitConsidered := func(n int64) { t.Helper(); waitWakeUps(t, m, n) }
 	waitConsidered(3)
 	if got := m.planned.Load(); got != 1 {
 		t.Fatalf("%d plans for facts and gossip that did not move, want 1", got)
@@ -384,5 +366,17 @@ func TestRunPlansOnlyWhenFactsOrGossipMove(t *testing.T) {
 	waitConsidered(m.considered.Load() + 2)
 	if got := m.planned.Load(); got != 3 {
 		t.Fatalf("%d plans after the facts moved, want 3", got)
+	}
+}
+
+// waitWakeUps waits until Run has gone through n wake-ups.
+func waitWakeUps(t *testing.T, m *Mesh, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for m.considered.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("Run went through %d wake-ups, want %d", m.considered.Load(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
