@@ -243,16 +243,7 @@ func lockHeld(ns, holder string) func(*fsm.State) error {
 // observer is the index of a running observer.
 func (tc *testCluster) observer() int {
 	tc.t.Helper()
-	for i, n := range tc.nodes {
-		if n == nil {
-			continue
-		}
-		if st, err := n.Status(); err == nil && st.Role == RoleObserver {
-			return i
-		}
-	}
-	tc.t.Fatal("no observer")
-	return -1
+	return tc.withRole(RoleObserver)
 }
 
 // followsOf is the server node i follows the facts from.

@@ -205,15 +205,22 @@ func (tc *testCluster) waitVoters(voters, nonvoters int) {
 
 func (tc *testCluster) leader() int {
 	tc.t.Helper()
+	return tc.withRole(RoleLeader)
+}
+
+// withRole is the index of the first running node whose Raft role is
+// role; the test fails when there is none.
+func (tc *testCluster) withRole(role string) int {
+	tc.t.Helper()
 	for i, n := range tc.nodes {
 		if n == nil {
 			continue
 		}
-		if st, err := n.Status(); err == nil && st.Role == RoleLeader {
+		if st, err := n.Status(); err == nil && st.Role == role {
 			return i
 		}
 	}
-	tc.t.Fatal("no leader")
+	tc.t.Fatalf("no running machine is %s", role)
 	return -1
 }
 
