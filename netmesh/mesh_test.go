@@ -272,7 +272,11 @@ func TestMeshBetweenNamespaces(t *testing.T) {
 		t.Fatalf("no route for the service IP via the device: %q", out)
 	}
 
-	// An endpoint change is applied.
+	// An endpoint change is applied. WireGuard roams a peer's endpoint to
+	// the source of its authenticated packets, so the peer is stopped first:
+	// its next keepalive would otherwise put the old endpoint back.
+	nodes[1].cmd.Process.Signal(syscall.SIGTERM)
+	nodes[1].cmd.Wait()
 	nodes[0].cfg.Config.Peers[0].Endpoint = netip.MustParseAddrPort("192.168.250.2:51999")
 	nodes[0].reload(t)
 	if ep := nodes[0].status(t).Peers[0].Endpoint; ep != "192.168.250.2:51999" {
