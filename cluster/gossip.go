@@ -60,6 +60,7 @@ type gossip struct {
 	local   Meta
 	members map[string]*Member // by machine id (the memberlist node name)
 	changed chan struct{}      // nudged on any membership change; capacity 1
+	moved   chan struct{}      // closed, and replaced, when version grows
 
 	// overlays gives the overlay addresses this machine's facts hold, for
 	// push/pull; learned is this machine's own, as another machine's
@@ -81,6 +82,7 @@ func startGossip(cfg Config, local Meta, logger *slog.Logger) (*gossip, error) {
 		local:   local,
 		members: map[string]*Member{},
 		changed: make(chan struct{}, 1),
+		moved:   make(chan struct{}),
 	}
 	mc := memberlist.DefaultLANConfig()
 	// Failure detection within 5 s at a hundred machines (DESIGN.md,
@@ -257,11 +259,20 @@ func (g *gossip) record(n *memberlist.Node, liveness Liveness) {
 	m.GossipAddr = netip.AddrPortFrom(addr.Unmap(), n.Port)
 	m.Liveness = liveness
 	g.version.Add(1)
+	close(g.moved)
+	g.moved = make(chan struct{})
 	if liveness == LivenessAlive && m.LastContact.IsZero() {
 		m.LastContact = g.now()
 	}
 	g.mu.Unlock()
 	g.nudge()
+}
+
+// movedChan is closed when version next grows.
+func (g *gossip) movedChan() <-chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.moved
 }
 
 // NotifyJoin is memberlist's event for a machine that appeared.

@@ -211,6 +211,10 @@ func (n *Node) Members() []Member { return n.gossip.snapshot() }
 // of the last probe).
 func (n *Node) MembersVersion() uint64 { return n.gossip.version.Load() }
 
+// MembersChanged is closed when MembersVersion next grows: take it before
+// reading the version, and no change is missed.
+func (n *Node) MembersChanged() <-chan struct{} { return n.gossip.movedChan() }
+
 // Member looks one machine up in gossip.
 func (n *Node) Member(id string) (Member, bool) { return n.gossip.member(id) }
 

@@ -24,6 +24,8 @@ import (
 type Facts interface {
 	Read(func(*fsm.State))
 	Apply(context.Context, fsm.Command) (json.RawMessage, error)
+	// FactsChanged is closed when the store applies its next entry.
+	FactsChanged() <-chan struct{}
 }
 
 // Gossip is this machine's gossip as the keyring needs it.
@@ -47,7 +49,9 @@ type Keeper struct {
 	Gossip Gossip
 	Save   func(keys [][]byte) error // persists the keys, primary first
 	Logger *slog.Logger
-	// Interval is how often the facts are looked at (500 ms when zero).
+	// Interval is how soon a keyring that failed to install is tried
+	// again (500 ms when zero); otherwise the facts are looked at when
+	// they change, and an idle machine does not wake for the keyring.
 	Interval time.Duration
 
 	installed uint64
@@ -59,36 +63,43 @@ func (k *Keeper) Run(ctx context.Context) {
 	if interval == 0 {
 		interval = 500 * time.Millisecond
 	}
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
+	retry := time.NewTicker(interval)
+	defer retry.Stop()
 	for {
-		k.Sync()
+		changed := k.Facts.FactsChanged()
+		var again <-chan time.Time
+		if !k.Sync() {
+			again = retry.C
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-changed:
+		case <-again:
 		}
 	}
 }
 
 // Sync installs the facts' keyring if it is newer than what this machine
-// installed; it reports failures in the log and tries again next time.
-func (k *Keeper) Sync() {
+// installed. It reports a failure in the log and returns false: the
+// caller tries again.
+func (k *Keeper) Sync() bool {
 	var kr fsm.Keyring
 	k.Facts.Read(func(s *fsm.State) { kr = s.Keyring() })
 	if kr.Generation == 0 || kr.Generation <= k.installed {
-		return
+		return true
 	}
 	if err := k.Save(kr.Keys); err != nil {
 		k.Logger.Error("saving the gossip keyring", "generation", kr.Generation, "err", err)
-		return
+		return false
 	}
 	if err := k.Gossip.InstallKeyring(kr.Keys, kr.Generation); err != nil {
 		k.Logger.Error("installing the gossip keyring", "generation", kr.Generation, "err", err)
-		return
+		return false
 	}
 	k.installed = kr.Generation
 	k.Logger.Info("gossip keyring installed", "generation", kr.Generation, "primary", Fingerprint(kr.Keys[0]), "keys", len(kr.Keys))
+	return true
 }
 
 // Rotation is the outcome of a key rotation.

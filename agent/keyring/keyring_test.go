@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -43,6 +44,12 @@ func (m *machineKeys) InstallKeyring(keys [][]byte, gen uint64) error {
 	m.history = append(m.history, keys)
 	m.view.SetMember(cluster.Member{Meta: cluster.Meta{MachineID: m.id, Name: m.name, KeyGen: gen}, Liveness: cluster.LivenessAlive})
 	return nil
+}
+
+func (m *machineKeys) installs() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.history)
 }
 
 func (m *machineKeys) Members() []cluster.Member { return m.view.Members() }
@@ -126,5 +133,36 @@ func TestRotateSkipsMachinesThatAreNotAlive(t *testing.T) {
 	out, err := r.Rotate(context.Background())
 	if err != nil || len(out.NotAlive) != 1 || out.NotAlive[0] != "c" || len(out.Confirmed) != 2 {
 		t.Fatalf("rotation %+v, %v", out, err)
+	}
+}
+
+// The keeper looks at the facts when they change; a keyring it failed to
+// save is tried again on the interval, with no further change.
+func TestKeeperRetriesAKeyringItFailedToInstall(t *testing.T) {
+	st := facttest.NewStore()
+	m := &machineKeys{id: "a", name: "a", view: facttest.NewMembers("a", "a"), keys: [][]byte{key(1)}}
+	var saves atomic.Int32
+	k := &Keeper{Facts: st, Gossip: m, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Interval: 10 * time.Millisecond,
+		Save: func([][]byte) error {
+			if saves.Add(1) < 3 {
+				return errors.New("disk full")
+			}
+			return nil
+		}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); k.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	st.Must(t, fsm.SetKeyring{Keys: [][]byte{key(2), key(1)}, At: time.Now()})
+	deadline := time.Now().Add(5 * time.Second)
+	for m.installs() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the keyring was not installed after %d saves", saves.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := saves.Load(); n != 3 {
+		t.Fatalf("%d saves, want 3 (two failed)", n)
 	}
 }

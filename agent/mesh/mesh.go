@@ -300,10 +300,15 @@ func (m *Mesh) desired(s *fsm.State, gossip []cluster.Member) netmesh.Config {
 // Run keeps the device's peers and the local service IPs in line with
 // membership and facts until ctx ends: at once when the facts change,
 // woken by the store (a service IP follows its service as soon as the
-// commit that moved it applies here), and every second for gossip.
+// commit that moved it applies here), and when gossip changes — woken by
+// it if it says when, every second otherwise. An idle machine wakes only
+// every resyncEvery, and each second while a failed set or a PeersFile
+// write is pending.
 func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	resync := time.NewTimer(resyncEvery)
+	defer resync.Stop()
 	var lastErr string
 	var applied *meshPlan
 	var appliedAt time.Time
@@ -311,6 +316,10 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 	var plannedFacts, plannedMembers uint64
 	for {
 		changed := facts.FactsChanged()
+		var gossipMoved <-chan struct{}
+		if versioned != nil {
+			gossipMoved = versioned.MembersChanged()
+		}
 		// Planning walks the facts and gossip: skipped when neither moved
 		// since the last plan applied. Reading the device and the routes
 		// walks every peer and route: done when the plan changes, and
@@ -337,6 +346,11 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 			}
 		}
 		m.considered.Add(1)
+		var ticked <-chan time.Time
+		if versioned == nil || applied == nil || m.keepPending() {
+			ticked = tick.C
+		}
+		resync.Reset(time.Until(appliedAt.Add(resyncEvery)))
 		select {
 		case <-ctx.Done():
 			if err := m.flushKept(); err != nil {
@@ -344,7 +358,9 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 			}
 			return
 		case <-changed:
-		case <-tick.C:
+		case <-gossipMoved:
+		case <-resync.C:
+		case <-ticked:
 			if time.Since(m.keptAtTime()) >= keepEvery {
 				if err := m.flushKept(); err != nil {
 					m.cfg.Logger.Warn("keeping the mesh peers", "err", err)
@@ -354,6 +370,13 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 	}
 }
 
+// keepPending tells whether peers wait to be written to PeersFile.
+func (m *Mesh) keepPending() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.toKeep != nil && !bytes.Equal(m.toKeep, m.saved)
+}
+
 func (m *Mesh) keptAtTime() time.Time {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -361,8 +384,12 @@ func (m *Mesh) keptAtTime() time.Time {
 }
 
 // membersVersioned is gossip that tells when its view changed
-// (cluster.Node); without it Run plans on every wake-up.
-type membersVersioned interface{ MembersVersion() uint64 }
+// (cluster.Node); without it Run plans on every wake-up, every second.
+type membersVersioned interface {
+	MembersVersion() uint64
+	// MembersChanged is closed when the version next grows.
+	MembersChanged() <-chan struct{}
+}
 
 // resyncEvery is how often Run sets the device even though its plan did
 // not change.

@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -333,37 +332,58 @@ func TestRunSetsTheDeviceOnlyWhenThePlanChanges(t *testing.T) {
 // versionedMembers is gossip that says when it changed.
 type versionedMembers struct {
 	gossip  *facttest.Members
-	version atomic.Uint64
+	mu      sync.Mutex
+	version uint64
+	moved   chan struct{}
 }
 
 func (v *versionedMembers) Members() []cluster.Member { return v.gossip.Members() }
 
-func (v *versionedMembers) MembersVersion() uint64 { return v.version.Load() }
+func (v *versionedMembers) MembersVersion() uint64 {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.version
+}
 
-// With gossip that says when it changed, Run does not even plan while
-// neither the facts nor gossip moved.
-func TestRunPlansOnlyWhenFactsOrGossipMove(t *testing.T) {
+func (v *versionedMembers) MembersChanged() <-chan struct{} {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.moved
+}
+
+func (v *versionedMembers) change() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.version++
+	close(v.moved)
+	v.moved = make(chan struct{})
+}
+
+// With gossip that says when it changed, Run neither wakes nor plans
+// while neither the facts nor gossip moved, and plans when one does.
+func TestRunWakesOnlyWhenFactsOrGossipMove(t *testing.T) {
 	st := facttest.NewStore()
 	st.AddMachine(t, "a", "a")
-	members := &versionedMembers{gossip: facttest.NewMembers()}
+	members := &versionedMembers{gossip: facttest.NewMembers(), moved: make(chan struct{})}
 	m := New(Config{Self: "a", Port: 51820, Prefix: netip.MustParsePrefix("10.210.0.0/16"),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, &fakeDevice{}, key(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); m.Run(ctx, st, members) }()
 	defer func() { cancel(); <-done }()
-	waitConsidered := func(n int64) { t.Helper(); waitWakeUps(t, m, n) }
-	waitConsidered(3)
-	if got := m.planned.Load(); got != 1 {
-		t.Fatalf("%d plans for facts and gossip that did not move, want 1", got)
+	waitWakeUps(t, m, 1)
+	// Longer than the one-second tick of gossip that does not say.
+	time.Sleep(2500 * time.Millisecond)
+	if got, plans := m.considered.Load(), m.planned.Load(); got != 1 || plans != 1 {
+		t.Fatalf("%d wake-ups and %d plans while nothing moved, want 1 and 1", got, plans)
 	}
-	members.version.Add(1)
-	waitConsidered(m.considered.Load() + 2)
+	members.change()
+	waitWakeUps(t, m, 2)
 	if got := m.planned.Load(); got != 2 {
 		t.Fatalf("%d plans after gossip moved, want 2", got)
 	}
 	st.AddMachine(t, "b", "b")
-	waitConsidered(m.considered.Load() + 2)
+	waitWakeUps(t, m, 3)
 	if got := m.planned.Load(); got != 3 {
 		t.Fatalf("%d plans after the facts moved, want 3", got)
 	}
@@ -380,3 +400,5 @@ func waitWakeUps(t *testing.T, m *Mesh, n int64) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+var _ membersVersioned = (*cluster.Node)(nil) // the agent gives Run its node

@@ -204,6 +204,7 @@ func (s *Standby) leaseLoop(ctx context.Context) {
 	tick := time.NewTicker(renewEvery)
 	defer tick.Stop()
 	for {
+		changed := s.facts.FactsChanged()
 		var need bool
 		s.facts.Read(func(st *fsm.State) { need = s.needsLease(st) })
 		if need {
@@ -218,12 +219,37 @@ func (s *Standby) leaseLoop(ctx context.Context) {
 				s.cfg.Logger.Warn("renewing the lease of services with a standby", "err", err)
 			}
 		}
-		select {
-		case <-ctx.Done():
+		if !wake(ctx, need, tick.C, changed) {
 			return
-		case <-tick.C:
 		}
 	}
+}
+
+// wake waits for a loop's next round: its tick while it has work, the
+// next change of the facts while it has none — only the facts give it
+// work — so a machine without services with a standby does not wake for
+// these loops at all. changed must be taken before the facts were read.
+// It returns false once ctx ends.
+func wake(ctx context.Context, busy bool, tick <-chan time.Time, changed <-chan struct{}) bool {
+	if busy {
+		changed = nil
+	} else {
+		tick = nil
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-tick:
+	case <-changed:
+	}
+	return true
+}
+
+// ownsAny tells whether this machine owns a service with a standby.
+func (s *Standby) ownsAny() bool {
+	var owns bool
+	s.facts.Read(func(st *fsm.State) { owns = len(s.owned(st)) > 0 })
+	return owns
 }
 
 // fenceLoop stops, as soon as the lease does not hold, every container of
@@ -232,10 +258,15 @@ func (s *Standby) fenceLoop(ctx context.Context) {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		select {
-		case <-ctx.Done():
+		changed := s.facts.FactsChanged()
+		if !s.ownsAny() {
+			if !wake(ctx, false, tick.C, changed) {
+				return
+			}
+			continue
+		}
+		if !wake(ctx, true, tick.C, changed) {
 			return
-		case <-tick.C:
 		}
 		if s.Holds() {
 			continue
@@ -272,10 +303,9 @@ func (s *Standby) replicateLoop(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
-		select {
-		case <-ctx.Done():
+		changed := s.facts.FactsChanged()
+		if !wake(ctx, s.vols != nil && s.ownsAny(), tick.C, changed) {
 			return
-		case <-tick.C:
 		}
 		if s.vols == nil {
 			continue
@@ -554,12 +584,17 @@ func (s *Standby) autoFailoverLoop(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
-		select {
-		case <-ctx.Done():
+		changed := s.facts.FactsChanged()
+		var auto bool
+		s.facts.Read(func(st *fsm.State) {
+			for _, sv := range st.Services() {
+				auto = auto || sv.Spec.Standby != nil && sv.Spec.Standby.Failover == fsm.FailoverAuto
+			}
+		})
+		if !wake(ctx, auto, tick.C, changed) {
 			return
-		case <-tick.C:
 		}
-		if !s.members.IsLeader() {
+		if !auto || !s.members.IsLeader() {
 			continue
 		}
 		now := time.Now()
@@ -605,12 +640,11 @@ func (s *Standby) autoFailoverLoop(ctx context.Context) {
 func (s *Standby) settleLoop(ctx context.Context) {
 	tick := time.NewTicker(2 * time.Second)
 	defer tick.Stop()
+	busy := true // a first look on the tick; then again on it only while a failover is left unsettled
 	for {
-		select {
-		case <-ctx.Done():
+		changed := s.facts.FactsChanged()
+		if !wake(ctx, busy, tick.C, changed) {
 			return
-		case <-tick.C:
-		case <-s.facts.FactsChanged():
 		}
 		var todo []fsm.Service
 		s.facts.Read(func(st *fsm.State) {
@@ -620,8 +654,10 @@ func (s *Standby) settleLoop(ctx context.Context) {
 				}
 			}
 		})
+		busy = false
 		for _, sv := range todo {
 			if err := s.settle(ctx, sv); err != nil && ctx.Err() == nil {
+				busy = true
 				s.cfg.Logger.Warn("settling a failover away from this machine", "service", sv.Key(), "err", err)
 			}
 		}

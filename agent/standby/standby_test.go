@@ -196,3 +196,56 @@ func testpollUntil(t *testing.T, within time.Duration, cond func() bool) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+func TestWakeWaitsForTheTickWhileBusyAndForTheFactsWhileIdle(t *testing.T) {
+	ready := func() chan time.Time { c := make(chan time.Time, 1); c <- time.Now(); return c }
+	closed := make(chan struct{})
+	close(closed)
+
+	// Both are ready, so a select that ignored busy would pick either.
+	for range 20 {
+		tick := ready()
+		if !wake(context.Background(), false, tick, closed) || len(tick) != 1 {
+			t.Fatal("an idle loop woke for its tick, not for the facts")
+		}
+		tick = ready()
+		if !wake(context.Background(), true, tick, closed) || len(tick) != 0 {
+			t.Fatal("a busy loop woke for the facts, not for its tick")
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if wake(ctx, false, nil, make(chan struct{})) || wake(ctx, true, make(chan time.Time), nil) {
+		t.Fatal("wake went on after its context ended")
+	}
+}
+
+func TestAMachineRenewsNoLeaseUntilTheFactsGiveItAServiceWithAStandby(t *testing.T) {
+	s, facts, _ := rig(t, "c")
+	facts.AddMachine(t, "c", "c")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	renewals := func() int {
+		n := 0
+		for _, cmd := range facts.Applied() {
+			if r, ok := cmd.(fsm.RenewLease); ok && r.MachineID == "c" {
+				n++
+			}
+		}
+		return n
+	}
+	// Another machine's service changes the facts: c still needs no lease.
+	facts.Must(t, fsm.RenewLease{MachineID: "a", Duration: fsm.StandbyLease, At: time.Now()})
+	time.Sleep(300 * time.Millisecond)
+	if n := renewals(); n != 0 {
+		t.Fatalf("a machine with no service with a standby renewed a lease %d times", n)
+	}
+	// c becomes the standby of a new service: the change wakes its loop.
+	facts.Must(t, fsm.AcquireLock{Namespace: "shop", Holder: "t", Lease: time.Hour, At: time.Now()})
+	spec := fsm.ServiceSpec{Name: "cache", Image: "img", Standby: &fsm.StandbySpec{Interval: time.Second}}
+	facts.Must(t, fsm.PutService{Namespace: "shop", Spec: spec, MachineID: "a", StandbyID: "c", Holder: "t", At: time.Now(), ServicePrefix: facttest.ServicePrefix})
+	testpollUntil(t, 5*time.Second, func() bool { return renewals() > 0 })
+}
