@@ -73,7 +73,7 @@ type gossip struct {
 }
 
 // productionProbeInterval is how often each machine probes another.
-const productionProbeInterval = 800 * time.Millisecond
+const productionProbeInterval = 700 * time.Millisecond
 
 func startGossip(cfg Config, local Meta, logger *slog.Logger) (*gossip, error) {
 	g := &gossip{

@@ -23,7 +23,9 @@ import (
 // join token (`make bench`, bench/results/scale.md): time to form, voters,
 // the leader's and the others' idle CPU and memory, how long until a
 // cut-off machine is shown failed, commit latency from a follower.
-// DROVER_SCALE_SIZES (default "10,50,100") are the sizes.
+// DROVER_SCALE_SIZES (default "10,50,100") are the sizes;
+// DROVER_SCALE_QUIET (a duration) leaves the largest cluster alone that
+// long and reports its CPU and false failures over all of it.
 func BenchmarkScale(b *testing.B) {
 	if os.Getenv("DROVER_BENCH") == "" {
 		b.Skip("the lab benchmarks run with DROVER_BENCH=1 (make bench)")
@@ -38,41 +40,55 @@ func BenchmarkScale(b *testing.B) {
 		sizes = append(sizes, n)
 	}
 	report := &benchReport{Name: "scale", Heading: "drover at scale on the lab", Started: time.Now(), Machine: machineFacts(binaries(b))}
-	report.Machine["timing"] = "production defaults (Raft heartbeat 1s; memberlist LAN profile, probe 800 ms, suspicion multiplier 2)"
+	report.Machine["timing"] = "production defaults (Raft heartbeat 1s; memberlist LAN profile, probe 700 ms, suspicion multiplier 2)"
 	t := &table{
 		Title: "A cluster of N machines",
 		How: "N lab hosts (network namespaces on this one 2-core machine) run droverd only; the first inits, the others start at once with a join token. " +
 			"Formed: until every machine sees one leader, an odd number of voters (at most 5), min(N, 7) machines in the Raft configuration and every other machine following the facts from one of them (an observer) with all N registered (or 5 minutes). " +
 			"CPU and RSS: 3 windows of 10 s after forming, % of one core; the leader's, the median of the other Raft servers and the median of the observers. " +
-			"False failed: machines shown failed by any machine's gossip while the cluster is quiet — those 40 s, and DROVER_SCALE_QUIET more when set (every machine's log). " +
-			"Cut → failed: an observer's (else a non-voter's) link is taken down, and a voter's `machine ls` is read every 20 ms until it shows it failed; three observers one after the other, median (min–max). " +
+			"False failed: machines shown failed by any machine's gossip while the cluster is quiet in those 40 s (every machine's log; DROVER_SCALE_QUIET adds a longer window, in its own table). " +
+			"Cut → failed: an observer's (else a non-voter's) link is taken down, and a voter's `machine ls` is read every 20 ms until it shows it failed; up to five observers one after the other, median (min–max). " +
 			"Commit: `cluster probe` (200 entries, 1 proposer) p50, on a voter that does not lead and on an observer.",
 		Header: []string{"machines", "formed (s)", "voters", "observers", "leader CPU (%)", "servers CPU (%)", "observers CPU (%)", "leader RSS (MiB)", "servers RSS (MiB)", "observers RSS (MiB)",
 			"false failed", "cut → failed (s)", "voter commit p50 (ms)", "observer commit p50 (ms)"},
 	}
+	quiet := &table{
+		Title: "Idle over the whole quiet window (DROVER_SCALE_QUIET)",
+		How: "The largest cluster, right after the 3 windows above, left alone for DROVER_SCALE_QUIET: each daemon's CPU over all of it, % of one core " +
+			"(the leader's, the median and the highest of the other Raft servers and of the observers), and machines shown failed by any machine's gossip in it.",
+		Header: []string{"machines", "quiet", "leader CPU (%)", "servers CPU (%) median", "servers CPU (%) max", "observers CPU (%) median", "observers CPU (%) max", "false failed"},
+	}
 	var leaderCPU = map[int]float64{}
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("%d-hosts", n), func(b *testing.B) {
-			row := scaleRun(b, n)
+			row, quietRow := scaleRun(b, n, n == slices.Max(sizes))
 			t.add(row...)
+			if quietRow != nil {
+				quiet.add(quietRow...)
+			}
 			if v, err := strconv.ParseFloat(row[4], 64); err == nil {
 				leaderCPU[n] = v
 			}
 		})
 	}
-	if lo, hi := slices.Min(sizes), slices.Max(sizes); leaderCPU[lo] > 0 && leaderCPU[hi] > 0 {
+	if lo, hi := slices.Min(sizes), slices.Max(sizes); lo < hi && leaderCPU[lo] > 0 && leaderCPU[hi] > 0 {
 		t.ratio(fmt.Sprintf("leader_cpu_%d_vs_%d", hi, lo), leaderCPU[hi]/leaderCPU[lo])
 		t.How += fmt.Sprintf(" The leader's idle CPU grows %.2f× from %d to %d machines.", leaderCPU[hi]/leaderCPU[lo], lo, hi)
 	}
 	report.Sections = append(report.Sections, t)
+	if len(quiet.Rows) > 0 {
+		report.Sections = append(report.Sections, quiet)
+	}
 	report.Took = time.Since(report.Started).Round(time.Second).String()
 	if err := report.write(envOr("DROVER_BENCH_OUT", "../bench/results")); err != nil {
 		b.Fatal(err)
 	}
 }
 
-// scaleRun forms one cluster of n and measures it; the row's cells.
-func scaleRun(b *testing.B, n int) []string {
+// scaleRun forms one cluster of n and measures it: the row's cells, and
+// those of the quiet window's when DROVER_SCALE_QUIET is set and
+// withQuiet (the largest size).
+func scaleRun(b *testing.B, n int, withQuiet bool) (row, quietRow []string) {
 	bin := binaries(b)
 	l := lab.New(b, lab.Options{Hosts: n, Prefix: "bz"})
 	h := l.Hosts
@@ -84,7 +100,7 @@ func scaleRun(b *testing.B, n int) []string {
 	for _, host := range h[1:] {
 		daemons = append(daemons, startLabDaemon(b, bin, host, append([]string{"--join-token-file", token}, flags...)...))
 	}
-	row := []string{strconv.Itoa(n)}
+	row = []string{strconv.Itoa(n)}
 	var st ctlapi.ClusterStatus
 	formed := false
 	for time.Since(began) < 5*time.Minute {
@@ -105,7 +121,7 @@ func scaleRun(b *testing.B, n int) []string {
 			}
 		}
 		b.Logf("%d machines: not formed after 5 minutes: %v (every daemon's log in %s)", n, err, dir)
-		return append(row, "not within 300", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-")
+		return append(row, "not within 300", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"), nil
 	}
 	row = append(row, fmt.Sprintf("%.1f", time.Since(began).Seconds()))
 	st, _ = d1.status()
@@ -149,30 +165,45 @@ func scaleRun(b *testing.B, n int) []string {
 			rss[d] = append(rss[d], float64(rssKiB(d.proc.PID()))/1024)
 		}
 	}
-	quiet := 40 * time.Second
-	if v := os.Getenv("DROVER_SCALE_QUIET"); v != "" {
-		extra, err := time.ParseDuration(v)
-		if err != nil {
-			b.Fatalf("DROVER_SCALE_QUIET=%q: %v", v, err)
-		}
-		time.Sleep(extra)
-		quiet += extra
-	}
-	falseFailed := failedSeen(daemons) - failedBefore
-	median := func(server bool, of map[*labDaemon][]float64, format string) string {
+	// of gives the median (or highest) over the other servers or the
+	// observers of each one's median in of.
+	of := func(server, highest bool, in map[*labDaemon][]float64, format string) string {
 		var xs []float64
 		for _, d := range others {
 			if servers[d.host.Name] == server {
-				xs = append(xs, newFigure(of[d]).Median)
+				xs = append(xs, newFigure(in[d]).Median)
 			}
 		}
 		if len(xs) == 0 {
 			return "-"
 		}
+		if highest {
+			return fmt.Sprintf(format, slices.Max(xs))
+		}
 		return fmt.Sprintf(format, newFigure(xs).Median)
 	}
-	row = append(row, fmt.Sprintf("%.2f", newFigure(cpu[leader]).Median), median(true, cpu, "%.2f"), median(false, cpu, "%.2f"),
-		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), median(true, rss, "%.0f"), median(false, rss, "%.0f"), fmt.Sprintf("%d in %s", falseFailed, quiet))
+	falseFailed := failedSeen(daemons) - failedBefore
+	if v := os.Getenv("DROVER_SCALE_QUIET"); v != "" && withQuiet {
+		extra, err := time.ParseDuration(v)
+		if err != nil {
+			b.Fatalf("DROVER_SCALE_QUIET=%q: %v", v, err)
+		}
+		quietFrom := failedSeen(daemons)
+		long := map[*labDaemon][]float64{}
+		for _, d := range daemons {
+			before[d] = cpuSeconds(b, d.proc.PID())
+		}
+		time.Sleep(extra)
+		for _, d := range daemons {
+			long[d] = []float64{100 * (cpuSeconds(b, d.proc.PID()) - before[d]) / extra.Seconds()}
+		}
+		quietFailed := failedSeen(daemons) - quietFrom
+		quietRow = []string{strconv.Itoa(n), extra.String(), fmt.Sprintf("%.2f", long[leader][0]), of(true, false, long, "%.2f"), of(true, true, long, "%.2f"),
+			of(false, false, long, "%.2f"), of(false, true, long, "%.2f"), strconv.Itoa(quietFailed)}
+		b.Logf("%d machines, quiet %s: %v", n, extra, quietRow)
+	}
+	row = append(row, fmt.Sprintf("%.2f", newFigure(cpu[leader]).Median), of(true, false, cpu, "%.2f"), of(false, false, cpu, "%.2f"),
+		fmt.Sprintf("%.0f", newFigure(rss[leader]).Median), of(true, false, rss, "%.0f"), of(false, false, rss, "%.0f"), fmt.Sprintf("%d in 40s", falseFailed))
 
 	// An observer (else a non-voter) cut off; a voter that does not lead
 	// watches.
@@ -189,10 +220,10 @@ func scaleRun(b *testing.B, n int) []string {
 			watcher = d
 		}
 	}
-	// Three cuts, each of another machine once the previous one is back.
+	// Five cuts, each of another machine once the previous one is back.
 	var cuts []*labDaemon
 	for _, d := range others {
-		if !servers[d.host.Name] && len(cuts) < 3 {
+		if !servers[d.host.Name] && len(cuts) < 5 {
 			cuts = append(cuts, d)
 		}
 	}
@@ -236,7 +267,7 @@ func scaleRun(b *testing.B, n int) []string {
 		row = append(row, fmt.Sprintf("%.2f", ms(time.Duration(r.P50))))
 	}
 	b.Logf("%d machines: %v", n, row)
-	return row
+	return row, quietRow
 }
 
 // profile samples where the CPU of the leader and of one observer goes
