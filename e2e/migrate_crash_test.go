@@ -163,9 +163,11 @@ func TestLabMigrateCrashMatrix(t *testing.T) {
 			src, dst := owner, 3-owner
 			victim := map[string]int{"source": src, "target": dst, "executor": 0}[role]
 			name := role + ":" + point
+			began := time.Now()
 			before := len(migrationsOf(t, executor))
 			arm(t, h[victim], name)
 			out, applyErr := executor.ctlWithin(3*time.Minute, "migrate", "apply", "shop/web", "--to", h[dst].Name)
+			applied := time.Since(began)
 			testpoll.Until(t, 60*time.Second, name+": the "+role+" daemon killed", func() error {
 				if daemons[victim].proc.Exited() {
 					return nil
@@ -174,6 +176,7 @@ func TestLabMigrateCrashMatrix(t *testing.T) {
 			})
 			disarm(h[victim])
 			daemons[victim].start(t)
+			restarted := time.Since(began)
 			var m ctlapi.MigrationInfo
 			testpoll.Until(t, 90*time.Second, name+": the migration ended", func() error {
 				out, err := executor.ctl("migrate", "ls", "--json")
@@ -197,11 +200,15 @@ func TestLabMigrateCrashMatrix(t *testing.T) {
 			if want := map[bool]string{true: "done", false: "aborted"}[committed]; m.Phase != want {
 				t.Fatalf("%s: migration %s ended %s, want %s (error %q)", name, m.ID, m.Phase, want, m.Error)
 			}
+			ended := time.Since(began)
 			owner = settled(t, h, executor, ip, snapshot())
 			if want := map[bool]int{true: dst, false: src}[committed]; owner != want {
 				t.Fatalf("%s: service on %s after a %s migration", name, h[owner].Name, m.Phase)
 			}
-			report = append(report, fmt.Sprintf("%-26s %-8s %s", name, m.Phase, m.Error))
+			line := fmt.Sprintf("%-26s %-8s apply returned %5.1fs, restarted %5.1fs, ended %5.1fs, settled %5.1fs  %s", name, m.Phase,
+				applied.Seconds(), restarted.Seconds(), ended.Seconds(), time.Since(began).Seconds(), m.Error)
+			t.Log(line)
+			report = append(report, line)
 		}
 	}
 	acked := map[string]string{}

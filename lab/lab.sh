@@ -132,7 +132,11 @@ up() {
     ip -n "$ns" addr add "$SUBNET.$i/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
-    ip -n "$ns" route add default via "$SUBNET.254"
+    # Nothing beyond the lab is reachable, and says so at once: a silent
+    # default route made every name lookup of a host (the engine asking a
+    # registry's name) wait out the resolver's timeouts, 20 s each, on a
+    # machine whose resolver is not on the loopback.
+    ip -n "$ns" route add unreachable default
     if [ "$LAB_ZFS" = 1 ]; then
       truncate -s "$POOL_SIZE" "$dir/pool.img"
       zpool create -f -m "$STATE/mnt/$ns" "${ns}pool" "$dir/pool.img"
