@@ -136,6 +136,15 @@ func TestLabStandby(t *testing.T) {
 		return nil
 	})
 	ip := serviceNamed(t, d3, "shop", "db").ServiceIP
+	// Bulk the clients never touch: a full copy sends all of it, an
+	// increment only the clients' writes, whatever this machine's speed
+	// (the clients' writes alone were as much as the whole volume).
+	data := filepath.Join(h[0].PoolMount, "drover", "shop", "data")
+	testpoll.Until(t, 60*time.Second, "the data volume on "+h[0].Name, func() error {
+		_, err := os.Stat(data)
+		return err
+	})
+	fillRandom(t, data, 16)
 	var writers []*timedWriter
 	for _, host := range h {
 		writers = append(writers, startTimedWriter(host, ip, "db", 50*time.Millisecond))

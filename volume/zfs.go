@@ -155,12 +155,27 @@ func (z *ZFS) Get(namespace, name string) (Info, error) {
 	}
 	for _, s := range snaps {
 		guid, err := guidOf(s.Name)
+		if err != nil && vanished(s.Name) {
+			// Destroyed since the listing (a prune, a settle, a
+			// migration's cleanup): it is not there, which is no error.
+			continue
+		}
 		if err != nil {
 			return Info{}, err
 		}
 		info.Snapshots = append(info.Snapshots, Snapshot{Name: s.Name[strings.Index(s.Name, "@")+1:], GUID: guid})
 	}
 	return info, nil
+}
+
+// vanished tells whether a dataset or snapshot no longer exists. The
+// snapshots of a volume are listed, then each one's guid read (zfs-fuse
+// lists no guid), and another part of the daemon may destroy one in
+// between: on this lab's zfs-fuse that window was wide enough to fail
+// the reconciler's and the standby's reads now and then.
+func vanished(name string) bool {
+	out, err := exec.Command("zfs", "list", "-H", "-o", "name", name).CombinedOutput()
+	return err != nil && strings.Contains(string(out), "does not exist")
 }
 
 // guidOf reads a dataset's guid exactly (go-zfs reads properties without

@@ -245,6 +245,31 @@ func wake(ctx context.Context, busy bool, tick <-chan time.Time, changed <-chan 
 	return true
 }
 
+// whenBusy waits, for each change of the facts, until busy tells the
+// loop has work, then for its tick. It returns false once ctx ends.
+func (s *Standby) whenBusy(ctx context.Context, tick <-chan time.Time, busy func() bool) bool {
+	for {
+		changed := s.facts.FactsChanged()
+		if busy() {
+			return wake(ctx, true, tick, changed)
+		}
+		if !wake(ctx, false, tick, changed) {
+			return false
+		}
+	}
+}
+
+// anyAutoFailover tells whether a service asks for automatic failover.
+func (s *Standby) anyAutoFailover() bool {
+	var auto bool
+	s.facts.Read(func(st *fsm.State) {
+		for _, sv := range st.Services() {
+			auto = auto || sv.Spec.Standby != nil && sv.Spec.Standby.Failover == fsm.FailoverAuto
+		}
+	})
+	return auto
+}
+
 // ownsAny tells whether this machine owns a service with a standby.
 func (s *Standby) ownsAny() bool {
 	var owns bool
@@ -258,14 +283,7 @@ func (s *Standby) fenceLoop(ctx context.Context) {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		changed := s.facts.FactsChanged()
-		if !s.ownsAny() {
-			if !wake(ctx, false, tick.C, changed) {
-				return
-			}
-			continue
-		}
-		if !wake(ctx, true, tick.C, changed) {
+		if !s.whenBusy(ctx, tick.C, s.ownsAny) {
 			return
 		}
 		if s.Holds() {
@@ -303,12 +321,11 @@ func (s *Standby) replicateLoop(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
-		changed := s.facts.FactsChanged()
-		if !wake(ctx, s.vols != nil && s.ownsAny(), tick.C, changed) {
+		// A tick before the first round too: the reconciler takes over the
+		// volumes of a service just failed over here first, and a round at
+		// once raced it (it listed snapshots the round pruned).
+		if !s.whenBusy(ctx, tick.C, func() bool { return s.vols != nil && s.ownsAny() }) {
 			return
-		}
-		if s.vols == nil {
-			continue
 		}
 		var due []fsm.Service
 		s.facts.Read(func(st *fsm.State) {
@@ -584,17 +601,10 @@ func (s *Standby) autoFailoverLoop(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
-		changed := s.facts.FactsChanged()
-		var auto bool
-		s.facts.Read(func(st *fsm.State) {
-			for _, sv := range st.Services() {
-				auto = auto || sv.Spec.Standby != nil && sv.Spec.Standby.Failover == fsm.FailoverAuto
-			}
-		})
-		if !wake(ctx, auto, tick.C, changed) {
+		if !s.whenBusy(ctx, tick.C, s.anyAutoFailover) {
 			return
 		}
-		if !auto || !s.members.IsLeader() {
+		if !s.members.IsLeader() {
 			continue
 		}
 		now := time.Now()
