@@ -74,11 +74,16 @@ func (n *Node) lead(ctx context.Context) {
 	)
 	ap.Start(ctx)
 	defer func() { <-ap.Stop() }()
-
 	tick := time.NewTicker(n.cfg.Timing.ReconcileInterval)
 	defer tick.Stop()
+	// applied: every entry before this term is in the facts, so a server
+	// they do not hold is a removed machine's (reconcile takes it out).
+	applied := false
 	for {
-		n.reconcile(ctx, p)
+		if !applied {
+			applied = p.raft.Barrier(n.cfg.Timing.ReconcileInterval).Error() == nil
+		}
+		n.reconcile(ctx, p, applied)
 		select {
 		case <-ctx.Done():
 			return
@@ -90,7 +95,7 @@ func (n *Node) lead(ctx context.Context) {
 
 // reconcile brings Raft membership and the machine facts in line with
 // gossip, and expires namespace locks whose lease ran out.
-func (n *Node) reconcile(ctx context.Context, p *raftParts) {
+func (n *Node) reconcile(ctx context.Context, p *raftParts, applied bool) {
 	f := p.raft.GetConfiguration()
 	if err := f.Error(); err != nil {
 		return
@@ -112,6 +117,20 @@ func (n *Node) reconcile(ctx context.Context, p *raftParts) {
 			}
 		}
 	})
+
+	// A server whose machine the facts no longer hold was removed: a round
+	// that read the facts just before the removal, while gossip still
+	// showed the stopped machine alive, may have added it back.
+	for id := range inRaft {
+		if _, ok := facts[string(id)]; ok || !applied || string(id) == n.cfg.MachineID {
+			continue
+		}
+		n.logger.Info("taking a removed machine out of Raft", "id", id)
+		if err := p.raft.RemoveServer(id, 0, 10*time.Second).Error(); err != nil {
+			n.logger.Warn("could not take a removed machine out of Raft", "id", id, "err", err)
+		}
+		delete(inRaft, id)
+	}
 
 	members := n.gossip.snapshot()
 	// Servers gossip shows alive: a machine is added to Raft only while
