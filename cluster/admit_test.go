@@ -131,3 +131,35 @@ func TestAdmissionNeedsAJoinGrant(t *testing.T) {
 	back := tc.startNewcomer(4, prove(fresh, "id-m5", "key-5"))
 	tc.waitRefused(back, "id-m5", "was removed")
 }
+
+// A machine the facts no longer hold loses its Raft seat to the leader's
+// reconcile, even while it runs and gossips: a round racing `machine rm`
+// may have put it back after RemoveServer.
+func TestTheLeaderTakesARemovedMachineOutOfRaft(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.startN(4)
+	tc.waitVoters(3, 1)
+	removed := tc.withRole(RoleNonvoter)
+	id := tc.cfgs[removed].MachineID
+	ctx := ctxTimeout(t, 10*time.Second)
+	if _, err := tc.nodes[tc.leader()].Apply(ctx, fsm.RemoveMachine{ID: id, At: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	testpoll.Until(t, 15*time.Second, id+" out of every Raft configuration", func() error {
+		for i, n := range tc.nodes {
+			if i == removed {
+				continue
+			}
+			st, err := n.Status()
+			if err != nil {
+				return err
+			}
+			for _, s := range st.Servers {
+				if s.ID == id {
+					return fmt.Errorf("m%d's configuration holds %s", i+1, id)
+				}
+			}
+		}
+		return nil
+	})
+}

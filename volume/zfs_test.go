@@ -138,3 +138,37 @@ func TestVolumeLifecycleAndIncrementalSend(t *testing.T) {
 		t.Fatal("writing 4 MiB into a 1 MiB quota succeeded")
 	}
 }
+
+// A snapshot destroyed between Get's listing and its guid read is not
+// there; one whose guid cannot be read while it exists is an error.
+func TestVanishedTellsADestroyedSnapshotFromAnUnreadableOne(t *testing.T) {
+	withPools(t, "dvtgone")
+	z, err := NewZFS("dvtgone/drover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := z.Ensure("shop", "data", Properties{Quota: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := z.Snapshot("shop", "data", "kept"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := z.Snapshot("shop", "data", "gone"); err != nil {
+		t.Fatal(err)
+	}
+	kept, gone := info.Dataset+"@kept", info.Dataset+"@gone"
+	if out, err := exec.Command("zfs", "destroy", gone).CombinedOutput(); err != nil {
+		t.Fatalf("destroying %s: %v: %s", gone, err, out)
+	}
+	if !vanished(gone) {
+		t.Errorf("%s was destroyed, vanished says it is there", gone)
+	}
+	if vanished(kept) {
+		t.Errorf("%s exists, vanished says it is gone", kept)
+	}
+	got, err := z.Get("shop", "data")
+	if err != nil || len(got.Snapshots) != 1 || got.Snapshots[0].Name != "kept" {
+		t.Fatalf("after the destroy: %+v %v", got.Snapshots, err)
+	}
+}
