@@ -9,7 +9,9 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
+	"testing"
 	"time"
 )
 
@@ -82,6 +84,52 @@ func (t *table) ratio(key string, r float64) float64 {
 	}
 	t.Ratios[key] = r
 	return r
+}
+
+// growth adds a row of how each numeric column grew from row lo to row
+// hi (hi's leading number over lo's; a median when the cell is "median
+// (min–max)") and records each in Ratios as <key>_<column>. A column
+// whose cells hold no number, or a zero at lo, gets "—".
+func (t *table) growth(key, label string, lo, hi int) {
+	row := []string{label}
+	for c := 1; c < len(t.Header); c++ {
+		a, okA := leadingNumber(t.Rows[lo][c])
+		b, okB := leadingNumber(t.Rows[hi][c])
+		if !okA || !okB || a == 0 {
+			row = append(row, "—")
+			continue
+		}
+		row = append(row, fmt.Sprintf("%.2f×", b/a))
+		t.ratio(key+"_"+columnKey(t.Header[c]), b/a)
+	}
+	t.add(row...)
+}
+
+// leadingNumber reads the number a cell starts with ("4.72 (4.27–5.10)"
+// is 4.72, "0 in 40s" is 0).
+func leadingNumber(cell string) (float64, bool) {
+	f := strings.Fields(cell)
+	if len(f) == 0 {
+		return 0, false
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	return v, err == nil
+}
+
+// columnKey makes a column's header a JSON key: "leader CPU (%)" is
+// leader_cpu.
+func columnKey(header string) string {
+	header, _, _ = strings.Cut(header, " (")
+	var b strings.Builder
+	for _, r := range strings.ToLower(header) {
+		switch {
+		case r >= 'a' && r <= 'z' || r >= '0' && r <= '9':
+			b.WriteRune(r)
+		case b.Len() > 0 && !strings.HasSuffix(b.String(), "_"):
+			b.WriteByte('_')
+		}
+	}
+	return strings.TrimSuffix(b.String(), "_")
 }
 
 // benchReport is what `make bench` writes to bench/results/.
@@ -172,4 +220,22 @@ func writeAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+func TestGrowthDividesEachNumericColumnOfTwoRows(t *testing.T) {
+	tb := &table{Header: []string{"machines", "leader CPU (%)", "cut → failed (s)", "false failed", "voters"}}
+	tb.add("10", "11.50", "3.45 (2.51–4.55)", "0 in 40s", "—")
+	tb.add("100", "10.10", "4.72 (4.27–5.10)", "2 in 1h", "5")
+	tb.growth("100_vs_10", "growth 10 → 100", 0, 1)
+	got := tb.Rows[2]
+	want := []string{"growth 10 → 100", "0.88×", "1.37×", "—", "—"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("growth row %q, want %q", got, want)
+	}
+	if r := tb.Ratios["100_vs_10_leader_cpu"]; r < 0.878 || r > 0.879 {
+		t.Fatalf("ratio leader_cpu %v, want 10.10/11.50; ratios %v", r, tb.Ratios)
+	}
+	if _, ok := tb.Ratios["100_vs_10_cut_failed"]; !ok {
+		t.Fatalf("no ratio for the cut → failed column: %v", tb.Ratios)
+	}
 }

@@ -58,22 +58,23 @@ func BenchmarkScale(b *testing.B) {
 			"(the leader's, the median and the highest of the other Raft servers and of the observers), and machines shown failed by any machine's gossip in it.",
 		Header: []string{"machines", "quiet", "leader CPU (%)", "servers CPU (%) median", "servers CPU (%) max", "observers CPU (%) median", "observers CPU (%) max", "false failed"},
 	}
-	var leaderCPU = map[int]float64{}
+	rowOf := map[int]int{} // size → its row
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("%d-hosts", n), func(b *testing.B) {
 			row, quietRow := scaleRun(b, n, n == slices.Max(sizes))
+			rowOf[n] = len(t.Rows)
 			t.add(row...)
 			if quietRow != nil {
 				quiet.add(quietRow...)
 			}
-			if v, err := strconv.ParseFloat(row[4], 64); err == nil {
-				leaderCPU[n] = v
-			}
 		})
 	}
-	if lo, hi := slices.Min(sizes), slices.Max(sizes); lo < hi && leaderCPU[lo] > 0 && leaderCPU[hi] > 0 {
-		t.ratio(fmt.Sprintf("leader_cpu_%d_vs_%d", hi, lo), leaderCPU[hi]/leaderCPU[lo])
-		t.How += fmt.Sprintf(" The leader's idle CPU grows %.2f× from %d to %d machines.", leaderCPU[hi]/leaderCPU[lo], lo, hi)
+	lo, hi := slices.Min(sizes), slices.Max(sizes)
+	if _, okLo := rowOf[lo]; okLo && lo < hi {
+		if _, okHi := rowOf[hi]; okHi {
+			t.growth(fmt.Sprintf("%d_vs_%d", hi, lo), fmt.Sprintf("growth %d → %d", lo, hi), rowOf[lo], rowOf[hi])
+			t.How += fmt.Sprintf(" The last row is each figure at %d machines over the same at %d (medians, one run).", hi, lo)
+		}
 	}
 	report.Sections = append(report.Sections, t)
 	if len(quiet.Rows) > 0 {
