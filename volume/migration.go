@@ -122,8 +122,41 @@ func (z *ZFS) Origin(namespace, name string) string {
 	return v
 }
 
+// DestroySnapshotsOf destroys the volume's snapshots whose names start
+// with prefix (a migration's rounds and final snapshot, when an abort
+// throws them away): they would otherwise hold the blocks they share
+// with nothing until a later move succeeds.
+func (z *ZFS) DestroySnapshotsOf(namespace, name, prefix string) error {
+	if !strings.HasPrefix(prefix, SnapshotPrefix) || prefix == SnapshotPrefix {
+		return fmt.Errorf("refusing to destroy the snapshots of %s/%s named %q*: not one migration's", namespace, name, prefix)
+	}
+	return z.destroySnapshots(namespace, name, func(snap string) bool { return strings.HasPrefix(snap, prefix) })
+}
+
+// RollbackTo rolls a dataset back to one of its snapshots, destroying
+// the snapshots taken after it: an incremental stream from snap is then
+// received whatever landed there since (zfs-fuse receives one only onto
+// the dataset's newest snapshot).
+func (z *ZFS) RollbackTo(dataset, snap string) error {
+	if !strings.HasPrefix(dataset, z.parent) {
+		return fmt.Errorf("refusing to roll back %s: not under %s", dataset, z.parent)
+	}
+	if out, err := exec.Command("zfs", "rollback", "-r", dataset+"@"+snap).CombinedOutput(); err != nil {
+		return fmt.Errorf("rolling %s back to %s: %w: %s", dataset, snap, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
 // PruneSnapshots destroys the volume's drover snapshots except keep.
 func (z *ZFS) PruneSnapshots(namespace, name, keep string) error {
+	return z.destroySnapshots(namespace, name, func(snap string) bool {
+		return snap != keep && strings.HasPrefix(snap, SnapshotPrefix)
+	})
+}
+
+// destroySnapshots destroys the volume's snapshots whose short names
+// (after the @) drop tells.
+func (z *ZFS) destroySnapshots(namespace, name string, drop func(snap string) bool) error {
 	d, err := zfs.GetDataset(z.Dataset(namespace, name))
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", z.Dataset(namespace, name), err)
@@ -133,8 +166,7 @@ func (z *ZFS) PruneSnapshots(namespace, name, keep string) error {
 		return fmt.Errorf("listing snapshots of %s: %w", d.Name, err)
 	}
 	for _, s := range snaps {
-		short := s.Name[strings.Index(s.Name, "@")+1:]
-		if short == keep || !strings.HasPrefix(short, SnapshotPrefix) {
+		if !drop(s.Name[strings.Index(s.Name, "@")+1:]) {
 			continue
 		}
 		if err := s.Destroy(zfs.DestroyDefault); err != nil {

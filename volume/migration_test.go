@@ -103,3 +103,101 @@ func TestKeptCopyTakesAnIncrementalAndIsMarked(t *testing.T) {
 		t.Fatalf("snapshots after pruning: %v (want drover-m2-1 and the operator's, not drover-m1-final)", names)
 	}
 }
+
+// An aborted move's snapshots go on both sides, and a copy holding
+// snapshots newer than the base (an abort not yet undone there) takes the
+// next incremental once rolled back to it — zfs-fuse refuses it before.
+func TestAbortedMoveSnapshotsGoAndACopyRollsBackToItsBase(t *testing.T) {
+	withPools(t, "dvasrc", "dvadst")
+	src, err := NewZFS("dvasrc/drover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := NewZFS("dvadst/drover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := src.Ensure("shop", "data", Properties{Quota: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(snap, base string) *bytes.Buffer {
+		t.Helper()
+		var b bytes.Buffer
+		if err := src.Send("shop", "data", snap, base, &b); err != nil {
+			t.Fatal(err)
+		}
+		return &b
+	}
+	snapshot := func(name string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(info.Mountpoint, name), []byte(name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := src.Snapshot("shop", "data", name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	names := func(z *ZFS) []string {
+		t.Helper()
+		got, err := z.Get("shop", "data")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, s := range got.Snapshots {
+			out = append(out, s.Name)
+		}
+		return out
+	}
+	kept := dst.Dataset("shop", "data")
+	snapshot("drover-m1-final")
+	if err := dst.Receive(kept, send("drover-m1-final", "")); err != nil {
+		t.Fatal(err)
+	}
+	// m2 sends two rounds, then aborts; its target is not told.
+	snapshot("drover-m2-1")
+	if err := dst.ReceiveInto(kept, true, send("drover-m2-1", "drover-m1-final")); err != nil {
+		t.Fatal(err)
+	}
+	snapshot("drover-m2-2")
+	if err := dst.ReceiveInto(kept, true, send("drover-m2-2", "drover-m2-1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.DestroySnapshotsOf("shop", "data", "drover-m2-"); err != nil {
+		t.Fatal(err)
+	}
+	if got := names(src); len(got) != 1 || got[0] != "drover-m1-final" {
+		t.Fatalf("source snapshots after the abort: %v, want drover-m1-final alone", got)
+	}
+	if err := src.DestroySnapshotsOf("shop", "data", SnapshotPrefix); err == nil {
+		t.Fatal("destroying every drover snapshot was not refused")
+	}
+	// m3 starts from the newest common snapshot, m1's final: the target
+	// still holds m2's, and zfs-fuse refuses an increment onto them.
+	snapshot("drover-m3-1")
+	if err := dst.ReceiveInto(kept, true, send("drover-m3-1", "drover-m1-final")); err == nil {
+		t.Log("this zfs received an increment from an older snapshot (OpenZFS does with -F); zfs-fuse does not")
+	}
+	if err := dst.RollbackTo(kept, "drover-m1-final"); err != nil {
+		t.Fatal(err)
+	}
+	if got := names(dst); len(got) != 1 || got[0] != "drover-m1-final" {
+		t.Fatalf("target snapshots after the rollback: %v, want drover-m1-final alone", got)
+	}
+	if err := dst.ReceiveInto(kept, true, send("drover-m3-1", "drover-m1-final")); err != nil {
+		t.Fatalf("increment from the base after the rollback: %v", err)
+	}
+	got, err := dst.Get("shop", "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"drover-m2-2", "drover-m3-1"} {
+		if b, err := os.ReadFile(filepath.Join(got.Mountpoint, f)); err != nil || string(b) != f {
+			t.Fatalf("%s on the target after m3's round: %q %v", f, b, err)
+		}
+	}
+	if err := dst.RollbackTo("elsewhere/x", "s"); err == nil {
+		t.Fatal("a rollback outside the parent was not refused")
+	}
+}

@@ -100,7 +100,11 @@ func (m *Migrator) requireRunning(f fsm.Migration, machineID string, role *peer.
 
 // finalSnapshot is the name of a migration's last snapshot: taken after
 // the source stopped, kept on both sides as the base of a rollback.
-func finalSnapshot(id string) string { return volume.SnapshotPrefix + id + "-final" }
+func finalSnapshot(id string) string { return snapshotsOf(id) + "final" }
+
+// snapshotsOf starts the name of every snapshot migration id takes: its
+// rounds' and its final one.
+func snapshotsOf(id string) string { return volume.SnapshotPrefix + id + "-" }
 
 // ownsVolume tells whether the facts make this machine a volume's owner.
 func (m *Migrator) ownsVolume(ns, vol string) bool {

@@ -44,6 +44,9 @@ type Datasets interface {
 	Exists(dataset string) bool
 	MoveDataset(from, to string) error
 	DestroyDataset(dataset string) error
+	// RollbackTo rolls a dataset back to its snapshot snap, destroying
+	// the snapshots after it.
+	RollbackTo(dataset, snap string) error
 	// Staging lists the staging datasets of incoming migrations.
 	Staging() ([]string, error)
 }
@@ -57,6 +60,9 @@ type Copies interface {
 	SetProperties(namespace, name string, p volume.Properties) error
 	Origin(namespace, name string) string
 	PruneSnapshots(namespace, name, keep string) error
+	// DestroySnapshotsOf destroys the volume's snapshots whose names
+	// start with prefix.
+	DestroySnapshotsOf(namespace, name, prefix string) error
 	FreeBytes() (uint64, error)
 }
 

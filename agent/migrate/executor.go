@@ -19,7 +19,6 @@ import (
 	"github.com/drover-sh/drover/fsm"
 	"github.com/drover-sh/drover/internal/factview"
 	"github.com/drover-sh/drover/internal/nslock"
-	"github.com/drover-sh/drover/volume"
 )
 
 // execution is a migration this daemon runs. It is owned by the
@@ -398,7 +397,7 @@ func (m *Migrator) warmCopy(ctx context.Context, ex *execution, f fsm.Migration,
 		began := time.Now()
 		var sent uint64
 		for i := range vols {
-			k, err := m.sendVolume(ctx, ex, f, &vols[i], volume.SnapshotPrefix+f.ID+"-"+strconv.Itoa(round), round)
+			k, err := m.sendVolume(ctx, ex, f, &vols[i], snapshotsOf(f.ID)+strconv.Itoa(round), round)
 			if err != nil {
 				return fmt.Errorf("round %d: %w", round, err)
 			}

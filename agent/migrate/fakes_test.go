@@ -175,12 +175,12 @@ func (f *fakeVolumes) ReceiveInto(name string, incremental bool, r io.Reader) er
 	case d == nil:
 		return fmt.Errorf("receiving into %s: %w", name, volume.ErrNotFound)
 	}
-	// -F: roll back to the base, then add what came.
-	i := slices.IndexFunc(d.snaps, func(s volume.Snapshot) bool { return s.Name == h.Base })
-	if i < 0 {
-		return fmt.Errorf("receiving into %s: base %s not here", name, h.Base)
+	// As zfs-fuse: the base must be the newest snapshot (-F discards
+	// only changes made since it).
+	if len(d.snaps) == 0 || d.snaps[len(d.snaps)-1].Name != h.Base {
+		return fmt.Errorf("receiving into %s: most recent snapshot does not match incremental source %s", name, h.Base)
 	}
-	d.snaps = append(d.snaps[:i+1], h.Snaps...)
+	d.snaps = append(d.snaps, h.Snaps...)
 	return nil
 }
 
@@ -280,6 +280,32 @@ func (f *fakeVolumes) PruneSnapshots(ns, name, keep string) error {
 	d.snaps = slices.DeleteFunc(d.snaps, func(s volume.Snapshot) bool {
 		return s.Name != keep && strings.HasPrefix(s.Name, volume.SnapshotPrefix)
 	})
+	return nil
+}
+
+func (f *fakeVolumes) DestroySnapshotsOf(ns, name, prefix string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d := f.ds[f.Dataset(ns, name)]
+	if d == nil {
+		return fmt.Errorf("destroying snapshots of %s/%s: %w", ns, name, volume.ErrNotFound)
+	}
+	d.snaps = slices.DeleteFunc(d.snaps, func(s volume.Snapshot) bool { return strings.HasPrefix(s.Name, prefix) })
+	return nil
+}
+
+func (f *fakeVolumes) RollbackTo(name, snap string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d := f.ds[name]
+	if d == nil {
+		return fmt.Errorf("rolling back %s: %w", name, volume.ErrNotFound)
+	}
+	i := slices.IndexFunc(d.snaps, func(s volume.Snapshot) bool { return s.Name == snap })
+	if i < 0 {
+		return fmt.Errorf("rolling %s back to %s: no such snapshot", name, snap)
+	}
+	d.snaps = d.snaps[:i+1]
 	return nil
 }
 

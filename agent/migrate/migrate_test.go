@@ -119,18 +119,25 @@ func TestMigrationAbortsWhenTheTargetNeverGetsReady(t *testing.T) {
 	}
 }
 
-func TestAbortGivesBackTheCopyAMoveBackStartedFrom(t *testing.T) {
+// movedToB deploys shop/web on a and moves it to b: a keeps its copy.
+func movedToB(t *testing.T) (*testCluster, ctlapi.MigrationInfo) {
+	t.Helper()
 	c := newCluster(t, "a", "b")
 	c.deploy("a")
-	a, b := c.m["a"], c.m["b"]
-	first, err := a.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ctlapi.MigrationEvent) {})
+	first, err := c.m["a"].mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "b"}, func(ctlapi.MigrationEvent) {})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return c, first
+}
+
+func TestAbortGivesBackTheCopyAMoveBackStartedFrom(t *testing.T) {
+	c, first := movedToB(t)
+	a, b := c.m["a"], c.m["b"]
 	kept := a.vols.Dataset("shop", "data")
 	before := a.vols.snapNames(kept)
 	a.rt.failReady = errors.New("not ready")
-	_, err = b.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"}, func(ctlapi.MigrationEvent) {})
+	_, err := b.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"}, func(ctlapi.MigrationEvent) {})
 	if !isCode(err, ctlapi.CodeMigrationAborted) {
 		t.Fatalf("move back: %v", err)
 	}
@@ -374,5 +381,44 @@ func TestTheBreakdownIsNotRecordedWhileAMachineIsOlder(t *testing.T) {
 	info, err := c.m["a"].mig.Migrate(context.Background(), migrateTo("b"), func(ctlapi.MigrationEvent) {})
 	if err != nil || info.Phase != "done" || info.Cutover != nil {
 		t.Fatalf("migrate: %v, phase %s, cutover %+v", err, info.Phase, info.Cutover)
+	}
+}
+
+// An aborted move throws away the snapshots it took on both machines (kept,
+// they pin space and slow every read of the volume); a target that was
+// not told keeps them, and the next move from the base rolls them back
+// there before it receives.
+func TestAnAbortLeavesNoSnapshotOfItsOwnAndTheNextMoveStartsFromTheBase(t *testing.T) {
+	c, first := movedToB(t)
+	a, b := c.m["a"], c.m["b"]
+	snaps := func(v *fakeVolumes) []string { return v.snapNames(v.Dataset("shop", "data")) }
+	ownSnapshots := func(v *fakeVolumes, id string) []string {
+		return slices.DeleteFunc(snaps(v), func(s string) bool { return !strings.HasPrefix(s, snapshotsOf(id)) })
+	}
+	a.rt.failReady = errors.New("not ready")
+	aborted, err := b.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"}, func(ctlapi.MigrationEvent) {})
+	if !isCode(err, ctlapi.CodeMigrationAborted) {
+		t.Fatalf("move back: %v", err)
+	}
+	for name, v := range map[string]*fakeVolumes{"a (target)": a.vols, "b (source)": b.vols} {
+		if left := ownSnapshots(v, aborted.ID); len(left) != 0 {
+			t.Fatalf("%s keeps the aborted move's snapshots %v", name, left)
+		}
+		if !slices.Contains(snaps(v), finalSnapshot(first.ID)) {
+			t.Fatalf("%s lost the base %s: %v", name, finalSnapshot(first.ID), snaps(v))
+		}
+	}
+	// As if a had been down during the abort: its copy still holds a
+	// snapshot newer than the base, which b no longer has.
+	if _, err := a.vols.Snapshot("shop", "data", snapshotsOf(aborted.ID)+"1"); err != nil {
+		t.Fatal(err)
+	}
+	a.rt.failReady = nil
+	again, err := b.mig.Migrate(context.Background(), ctlapi.MigrateRequest{Service: "shop/web", To: "a"}, func(ctlapi.MigrationEvent) {})
+	if err != nil {
+		t.Fatalf("the move after the abort: %v", err)
+	}
+	if c.owner() != "a" || again.Volumes[0].BytesSent >= first.Volumes[0].BytesSent {
+		t.Fatalf("owner %s; sent %d bytes, the first full move %d: not from the base", c.owner(), again.Volumes[0].BytesSent, first.Volumes[0].BytesSent)
 	}
 }

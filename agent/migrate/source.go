@@ -284,9 +284,32 @@ func (m *Migrator) undoSource(ctx context.Context, c migrationCall) error {
 		return err
 	}
 	if ctr.ID != "" && !ctr.Running {
-		return m.d.Containers.Restart(ctx, ctr.ID)
+		if err := m.d.Containers.Restart(ctx, ctr.ID); err != nil {
+			return err
+		}
 	}
+	m.dropSnapshots(c)
 	return nil
+}
+
+// dropSnapshots destroys, on the source of an aborted migration, the
+// snapshots it took: kept, they would hold the blocks the service
+// rewrites until a later move succeeds, and every read of the volume
+// lists them. The namespace lock is still held, so no other move has
+// picked one as its base. A failure leaves them to the next move's
+// prune: the service runs again either way.
+func (m *Migrator) dropSnapshots(c migrationCall) {
+	if !m.holdsVolumes() {
+		return
+	}
+	for _, v := range c.m.Volumes {
+		if !m.d.Datasets.Exists(m.d.Datasets.Dataset(c.m.Namespace, v.Name)) {
+			continue
+		}
+		if err := m.d.Copies.DestroySnapshotsOf(c.m.Namespace, v.Name, snapshotsOf(c.m.ID)); err != nil {
+			m.log.Warn("destroying an aborted migration's snapshots; the next move's prune will", "migration", c.m.ID, "volume", v.Name, "err", err)
+		}
+	}
 }
 
 // handleCleanupSource (source, after the commit): remove the container and

@@ -67,6 +67,11 @@ func (m *Migrator) handleReceive(ctx context.Context, _ string, req streamReques
 		if err := ds.MoveDataset(kept, staging); err != nil {
 			return receiveResult{}, err
 		}
+		// Snapshots after the base (an aborted move's, if this machine
+		// has not undone it yet) would refuse the increment.
+		if err := ds.RollbackTo(staging, req.Base); err != nil {
+			return receiveResult{}, err
+		}
 	}
 	r := &deadlineReader{body: body, idle: m.cfg.StallTimeout, first: func() { m.cfg.Crash.Hit("target", point) }}
 	if err := m.d.Streams.ReceiveInto(dest, req.Base != "", r); err != nil {
@@ -311,7 +316,8 @@ func (m *Migrator) undoTarget(ctx context.Context, c migrationCall) error {
 // undoCopy removes what one volume's migration left here: the staging
 // copy is destroyed, or, when it was made from a copy kept from before
 // (hadBase) that is not back in place, renamed back; a dataset this
-// migration adopted from scratch is destroyed.
+// migration adopted from scratch is destroyed; a copy that stays loses
+// the snapshots this migration brought.
 func (m *Migrator) undoCopy(id, ns, vol string, hadBase bool) error {
 	ds := m.d.Datasets
 	staging, final := ds.StagingDataset(id, vol), ds.Dataset(ns, vol)
@@ -325,6 +331,8 @@ func (m *Migrator) undoCopy(id, ns, vol string, hadBase bool) error {
 	}
 	if !hadBase && m.d.Copies.Origin(ns, vol) == id {
 		errs = append(errs, ds.DestroyDataset(final))
+	} else if ds.Exists(final) {
+		errs = append(errs, m.d.Copies.DestroySnapshotsOf(ns, vol, snapshotsOf(id)))
 	}
 	return errors.Join(errs...)
 }
