@@ -70,11 +70,11 @@ func BenchmarkScale(b *testing.B) {
 		})
 	}
 	lo, hi := slices.Min(sizes), slices.Max(sizes)
-	if _, okLo := rowOf[lo]; okLo && lo < hi {
-		if _, okHi := rowOf[hi]; okHi {
-			t.growth(fmt.Sprintf("%d_vs_%d", hi, lo), fmt.Sprintf("growth %d → %d", lo, hi), rowOf[lo], rowOf[hi])
-			t.How += fmt.Sprintf(" The last row is each figure at %d machines over the same at %d (medians, one run).", hi, lo)
-		}
+	rowLo, okLo := rowOf[lo]
+	rowHi, okHi := rowOf[hi]
+	if lo < hi && okLo && okHi {
+		t.growth(fmt.Sprintf("%d_vs_%d", hi, lo), fmt.Sprintf("growth %d → %d", lo, hi), rowLo, rowHi)
+		t.How += fmt.Sprintf(" The last row is each figure at %d machines over the same at %d (medians, one run).", hi, lo)
 	}
 	report.Sections = append(report.Sections, t)
 	if len(quiet.Rows) > 0 {
