@@ -94,6 +94,16 @@ func (a *Agent) Status(context.Context) (ctlapi.ClusterStatus, error) {
 	return out, nil
 }
 
+// States `machine ls` shows for a machine gossip shows and the facts do
+// not hold.
+const (
+	// machineJoining is a machine the leader has not registered yet.
+	machineJoining = "joining"
+	// machineRemovedReturning is a machine back under an identity the
+	// cluster removed: the leader refuses it, and it follows nothing.
+	machineRemovedReturning = "removed"
+)
+
 // Machines lists every machine: registered in the facts or seen in gossip.
 func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	p, err := a.require()
@@ -119,8 +129,15 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	byID := map[string]*ctlapi.Machine{}
 	var order []string
 	var drains []fsm.Drain
+	members := n.Members()
+	removed := map[string]bool{} // gossiping under a revoked identity
 	n.Read(func(s *fsm.State) {
 		drains = s.Drains()
+		for _, g := range members {
+			if _, ok := s.RevokedFor(g.MachineID, g.WGPublicKey); ok {
+				removed[g.MachineID] = true
+			}
+		}
 		for _, m := range s.Machines() {
 			out := &ctlapi.Machine{
 				ID: m.ID, Name: m.Name, GossipAddr: m.GossipAddr, State: string(m.State),
@@ -133,19 +150,24 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 			order = append(order, m.ID)
 		}
 	})
-	for _, g := range n.Members() {
-		m, ok := byID[g.MachineID]
-		if !ok && g.Liveness != cluster.LivenessAlive {
+	for _, g := range members {
+		m, registered := byID[g.MachineID]
+		if !registered && g.Liveness != cluster.LivenessAlive {
 			continue // departed or removed, not joining
 		}
-		if !ok {
-			// Seen in gossip, not registered yet: the leader will.
-			m = &ctlapi.Machine{ID: g.MachineID, Name: g.Name, GossipAddr: g.GossipAddr.String(), State: "joining"}
+		if !registered {
+			// Seen in gossip, not registered: the leader will, unless the
+			// cluster removed this identity (it is refused, and shown so).
+			state := machineJoining
+			if removed[g.MachineID] {
+				state = machineRemovedReturning
+			}
+			m = &ctlapi.Machine{ID: g.MachineID, Name: g.Name, GossipAddr: g.GossipAddr.String(), State: state}
 			byID[g.MachineID] = m
 			order = append(order, g.MachineID)
 		}
 		m.Liveness = string(g.Liveness)
-		if g.Observer && g.Liveness == cluster.LivenessAlive {
+		if registered && g.Observer && g.Liveness == cluster.LivenessAlive {
 			// Not a server, or made one by the leader and not yet running
 			// Raft: either way it follows the facts for now.
 			roles[g.MachineID] = cluster.RoleObserver

@@ -26,7 +26,7 @@ type Machine struct {
 	Name        string     `json:"name"`
 	GossipAddr  string     `json:"gossip_addr"`
 	OverlayIP   string     `json:"overlay_ip,omitempty"`
-	State       string     `json:"state"`     // active, draining, drained, gone; joining before registration
+	State       string     `json:"state"`     // active, draining, drained, gone; joining before registration; removed for a machine back under a removed identity (refused)
 	Liveness    string     `json:"liveness"`  // alive, suspect, failed, left, unknown
 	RaftRole    string     `json:"raft_role"` // leader, voter, nonvoter, observer, none
 	LastContact *time.Time `json:"last_contact,omitempty"`
