@@ -37,7 +37,8 @@ unit: ## unit, in-process cluster and built-binary tests, with -race (and the cr
 	$(GO) test -race -count=1 -tags crashpoints ./internal/crashpoint/
 
 e2e: build-test ## end-to-end tests on a lab of network-namespace hosts (needs root)
-	DROVER_E2E=1 DROVER_BIN=$(CURDIR)/$(TESTBIN) $(GO) test -race -count=1 -timeout 55m -run 'TestLab' -v ./e2e/
+	set -o pipefail; DROVER_E2E=1 DROVER_BIN=$(CURDIR)/$(TESTBIN) $(GO) test -race -count=1 -timeout 55m -run 'TestLab' -v ./e2e/ 2>&1 | tee $(BIN)/e2e.log \
+		|| { awk -f .ci/failure-summary.awk $(BIN)/e2e.log; exit 1; }
 
 lint: ## go vet, staticcheck, gofmt; no tracked binaries or files over 2 MiB
 	./.ci/check-tracked-files.sh

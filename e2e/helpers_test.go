@@ -9,8 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/drover-sh/drover/internal/testpoll"
 )
 
 var (
@@ -47,9 +51,13 @@ func binaries(t testing.TB) string {
 	return buildDir
 }
 
-// fillRandom writes MiB of random data into dir, 64 MiB per file.
+// fillRandom writes MiB of random data into dir, 64 MiB per file, once
+// dir is mounted: the volume of a service just deployed is made by its
+// machine's reconciler a moment later, and data written before its mount
+// would land in the parent dataset, hidden under it.
 func fillRandom(b testing.TB, dir string, mib int) {
 	b.Helper()
+	testpoll.Until(b, 60*time.Second, dir+" mounted", func() error { return mounted(dir) })
 	for i := 0; mib > 0; i++ {
 		n := min(mib, 64)
 		out, err := exec.Command("dd", "if=/dev/urandom", "of="+filepath.Join(dir, fmt.Sprintf("bulk%d", i)), "bs=1M", fmt.Sprintf("count=%d", n), "conv=fsync").CombinedOutput()
@@ -58,6 +66,20 @@ func fillRandom(b testing.TB, dir string, mib int) {
 		}
 		mib -= n
 	}
+}
+
+// mounted says whether dir is a mount point (each ZFS dataset is one).
+func mounted(dir string) error {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && f[1] == dir {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s is not mounted", dir)
 }
 
 type buildError struct {
