@@ -19,30 +19,35 @@ const originProperty = "drover:migration"
 const SnapshotPrefix = "drover-"
 
 // Exists tells whether a dataset exists.
-func (z *ZFS) Exists(name string) bool {
+func (z *ZFS) Exists(name string) bool { return exists(name) }
+
+// exists tells whether a dataset or snapshot exists, in one command
+// (go-zfs's GetDataset reads every property).
+func exists(name string) bool {
 	return exec.Command("zfs", "list", "-H", "-o", "name", name).Run() == nil
 }
 
 // StagingPrefix is the dataset under which incoming copies land.
 func (z *ZFS) StagingPrefix() string { return z.parent + "-incoming" }
 
-// Staging lists the incoming copies on this machine by dataset name.
+// Staging lists the incoming copies on this machine by dataset name, in
+// one command (the janitor asks every interval).
 func (z *ZFS) Staging() ([]string, error) {
-	root, err := zfs.GetDataset(z.StagingPrefix())
+	prefix := z.StagingPrefix()
+	out, err := exec.Command("zfs", "list", "-H", "-o", "name", "-t", "filesystem", "-d", "1", prefix).CombinedOutput()
 	if err != nil {
-		return nil, nil // none received yet
+		if strings.Contains(string(out), "'"+prefix+"': dataset does not exist") {
+			return nil, nil // none received yet
+		}
+		return nil, fmt.Errorf("listing %s: %w: %s", prefix, err, strings.TrimSpace(string(out)))
 	}
-	children, err := root.Children(1)
-	if err != nil {
-		return nil, fmt.Errorf("listing %s: %w", root.Name, err)
-	}
-	var out []string
-	for _, c := range children {
-		if c.Type == zfs.DatasetFilesystem {
-			out = append(out, c.Name)
+	var copies []string
+	for _, name := range strings.Fields(string(out)) {
+		if strings.HasPrefix(name, prefix+"/") {
+			copies = append(copies, name)
 		}
 	}
-	return out, nil
+	return copies, nil
 }
 
 // ReceiveInto reads a stream into dataset. An incremental stream is

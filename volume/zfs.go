@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os/exec"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -52,7 +53,7 @@ func NewZFS(parent string) (*ZFS, error) {
 }
 
 func ensureFS(name string, props map[string]string) error {
-	if _, err := zfs.GetDataset(name); err == nil {
+	if exists(name) {
 		return nil
 	}
 	if i := strings.LastIndex(name, "/"); i > 0 {
@@ -138,44 +139,107 @@ func (z *ZFS) SetProperties(namespace, name string, p Properties) error {
 }
 
 // Get describes one volume; ErrNotFound when it has no dataset here.
+//
+// One `zfs get` reads the dataset and its snapshots. (go-zfs lists them
+// with a command per snapshot for the guid, and on the lab's zfs-fuse a
+// listing through its shim costs a command per dataset more: with the
+// reconciler, the standby and the janitor reading volumes every second,
+// an idle three-host lab kept its two cores busy.)
 func (z *ZFS) Get(namespace, name string) (Info, error) {
 	ds := z.Dataset(namespace, name)
-	d, err := zfs.GetDataset(ds)
-	if err != nil {
-		if strings.Contains(err.Error(), "does not exist") {
+	for try := 0; ; try++ {
+		out, err := exec.Command("zfs", "get", "-Hp", "-r", "-d", "1", "-o", "name,property,value",
+			"guid,createtxg,mountpoint,quota,used,referenced", ds).CombinedOutput()
+		switch {
+		case err == nil:
+			return parseInfo(namespace, name, ds, string(out))
+		case strings.Contains(string(out), "'"+ds+"': dataset does not exist"):
 			return Info{}, fmt.Errorf("%s: %w", ds, ErrNotFound)
-		}
-		return Info{}, fmt.Errorf("reading %s: %w", ds, err)
-	}
-	info := Info{Namespace: namespace, Name: name, Dataset: ds, Mountpoint: d.Mountpoint,
-		QuotaBytes: d.Quota, UsedBytes: d.Used, ReferencedBytes: d.Referenced}
-	snaps, err := d.Snapshots()
-	if err != nil {
-		return Info{}, fmt.Errorf("listing snapshots of %s: %w", ds, err)
-	}
-	for _, s := range snaps {
-		guid, err := guidOf(s.Name)
-		if err != nil && vanished(s.Name) {
-			// Destroyed since the listing (a prune, a settle, a
-			// migration's cleanup): it is not there, which is no error.
+		case try < 3 && strings.Contains(string(out), "does not exist"):
+			// A snapshot destroyed while the command ran (a prune, a
+			// settle, a migration's cleanup): read again.
 			continue
+		}
+		return Info{}, fmt.Errorf("reading %s: %w: %s", ds, err, strings.TrimSpace(string(out)))
+	}
+}
+
+// parseInfo reads the output of `zfs get -Hp -r -d 1 -o
+// name,property,value` for dataset ds: its mountpoint and sizes, and its
+// snapshots oldest first (by createtxg). Anything else listed (a child
+// dataset) is left out.
+func parseInfo(namespace, name, ds, out string) (Info, error) {
+	info := Info{Namespace: namespace, Name: name, Dataset: ds}
+	type snap struct {
+		Snapshot
+		txg uint64
+	}
+	snaps := map[string]*snap{}
+	num := func(line, v string) (uint64, error) {
+		if v == "-" || v == "none" {
+			return 0, nil
+		}
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("reading %s: line %q: %w", ds, line, err)
+		}
+		return n, nil
+	}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) != 3 {
+			return Info{}, fmt.Errorf("reading %s: unexpected line %q", ds, line)
+		}
+		dsName, prop, value := f[0], f[1], f[2]
+		if dsName == ds {
+			var err error
+			switch prop {
+			case "mountpoint":
+				info.Mountpoint = value
+			case "quota":
+				info.QuotaBytes, err = num(line, value)
+			case "used":
+				info.UsedBytes, err = num(line, value)
+			case "referenced":
+				info.ReferencedBytes, err = num(line, value)
+			}
+			if err != nil {
+				return Info{}, err
+			}
+			continue
+		}
+		snapName, ok := strings.CutPrefix(dsName, ds+"@")
+		if !ok {
+			continue
+		}
+		sn := snaps[snapName]
+		if sn == nil {
+			sn = &snap{Snapshot: Snapshot{Name: snapName}}
+			snaps[snapName] = sn
+		}
+		var err error
+		switch prop {
+		case "guid":
+			sn.GUID, err = num(line, value)
+		case "createtxg":
+			sn.txg, err = num(line, value)
 		}
 		if err != nil {
 			return Info{}, err
 		}
-		info.Snapshots = append(info.Snapshots, Snapshot{Name: s.Name[strings.Index(s.Name, "@")+1:], GUID: guid})
+	}
+	ordered := make([]*snap, 0, len(snaps))
+	for _, sn := range snaps {
+		if sn.GUID == 0 {
+			return Info{}, fmt.Errorf("reading %s: no guid for snapshot %s", ds, sn.Name)
+		}
+		ordered = append(ordered, sn)
+	}
+	sort.Slice(ordered, func(i, j int) bool { return ordered[i].txg < ordered[j].txg })
+	for _, sn := range ordered {
+		info.Snapshots = append(info.Snapshots, sn.Snapshot)
 	}
 	return info, nil
-}
-
-// vanished tells whether a dataset or snapshot no longer exists. The
-// snapshots of a volume are listed, then each one's guid read (zfs-fuse
-// lists no guid), and another part of the daemon may destroy one in
-// between: on this lab's zfs-fuse that window was wide enough to fail
-// the reconciler's and the standby's reads now and then.
-func vanished(name string) bool {
-	out, err := exec.Command("zfs", "list", "-H", "-o", "name", name).CombinedOutput()
-	return err != nil && strings.Contains(string(out), "does not exist")
 }
 
 // guidOf reads a dataset's guid exactly (go-zfs reads properties without
@@ -194,28 +258,27 @@ func guidOf(name string) (uint64, error) {
 
 // List describes every volume under the parent.
 func (z *ZFS) List() ([]Info, error) {
-	root, err := zfs.GetDataset(z.parent)
+	out, err := exec.Command("zfs", "list", "-H", "-o", "name", "-t", "filesystem", "-d", "2", z.parent).CombinedOutput()
 	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w", z.parent, err)
+		return nil, fmt.Errorf("listing %s: %w: %s", z.parent, err, strings.TrimSpace(string(out)))
 	}
-	children, err := root.Children(2)
-	if err != nil {
-		return nil, fmt.Errorf("listing %s: %w", z.parent, err)
-	}
-	var out []Info
-	for _, c := range children {
-		rel := strings.TrimPrefix(c.Name, z.parent+"/")
-		ns, name, ok := strings.Cut(rel, "/")
-		if !ok || c.Type != zfs.DatasetFilesystem || strings.Contains(name, "/") {
-			continue
+	var infos []Info
+	for _, ds := range strings.Fields(string(out)) {
+		rel, ok := strings.CutPrefix(ds, z.parent+"/")
+		ns, name, isVolume := strings.Cut(rel, "/")
+		if !ok || !isVolume || strings.Contains(name, "/") {
+			continue // the parent, or a namespace
 		}
 		info, err := z.Get(ns, name)
+		if errors.Is(err, ErrNotFound) {
+			continue // destroyed since the listing
+		}
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, info)
+		infos = append(infos, info)
 	}
-	return out, nil
+	return infos, nil
 }
 
 // Snapshot takes a snapshot of the volume.
@@ -311,11 +374,15 @@ func rename(d *zfs.Dataset, to string) (*zfs.Dataset, error) {
 
 // FreeBytes is the space left for volumes under the parent.
 func (z *ZFS) FreeBytes() (uint64, error) {
-	d, err := zfs.GetDataset(z.parent)
+	out, err := exec.Command("zfs", "get", "-Hp", "-o", "value", "available", z.parent).CombinedOutput()
 	if err != nil {
-		return 0, fmt.Errorf("reading %s: %w", z.parent, err)
+		return 0, fmt.Errorf("reading %s: %w: %s", z.parent, err, strings.TrimSpace(string(out)))
 	}
-	return d.Avail, nil
+	free, err := strconv.ParseUint(strings.TrimSpace(string(out)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("reading the space available in %s: %w", z.parent, err)
+	}
+	return free, nil
 }
 
 // StagingDataset is where an incoming copy of a volume lands during a

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strings"
 	"testing"
@@ -139,11 +140,11 @@ func TestVolumeLifecycleAndIncrementalSend(t *testing.T) {
 	}
 }
 
-// A snapshot destroyed between Get's listing and its guid read is not
-// there; one whose guid cannot be read while it exists is an error.
-func TestVanishedTellsADestroyedSnapshotFromAnUnreadableOne(t *testing.T) {
-	withPools(t, "dvtgone")
-	z, err := NewZFS("dvtgone/drover")
+// Get reads a volume and its snapshots in one command: oldest first by
+// creation, whatever their names, each with the guid zfs reports for it.
+func TestGetListsSnapshotsOldestFirstWithTheirGUIDs(t *testing.T) {
+	withPools(t, "dvtget")
+	z, err := NewZFS("dvtget/drover")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,24 +152,60 @@ func TestVanishedTellsADestroyedSnapshotFromAnUnreadableOne(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := z.Snapshot("shop", "data", "kept"); err != nil {
-		t.Fatal(err)
+	var want []Snapshot
+	for _, name := range []string{"zeta", "alpha", "mid"} {
+		s, err := z.Snapshot("shop", "data", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, s)
 	}
-	if _, err := z.Snapshot("shop", "data", "gone"); err != nil {
-		t.Fatal(err)
+	if out, err := exec.Command("zfs", "destroy", info.Dataset+"@alpha").CombinedOutput(); err != nil {
+		t.Fatalf("destroying a snapshot: %v: %s", err, out)
 	}
-	kept, gone := info.Dataset+"@kept", info.Dataset+"@gone"
-	if out, err := exec.Command("zfs", "destroy", gone).CombinedOutput(); err != nil {
-		t.Fatalf("destroying %s: %v: %s", gone, err, out)
-	}
-	if !vanished(gone) {
-		t.Errorf("%s was destroyed, vanished says it is there", gone)
-	}
-	if vanished(kept) {
-		t.Errorf("%s exists, vanished says it is gone", kept)
-	}
+	want = append(want[:1], want[2])
 	got, err := z.Get("shop", "data")
-	if err != nil || len(got.Snapshots) != 1 || got.Snapshots[0].Name != "kept" {
-		t.Fatalf("after the destroy: %+v %v", got.Snapshots, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got.Snapshots, want) {
+		t.Errorf("snapshots %+v, want %+v", got.Snapshots, want)
+	}
+	if got.QuotaBytes != 64<<20 || got.Mountpoint == "" || got.ReferencedBytes == 0 {
+		t.Errorf("dataset read as %+v", got)
+	}
+	if _, err := z.Get("shop", "nothing"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("a volume with no dataset: %v, want ErrNotFound", err)
+	}
+}
+
+func TestParseInfoOrdersByCreationAndRefusesWhatItCannotRead(t *testing.T) {
+	const ds = "p/drover/shop/data"
+	out := strings.Join([]string{
+		ds + "\tguid\t1", ds + "\tcreatetxg\t5", ds + "\tmountpoint\t/m", ds + "\tquota\tnone",
+		ds + "\tused\t10", ds + "\treferenced\t9",
+		ds + "@late\tguid\t30", ds + "@late\tcreatetxg\t90", ds + "@late\tquota\t-",
+		ds + "@early\tguid\t20", ds + "@early\tcreatetxg\t7",
+		ds + "/child\tguid\t40", ds + "/child\tcreatetxg\t8",
+	}, "\n") + "\n"
+	got, err := parseInfo("shop", "data", ds, out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Info{Namespace: "shop", Name: "data", Dataset: ds, Mountpoint: "/m", UsedBytes: 10, ReferencedBytes: 9,
+		Snapshots: []Snapshot{{Name: "early", GUID: 20}, {Name: "late", GUID: 30}}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %+v\nwant %+v", got, want)
+	}
+	for name, bad := range map[string]string{
+		"two fields": ds + "\tguid\n",
+		"a size":     ds + "\tused\t12K\n",
+		"no guid":    ds + "@s\tcreatetxg\t3\n",
+		"a bad guid": ds + "@s\tguid\tx\n",
+		"a bad txg":  ds + "@s\tguid\t3\n" + ds + "@s\tcreatetxg\t-3\n",
+	} {
+		if _, err := parseInfo("shop", "data", ds, bad); err == nil || !strings.Contains(err.Error(), ds) {
+			t.Errorf("%s: %v, want an error naming %s", name, err, ds)
+		}
 	}
 }
