@@ -319,5 +319,46 @@ func workloadLabJoined(t testing.TB, prefix string, hosts, joined int, extra ...
 		}
 		return nil
 	})
+	// Formed means every pair of machines reaches the other over the
+	// mesh too: the facts and Raft roles above can come to a machine
+	// from any one server. How long this takes past the above is logged:
+	// a pair that waits long is worth a look (CI once saw one pair get no
+	// handshake for the whole of a test).
+	formed := time.Now()
+	testpoll.Until(t, 60*time.Second, "a WireGuard handshake between every pair of machines", func() error {
+		for _, d := range daemons {
+			if err := handshakenWithAll(d, len(daemons)-1); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if waited := time.Since(formed); waited > 5*time.Second {
+		t.Logf("the mesh had a handshake between every pair %v after the cluster formed", waited.Round(100*time.Millisecond))
+	}
 	return h, daemons
+}
+
+// handshakenWithAll checks that d's mesh has peers other machines, each
+// with a handshake and traffic received.
+func handshakenWithAll(d *labDaemon, others int) error {
+	out, err := d.ctl("mesh", "status", "--json")
+	if err != nil {
+		return err
+	}
+	var ms ctlapi.MeshStatus
+	if err := json.Unmarshal([]byte(out), &ms); err != nil {
+		return fmt.Errorf("%s mesh status: %w", d.host.Name, err)
+	}
+	ready := 0
+	for _, p := range ms.Peers {
+		if p.LastHandshake == nil || p.RxBytes == 0 {
+			return fmt.Errorf("%s: no handshake yet with %s (%s, endpoint %q, allowed %v)", d.host.Name, p.Machine, p.PublicKey, p.Endpoint, p.AllowedIPs)
+		}
+		ready++
+	}
+	if ready < others {
+		return fmt.Errorf("%s: %d mesh peers, want %d", d.host.Name, ready, others)
+	}
+	return nil
 }
