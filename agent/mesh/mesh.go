@@ -339,6 +339,13 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 					m.cfg.Logger.Warn("configuring the mesh device", "err", err)
 				}
 				lastErr = fmt.Sprint(err)
+				if err == nil {
+					var before []netmesh.Peer
+					if applied != nil {
+						before = applied.cfg.Peers
+					}
+					m.logPeerChanges(before, p.cfg.Peers)
+				}
 				applied, appliedAt = &p, time.Now()
 				if err != nil {
 					applied = nil // again at the next wake-up
@@ -367,6 +374,52 @@ func (m *Mesh) Run(ctx context.Context, facts Facts, members Members) {
 				}
 			}
 		}
+	}
+}
+
+// peerChange is a peer added to the device, taken off it, or given a new
+// endpoint.
+type peerChange struct {
+	Change string // added, removed or endpoint
+	Peer   netmesh.Peer
+}
+
+// peerChanges lists what differs between two peer sets but the allowed
+// IPs (service IPs come and go with every move): a pure function.
+func peerChanges(before, after []netmesh.Peer) []peerChange {
+	had := map[wgtypes.Key]netmesh.Peer{}
+	for _, p := range before {
+		had[p.PublicKey] = p
+	}
+	var out []peerChange
+	for _, p := range after {
+		old, ok := had[p.PublicKey]
+		switch {
+		case !ok:
+			out = append(out, peerChange{"added", p})
+		case old.Endpoint != p.Endpoint:
+			out = append(out, peerChange{"endpoint", p})
+		}
+		delete(had, p.PublicKey)
+	}
+	for _, p := range before {
+		if _, gone := had[p.PublicKey]; gone {
+			out = append(out, peerChange{"removed", p})
+		}
+	}
+	return out
+}
+
+// logPeerChanges tells the operator which peers the device gained, lost
+// or reaches at a new endpoint: a pair of machines that cannot reach each
+// other is first looked for here.
+func (m *Mesh) logPeerChanges(before, after []netmesh.Peer) {
+	for _, c := range peerChanges(before, after) {
+		var overlay string
+		if len(c.Peer.AllowedIPs) > 0 {
+			overlay = c.Peer.AllowedIPs[0].Addr().String()
+		}
+		m.cfg.Logger.Info("mesh peer "+c.Change, "key", c.Peer.PublicKey.String(), "overlay", overlay, "endpoint", c.Peer.Endpoint.String())
 	}
 }
 

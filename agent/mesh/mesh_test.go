@@ -402,3 +402,30 @@ func waitWakeUps(t *testing.T, m *Mesh, n int64) {
 }
 
 var _ membersVersioned = (*cluster.Node)(nil) // the agent gives Run its node
+
+func TestPeerChangesNameAddedRemovedAndMovedPeersNotNewServiceIPs(t *testing.T) {
+	stays, moves, goes, comes := key(t), key(t), key(t), key(t)
+	ep := func(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+	overlay := netip.MustParsePrefix("10.210.0.2/32")
+	before := []netmesh.Peer{
+		{PublicKey: stays, Endpoint: ep("10.77.0.2:51820"), AllowedIPs: []netip.Prefix{overlay}},
+		{PublicKey: moves, Endpoint: ep("10.77.0.3:51820")},
+		{PublicKey: goes, Endpoint: ep("10.77.0.4:51820")},
+	}
+	after := []netmesh.Peer{
+		{PublicKey: stays, Endpoint: ep("10.77.0.2:51820"), AllowedIPs: []netip.Prefix{overlay, netip.MustParsePrefix("10.211.0.1/32")}},
+		{PublicKey: moves, Endpoint: ep("10.77.0.9:51820")},
+		{PublicKey: comes},
+	}
+	got := map[wgtypes.Key]string{}
+	for _, c := range peerChanges(before, after) {
+		got[c.Peer.PublicKey] = c.Change
+	}
+	want := map[wgtypes.Key]string{moves: "endpoint", goes: "removed", comes: "added"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("changes %v, want %v", got, want)
+	}
+	if c := peerChanges(after, after); len(c) != 0 {
+		t.Errorf("no change listed as %+v", c)
+	}
+}
