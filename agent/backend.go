@@ -133,11 +133,6 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 	removed := map[string]bool{} // gossiping under a revoked identity
 	n.Read(func(s *fsm.State) {
 		drains = s.Drains()
-		for _, g := range members {
-			if _, ok := s.RevokedFor(g.MachineID, g.WGPublicKey); ok {
-				removed[g.MachineID] = true
-			}
-		}
 		for _, m := range s.Machines() {
 			out := &ctlapi.Machine{
 				ID: m.ID, Name: m.Name, GossipAddr: m.GossipAddr, State: string(m.State),
@@ -148,6 +143,14 @@ func (a *Agent) Machines(context.Context) ([]ctlapi.Machine, error) {
 			}
 			byID[m.ID] = out
 			order = append(order, m.ID)
+		}
+		for _, g := range members {
+			if _, registered := byID[g.MachineID]; registered {
+				continue
+			}
+			if _, ok := s.RevokedFor(g.MachineID, g.WGPublicKey); ok {
+				removed[g.MachineID] = true
+			}
 		}
 	})
 	for _, g := range members {

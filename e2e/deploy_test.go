@@ -339,7 +339,7 @@ func workloadLabJoined(t testing.TB, prefix string, hosts, joined int, extra ...
 	return h, daemons
 }
 
-// handshakenWithAll checks that d's mesh has peers other machines, each
+// handshakenWithAll checks that d's mesh has at least others peers, each
 // with a handshake and traffic received.
 func handshakenWithAll(d *labDaemon, others int) error {
 	out, err := d.ctl("mesh", "status", "--json")
